@@ -1,0 +1,163 @@
+"""Run configuration: one dataclass, YAML presets as defaults, command-line flags on top.
+
+Resolution order (later wins): dataclass defaults < ``--config`` YAML < flags given on the command line.
+The resolved configuration is saved as ``config.yaml`` beside the checkpoints, and ``--resume`` reads it
+back so that a resumed run continues with the settings it started with.
+
+Every field carries its help text and allowed values in ``metadata``; :func:`add_config_arguments` turns
+them into argparse flags, so a field and its flag cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from lit_quant.errors import UserError
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``train.py`` needs; see the README for each flag."""
+
+    # data
+    data: str = _f("digits", "data set: digits, fashion-mnist, mnist, cifar10, cifar100, imagenet, fake")
+    data_dir: str | None = _f(None, "folder with the data set's files (default: Debian's Fashion-MNIST, else ./data)")
+    download: bool = _f(False, "download the data set with torchvision when missing (needs internet)")
+    image_size: int | None = _f(None, "image side the model sees (default: the data set's, raised to the model's need)")
+    batch_size: int = _f(64, "batch size per process")
+    num_workers: int = _f(0, "data-loader worker processes")
+    val_fraction: float = _f(0.1, "share of the training data held out for validation")
+    split_seed: int = _f(0, "seed of the train/val/test split (kept apart from --seed)")
+    fake_size: int = _f(512, "training images of the synthetic 'fake' data set")
+    augment: bool = _f(True, "random crop / flip augmentation of the training data")
+    # model
+    model: str = _f("resnet20", "model: lenet5, resnet20/32/56, or any torchvision classifier name")
+    small_input: bool = _f(False, "torchvision models: CIFAR-style stem (3x3 conv, no max-pool) for small images")
+    # optimisation
+    epochs: int = _f(15, "training epochs")
+    optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adamw"))
+    lr: float = _f(0.1, "peak learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum (SGD)")
+    weight_decay: float = _f(5e-4, "weight decay")
+    scheduler: str = _f("cosine", "learning-rate schedule, stepped every batch", choices=("cosine", "onecycle", "none"))
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
+    seed: int = _f(42, "random seed of initialisation, shuffling and augmentation")
+    deterministic: bool = _f(False, "deterministic algorithms (bit-identical reruns and resumes)")
+    # hardware
+    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    devices: str = _f("auto", "Lightning devices: a count, a list like 0,1, or auto")
+    gpus: int | None = _f(None, "train on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
+    num_nodes: int = _f(1, "number of nodes for multi-node DDP")
+    strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
+    precision: str | None = _f(None, "Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true")
+    opt_level: str | None = _f(None, "apex-style mixed precision level (see README)", choices=("O0", "O1", "O2", "O3"))
+    # outputs
+    checkpoint_dir: str = _f("checkpoints", "root folder of runs; a run writes to <checkpoint-dir>/<run-name>/")
+    run_name: str | None = _f(None, "run folder name (default: <data>-<model>)")
+    resume: str | None = _f(None, "resume from 'last' (newest last.ckpt, or the --run-name's) or a checkpoint path")
+    limit_train_batches: int | None = _f(None, "use at most this many training batches per epoch (smoke tests)")
+    limit_val_batches: int | None = _f(None, "use at most this many validation/test batches (smoke tests)")
+    progress: bool = _f(True, "rich progress bar")
+    log_every_n_steps: int = _f(10, "logging interval in steps")
+
+    def validate(self) -> None:
+        """Check values that argparse cannot; raises :class:`UserError` with the allowed values."""
+        for name in ("epochs", "batch_size", "num_nodes", "fake_size", "log_every_n_steps"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("image_size", "gpus", "limit_train_batches", "limit_val_batches"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise UserError(f"invalid --{f.name.replace('_', '-')} '{value}'; choose from {', '.join(choices)}")
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return dataclasses.asdict(self)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """Add one flag per field of ``cls``; unset flags stay absent from the namespace (``SUPPRESS``).
+
+    Absent flags let YAML presets supply the value; the help text shows the built-in default.
+    """
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        base = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        inner = next((t for t in getattr(base, "__args__", (base,)) if t is not type(None)), str)
+        parser.add_argument(flag, type=inner, metavar=f.name.upper(), **kwargs)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config fields (dashes or underscores); :class:`UserError` when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(overrides: dict[str, Any], yaml_defaults: dict[str, Any] | None = None,
+                   cls: type = TrainConfig) -> Any:
+    """Build ``cls`` from built-in defaults < ``yaml_defaults`` < ``overrides`` and validate it."""
+    known = {f.name for f in fields(cls)}
+    merged = {**(yaml_defaults or {}), **overrides}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    try:
+        config = cls(**merged)
+    except TypeError as exc:
+        raise UserError(f"invalid configuration: {exc}") from exc
+    config.validate()
+    return config
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(config: Any, path: Path) -> None:
+    """Save the resolved configuration as YAML (atomically)."""
+    atomic_write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

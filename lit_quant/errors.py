@@ -1,0 +1,5 @@
+"""User-facing errors: the command-line entry points print these as one line and exit non-zero."""
+
+
+class UserError(Exception):
+    """Bad input from the user (flag, path, checkpoint, data): reported as one line, no traceback."""

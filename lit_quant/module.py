@@ -1,0 +1,148 @@
+"""LitClassifier: any ``nn.Module`` classifier as a LightningModule.
+
+Cross-entropy loss, torchmetrics top-1 / top-5 accuracy and mean loss per stage, logged under namespaced
+keys (``train/loss``, ``val/top1``, ``test/top5``, ...), SGD or AdamW with a cosine or one-cycle schedule.
+Metrics are torchmetrics objects logged once per epoch, so DDP ranks are synchronised by torchmetrics
+(with uneven per-rank batch counts too).
+
+The checkpoint carries the *architecture* (``hparams.arch``: model name, channels, classes, image size,
+data set) so that a checkpoint can rebuild its own model (:func:`lit_quant.training.load_classifier`), and
+the RNG states of every generator so that ``--resume`` continues bit-for-bit where the run left off.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "onecycle", "none")
+
+
+def _stage_metrics(num_classes: int) -> torchmetrics.MetricCollection:
+    metrics: dict[str, torchmetrics.Metric] = {
+        "top1": torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+    }
+    if num_classes >= 5:
+        metrics["top5"] = torchmetrics.classification.MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return torchmetrics.MetricCollection(metrics)
+
+
+def rng_state() -> dict[str, Any]:
+    """States of Python's, NumPy's, torch's CPU and (when present) CUDA generators.
+
+    Only plain types and tensors, so checkpoints still load with ``torch.load(weights_only=True)``.
+    """
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LitClassifier(pl.LightningModule):
+    """Image classifier training / evaluation around ``model``.
+
+    Args:
+        model: the network; its output are logits ``(N, num_classes)``.
+        num_classes: number of classes (for the metrics).
+        arch: how to rebuild ``model`` (stored in the checkpoint; see :func:`lit_quant.models.build_model`).
+        optimizer: ``sgd`` (momentum, optional Nesterov) or ``adamw``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
+        weight_decay: L2 penalty (decoupled for AdamW).
+        scheduler: ``cosine`` (per-step cosine decay to 0), ``onecycle``, or ``none``.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, arch: dict[str, Any] | None = None,
+                 optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 5e-4, scheduler: str = "cosine", label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got '{optimizer}'")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got '{scheduler}'")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        # One metric object per stage (Lightning resets and syncs each at its stage's epoch end). Keys carry a
+        # suffix because a ModuleDict key "train" would clash with nn.Module.train.
+        self.metrics = nn.ModuleDict({f"{s}_": _stage_metrics(num_classes) for s in ("train", "val", "test")})
+        self.losses = nn.ModuleDict({f"{s}_": torchmetrics.MeanMetric() for s in ("train", "val", "test")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.model(x)
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        # Loss and metrics in fp32 whatever the model's precision (O2/O3 give half logits).
+        logits = self(x).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
+        loss_metric, metrics = self.losses[f"{stage}_"], self.metrics[f"{stage}_"]
+        loss_metric.update(loss.detach(), weight=y.numel())
+        metrics.update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage != "test",
+                 batch_size=y.numel())
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "top1",
+                     batch_size=y.numel())
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD/AdamW over all parameters, with a per-step schedule over the whole run."""
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                                         nesterov=hp.nesterov and hp.momentum > 0,
+                                                         weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return {"optimizer": opt}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+        else:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------ checkpoint hooks
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the RNG states: the next epoch's shuffling and augmentation continue from them on resume."""
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states saved by :meth:`on_save_checkpoint` when resuming a fit (not on test/load)."""
+        trainer = self._trainer
+        if "rng_state" in checkpoint and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            set_rng_state(checkpoint["rng_state"])

@@ -1,0 +1,295 @@
+"""fp32 training: builds data, model, LitClassifier and Trainer from a :class:`TrainConfig` and runs them.
+
+``train.py`` is a thin wrapper around :func:`run_training`; tests call it directly. Outputs of a run go to
+``<checkpoint_dir>/<run_name>/``: ``best.ckpt`` (highest ``val/top1``), ``last.ckpt``, ``config.yaml``,
+``metrics.json`` and ``logs/`` (CSV, plus TensorBoard when installed). Checkpoints are written by Lightning
+through a temporary file that is moved into place, and ``config.yaml`` / ``metrics.json`` the same way, so
+a kill during a save never leaves a truncated file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from lit_quant.config import TrainConfig, atomic_write_text, save_config
+from lit_quant.data import ClassificationDataModule, dataset_info
+from lit_quant.errors import UserError
+from lit_quant.models import build_model, model_info
+from lit_quant.module import LitClassifier
+from lit_quant.precision import resolve_precision
+
+#: Keys of ``hparams.arch`` that must agree between a checkpoint and the run resuming from it.
+ARCH_KEYS = ("model", "data", "in_channels", "num_classes", "image_size", "small_input")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: paths and the metrics of the best checkpoint."""
+
+    run_dir: Path
+    best_ckpt: Path
+    last_ckpt: Path
+    config_path: Path
+    metrics_path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    is_global_zero: bool = True  # False in the other DDP processes, which print and write nothing
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def resolve_image_size(cfg: TrainConfig) -> int:
+    """The image side the model sees: ``--image-size``, else the data set's, raised to the model's need."""
+    info, minfo = dataset_info(cfg.data), model_info(cfg.model)
+    if minfo.fixed_size is not None:
+        if cfg.image_size is not None and cfg.image_size != minfo.fixed_size:
+            raise UserError(f"model {cfg.model} needs {minfo.fixed_size}x{minfo.fixed_size} images, "
+                            f"got --image-size {cfg.image_size}")
+        return minfo.fixed_size
+    size = cfg.image_size or info.native_size
+    if size < minfo.min_size:
+        if cfg.image_size is not None:
+            raise UserError(f"model {cfg.model} needs images of at least {minfo.min_size} pixels, "
+                            f"got --image-size {cfg.image_size}")
+        size = minfo.min_size
+    return size
+
+
+def build_datamodule(cfg: TrainConfig) -> ClassificationDataModule:
+    """The data module for ``cfg``."""
+    return ClassificationDataModule(cfg.data, data_dir=cfg.data_dir, image_size=resolve_image_size(cfg),
+                                    batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                    val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                                    download=cfg.download, augment=cfg.augment, fake_size=cfg.fake_size)
+
+
+def build_arch(cfg: TrainConfig, num_classes: int | None = None) -> dict[str, Any]:
+    """How to rebuild the model: stored in every checkpoint as ``hparams.arch``."""
+    info = dataset_info(cfg.data)
+    return {"model": cfg.model, "data": cfg.data, "in_channels": info.in_channels,
+            "num_classes": num_classes or info.num_classes, "image_size": resolve_image_size(cfg),
+            "small_input": cfg.small_input}
+
+
+def model_from_arch(arch: dict[str, Any]) -> torch.nn.Module:
+    """Build the (untrained) model an ``arch`` dict describes."""
+    return build_model(arch["model"], arch["in_channels"], arch["num_classes"], small_input=arch["small_input"])
+
+
+def build_classifier(cfg: TrainConfig, arch: dict[str, Any]) -> LitClassifier:
+    """A fresh LitClassifier around the model ``arch`` describes, with ``cfg``'s optimisation settings."""
+    return LitClassifier(model_from_arch(arch), arch["num_classes"], arch=arch, optimizer=cfg.optimizer,
+                         lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                         scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing)
+
+
+def _parse_devices(devices: str) -> int | str | list[int]:
+    text = str(devices).strip()
+    if text == "auto" or text == "-1":
+        return text if text == "auto" else -1
+    try:
+        if "," in text:
+            return [int(d) for d in text.split(",") if d.strip()]
+        return int(text)
+    except ValueError:
+        raise UserError(f"invalid --devices '{devices}'; give a count, a list like 0,1, or auto") from None
+
+
+def hardware_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """``accelerator``, ``devices``, ``strategy``, ``num_nodes`` for the Trainer; ``--gpus`` handled here.
+
+    ``--gpus N`` means ``--accelerator gpu --devices N`` (DDP when ``N > 1``); without CUDA it is an error
+    that points at the CPU equivalent.
+    """
+    accelerator, devices, strategy = cfg.accelerator, _parse_devices(cfg.devices), cfg.strategy
+    if cfg.gpus is not None:
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpus {cfg.gpus}: CUDA is not available on this machine; "
+                            f"use --accelerator cpu --devices {cfg.gpus} to train with {cfg.gpus} CPU processes")
+        accelerator, devices = "gpu", cfg.gpus
+        if cfg.gpus > 1 and strategy == "auto":
+            strategy = "ddp"
+    elif accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"--accelerator {accelerator}: CUDA is not available on this machine; use --accelerator cpu")
+    return {"accelerator": accelerator, "devices": devices, "strategy": strategy, "num_nodes": cfg.num_nodes}
+
+
+def _uses_cuda(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def build_loggers(run_dir: Path) -> list[Logger]:
+    """CSV always; TensorBoard as well when the ``tensorboard`` package is installed."""
+    loggers: list[Logger] = [CSVLogger(str(run_dir / "logs"), name="csv")]
+    try:
+        import tensorboard  # noqa: F401
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(run_dir / "logs"), name="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None,
+                  callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    """A Trainer for ``cfg`` writing to ``run_dir``; Lightning's own configuration errors become one line."""
+    hardware = hardware_settings(cfg)
+    precision = resolve_precision(cfg.precision, cfg.opt_level, _uses_cuda(hardware["accelerator"]))
+    plugins: list[Any] = []
+    if not isinstance(precision, str):
+        plugins.append(precision)
+        precision = None  # the plugin decides
+    callbacks = list(callbacks or [])
+    if cfg.progress:
+        callbacks.append(RichProgressBar())
+    limits = {k: v for k, v in (("limit_train_batches", cfg.limit_train_batches),
+                                ("limit_val_batches", cfg.limit_val_batches),
+                                ("limit_test_batches", cfg.limit_val_batches)) if v is not None}
+    try:
+        return pl.Trainer(**hardware, precision=precision, plugins=plugins or None,
+                          max_epochs=max_epochs or cfg.epochs, deterministic=cfg.deterministic,
+                          callbacks=callbacks, logger=build_loggers(run_dir), default_root_dir=str(run_dir),
+                          enable_progress_bar=cfg.progress, enable_model_summary=cfg.progress,
+                          log_every_n_steps=cfg.log_every_n_steps, use_distributed_sampler=False, **limits)
+    except (MisconfigurationException, ValueError) as exc:
+        raise UserError(f"invalid trainer settings: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU; :class:`UserError` when missing, unreadable or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises many types for corrupt or truncated files
+        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt.get("hyper_parameters", {}):
+        raise UserError(f"{path} is not a lit-quant training checkpoint (no state_dict / architecture)")
+    return ckpt
+
+
+def load_classifier(path: str | Path) -> LitClassifier:
+    """Rebuild the LitClassifier stored in checkpoint ``path`` (architecture and fp32 weights)."""
+    ckpt = read_checkpoint(path)
+    hp = dict(ckpt["hyper_parameters"])
+    module = LitClassifier(model_from_arch(hp["arch"]), **hp)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not match its architecture: {str(exc).splitlines()[0]}") from exc
+    return module
+
+
+def find_resume_checkpoint(resume: str, checkpoint_dir: str | Path, run_name: str | None) -> Path:
+    """``--resume last``: the run's ``last.ckpt`` (``--run-name``) or the newest one; else the path given."""
+    if resume != "last":
+        path = Path(resume)
+        if not path.is_file():
+            raise UserError(f"--resume: checkpoint {path} not found")
+        return path
+    root = Path(checkpoint_dir)
+    if run_name is not None:
+        path = root / run_name / "last.ckpt"
+        if not path.is_file():
+            raise UserError(f"--resume last: {path} not found")
+        return path
+    candidates = sorted(root.glob("*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"--resume last: no */last.ckpt under {root}/")
+    return candidates[-1]
+
+
+def check_resume_compatible(ckpt: dict[str, Any], arch: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint of another model or data set."""
+    saved = ckpt["hyper_parameters"]["arch"]
+    diffs = [f"{k} {saved.get(k)!r} vs {arch.get(k)!r}" for k in ARCH_KEYS if saved.get(k) != arch.get(k)]
+    if diffs:
+        raise UserError(f"checkpoint {path} does not match this run (checkpoint vs run: {'; '.join(diffs)})")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class SaveConfig(pl.Callback):
+    """Write the resolved config beside the checkpoints once the fit starts (rank 0).
+
+    At ``on_fit_start`` rather than before ``fit`` so that ModelCheckpoint's check for a non-empty run folder
+    (set up earlier) only fires for real leftovers.
+    """
+
+    def __init__(self, cfg: TrainConfig, path: Path) -> None:
+        self.cfg, self.path = cfg, path
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
+        if trainer.is_global_zero:
+            save_config(self.cfg, self.path)
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    """``<checkpoint_dir>/<run_name or data-model>``."""
+    return Path(cfg.checkpoint_dir) / (cfg.run_name or f"{cfg.data}-{cfg.model}")
+
+
+def _scalars(results: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(v) for r in results for k, v in r.items()}
+
+
+def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResult:
+    """Train ``cfg``'s model, then evaluate the best checkpoint on validation and test data.
+
+    Args:
+        cfg: the resolved configuration.
+        resume_path: checkpoint to continue from (epoch, optimizer, scheduler, loss scaler, RNG states).
+
+    Returns:
+        Paths of the run's files and its metrics (``val/top1``, ``test/top1``, ... in percent).
+    """
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg)
+    arch = build_arch(cfg)
+    resume_ckpt = None
+    if resume_path is not None:
+        resume_ckpt = read_checkpoint(resume_path)
+        check_resume_compatible(resume_ckpt, arch, resume_path)
+        del resume_ckpt  # Lightning reads it again itself; only the check needed it here
+    run_dir = run_dir_for(cfg)
+    checkpoint_cb = ModelCheckpoint(dirpath=str(run_dir), filename="best", monitor="val/top1", mode="max",
+                                    save_top_k=1, save_last=True, auto_insert_metric_name=False,
+                                    enable_version_counter=False)
+    config_path = run_dir / "config.yaml"
+    trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, SaveConfig(cfg, config_path)])
+    if dm.name == "imagenet":  # class count comes from the folders
+        dm.setup("fit")
+        arch = build_arch(cfg, dm.num_classes)
+    lit = build_classifier(cfg, arch)
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
+    fit_s = time.perf_counter() - start
+    best = Path(checkpoint_cb.best_model_path) if checkpoint_cb.best_model_path else run_dir / "best.ckpt"
+    eval_cfg = {"ckpt_path": str(best) if best.is_file() else None, "datamodule": dm, "verbose": False}
+    metrics = _scalars(trainer.validate(lit, **eval_cfg)) | _scalars(trainer.test(lit, **eval_cfg))
+    metrics = {k: (100.0 * v if ("top" in k) else v) for k, v in metrics.items()}
+    result = TrainResult(run_dir, best, run_dir / "last.ckpt", config_path, run_dir / "metrics.json",
+                         {**metrics, "epochs": trainer.current_epoch, "fit_time_s": fit_s,
+                          "precision": str(trainer.precision), "world_size": trainer.world_size},
+                         trainer.is_global_zero)
+    if trainer.is_global_zero:
+        payload = {"run": run_dir.name, "data": cfg.data, "model": cfg.model, **result.metrics,
+                   "best_ckpt": str(best), "last_ckpt": str(result.last_ckpt), "config": str(config_path)}
+        atomic_write_text(result.metrics_path, json.dumps(payload, indent=2) + "\n")
+    return result

@@ -1,0 +1,151 @@
+"""train.py called as a function: outputs, accuracy, config precedence, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from conftest import run_script, tiny_args
+from lit_quant.cli import run_cli
+from lit_quant.training import build_datamodule, load_classifier
+from lit_quant.config import TrainConfig
+
+
+def _test_accuracy(ckpt: Path, cfg: TrainConfig) -> float:
+    """Top-1 of a checkpoint on the test split, computed here without Lightning."""
+    model = load_classifier(ckpt).eval()
+    dm = build_datamodule(cfg)
+    dm.setup()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in dm.test_dataloader():
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return 100.0 * correct / total
+
+
+def test_main_writes_run_outputs(ckpt_dir: Path) -> None:
+    assert train.main(tiny_args(ckpt_dir, "--run-name", "tiny")) == 0
+    run = ckpt_dir / "tiny"
+    for name in ("best.ckpt", "last.ckpt", "config.yaml", "metrics.json", "logs/csv/version_0/metrics.csv"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"] == "fake" and saved["epochs"] == 2 and saved["image_size"] == 8
+    assert metrics["epochs"] == 2 and metrics["world_size"] == 1
+    # the reported test accuracy is the best checkpoint's, recomputed independently
+    cfg = TrainConfig(**saved)
+    assert _test_accuracy(run / "best.ckpt", cfg) == pytest.approx(metrics["test/top1"], abs=1e-4)
+    csv_header = (run / "logs/csv/version_0/metrics.csv").read_text().splitlines()[0]
+    assert {"train/loss", "train/top1", "val/top1", "val/top5"} <= set(csv_header.split(","))
+
+
+def test_digits_default_recipe_is_accurate(ckpt_dir: Path) -> None:
+    """The default (digits, ResNet-20) reaches well above 95 % top-1, here with 6 instead of 15 epochs."""
+    assert train.main(["--epochs", "6", "--no-progress", "--checkpoint-dir", str(ckpt_dir)]) == 0
+    metrics = json.loads((ckpt_dir / "digits-resnet20" / "metrics.json").read_text())
+    assert metrics["test/top1"] > 96.0 and metrics["val/top1"] > 95.0
+    assert metrics["test/top5"] > 99.0
+
+
+def test_yaml_defaults_cli_overrides(tmp_path: Path) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data: fake\nepochs: 7\nbatch-size: 16\nmodel: lenet5\n")
+    cfg, resume = train.resolve_args(["--config", str(preset), "--epochs", "3", "--no-augment"])
+    assert (cfg.data, cfg.epochs, cfg.batch_size, cfg.model, cfg.augment) == ("fake", 3, 16, "lenet5", False)
+    assert resume is None and cfg.lr == TrainConfig.lr
+
+
+def test_shipped_presets_resolve() -> None:
+    presets = sorted(Path(train.__file__).parent.glob("configs/*.yaml"))
+    assert {p.stem for p in presets} >= {"default", "fashion-mnist-resnet20", "cifar10-resnet20", "cifar10-resnet56",
+                                         "cifar10-resnet50", "imagenet-resnet18", "imagenet-resnet50"}
+    for preset in presets:
+        cfg, _ = train.resolve_args(["--config", str(preset)])
+        assert cfg.model and cfg.epochs > 0
+
+
+def test_help_documents_every_flag(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--gpus", "--devices", "--num-nodes", "--strategy", "--precision", "--opt-level", "--resume",
+                 "--config", "--data-dir", "--deterministic"):
+        assert flag in text
+
+
+def _bad(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    assert run_cli(train.main, argv, prog="train.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model", "resnet21"], "unknown model 'resnet21'"),
+    (["--data", "svhn"], "unknown data set 'svhn'"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--precision", "fp8"], "invalid precision 'fp8'"),
+    (["--opt-level", "O4"], "invalid --opt-level 'O4'"),
+    (["--precision", "bf16-mixed", "--opt-level", "O1"], "either --precision or --opt-level"),
+    (["--optimizer", "adam"], "invalid --optimizer 'adam'"),
+    (["--devices", "two"], "invalid --devices 'two'"),
+    (["--model", "lenet5", "--image-size", "28"], "lenet5 needs 32x32"),
+])
+def test_bad_flags_are_one_line(ckpt_dir: Path, extra: list[str], message: str, capsys) -> None:
+    assert message in _bad(tiny_args(ckpt_dir, *extra), capsys)
+    assert not ckpt_dir.exists()  # nothing half-written
+
+
+def test_missing_data_dir(tmp_path: Path, capsys) -> None:
+    err = _bad(tiny_args(tmp_path / "ck", "--data", "mnist", "--data-dir", str(tmp_path / "nowhere")), capsys)
+    assert "train-images-idx3-ubyte" in err and "nowhere" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_gpus_without_cuda_suggests_cpu_ddp(ckpt_dir: Path, capsys) -> None:
+    err = _bad(tiny_args(ckpt_dir, "--gpus", "4"), capsys)
+    assert "CUDA is not available" in err and "--accelerator cpu --devices 4" in err
+
+
+def test_missing_config_and_unknown_key(tmp_path: Path, capsys) -> None:
+    assert "not found" in _bad(["--config", str(tmp_path / "none.yaml")], capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    assert "unknown config key(s): epochz" in _bad(["--config", str(bad)], capsys)
+
+
+def test_unknown_flag_exits_2_with_one_line() -> None:
+    proc = run_script("train.py", "--epocs", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unrecognized arguments: --epocs" in proc.stderr
+
+
+def test_resume_rejects_corrupt_mismatched_and_missing(ckpt_dir: Path, tmp_path: Path, capsys) -> None:
+    assert "no */last.ckpt" in _bad(tiny_args(ckpt_dir, "--resume", "last"), capsys)
+    assert "not found" in _bad(tiny_args(ckpt_dir, "--resume", str(tmp_path / "x.ckpt")), capsys)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x80\x04not a checkpoint at all")
+    assert "cannot read checkpoint" in _bad(tiny_args(ckpt_dir, "--resume", str(garbage)), capsys)
+    assert train.main(tiny_args(ckpt_dir, "--epochs", "1", "--run-name", "r20")) == 0
+    last = ckpt_dir / "r20" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(last.read_bytes()[:1000])
+    assert "cannot read checkpoint" in _bad(tiny_args(ckpt_dir, "--resume", str(truncated)), capsys)
+    # resuming ResNet-20's checkpoint as LeNet-5 is refused, naming both
+    err = _bad(tiny_args(ckpt_dir, "--resume", str(last), "--model", "lenet5", "--image-size", "32"), capsys)
+    assert "does not match this run" in err and "'resnet20' vs 'lenet5'" in err
+
+
+def test_corrupt_checkpoint_no_traceback_from_the_script(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"PK\x03\x04broken zip")
+    proc = run_script("train.py", *tiny_args(tmp_path / "ck", "--resume", str(garbage)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot read checkpoint" in proc.stderr

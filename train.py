@@ -1,0 +1,85 @@
+"""Train an fp32 image classifier with PyTorch Lightning.
+
+    python train.py                                    # ResNet-20 on the embedded digits set, CPU
+    python train.py --data fashion-mnist --model resnet20 --epochs 15
+    python train.py --accelerator cpu --devices 2 --strategy ddp
+    python train.py --gpus 4 --opt-level O2
+    python train.py --resume last
+
+Flags override ``--config`` YAML presets (``configs/``), which override the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from rich.table import Table
+
+from lit_quant.cli import ArgumentParser, console, run_cli
+from lit_quant.config import TrainConfig, add_config_arguments, load_yaml, resolve_config
+from lit_quant.training import TrainResult, find_resume_checkpoint, run_training
+
+
+def build_parser() -> ArgumentParser:
+    """The ``train.py`` argument parser: ``--config`` plus one flag per :class:`TrainConfig` field."""
+    parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=lambda prog: __import__("argparse").HelpFormatter(prog, max_help_position=34))
+    parser.add_argument("--config", metavar="YAML", help="YAML file of defaults (flags given here override it)")
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def resolve_args(argv: Sequence[str] | None) -> tuple[TrainConfig, object]:
+    """Parse ``argv`` into the resolved config and the checkpoint to resume from (or ``None``).
+
+    With ``--resume``, the ``config.yaml`` saved beside that checkpoint supplies the defaults, so a resumed
+    run continues with its own settings; ``--config`` and flags still override it.
+    """
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    yaml_defaults = load_yaml(config_file) if config_file else {}
+    resume_path = None
+    resume = args.get("resume", yaml_defaults.get("resume"))
+    if resume:
+        checkpoint_dir = args.get("checkpoint_dir", yaml_defaults.get("checkpoint_dir", TrainConfig.checkpoint_dir))
+        run_name = args.get("run_name", yaml_defaults.get("run_name"))
+        resume_path = find_resume_checkpoint(resume, checkpoint_dir, run_name)
+        saved = resume_path.parent / "config.yaml"
+        run_defaults = load_yaml(saved) if saved.is_file() else {}
+        run_defaults.pop("resume", None)
+        run_defaults["run_name"] = resume_path.parent.name
+        yaml_defaults = {**run_defaults, **yaml_defaults}
+    return resolve_config(args, yaml_defaults), resume_path
+
+
+def summary_table(result: TrainResult) -> Table:
+    """The rich summary printed at the end of a run."""
+    m = result.metrics
+    table = Table(title=f"lit-quant training: {result.run_dir.name}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, fmt in (("val/top1", "val top-1 (best ckpt)", "{:.2f} %"), ("val/top5", "val top-5", "{:.2f} %"),
+                            ("test/top1", "test top-1", "{:.2f} %"), ("test/top5", "test top-5", "{:.2f} %"),
+                            ("test/loss", "test loss", "{:.4f}"), ("epochs", "epochs", "{}"),
+                            ("fit_time_s", "training time", "{:.1f} s"), ("precision", "precision", "{}"),
+                            ("world_size", "processes", "{}")):
+        if key in m:
+            table.add_row(label, fmt.format(m[key]))
+    for label, path in (("best checkpoint", result.best_ckpt), ("last checkpoint", result.last_ckpt),
+                        ("config", result.config_path), ("metrics", result.metrics_path)):
+        table.add_row(label, str(path))
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, train, print the summary; returns the exit status."""
+    cfg, resume_path = resolve_args(argv)
+    result = run_training(cfg, resume_path)
+    if result.is_global_zero:
+        console.print(summary_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="train.py"))
