@@ -82,14 +82,26 @@ class ApexO2Precision(Precision):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.scaler = torch.amp.GradScaler(device) if dtype == torch.float16 else None
         self._pairs: list[tuple[str, nn.Parameter, nn.Parameter]] = []  # (state_dict key, model param, master)
+        self._fp32_source: dict[nn.Parameter, Tensor] = {}  # fp32 values before convert_module rounded them
 
     # ------------------------------------------------------------------------------------------ the model
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Cast to half in place, keeping BatchNorm layers in fp32."""
-        module.to(dtype=self.dtype)
+        """Cast to half in place, keeping BatchNorm layers in fp32.
+
+        Tensor by tensor, skipping BatchNorm, rather than ``module.to(half)`` followed by ``bn.float()``: the
+        round trip would round BatchNorm's running statistics and affine parameters to half precision every
+        time a checkpoint is restored, and a resumed run would drift from an uninterrupted one.
+        """
         for m in module.modules():
             if isinstance(m, _BatchNorm):
-                m.float()
+                continue
+            for p in m.parameters(recurse=False):
+                if p.is_floating_point():
+                    self._fp32_source[p] = p.data  # exact start value for the master copy (see connect)
+                    p.data = p.data.to(self.dtype)  # in place on the Parameter, so DDP/optimizer refs hold
+            for name, buf in m.named_buffers(recurse=False):
+                if buf.is_floating_point():
+                    setattr(m, name, buf.to(self.dtype))
         return module
 
     def convert_input(self, data: Any) -> Any:
@@ -99,7 +111,12 @@ class ApexO2Precision(Precision):
     # ------------------------------------------------------------------------------------------ masters
     def connect(self, model: nn.Module, optimizers: list[Optimizer],
                 lr_schedulers: list[Any]) -> tuple[nn.Module, list[Optimizer], list[Any]]:
-        """Replace every half parameter in the optimizers by an fp32 master copy."""
+        """Replace every half parameter in the optimizers by an fp32 master copy.
+
+        Masters start from the fp32 values the model had before :meth:`convert_module` (apex starts from the
+        half copy and so loses the low bits of the initial weights); on resume they are then overwritten with
+        the checkpoint's fp32 weights in :meth:`on_load_checkpoint`.
+        """
         lightning_module = next(m for m in model.modules() if isinstance(m, pl.LightningModule))
         names = {id(p): n for n, p in lightning_module.named_parameters()}
         self._pairs = []
@@ -108,12 +125,13 @@ class ApexO2Precision(Precision):
                 masters = []
                 for p in group["params"]:
                     if p.dtype == self.dtype:
-                        master = nn.Parameter(p.detach().float().clone())
+                        master = nn.Parameter(self._fp32_source.get(p, p.detach()).float().clone())
                         self._pairs.append((names[id(p)], p, master))
                         masters.append(master)
                     else:
                         masters.append(p)  # BatchNorm parameters are already fp32
                 group["params"] = masters
+        self._fp32_source.clear()
         return model, optimizers, lr_schedulers
 
     def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]

@@ -268,11 +268,13 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
         check_resume_compatible(resume_ckpt, arch, resume_path)
         del resume_ckpt  # Lightning reads it again itself; only the check needed it here
     run_dir = run_dir_for(cfg)
+    # Two callbacks: this Lightning saves ``save_last`` only when the monitored metric improved, but resume
+    # needs last.ckpt from every epoch.
     checkpoint_cb = ModelCheckpoint(dirpath=str(run_dir), filename="best", monitor="val/top1", mode="max",
-                                    save_top_k=1, save_last=True, auto_insert_metric_name=False,
-                                    enable_version_counter=False)
+                                    save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    last_cb = ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=1, enable_version_counter=False)
     config_path = run_dir / "config.yaml"
-    trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, SaveConfig(cfg, config_path)])
+    trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, last_cb, SaveConfig(cfg, config_path)])
     if dm.name == "imagenet":  # class count comes from the folders
         dm.setup("fit")
         arch = build_arch(cfg, dm.num_classes)
