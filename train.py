@@ -12,7 +12,7 @@ Flags override ``--config`` YAML presets (``configs/``), which override the buil
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.table import Table
 

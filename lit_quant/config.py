@@ -92,7 +92,7 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise UserError(f"invalid --{f.name.replace('_', '-')} '{value}'; choose from {', '.join(choices)}")
 
-    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -253,7 +253,7 @@ class _UnpaddedDistributedSampler(DistributedSampler):
         self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
         self.total_size = len(dataset)  # type: ignore[arg-type]
 
-    def __iter__(self):  # noqa: D105
+    def __iter__(self):
         return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
@@ -397,11 +397,11 @@ class ClassificationDataModule(pl.LightningDataModule):
                           sampler=sampler, num_workers=self.num_workers, drop_last=False,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
-    def train_dataloader(self) -> DataLoader:  # noqa: D102
+    def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:  # noqa: D102
+    def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader:  # noqa: D102
+    def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)

@@ -14,5 +14,5 @@ from torch import nn
 class Add(nn.Module):
     """Element-wise addition ``y = a + b`` as a module (the residual join of a ResNet block)."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b

@@ -17,7 +17,8 @@ O3      pure half                                   ``16-true`` (CUDA) / ``bf16-
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -164,7 +165,7 @@ class ApexO2Precision(Precision):
         """The loss scaler's state (empty for bf16)."""
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.scaler is not None and "scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["scaler"])
 

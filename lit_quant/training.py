@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,21 +226,6 @@ def check_resume_compatible(ckpt: dict[str, Any], arch: dict[str, Any], path: Pa
 # ---------------------------------------------------------------------------------------------- running
 
 
-class SaveConfig(pl.Callback):
-    """Write the resolved config beside the checkpoints once the fit starts (rank 0).
-
-    At ``on_fit_start`` rather than before ``fit`` so that ModelCheckpoint's check for a non-empty run folder
-    (set up earlier) only fires for real leftovers.
-    """
-
-    def __init__(self, cfg: TrainConfig, path: Path) -> None:
-        self.cfg, self.path = cfg, path
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: D102
-        if trainer.is_global_zero:
-            save_config(self.cfg, self.path)
-
-
 def run_dir_for(cfg: TrainConfig) -> Path:
     """``<checkpoint_dir>/<run_name or data-model>``."""
     return Path(cfg.checkpoint_dir) / (cfg.run_name or f"{cfg.data}-{cfg.model}")
@@ -273,14 +259,19 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
     checkpoint_cb = ModelCheckpoint(dirpath=str(run_dir), filename="best", monitor="val/top1", mode="max",
                                     save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last_cb = ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=1, enable_version_counter=False)
+    trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, last_cb])
     config_path = run_dir / "config.yaml"
-    trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, last_cb, SaveConfig(cfg, config_path)])
+    if trainer.is_global_zero:
+        save_config(cfg, config_path)
     if dm.name == "imagenet":  # class count comes from the folders
         dm.setup("fit")
         arch = build_arch(cfg, dm.num_classes)
     lit = build_classifier(cfg, arch)
     start = time.perf_counter()
-    trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
+    with warnings.catch_warnings():
+        # Our own config.yaml and logs/ are already in the run folder; the warning would fire on every run.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
     fit_s = time.perf_counter() - start
     best = Path(checkpoint_cb.best_model_path) if checkpoint_cb.best_model_path else run_dir / "best.ckpt"
     eval_cfg = {"ckpt_path": str(best) if best.is_file() else None, "datamodule": dm, "verbose": False}

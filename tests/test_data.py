@@ -130,7 +130,7 @@ def test_digits_split_is_seeded_and_disjoint() -> None:
     b.setup()
     assert (len(a.train_set), len(a.val_set), len(a.test_set)) == (1294, 144, 359)
     assert torch.equal(a.val_set.images, b.val_set.images)
-    flat = lambda ds: {bytes(img.numpy()) + bytes([int(lab)]) for img, lab in zip(ds.images, ds.labels)}  # noqa: E731
+    flat = lambda ds: {bytes(img.numpy()) + bytes([int(lab)]) for img, lab in zip(ds.images, ds.labels)}
     # digits has a few duplicate images, so compare sizes of the union instead of exact disjointness
     assert len(flat(a.train_set) | flat(a.val_set) | flat(a.test_set)) >= 1780
     c = ClassificationDataModule("digits", split_seed=1)
@@ -173,3 +173,16 @@ def test_fake_data_is_learnable_signal() -> None:
     xt, yt = dm.test_set.images.float().flatten(1), dm.test_set.labels
     acc = (torch.cdist(xt, means).argmin(1) == yt).float().mean().item()
     assert acc > 0.5
+
+
+def test_debian_fashion_mnist_full_files() -> None:
+    """The benchmark set from Debian's dataset-fashion-mnist (installed by .ci/run), found without --data-dir."""
+    from lit_quant.data import DEBIAN_FASHION_MNIST
+
+    assert DEBIAN_FASHION_MNIST.is_dir(), "apt-get install dataset-fashion-mnist"
+    dm = ClassificationDataModule("fashion-mnist")
+    assert dm.resolved_data_dir() == DEBIAN_FASHION_MNIST
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (54000, 6000, 10000)
+    assert dm.test_set.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(dm.test_set.labels).tolist() == [1000] * 10

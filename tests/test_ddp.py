@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-
 from conftest import run_script, tiny_args
+
 from lit_quant.config import TrainConfig
 from lit_quant.training import build_datamodule, load_classifier
 

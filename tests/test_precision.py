@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
+from conftest import tiny_args
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import train
-from conftest import tiny_args
 from lit_quant.errors import UserError
 from lit_quant.precision import ApexO2Precision, resolve_precision
 from lit_quant.training import build_arch, build_classifier
@@ -44,12 +44,12 @@ class _Tiny(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
         self.blow_up_first = blow_up_first
 
-    def training_step(self, batch, batch_idx):  # noqa: D102
+    def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x).float(), y)
         return loss * 1e30 if self.blow_up_first and batch_idx == 0 else loss
 
-    def configure_optimizers(self):  # noqa: D102
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import ROOT, run_script, tiny_args
 
 import train
-from conftest import ROOT, run_script, tiny_args
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

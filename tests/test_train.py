@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_script, tiny_args
 
 import train
-from conftest import run_script, tiny_args
 from lit_quant.cli import run_cli
-from lit_quant.training import build_datamodule, load_classifier
 from lit_quant.config import TrainConfig
+from lit_quant.training import build_datamodule, load_classifier
 
 
 def _test_accuracy(ckpt: Path, cfg: TrainConfig) -> float:
@@ -149,3 +149,10 @@ def test_corrupt_checkpoint_no_traceback_from_the_script(tmp_path: Path) -> None
     garbage.write_bytes(b"PK\x03\x04broken zip")
     proc = run_script("train.py", *tiny_args(tmp_path / "ck", "--resume", str(garbage)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot read checkpoint" in proc.stderr
+
+
+def test_readme_documents_every_flag() -> None:
+    readme = (Path(train.__file__).parent / "README.md").read_text()
+    flags = [a.option_strings[0] for a in train.build_parser()._actions if a.option_strings and a.dest != "help"]
+    missing = [f for f in flags if f"`{f}" not in readme]
+    assert not missing, f"README does not document {missing}"
