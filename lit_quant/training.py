@@ -2,9 +2,9 @@
 
 ``train.py`` is a thin wrapper around :func:`run_training`; tests call it directly. Outputs of a run go to
 ``<checkpoint_dir>/<run_name>/``: ``best.ckpt`` (highest ``val/top1``), ``last.ckpt``, ``config.yaml``,
-``metrics.json`` and ``logs/`` (CSV, plus TensorBoard when installed). Checkpoints are written by Lightning
-through a temporary file that is moved into place, and ``config.yaml`` / ``metrics.json`` the same way, so
-a kill during a save never leaves a truncated file.
+``metrics.json`` and ``logs/`` (CSV, plus TensorBoard when installed). Checkpoints, ``config.yaml`` and
+``metrics.json`` are written to a temporary file in the run folder and renamed into place
+(:mod:`lit_quant.io`), so a kill during a save never leaves a truncated file.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
-from lit_quant.config import TrainConfig, atomic_write_text, save_config
+from lit_quant.config import TrainConfig, save_config
 from lit_quant.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
+from lit_quant.io import AtomicCheckpointIO, atomic_write_text
 from lit_quant.models import build_model, model_info
 from lit_quant.module import LitClassifier
 from lit_quant.precision import resolve_precision
@@ -147,7 +148,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
     """A Trainer for ``cfg`` writing to ``run_dir``; Lightning's own configuration errors become one line."""
     hardware = hardware_settings(cfg)
     precision = resolve_precision(cfg.precision, cfg.opt_level, _uses_cuda(hardware["accelerator"]))
-    plugins: list[Any] = []
+    plugins: list[Any] = [AtomicCheckpointIO()]
     if not isinstance(precision, str):
         plugins.append(precision)
         precision = None  # the plugin decides
@@ -158,7 +159,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
                                 ("limit_val_batches", cfg.limit_val_batches),
                                 ("limit_test_batches", cfg.limit_val_batches)) if v is not None}
     try:
-        return pl.Trainer(**hardware, precision=precision, plugins=plugins or None,
+        return pl.Trainer(**hardware, precision=precision, plugins=plugins,
                           max_epochs=max_epochs or cfg.epochs, deterministic=cfg.deterministic,
                           callbacks=callbacks, logger=build_loggers(run_dir), default_root_dir=str(run_dir),
                           enable_progress_bar=cfg.progress, enable_model_summary=cfg.progress,
