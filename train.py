@@ -23,8 +23,7 @@ from lit_quant.training import TrainResult, find_resume_checkpoint, run_training
 
 def build_parser() -> ArgumentParser:
     """The ``train.py`` argument parser: ``--config`` plus one flag per :class:`TrainConfig` field."""
-    parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                            formatter_class=lambda prog: __import__("argparse").HelpFormatter(prog, max_help_position=34))
+    parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", metavar="YAML", help="YAML file of defaults (flags given here override it)")
     add_config_arguments(parser, TrainConfig)
     return parser

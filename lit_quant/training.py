@@ -249,11 +249,8 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
     arch = build_arch(cfg)
-    resume_ckpt = None
-    if resume_path is not None:
-        resume_ckpt = read_checkpoint(resume_path)
-        check_resume_compatible(resume_ckpt, arch, resume_path)
-        del resume_ckpt  # Lightning reads it again itself; only the check needed it here
+    if resume_path is not None:  # fail with one line before Lightning starts; Lightning then loads it itself
+        check_resume_compatible(read_checkpoint(resume_path), arch, resume_path)
     run_dir = run_dir_for(cfg)
     # Two callbacks: this Lightning saves ``save_last`` only when the monitored metric improved, but resume
     # needs last.ckpt from every epoch.
