@@ -56,7 +56,13 @@ with warnings.catch_warnings():
         prepare,
         quantize_dynamic,
     )
+    from torch.ao.nn.quantized import FloatFunctional
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+#: torch.ao's marker modules that torchvision's quantizable models contain; the quantization core
+#: (:mod:`lit_quant.quant.prepare`) recognises them through these names so torch.ao is imported only here.
+AO_STUB_TYPES: tuple[type[nn.Module], ...] = (QuantStub,)
+AO_FUNCTIONAL_TYPES: tuple[type[nn.Module], ...] = (FloatFunctional,)
 
 #: Every quantized engine the built-in side knows; :func:`available_backends` says which run here.
 BACKENDS: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")

@@ -1,0 +1,198 @@
+"""``FakeQuantize``: one observer + one spec + two switches; and helpers that flip the switches model-wide.
+
+PTQ calibration, QAT and evaluation are settings of the two buffers:
+
+=====================  ==================  ======================
+stage                  ``observer_enabled``  ``fake_quant_enabled``
+=====================  ==================  ======================
+PTQ calibration        on                  off (model is float)
+QAT                    on (then frozen)    on
+evaluation / export    off                 on
+=====================  ==================  ======================
+
+Qparams live in the ``scale`` / ``zero_point`` buffers (``qparams_valid`` says whether they were computed),
+so a saved state dict restores a calibrated model without re-running calibration.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lit_quant.quant.functional import QParams, calculate_qparams, fake_quantize, lsq_fake_quantize, SCALE_EPS
+from lit_quant.quant.observers import Observer, ResizingBuffersMixin, build_observer
+from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
+
+KINDS: tuple[str, ...] = ("weight", "act")
+
+
+class FakeQuantize(ResizingBuffersMixin, nn.Module):
+    """Observe and/or fake-quantize one tensor per ``spec``.
+
+    Forward: if ``observer_enabled``, the observer records ``x``; if ``fake_quant_enabled``, qparams are
+    (re)computed when the observer is running or none were computed yet, and ``x`` goes through
+    :func:`lit_quant.quant.functional.fake_quantize`; otherwise ``x`` is returned untouched, so a model
+    with fake quant off computes exactly what the float model does, forward and backward.
+
+    Args:
+        spec: an enabled :class:`QuantSpec`.
+        kind: ``"weight"`` or ``"act"`` (stats files store activations; exporters tell them apart).
+    """
+
+    def __init__(self, spec: QuantSpec, kind: str = "act") -> None:
+        super().__init__()
+        if not spec.enabled:
+            raise QuantConfigError("FakeQuantize needs a spec with bits set; bits=0/None means: do not quantize")
+        if kind not in KINDS:
+            raise QuantConfigError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        self.spec = spec
+        self.kind = kind
+        self.observer: Observer = build_observer(spec)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+        self.register_buffer("observer_enabled", torch.tensor(True))
+        self.register_buffer("fake_quant_enabled", torch.tensor(False))
+        self.register_buffer("qparams_valid", torch.tensor(False))
+
+    @property
+    def axis(self) -> int | None:
+        """Channel axis of per-channel qparams, ``None`` per tensor."""
+        return self.spec.axis if self.spec.per_channel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.observer_enabled:
+            self.observer(x)
+        if not self.fake_quant_enabled:
+            return x
+        if self._needs_qparams():
+            self.update_qparams()
+        return self._fake_quantize(x)
+
+    def _needs_qparams(self) -> bool:
+        return bool(self.observer_enabled) or not bool(self.qparams_valid)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max, self.axis)
+
+    def update_qparams(self) -> None:
+        """Recompute ``scale`` / ``zero_point`` from the observer (raises if it has seen no data)."""
+        self._store(*self.observer.calculate_qparams())
+
+    def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        """Set qparams from a known range (a stats file) through the same qparams function as the observers."""
+        self._store(*calculate_qparams(min_val.to(self.scale.device), max_val.to(self.scale.device), self.spec))
+
+    def _store(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            if self.scale.shape != scale.shape:
+                self.scale = torch.empty_like(scale, device=self.scale.device)
+            if self.zero_point.shape != zero_point.shape:
+                self.zero_point = torch.empty_like(zero_point, device=self.zero_point.device)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+            self.qparams_valid.fill_(True)
+
+    def qparams(self) -> QParams:
+        """Current qparams with their integer range, for reports and exporters."""
+        if not bool(self.qparams_valid):
+            if not self.observer.has_data:
+                raise CalibrationError("no qparams yet: calibrate (observe data) or load a stats file first")
+            self.update_qparams()
+        return QParams(self.scale.detach().float().clone(), self.zero_point.detach().clone(), self.spec.quant_min,
+                       self.spec.quant_max, self.axis, int(self.spec.bits), self.spec.scheme)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, bits={self.spec.bits}, scheme={self.spec.scheme}, axis={self.axis}, "
+                f"observer={self.spec.observer}, quantizer={self.spec.quantizer}")
+
+
+class LSQFakeQuantize(FakeQuantize):
+    """Learned step size (LSQ, Esser et al. 2020) for QAT below 8 bits.
+
+    ``scale`` is an ``nn.Parameter`` initialised once from the observer's qparams (calibrate first, or it is
+    initialised on the first fake-quantized forward), then learned with the LSQ gradient
+    (:func:`lit_quant.quant.functional.lsq_fake_quantize`); the observer keeps recording but no longer
+    overrides it. The zero point stays at its calibrated value. The scale used is ``max(scale, eps)`` so it
+    stays positive. Create the optimizer after calibration: per-channel activation scales change shape then.
+    """
+
+    def __init__(self, spec: QuantSpec, kind: str = "act") -> None:
+        super().__init__(spec, kind)
+        del self.scale
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def _needs_qparams(self) -> bool:
+        return not bool(self.qparams_valid)
+
+    def _store(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        if self.scale.shape != scale.shape:
+            self.scale = nn.Parameter(torch.empty_like(scale, device=self.scale.device))
+        super()._store(scale, zero_point)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return lsq_fake_quantize(x, torch.clamp_min(self.scale, SCALE_EPS), self.zero_point, self.spec.quant_min,
+                                 self.spec.quant_max, self.axis)
+
+
+def build_fake_quantize(spec: QuantSpec, kind: str = "act") -> FakeQuantize:
+    """``FakeQuantize`` or ``LSQFakeQuantize`` according to ``spec.quantizer``."""
+    return (LSQFakeQuantize if spec.quantizer == "lsq" else FakeQuantize)(spec, kind)
+
+
+# --- model-wide switches -----------------------------------------------------------------------------------
+def iter_quantizers(model: nn.Module, kind: str | None = None) -> Iterator[tuple[str, FakeQuantize]]:
+    """``(qualified name, FakeQuantize)`` for every quantizer in ``model`` (optionally of one ``kind``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantize) and (kind is None or module.kind == kind):
+            yield name, module
+
+
+def enable_observer(model: nn.Module, enabled: bool = True) -> None:
+    """Switch every observer of ``model`` on or off."""
+    for _, fq in iter_quantizers(model):
+        fq.observer_enabled.fill_(bool(enabled))
+
+
+def enable_fake_quant(model: nn.Module, enabled: bool = True) -> None:
+    """Switch fake quantization of ``model`` on or off (off: the model computes in float)."""
+    for _, fq in iter_quantizers(model):
+        fq.fake_quant_enabled.fill_(bool(enabled))
+
+
+def sync_observers(model: nn.Module, group: Any = None) -> None:
+    """Merge every observer's statistics across DDP ranks (no-op without ``torch.distributed``).
+
+    Call it on every rank, at the same point (it is a sequence of collectives).
+    """
+    for _, fq in iter_quantizers(model):
+        fq.observer.sync(group)
+
+
+def reset_observers(model: nn.Module) -> None:
+    """Forget all statistics and qparams (before a new calibration)."""
+    for _, fq in iter_quantizers(model):
+        fq.observer.reset()
+        fq.qparams_valid.fill_(False)
+
+
+def update_qparams(model: nn.Module) -> None:
+    """Compute qparams of every quantizer from its observer.
+
+    Raises:
+        CalibrationError: naming every quantizer that saw no data (a layer not used in forward, or no
+            calibration batches at all).
+    """
+    missing = [name for name, fq in iter_quantizers(model) if not fq.observer.has_data and not fq.qparams_valid]
+    if missing:
+        raise CalibrationError(f"{len(missing)} quantizer(s) observed no data: {', '.join(missing[:8])}"
+                               + (" ..." if len(missing) > 8 else ""))
+    for _, fq in iter_quantizers(model):
+        if fq.observer.has_data and not (isinstance(fq, LSQFakeQuantize) and fq.qparams_valid):
+            fq.update_qparams()
+
+
+def model_qparams(model: nn.Module) -> dict[str, QParams]:
+    """Qparams of every quantizer, keyed by the quantizer's qualified name."""
+    return {name: fq.qparams() for name, fq in iter_quantizers(model)}

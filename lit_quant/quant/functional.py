@@ -1,0 +1,256 @@
+"""Pure quantization math: qparams from a range, quantize, dequantize, fake quantize (STE and LSQ).
+
+Every observer computes its range and hands it to :func:`calculate_qparams`; every quantizer module calls
+:func:`fake_quantize` or :func:`lsq_fake_quantize`. Nothing else in the package does this arithmetic.
+
+Conventions (identical to torch.ao so results compare with ``atol=0``)::
+
+    inv_scale = 1 / scale                                   (float32)
+    q         = clamp(round_half_even(x * inv_scale) + zero_point, quant_min, quant_max)
+    x_hat     = (q - zero_point) * scale                    (fake quantize = dequantize(quantize(x)))
+
+Integer values only ever leave :func:`quantize` inside a :class:`QuantizedTensor` that carries its scale
+and zero point, and :func:`fake_quantize` always maps them back through the scale — the failure of using
+raw integers as float weights (seed 000) cannot be expressed with this API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
+
+#: Smallest scale: torch.ao's ``eps`` (float32 machine epsilon); keeps ``1 / scale`` finite.
+SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def calculate_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for the range ``[min_val, max_val]`` (element-wise, so per-channel works too).
+
+    The range is first widened to contain zero, ``min = min(min_val, 0)``, ``max = max(max_val, 0)``, so
+    that 0.0 (padding, ReLU output) is exactly representable. Then, with ``qmin, qmax`` from ``spec``:
+
+    * ``sym``: ``scale = max(|min|, max) / ((qmax - qmin) / 2)``, ``zero_point = 0``. With the full signed
+      range that is ``amax / 127.5`` at 8 bits (torch.ao's ``per_tensor_symmetric`` with ``qint8``); with
+      ``narrow_range`` it is ``amax / 127``.
+    * ``asym_u`` / ``asym_s``: ``scale = (max - min) / (qmax - qmin)``,
+      ``zero_point = clamp(qmin - round(min / scale), qmin, qmax)``.
+
+    Edge cases: ``scale`` is clamped to at least :data:`SCALE_EPS`, so ``min == max == 0`` gives
+    ``scale = eps`` and (affine) ``zero_point = qmin``; an all-positive range has ``min = 0`` hence
+    ``zero_point = qmin``; an all-negative one ``zero_point = qmax``. The arithmetic is float32 in the same
+    order as torch.ao's ``UniformQuantizationObserverBase._calculate_qparams``, so results match bit for bit.
+
+    Args:
+        min_val: range minimum, shape ``(1,)`` per tensor or ``(C,)`` per channel (any shape broadcasts).
+        max_val: range maximum, same shape.
+        spec: an enabled :class:`QuantSpec` (bits, scheme, narrow range).
+
+    Returns:
+        ``(scale, zero_point)``: float32 and int32 tensors shaped like ``min_val``.
+
+    Raises:
+        CalibrationError: non-finite bounds or ``min_val > max_val``.
+    """
+    min_val = min_val.detach().to(torch.float32)
+    max_val = max_val.detach().to(torch.float32)
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise CalibrationError(f"cannot compute qparams from a non-finite range [{min_val}, {max_val}]")
+    if bool((min_val > max_val).any()):
+        raise CalibrationError(f"range minimum above maximum: [{min_val}, {max_val}]")
+    qmin, qmax = spec.quant_min, spec.quant_max
+    zeros = torch.zeros_like(min_val)
+    min_neg = torch.minimum(min_val, zeros)
+    max_pos = torch.maximum(max_val, zeros)
+    if spec.scheme == "sym":
+        amax = torch.maximum(-min_neg, max_pos)
+        scale = torch.clamp_min(amax / (float(qmax - qmin) / 2), SCALE_EPS)
+        zero_point = torch.zeros_like(min_val, dtype=torch.int32)
+    else:
+        scale = torch.clamp_min((max_pos - min_neg) / float(qmax - qmin), SCALE_EPS)
+        zero_point = torch.clamp(qmin - torch.round(min_neg / scale).to(torch.int32), qmin, qmax)
+    return scale, zero_point.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Everything an exporter needs to rebuild one quantized tensor.
+
+    Attributes:
+        scale: float32, shape ``(1,)`` or ``(C,)``.
+        zero_point: int32, same shape.
+        quant_min, quant_max: integer range.
+        axis: channel axis for per-channel qparams, ``None`` per tensor.
+        bits, scheme: from the spec (``signed`` tells int8 from uint8 storage).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: int
+    quant_max: int
+    axis: int | None
+    bits: int
+    scheme: str
+
+    @property
+    def signed(self) -> bool:
+        """True when the integers are stored signed (``sym`` / ``asym_s``)."""
+        return self.scheme != "asym_u"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form for reports and YAML: lists of floats / ints."""
+        return {"scale": self.scale.tolist(), "zero_point": self.zero_point.tolist(), "quant_min": self.quant_min,
+                "quant_max": self.quant_max, "axis": self.axis, "bits": self.bits, "scheme": self.scheme}
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integers plus the qparams that give them meaning; :func:`dequantize` is the only way back to float."""
+
+    int_repr: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: int
+    quant_max: int
+    axis: int | None = None
+
+
+def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshape per-channel ``param`` of shape ``(C,)`` to broadcast against ``x`` along ``axis``."""
+    if axis is None:
+        return param
+    if x.dim() <= axis:
+        raise QuantConfigError(f"per-channel quantization along axis {axis} needs a tensor with more than {axis} "
+                               f"dimension(s); got shape {tuple(x.shape)}")
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def _round_clamp(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 ``q = clamp(round(x / scale) + zp)``; also the unclamped ``round(x / scale)`` and ``x / scale``.
+
+    ``x / scale`` is computed as ``x * (1 / scale)`` like torch's kernels, which is what makes the results
+    bit-identical to ``torch.fake_quantize_per_tensor_affine``.
+    """
+    scaled = x * torch.reciprocal(scale)
+    rounded = torch.round(scaled)
+    q = torch.clamp(rounded + zero_point, quant_min, quant_max)
+    return q, rounded, scaled
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+             axis: int | None = None) -> QuantizedTensor:
+    """``q = clamp(round(x / scale) + zero_point, quant_min, quant_max)`` as int32, wrapped with its qparams."""
+    s, z = _broadcast(scale.float(), x, axis), _broadcast(zero_point.float(), x, axis)
+    q, _, _ = _round_clamp(x.float(), s, z, quant_min, quant_max)
+    return QuantizedTensor(q.to(torch.int32), scale, zero_point, quant_min, quant_max, axis)
+
+
+def dequantize(qt: QuantizedTensor) -> torch.Tensor:
+    """``x_hat = (q - zero_point) * scale`` in float32."""
+    s = _broadcast(qt.scale.float(), qt.int_repr, qt.axis)
+    z = _broadcast(qt.zero_point.float(), qt.int_repr, qt.axis)
+    return (qt.int_repr.float() - z) * s
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                quant_max: int) -> torch.Tensor:
+        q, rounded, _ = _round_clamp(x, scale, zero_point, quant_min, quant_max)
+        unclamped = rounded + zero_point
+        ctx.save_for_backward((unclamped >= quant_min) & (unclamped <= quant_max))
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+class _FakeQuantizeLSQ(torch.autograd.Function):
+    """Fake quantization with the LSQ gradient for the scale (see :func:`lsq_fake_quantize`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                quant_max: int, grad_factor: float) -> torch.Tensor:
+        q, rounded, scaled = _round_clamp(x, scale, zero_point, quant_min, quant_max)
+        unclamped = rounded + zero_point
+        below, above = unclamped < quant_min, unclamped > quant_max
+        inside = ~(below | above)
+        # d x_hat / d scale: round(x/s) - x/s inside the range, the clamp bound (minus zp) outside it.
+        dscale = torch.where(inside, rounded - scaled, torch.where(below, quant_min - zero_point,
+                                                                   quant_max - zero_point))
+        ctx.save_for_backward(inside, dscale)
+        ctx.scale_shape = scale.shape
+        ctx.grad_factor = grad_factor
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        inside, dscale = ctx.saved_tensors
+        grad_scale = (grad * dscale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
+        return grad * inside, grad_scale, None, None, None, None
+
+
+def _in_float32(fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """Run ``fn`` on ``x`` cast to float32 and cast the result back (bf16 / fp16 / autocast inputs)."""
+    if x.dtype == torch.float32:
+        return fn(x, *args)
+    return fn(x.float(), *args).to(x.dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+                  axis: int | None = None) -> torch.Tensor:
+    """Quantize and dequantize: ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``, differentiable.
+
+    Forward equals ``torch.fake_quantize_per_tensor_affine`` (``axis=None``) or
+    ``torch.fake_quantize_per_channel_affine`` bit for bit. Computation is float32 whatever the input dtype
+    (bf16 / fp16 / autocast): ``x`` is cast up, quantized, and the result cast back.
+
+    Gradient (documented choice, the same as torch.ao): straight-through on rounding, so ``d x_hat / d x = 1``
+    where ``round(x / s) + z`` lies in ``[qmin, qmax]``, and ``0`` where the value is clamped — a clipped value
+    does not move when ``x`` moves, and zeroing its gradient keeps QAT from pushing weights or activations
+    further into saturation. ``scale`` and ``zero_point`` receive no gradient (use :func:`lsq_fake_quantize`).
+
+    Args:
+        x: tensor to fake-quantize.
+        scale: float32, shape ``(1,)`` per tensor or ``(C,)`` per channel.
+        zero_point: int or float tensor, same shape.
+        quant_min, quant_max: integer range.
+        axis: channel axis of ``x`` for per-channel qparams; ``None`` per tensor.
+    """
+    s = _broadcast(scale.detach().float(), x, axis)
+    z = _broadcast(zero_point.detach().float(), x, axis)
+    return _in_float32(_FakeQuantizeSTE.apply, x, s, z, quant_min, quant_max)
+
+
+def lsq_grad_factor(x: torch.Tensor, quant_max: int, axis: int | None = None) -> float:
+    """LSQ gradient scale ``g = 1 / sqrt(N * Q_P)`` (Esser et al. 2020), ``N`` = elements per scale."""
+    n = x.numel() if axis is None else x.numel() // max(x.shape[axis], 1)
+    return 1.0 / float(max(n, 1) * max(quant_max, 1)) ** 0.5
+
+
+def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                      quant_max: int, axis: int | None = None, grad_factor: float | None = None) -> torch.Tensor:
+    """Fake quantization with a learnable step size (LSQ, Esser et al. 2020).
+
+    Forward is :func:`fake_quantize` (same values). Backward: ``d x_hat / d x`` is the same clipped STE;
+    ``d x_hat / d scale`` is ``round(x / s) - x / s`` inside the range, ``qmin - z`` below it and ``qmax - z``
+    above it, summed over the elements sharing a scale and multiplied by ``grad_factor`` (default
+    :func:`lsq_grad_factor`, ``1 / sqrt(N * qmax)``) so the step size learns at the rate of the weights. The
+    zero point stays fixed (from calibration). Matches ``torch._fake_quantize_learnable_per_tensor_affine``.
+    """
+    if grad_factor is None:
+        grad_factor = lsq_grad_factor(x, quant_max, axis)
+    s = _broadcast(scale.float(), x, axis)
+    z = _broadcast(zero_point.detach().float(), x, axis)
+    return _in_float32(_FakeQuantizeLSQ.apply, x, s, z, quant_min, quant_max, grad_factor)

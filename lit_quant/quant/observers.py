@@ -1,0 +1,621 @@
+"""Observers: one range statistic per class, feeding the single qparams function.
+
+Contract (shared by every class, enforced in :class:`Observer`):
+
+* ``forward(x)`` records statistics of ``x`` under ``no_grad`` and returns ``x`` itself; empty tensors are
+  ignored; NaN / Inf raise :class:`CalibrationError` (detected from the min / max, no extra pass);
+* all state lives in registered buffers, so ``state_dict``, ``.to()`` and DDP broadcast work, and buffers
+  resize themselves when a state dict with other shapes (per-channel sizes) is loaded;
+* ``calculate_range()`` gives the clipping range ``(min, max)``; ``calculate_qparams()`` passes it to
+  :func:`lit_quant.quant.functional.calculate_qparams`; both raise before any data was seen;
+* ``reset()`` forgets everything; ``sync()`` merges statistics across ``torch.distributed`` ranks so every
+  rank computes identical qparams (no-op when not initialised).
+
+Histogram observers (``percentile``, ``mse``, ``entropy``) keep a fixed number of bins over a range
+``[0, 2^e]`` or ``[-2^e, 2^e]``: a power of two, so growing the range merges whole bins exactly and
+histograms from different batches or ranks can be re-binned to a common range and summed without error.
+To stay cheap they bin a deterministic strided subsample of at most ``max_samples`` elements per batch
+(min and max remain exact); the range search runs once, vectorised over the histogram, in
+``calculate_range()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lit_quant.quant.functional import calculate_qparams
+from lit_quant.quant.spec import OBSERVER_NAMES, CalibrationError, QuantConfigError, QuantSpec
+
+_INF = float("inf")
+
+
+class ResizingBuffersMixin:
+    """Lets ``load_state_dict`` resize buffers and parameters whose shape depends on data seen (per-channel
+    sizes, a histogram observer's first range), so a calibrated state dict loads into a fresh model."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name, buf in list(self._buffers.items()):  # type: ignore[attr-defined]
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)  # type: ignore
+        for name, param in list(self._parameters.items()):  # type: ignore[attr-defined]
+            key = prefix + name
+            if param is not None and key in state_dict and state_dict[key].shape != param.shape:
+                self._parameters[name] = nn.Parameter(  # type: ignore[attr-defined]
+                    torch.empty_like(state_dict[key], device=param.device), requires_grad=param.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor, op: Any, group: Any = None) -> torch.Tensor:
+    """All-reduce a copy of ``t`` (float64 sums stay exact; gloo wants contiguous tensors)."""
+    out = t.detach().clone().contiguous()
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+class Observer(ResizingBuffersMixin, nn.Module):
+    """Base class: records a statistic of every tensor it sees; see the module docstring for the contract.
+
+    Subclasses set :attr:`name`, :attr:`DEFAULTS` (their options) and implement ``_observe``,
+    ``_compute_range``, ``_init_state`` and ``_sync``.
+
+    Attributes:
+        spec: the :class:`QuantSpec` whose range this observer estimates.
+        options: observer options (``DEFAULTS`` updated with the spec's ``observer_args``).
+    """
+
+    name: ClassVar[str] = ""
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, spec: QuantSpec, **options: Any) -> None:
+        super().__init__()
+        unknown = sorted(set(options) - set(self.DEFAULTS))
+        if unknown:
+            allowed = ", ".join(self.DEFAULTS) or "none"
+            raise QuantConfigError(f"unknown option(s) {', '.join(unknown)} for observer {self.name!r}; "
+                                   f"allowed: {allowed}")
+        self.spec = spec
+        self.options: dict[str, Any] = {**self.DEFAULTS, **options}
+        for key, default in self.DEFAULTS.items():
+            value = self.options[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise QuantConfigError(f"observer option {key!r} must be a number (default {default}); got {value!r}")
+        self._validate_options()
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+        self._init_state(torch.device("cpu"))
+
+    @property
+    def axis(self) -> int | None:
+        """Channel axis for per-channel statistics, ``None`` per tensor."""
+        return self.spec.axis if self.spec.per_channel else None
+
+    @property
+    def has_data(self) -> bool:
+        """True once a non-empty tensor has been observed (or merged in by :meth:`sync`)."""
+        return bool(self.num_batches > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record statistics of ``x`` and return ``x`` unchanged (same object, autograd untouched)."""
+        if x.numel() == 0:
+            return x
+        with torch.no_grad():
+            self._observe(x.detach().float())
+            self.num_batches += 1
+        return x
+
+    def calculate_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipping range ``(min, max)``, float32 tensors of shape ``(1,)`` or ``(C,)``.
+
+        Raises:
+            CalibrationError: no data observed yet.
+        """
+        if not self.has_data:
+            raise CalibrationError(f"{type(self).__name__} ({self.name!r}) has observed no data: run calibration "
+                                   "batches through the model (or load a stats file) before asking for qparams")
+        lo, hi = self._compute_range()
+        return lo.float(), hi.float()
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero_point)`` for :meth:`calculate_range` under :attr:`spec` (the one qparams function)."""
+        return calculate_qparams(*self.calculate_range(), self.spec)
+
+    def reset(self) -> None:
+        """Forget all statistics (buffers back to their initial values, on the same device)."""
+        self.num_batches.zero_()
+        self._init_state(self.num_batches.device)
+
+    def sync(self, group: Any = None) -> None:
+        """Merge statistics across ranks of ``group`` so all ranks compute the same qparams; no-op if not DDP."""
+        if not _distributed():
+            return
+        self._sync(group)
+        self.num_batches.copy_(_all_reduce(self.num_batches, dist.ReduceOp.SUM, group))
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"bits={self.spec.bits}, scheme={self.spec.scheme}, axis={self.axis}" + (f", {opts}" if opts else "")
+
+    # --- helpers for subclasses -------------------------------------------------------------------------
+    def _validate_options(self) -> None:
+        """Check option values; subclasses override."""
+
+    def _init_state(self, device: torch.device) -> None:
+        """Running min / max; ``(0,)``-shaped until data arrives (size 1 per tensor, C per channel)."""
+        self.register_buffer("min_val", torch.empty(0, device=device))
+        self.register_buffer("max_val", torch.empty(0, device=device))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        self._update_running_minmax(*self._batch_minmax(x))
+
+    def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.min_val, self.max_val
+
+    def _sync(self, group: Any) -> None:
+        self._sync_buffers(group, mins=("min_val",), maxs=("max_val",))
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a ``(C, N)`` matrix along the channel axis (per channel) or ``(1, N)`` (per tensor)."""
+        if self.axis is None:
+            return x.reshape(1, -1)
+        if x.dim() <= self.axis:
+            raise QuantConfigError(f"per-channel observer along axis {self.axis} got a tensor of shape "
+                                   f"{tuple(x.shape)}; it needs more than {self.axis} dimension(s)")
+        return x.transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+
+    def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of this batch (per channel or ``(1,)``); NaN / Inf raise, read off the result."""
+        if self.axis is None:
+            lo, hi = torch.aminmax(x)
+            lo, hi = lo.reshape(1), hi.reshape(1)
+        else:
+            lo, hi = torch.aminmax(self._channels(x), dim=1)
+        # NaN propagates through min/max and Inf shows up in them: checking 2 (or 2C) numbers is enough.
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            raise CalibrationError(f"observer {self.name!r} got a tensor with NaN or Inf values "
+                                   f"(min {lo.min().item()}, max {hi.max().item()})")
+        return lo, hi
+
+    def _update_running_minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+            return
+        self._check_channels(lo)
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
+
+    def _check_channels(self, lo: torch.Tensor) -> None:
+        if lo.shape != self.min_val.shape:
+            raise CalibrationError(f"observer {self.name!r} saw {lo.numel()} channel(s) after "
+                                   f"{self.min_val.numel()}: per-channel size must not change")
+
+    def _sync_buffers(self, group: Any, mins: tuple[str, ...] = (), maxs: tuple[str, ...] = (),
+                      sums: tuple[str, ...] = ()) -> None:
+        """All-reduce buffers with MIN / MAX / SUM; ranks without data join with neutral values."""
+        size = _all_reduce(torch.tensor(self.min_val.numel()), dist.ReduceOp.MAX, group).item()
+        for names, op, fill in ((mins, dist.ReduceOp.MIN, _INF), (maxs, dist.ReduceOp.MAX, -_INF),
+                                (sums, dist.ReduceOp.SUM, 0.0)):
+            for name in names:
+                buf = getattr(self, name)
+                if buf.numel() == 0 and size:
+                    buf = torch.full((size,), fill, dtype=buf.dtype, device=buf.device)
+                setattr(self, name, _all_reduce(buf, op, group))
+
+
+class MinMaxObserver(Observer):
+    """Running minimum and maximum (per tensor, or per channel with ``spec.per_channel``).
+
+    Same statistic and qparams as torch.ao's ``MinMaxObserver`` / ``PerChannelMinMaxObserver``.
+    ``sync()``: MIN / MAX all-reduce — identical to observing all ranks' data in one process.
+    """
+
+    name = "minmax"
+
+
+class EMAMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min / max: ``m <- m + c * (batch_min - m)``, first batch as is.
+
+    Same as torch.ao's ``MovingAverageMinMaxObserver`` (and its per-channel variant); ``c`` is the option
+    ``averaging_constant`` (default 0.01). ``sync()`` averages the ranks' running values: identical on all
+    ranks, though (like any EMA) not equal to one process seeing the batches in some order.
+    """
+
+    name = "ema"
+    DEFAULTS = {"averaging_constant": 0.01}
+
+    def _validate_options(self) -> None:
+        if not 0.0 < self.options["averaging_constant"] <= 1.0:
+            raise QuantConfigError(f"averaging_constant must be in (0, 1], got {self.options['averaging_constant']}")
+
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_minmax(x)
+        if self.min_val.numel() == 0:
+            self.min_val, self.max_val = lo, hi
+            return
+        self._check_channels(lo)
+        c = self.options["averaging_constant"]
+        self.min_val = self.min_val + c * (lo - self.min_val)
+        self.max_val = self.max_val + c * (hi - self.max_val)
+
+    def _sync(self, group: Any) -> None:
+        has = torch.tensor(float(self.min_val.numel() > 0), dtype=torch.float64)
+        ranks = _all_reduce(has, dist.ReduceOp.SUM, group)
+        self._sync_buffers(group, sums=("min_val", "max_val"))
+        self.min_val = (self.min_val.double() / ranks).float()
+        self.max_val = (self.max_val.double() / ranks).float()
+
+
+class AvgMinMaxObserver(Observer):
+    """Distiller's ``avg`` clipping: the mean over batches of each batch's min and max.
+
+    Cuts the occasional extreme batch that a running min / max keeps forever. ``sync()`` sums the per-batch
+    extremes and batch counts over ranks (the mean over every batch seen anywhere).
+    """
+
+    name = "avg"
+
+    def _init_state(self, device: torch.device) -> None:
+        super()._init_state(device)
+        self.register_buffer("sum_min", torch.empty(0, dtype=torch.float64, device=device))
+        self.register_buffer("sum_max", torch.empty(0, dtype=torch.float64, device=device))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_minmax(x)
+        if self.sum_min.numel() == 0:
+            self.sum_min, self.sum_max = torch.zeros_like(lo, dtype=torch.float64), torch.zeros_like(
+                hi, dtype=torch.float64)
+        self._update_running_minmax(lo, hi)
+        self.sum_min += lo
+        self.sum_max += hi
+
+    def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_batches.double()
+        return self.sum_min / n, self.sum_max / n
+
+    def _sync(self, group: Any) -> None:
+        self._sync_buffers(group, mins=("min_val",), maxs=("max_val",), sums=("sum_min", "sum_max"))
+
+
+class NStdObserver(Observer):
+    """Distiller's ``n_std`` clipping: ``[mean - n * std, mean + n * std]`` clamped to the observed min / max.
+
+    Mean and (population) standard deviation are over every element seen, from float64 running sums of
+    ``x`` and ``x^2`` (per channel with ``spec.per_channel``). Option ``n_std`` (default 3). ``sync()`` sums
+    the running sums and counts over ranks — the same statistics as one process on all the data.
+    """
+
+    name = "nstd"
+    DEFAULTS = {"n_std": 3.0}
+
+    def _validate_options(self) -> None:
+        if self.options["n_std"] <= 0:
+            raise QuantConfigError(f"n_std must be positive, got {self.options['n_std']}")
+
+    def _init_state(self, device: torch.device) -> None:
+        super()._init_state(device)
+        for name in ("count", "sum", "sum_sq"):
+            self.register_buffer(name, torch.empty(0, dtype=torch.float64, device=device))
+
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_minmax(x)
+        self._update_running_minmax(lo, hi)
+        y = self._channels(x)
+        if self.sum.numel() == 0:
+            self.count, self.sum, self.sum_sq = (torch.zeros_like(lo, dtype=torch.float64) for _ in range(3))
+        self.count += y.shape[1]
+        self.sum += y.sum(dim=1, dtype=torch.float64)
+        self.sum_sq += (y * y).sum(dim=1, dtype=torch.float64)
+
+    def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.sum / self.count
+        std = (self.sum_sq / self.count - mean * mean).clamp_min(0.0).sqrt()
+        n = self.options["n_std"]
+        lo = torch.maximum(mean - n * std, self.min_val.double())
+        hi = torch.minimum(mean + n * std, self.max_val.double())
+        return lo, hi
+
+    def _sync(self, group: Any) -> None:
+        self._sync_buffers(group, mins=("min_val",), maxs=("max_val",), sums=("count", "sum", "sum_sq"))
+
+
+_MIN_EXP = -126  # range exponent used for an all-zero tensor: any later data re-bins it cleanly
+
+
+def _coprime_stride(stride: int) -> int:
+    """Smallest stride >= ``stride`` sharing no factor 2, 3, 5, 7 with image sizes (avoids aliasing a grid)."""
+    while math.gcd(stride, 210) != 1:
+        stride += 1
+    return stride
+
+
+class HistogramObserverBase(Observer):
+    """Shared histogram state for ``percentile``, ``mse`` and ``entropy`` (see the module docstring).
+
+    Buffers: ``hist`` (float64 counts, ``bins`` long), ``exp`` (the range is ``2^exp``), ``signed`` (range
+    ``[-2^exp, 2^exp]`` instead of ``[0, 2^exp]``), plus exact running ``min_val`` / ``max_val``.
+    Options: ``bins`` (default 2048), ``max_samples`` per batch (default 32768 — below torch's parallel grain
+    size, so binning never waits on a second thread; 0 bins every element).
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"bins": 2048, "max_samples": 32768}
+
+    def _validate_options(self) -> None:
+        bins, samples = self.options["bins"], self.options["max_samples"]
+        if not isinstance(bins, int) or bins < 16 or bins % 2:
+            raise QuantConfigError(f"bins must be an even integer >= 16, got {bins!r}")
+        if not isinstance(samples, int) or samples < 0:
+            raise QuantConfigError(f"max_samples must be a non-negative integer (0 = all), got {samples!r}")
+
+    def _init_state(self, device: torch.device) -> None:
+        super()._init_state(device)
+        self.register_buffer("hist", torch.zeros(self.options["bins"], dtype=torch.float64, device=device))
+        self.register_buffer("exp", torch.tensor(_MIN_EXP, dtype=torch.int64, device=device))
+        self.register_buffer("signed", torch.tensor(False, device=device))
+
+    def _edges(self, exp: int | None = None, signed: bool | None = None) -> tuple[float, float]:
+        exp = int(self.exp) if exp is None else exp
+        signed = bool(self.signed) if signed is None else signed
+        top = math.ldexp(1.0, exp)
+        return (-top if signed else 0.0), top
+
+    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1)
+        limit = self.options["max_samples"]
+        if not limit or flat.numel() <= limit:
+            return flat
+        stride = _coprime_stride(-(-flat.numel() // limit))
+        # A different offset each batch so repeated calibration batches cover every position.
+        return flat[int(self.num_batches) % stride::stride]
+
+    def _rebin(self, exp: int, signed: bool) -> None:
+        """Move counts to the (wider or equal) range ``exp`` / ``signed``; exact because edges nest."""
+        if exp == int(self.exp) and signed == bool(self.signed):
+            return
+        bins = self.options["bins"]
+        old_lo, old_hi = self._edges()
+        new_lo, new_hi = self._edges(exp, signed)
+        old_w, new_w = (old_hi - old_lo) / bins, (new_hi - new_lo) / bins
+        centers = old_lo + (torch.arange(bins, dtype=torch.float64, device=self.hist.device) + 0.5) * old_w
+        index = torch.floor((centers - new_lo) / new_w).long().clamp_(0, bins - 1)
+        self.hist = torch.zeros_like(self.hist).index_add_(0, index, self.hist)
+        self.exp.fill_(exp)
+        self.signed.fill_(signed)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = self._batch_minmax(x)
+        self._update_running_minmax(lo, hi)
+        amax = max(-lo.item(), hi.item())
+        exp = math.frexp(amax)[1] if amax > 0 else _MIN_EXP  # amax < 2^exp
+        if int(self.num_batches) == 0:
+            self.exp.fill_(exp)
+            self.signed.fill_(lo.item() < 0)
+        else:
+            self._rebin(max(exp, int(self.exp)), bool(self.signed) or lo.item() < 0)
+        self.hist += self._bin_counts(self._sample(x))
+
+    def _bin_counts(self, values: torch.Tensor) -> torch.Tensor:
+        """Counts of ``values`` per bin: ``floor((v - lo) / width)``, the top edge in the last bin.
+
+        ``1 / width`` is a power of two, so the scaling is exact; ``bincount`` on the indices is several times
+        faster than ``torch.histc`` on CPU.
+        """
+        bins = self.options["bins"]
+        edge_lo, edge_hi = self._edges()
+        index = (values - edge_lo).mul_(bins / (edge_hi - edge_lo)).to(torch.int64).clamp_(0, bins - 1)
+        return torch.bincount(index, minlength=bins)
+
+    def _sync(self, group: Any) -> None:
+        exp = int(_all_reduce(self.exp, dist.ReduceOp.MAX, group))
+        signed = bool(_all_reduce(self.signed.long(), dist.ReduceOp.MAX, group))
+        self._rebin(exp, signed)
+        self._sync_buffers(group, mins=("min_val",), maxs=("max_val",), sums=("hist",))
+
+    def _histogram(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Bin centers and counts between the first and last non-empty bin, and the index of the bin holding 0."""
+        lo, hi = self._edges()
+        bins = self.options["bins"]
+        w = (hi - lo) / bins
+        nonzero = torch.nonzero(self.hist).flatten()
+        first, last = int(nonzero[0]), int(nonzero[-1]) + 1
+        centers = lo + (torch.arange(first, last, dtype=torch.float64, device=self.hist.device) + 0.5) * w
+        zero_bin = (bins // 2 if bool(self.signed) else 0) - first
+        return centers, self.hist[first:last], zero_bin
+
+    def _clamp_range(self, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)`` kept inside the exact observed range, as ``(1,)`` tensors."""
+        lo_t = torch.maximum(torch.tensor([lo], dtype=torch.float64), self.min_val.double().cpu())
+        hi_t = torch.minimum(torch.tensor([hi], dtype=torch.float64), self.max_val.double().cpu())
+        return lo_t.to(self.min_val.device), hi_t.to(self.min_val.device)
+
+    def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not bool(self.hist.any()):
+            return self.min_val, self.max_val
+        return self._search()
+
+    def _search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PercentileObserver(HistogramObserverBase):
+    """Clip at a percentile: ``max`` at the ``percentile``-th, ``min`` at the ``(100 - percentile)``-th.
+
+    Seed 001's "fake-hist". Read off the cumulative histogram with linear interpolation inside the bin —
+    no sort of the data. The lower bound only moves for data with negative values (for ReLU outputs it is
+    the minimum, 0). Option ``percentile`` (default 99.99).
+    """
+
+    name = "percentile"
+    DEFAULTS = {**HistogramObserverBase.DEFAULTS, "percentile": 99.99}
+
+    def _validate_options(self) -> None:
+        super()._validate_options()
+        if not 50.0 < self.options["percentile"] <= 100.0:
+            raise QuantConfigError(f"percentile must be in (50, 100], got {self.options['percentile']}")
+
+    def _search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        edge_lo, _ = self._edges()
+        w = (self._edges()[1] - edge_lo) / self.options["bins"]
+        cdf = torch.cumsum(self.hist, 0)
+        total = float(cdf[-1])
+
+        def quantile(fraction: float) -> float:
+            target = fraction * total
+            j = int(torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype, device=cdf.device)).clamp(
+                max=cdf.numel() - 1))
+            below = float(cdf[j - 1]) if j > 0 else 0.0
+            inside = (target - below) / float(self.hist[j]) if float(self.hist[j]) > 0 else 1.0
+            return edge_lo + (j + min(max(inside, 0.0), 1.0)) * w
+
+        p = self.options["percentile"] / 100.0
+        lo = quantile(1.0 - p) if float(self.min_val.min()) < 0 else float(self.min_val.min())
+        return self._clamp_range(lo, quantile(p))
+
+
+def _range_errors(centers: torch.Tensor, counts: torch.Tensor, zero_bin: int, lo: torch.Tensor, hi: torch.Tensor,
+                  spec: QuantSpec) -> torch.Tensor:
+    """Estimated squared quantization error of the histogram for each candidate range ``(lo[k], hi[k])``.
+
+    With ``scale``, ``zero_point`` from :func:`calculate_qparams` for the candidate, the representable range
+    is ``[(qmin - zp) * scale, (qmax - zp) * scale]``. A bin's mass at center ``c`` outside it costs
+    ``(c - bound)^2`` (clipping, exact per bin); a value inside costs the uniform rounding noise
+    ``scale^2 / 12``, except the bin holding 0, which is exact on every grid (the spike of ReLU zeros would
+    otherwise count as noise). With prefix sums of ``n``, ``n c``, ``n c^2`` each candidate costs O(1).
+    """
+    scale, zp = calculate_qparams(lo, hi, spec)
+    s, z = scale.double(), zp.double()
+    low, high = (spec.quant_min - z) * s, (spec.quant_max - z) * s
+    zeros = counts.new_zeros(1)
+    c0, c1, c2 = (torch.cat([zeros, torch.cumsum(counts * centers ** p, 0)]) for p in range(3))
+    below = torch.searchsorted(centers, low)            # bins [0, below) lie under the lower bound
+    above = torch.searchsorted(centers, high, right=True)  # bins [above, n) lie over the upper bound
+    n = centers.numel()
+    clip_low = c2[below] - 2 * low * c1[below] + low * low * c0[below]
+    clip_high = (c2[n] - c2[above]) - 2 * high * (c1[n] - c1[above]) + high * high * (c0[n] - c0[above])
+    inside = c0[above] - c0[below]
+    if 0 <= zero_bin < n:
+        inside = inside - torch.where((below <= zero_bin) & (zero_bin < above), counts[zero_bin], 0.0)
+    return clip_low + clip_high + inside * s * s / 12.0
+
+
+class MSEObserver(HistogramObserverBase):
+    """Range that minimises the expected squared quantization error (the job of torch.ao's HistogramObserver).
+
+    Candidates are fractions of the observed extremes: ``grid`` values on one axis when only one side needs
+    choosing (``sym``, or data of one sign), else a 32 x 32 lattice over (lower, upper) refined once by a
+    32 x 32 lattice around the best cell. Candidates are scored together by :func:`_range_errors`.
+    Option ``grid`` (default 128): 1-D candidates.
+    """
+
+    name = "mse"
+    DEFAULTS = {**HistogramObserverBase.DEFAULTS, "grid": 128}
+
+    def _search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        centers, counts, zero_bin = self._histogram()
+        mn, mx = float(self.min_val.min()), float(self.max_val.max())
+        n = int(self.options["grid"])
+        frac = torch.linspace(1.0 / n, 1.0, n, dtype=torch.float64, device=centers.device)
+        if self.spec.scheme == "sym" or mn >= 0 or mx <= 0:
+            amax = max(-mn, mx)
+            lo = (-frac * amax) if mn < 0 else torch.full_like(frac, min(mn, 0.0))
+            hi = (frac * amax) if mx > 0 else torch.full_like(frac, max(mx, 0.0))
+        else:  # both sides free: a coarse lattice, then the same lattice over the best cell's neighbourhood
+            fa = fb = torch.linspace(1.0 / 32, 1.0, 32, dtype=torch.float64)
+            for _ in range(2):
+                lo = (fa[:, None] * mn).expand(len(fa), len(fb)).reshape(-1)
+                hi = (fb[None, :] * mx).expand(len(fa), len(fb)).reshape(-1)
+                best = int(torch.argmin(_range_errors(centers, counts, zero_bin, lo, hi, self.spec)))
+                a, b, step = float(lo[best]) / mn, float(hi[best]) / mx, float(fa[1] - fa[0])
+                fa = torch.linspace(max(a - step, step / 32), min(a + step, 1.0), 32, dtype=torch.float64)
+                fb = torch.linspace(max(b - step, step / 32), min(b + step, 1.0), 32, dtype=torch.float64)
+            return self._clamp_range(float(lo[best]), float(hi[best]))
+        best = int(torch.argmin(_range_errors(centers, counts, zero_bin, lo, hi, self.spec)))
+        return self._clamp_range(float(lo[best]), float(hi[best]))
+
+
+class EntropyObserver(HistogramObserverBase):
+    """TensorRT's KL-divergence calibration (Migacz 2017): the threshold whose quantized distribution loses
+    the least information.
+
+    On the histogram of ``|x|`` (a signed histogram folds exactly around 0), for each candidate threshold
+    ``t`` (in bins, from the number of levels ``L`` up to the last non-empty bin): ``P`` = bins below ``t``
+    with everything above added to the last one; ``Q`` = the first ``t`` bins merged into ``L`` levels and
+    spread back evenly over the non-empty bins. Pick ``argmin KL(P || Q)``, all candidates at once. The bin
+    holding 0 is left out of both (zero is exact on every grid; ReLU's zeros would drag the threshold down).
+    ``L`` is ``qmax - qmin`` for non-negative data with an affine scheme, ``(qmax - qmin) // 2`` otherwise
+    (128 at 8 bits, as TensorRT). Range: ``[max(min, -T), min(max, T)]``. Option ``candidates`` (default
+    128) caps the thresholds tried.
+    """
+
+    name = "entropy"
+    DEFAULTS = {**HistogramObserverBase.DEFAULTS, "candidates": 128}
+
+    def _search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.options["bins"] // 2
+        hist = self.hist[half:] + self.hist[:half].flip(0) if bool(self.signed) else self.hist
+        lo_edge, hi_edge = self._edges()
+        width = (hi_edge - lo_edge) / self.options["bins"]
+        mn, mx = float(self.min_val.min()), float(self.max_val.max())
+        one_sided = mn >= 0 and self.spec.scheme != "sym"
+        levels = (self.spec.quant_max - self.spec.quant_min) // (1 if one_sided else 2)
+        hist = hist.clone()
+        hist[0] = 0.0  # the bin holding 0 is exact on every grid; ReLU's spike of zeros would bias KL low
+        nonzero = torch.nonzero(hist).flatten()
+        last = int(nonzero[-1]) + 1 if nonzero.numel() else 0
+        if last <= levels:
+            return self.min_val, self.max_val
+        hist = hist[:last]
+        step = max(1, -(-(last - levels) // int(self.options["candidates"])))
+        t = torch.arange(last, levels - 1, -step, device=hist.device).flip(0)  # always includes ``last``
+        best_t = int(t[int(torch.argmin(_kl_divergences(hist, t, levels)))])
+        threshold = best_t * width
+        return self._clamp_range(max(mn, -threshold), min(mx, threshold))
+
+
+def _kl_divergences(hist: torch.Tensor, thresholds: torch.Tensor, levels: int) -> torch.Tensor:
+    """``KL(P_t || Q_t)`` for every threshold ``t`` (see :class:`EntropyObserver`), shape ``(len(thresholds),)``.
+
+    Level ``l`` of threshold ``t`` holds bins ``[ceil(l t / L), ceil((l + 1) t / L))``, so with prefix sums
+    of ``h``, ``h log h`` and of the non-empty-bin indicator every level's mass and size is a difference:
+    ``KL = sum_j p_j log p_j - sum_l P_l log q_l`` costs O(L) per threshold, not O(bins). Where ``P`` has mass
+    and ``Q`` none (an outlier bin whose level was empty) ``q`` is floored at 1e-12, as TensorRT smooths.
+    """
+    h = hist.double()
+    zero = h.new_zeros(1)
+    ch = torch.cat([zero, torch.cumsum(h, 0)])
+    cnz = torch.cat([zero, torch.cumsum((h > 0).double(), 0)])
+    hlogh = torch.cat([zero, torch.cumsum(torch.xlogy(h, h), 0)])
+    total = ch[-1]
+    t = thresholds.long()
+    tail = total - ch[t]  # mass above each threshold, added to P's last bin
+    last = h[t - 1]
+    ell = torch.arange(levels + 1, device=h.device)
+    bounds = -torch.div(-ell[None, :] * t[:, None], levels, rounding_mode="floor")  # ceil(l t / L)
+    sums = ch[bounds[:, 1:]] - ch[bounds[:, :-1]]  # Q's mass per level (without the tail)
+    counts = cnz[bounds[:, 1:]] - cnz[bounds[:, :-1]]  # non-empty P bins per level
+    counts[:, -1] += ((last == 0) & (tail > 0)).double()
+    p_mass = sums.clone()
+    p_mass[:, -1] += tail
+    q_total = torch.where(counts > 0, sums, 0.0).sum(1, keepdim=True)
+    q = torch.where(counts > 0, sums / counts.clamp_min(1) / q_total.clamp_min(1e-300), 0.0).clamp_min(1e-12)
+    p_log_p = (hlogh[t - 1] + torch.xlogy(last + tail, last + tail)) / total - torch.log(total)
+    return p_log_p - torch.where(p_mass > 0, p_mass / total * torch.log(q), 0.0).sum(1)
+
+
+#: Observer class per name (the names in :data:`lit_quant.quant.spec.OBSERVER_NAMES`).
+OBSERVERS: dict[str, type[Observer]] = {cls.name: cls for cls in (
+    MinMaxObserver, EMAMinMaxObserver, PercentileObserver, MSEObserver, EntropyObserver, NStdObserver,
+    AvgMinMaxObserver)}
+assert set(OBSERVERS) == set(OBSERVER_NAMES), "observer registry out of sync with spec.OBSERVER_NAMES"
+
+
+def build_observer(spec: QuantSpec) -> Observer:
+    """The observer named by ``spec.observer``, with ``spec.observer_args`` as options."""
+    return OBSERVERS[spec.observer](spec, **spec.observer_options)

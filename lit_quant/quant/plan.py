@@ -1,0 +1,231 @@
+"""Quantization plan: global weight / activation specs plus per-layer overrides, loadable from YAML.
+
+Example YAML (every key optional)::
+
+    weight: {bits: 4, scheme: sym, per_channel: true, observer: minmax}
+    act: {bits: 4, scheme: asym_u, observer: mse}
+    accum_bits: 32
+    fold_bn: true
+    quantize_input: true
+    overrides:
+      - {pattern: "@first", weight: {bits: 8}, act: {bits: 8}}   # first Conv/Linear
+      - {pattern: "@last", weight: {bits: 8}, act: {bits: 8}}    # last Conv/Linear
+      - {pattern: "layers.3.*", act: {observer: percentile, observer_args: {percentile: 99.9}}}
+      - {pattern: "layers.8.conv2", skip: true}                  # leave in float
+
+Patterns are exact module names, ``fnmatch`` globs, ``@first`` / ``@last`` or ``input`` (the model input
+quantizer). Overrides apply in order, later ones win. A quantized activation that absorbs a ReLU (or an
+unfolded BatchNorm) is governed by its producer's name, so ``conv1`` covers conv1's weights and the tensor
+after its fused ``bn1`` + ``relu``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from lit_quant.quant.spec import (ACCUM_BITS, DEFAULT_ACT_SPEC, DEFAULT_WEIGHT_SPEC, QuantConfigError, QuantSpec,
+                                  check_choice)
+
+FIRST, LAST, INPUT = "@first", "@last", "input"
+_GLOB_CHARS = set("*?[")
+
+
+def _frozen(mapping: Any, what: str) -> tuple[tuple[str, Any], ...]:
+    if mapping is None:
+        return ()
+    if isinstance(mapping, tuple):
+        mapping = dict(mapping)
+    if not isinstance(mapping, Mapping):
+        raise QuantConfigError(f"{what} must be a mapping of spec fields, got {mapping!r}")
+    return tuple((str(k), dict(v) if isinstance(v, Mapping) else v) for k, v in mapping.items())
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Parsed YAML of ``path``; an unreadable or invalid file is a :class:`QuantConfigError` naming ``what``."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise QuantConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise QuantConfigError(f"{what} file {path} is not valid YAML: {exc}") from None
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], what: str) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise QuantConfigError(f"unknown key(s) {', '.join(unknown)} in {what}; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Changes for the layers whose name matches ``pattern``.
+
+    Attributes:
+        pattern: exact name, glob, ``@first``, ``@last`` or ``input``.
+        weight: spec fields to change for weights (e.g. ``{"bits": 8}``; ``{"bits": 0}`` keeps them float).
+        act: spec fields to change for the output activation.
+        skip: leave the layer (weights and output) in float.
+        accum_bits: accumulator width for this layer.
+    """
+
+    pattern: str
+    weight: Any = ()
+    act: Any = ()
+    skip: bool = False
+    accum_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise QuantConfigError(f"override pattern must be a non-empty string, got {self.pattern!r}")
+        object.__setattr__(self, "weight", _frozen(self.weight, f"override {self.pattern!r} weight"))
+        object.__setattr__(self, "act", _frozen(self.act, f"override {self.pattern!r} act"))
+        if not isinstance(self.skip, bool):
+            raise QuantConfigError(f"override {self.pattern!r}: skip must be true or false, got {self.skip!r}")
+        if self.accum_bits is not None:
+            check_choice(self.accum_bits, ACCUM_BITS, f"override {self.pattern!r} accum_bits")
+
+    def matches(self, name: str, aliases: Iterable[str] = ()) -> bool:
+        """True if ``name`` (or one of its aliases such as ``@first``) matches the pattern."""
+        if self.pattern in aliases or self.pattern == name:
+            return True
+        return bool(_GLOB_CHARS & set(self.pattern)) and fnmatch.fnmatchcase(name, self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        """YAML form."""
+        out: dict[str, Any] = {"pattern": self.pattern}
+        if self.weight:
+            out["weight"] = dict(self.weight)
+        if self.act:
+            out["act"] = dict(self.act)
+        if self.skip:
+            out["skip"] = True
+        if self.accum_bits is not None:
+            out["accum_bits"] = self.accum_bits
+        return out
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """What one layer gets after overrides: specs (None = float), accumulator bits."""
+
+    weight: QuantSpec | None
+    act: QuantSpec | None
+    accum_bits: int
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Global specs + ordered per-layer overrides; validated on construction.
+
+    Attributes:
+        weight: spec for Conv2d / Linear weights (``bits=None`` keeps weights float).
+        act: spec for activations (``bits=None`` keeps activations float: weight-only quantization).
+        overrides: :class:`LayerOverride` tuple, applied in order.
+        accum_bits: accumulator width recorded on every quantized layer (for the integer engine).
+        fold_bn: fold BatchNorm into the preceding Conv/Linear (inference / PTQ). QAT keeps it False.
+        quantize_input: quantize the model input (where a real backend's ``QuantStub`` sits).
+    """
+
+    weight: QuantSpec = DEFAULT_WEIGHT_SPEC
+    act: QuantSpec = DEFAULT_ACT_SPEC
+    overrides: tuple[LayerOverride, ...] = field(default=())
+    accum_bits: int = 32
+    fold_bn: bool = True
+    quantize_input: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "act"):
+            if not isinstance(getattr(self, name), QuantSpec):
+                raise QuantConfigError(f"plan.{name} must be a QuantSpec, got {getattr(self, name)!r}")
+        overrides = tuple(o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides)
+        object.__setattr__(self, "overrides", overrides)
+        check_choice(self.accum_bits, ACCUM_BITS, "accum_bits")
+        for o in overrides:  # fail now, not halfway through prepare, on a bad override field or value
+            self.weight.replace(**dict(o.weight))
+            self.act.replace(**dict(o.act))
+
+    # --- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_bits(cls, weight_bits: int | None = 8, act_bits: int | None = 8, *, weight_scheme: str = "sym",
+                  act_scheme: str = "asym_u", weight_observer: str = "minmax", act_observer: str = "minmax",
+                  per_channel: bool = True, narrow_range: bool = False, quantizer: str = "ste",
+                  first_last_bits: int | None = None, skip: Iterable[str] = (), accum_bits: int = 32,
+                  fold_bn: bool = True) -> "QuantPlan":
+        """The plan behind ``--weight-bits / --act-bits``-style flags.
+
+        ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) at that width;
+        ``skip`` lists layer names (or globs) left in float.
+        """
+        weight = QuantSpec(bits=weight_bits, scheme=weight_scheme, per_channel=per_channel, axis=0,
+                           observer=weight_observer, narrow_range=narrow_range, quantizer=quantizer)
+        act = QuantSpec(bits=act_bits, scheme=act_scheme, observer=act_observer, quantizer=quantizer)
+        overrides = [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
+                     for p in (FIRST, LAST) if first_last_bits]
+        overrides += [LayerOverride(name, skip=True) for name in skip]
+        return cls(weight, act, tuple(overrides), accum_bits, fold_bn)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantPlan":
+        """From the YAML structure in the module docstring; unknown keys raise with the allowed ones."""
+        if not isinstance(data, Mapping):
+            raise QuantConfigError(f"a quantization plan must be a mapping, got {type(data).__name__}")
+        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "quantization plan")
+        kwargs = dict(data)
+        if "weight" in kwargs:
+            kwargs["weight"] = QuantSpec.from_dict(kwargs["weight"], DEFAULT_WEIGHT_SPEC)
+        if "act" in kwargs:
+            kwargs["act"] = QuantSpec.from_dict(kwargs["act"], DEFAULT_ACT_SPEC)
+        overrides = kwargs.get("overrides") or ()
+        if not isinstance(overrides, (list, tuple)):
+            raise QuantConfigError("plan 'overrides' must be a list of mappings")
+        for o in overrides:
+            if not isinstance(o, Mapping):
+                raise QuantConfigError(f"each override must be a mapping, got {o!r}")
+            _check_keys(o, [f.name for f in dataclasses.fields(LayerOverride)], "override")
+        kwargs["overrides"] = tuple(LayerOverride(**o) for o in overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "QuantPlan":
+        """Load a plan from a YAML file."""
+        return cls.from_dict(read_yaml(path, "plan") or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """YAML form (round-trips through :meth:`from_dict`)."""
+        return {"weight": self.weight.to_dict(), "act": self.act.to_dict(),
+                "overrides": [o.to_dict() for o in self.overrides], "accum_bits": self.accum_bits,
+                "fold_bn": self.fold_bn, "quantize_input": self.quantize_input}
+
+    # --- resolution ---------------------------------------------------------------------------------------
+    def resolve(self, name: str, aliases: Iterable[str] = ()) -> LayerQuant:
+        """Specs for layer ``name`` (with aliases like ``@first``) after applying matching overrides in order."""
+        aliases = tuple(aliases)
+        weight, act, accum, skip = self.weight, self.act, self.accum_bits, False
+        for o in self.overrides:
+            if o.matches(name, aliases):
+                weight, act = weight.replace(**dict(o.weight)), act.replace(**dict(o.act))
+                accum = o.accum_bits if o.accum_bits is not None else accum
+                skip = skip or o.skip
+        if skip:
+            return LayerQuant(None, None, accum)
+        return LayerQuant(weight if weight.enabled else None, act if act.enabled else None, accum)
+
+    def check_names(self, names: Iterable[str]) -> None:
+        """Raise if an override matches none of ``names`` (plus ``@first``, ``@last``, ``input``).
+
+        The message lists the closest known names (difflib), since the usual cause is a typo.
+        """
+        known = list(names)
+        for o in self.overrides:
+            if o.pattern in (FIRST, LAST, INPUT) or any(o.matches(n) for n in known):
+                continue
+            close = difflib.get_close_matches(o.pattern, known, n=5, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; quantizable layers: {', '.join(known[:20])}"
+            raise QuantConfigError(f"plan override {o.pattern!r} matches no quantizable layer{hint}")

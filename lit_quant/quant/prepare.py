@@ -1,0 +1,192 @@
+"""``prepare(model, plan)``: a quantized copy of a float model; calibration helpers.
+
+Which tensors get a quantizer — every tensor that is an integer tensor on a real int8 backend:
+
+* the model input (or each torch.ao ``QuantStub``);
+* the weight of every ``Conv2d`` / ``Linear``;
+* the output of every ``Conv2d`` / ``Linear`` / unfolded ``BatchNorm`` / residual ``Add`` — unless a ReLU
+  (or, for a layer, an unfolded BatchNorm) is its only consumer, in which case the tensor after that
+  consumer is quantized instead (conv+bn+relu and add+relu are single integer ops);
+* the output of every ReLU / ReLU6, average pooling and ``FloatFunctional`` op.
+
+Max pooling, flatten, dropout and identity are left alone: their outputs stay on the input's grid.
+BatchNorm following a Conv/Linear is folded first when ``plan.fold_bn`` (inference / PTQ).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lit_quant.builtin import AO_FUNCTIONAL_TYPES, AO_STUB_TYPES
+from lit_quant.nn import Add
+from lit_quant.quant.fake_quant import (FakeQuantize, build_fake_quantize, enable_fake_quant, enable_observer,
+                                        sync_observers, update_qparams)
+from lit_quant.quant.fuse import (BN_TYPES, RELU_TYPES, WEIGHTED_TYPES, ModuleGraph, bn_pairs, fold_bn,
+                                  module_graph, set_submodule)
+from lit_quant.quant.modules import WEIGHTED_QUANT, QuantFunctional, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
+from lit_quant.quant.spec import CalibrationError
+
+#: Modules whose output is quantized by wrapping them in :class:`QuantOutput`.
+OUTPUT_TYPES: tuple[type[nn.Module], ...] = (*RELU_TYPES, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput, QuantFunctional)
+
+
+class QuantizedModel(nn.Module):
+    """The prepared model: ``model(input_quant(x))``; see :func:`prepare`.
+
+    Attributes:
+        model: the float model's copy with quantized modules swapped in.
+        input_quant: quantizer of the model input (None with ``QuantStub`` models or ``quantize_input=False``).
+        plan: the :class:`QuantPlan` it was prepared with.
+    """
+
+    def __init__(self, model: nn.Module, input_quant: FakeQuantize | None, plan: QuantPlan) -> None:
+        super().__init__()
+        self.input_quant = input_quant
+        self.model = model
+        self.plan = plan
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self.model(x, *args, **kwargs)
+
+    def to_float(self) -> nn.Module:
+        """A float copy: every quantized module replaced by its ``to_float()`` (folded BN stays folded)."""
+        model = copy.deepcopy(self.model)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, QUANTIZED_TYPES):
+                set_submodule(model, name, module.to_float())
+        return model
+
+
+def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str]
+              ) -> tuple[set[str], dict[str, str]]:
+    """Producers whose output quantization moves to their consumer, and each consumer's governing name."""
+    def consumer(name: str) -> str | None:
+        nxt = graph.next_module(name)
+        while nxt in folded:
+            nxt = graph.next_module(nxt)
+        return nxt
+
+    absorbed: set[str] = set()
+    owner: dict[str, str] = {}
+    for name in graph.order:
+        nxt = consumer(name)
+        if nxt is None or graph.calls.get(nxt, 0) != 1:
+            continue
+        m, n = modules[name], modules[nxt]
+        if (isinstance(m, WEIGHTED_TYPES) and isinstance(n, BN_TYPES)) or (
+                isinstance(m, (*WEIGHTED_TYPES, *BN_TYPES, Add)) and isinstance(n, RELU_TYPES)):
+            absorbed.add(name)
+            owner[nxt] = owner.get(name, name)
+    return absorbed, owner
+
+
+def prepare(model: nn.Module, plan: QuantPlan | None = None) -> QuantizedModel:
+    """A quantized copy of ``model`` (``model`` itself is not modified).
+
+    Steps: deep copy; trace module-to-module edges (FX, read only); fold Conv/Linear-BN pairs if
+    ``plan.fold_bn``; swap Conv2d / Linear for :class:`QuantConv2d` / :class:`QuantLinear` and wrap the
+    output-producing modules listed in the module docstring, each with the specs
+    ``plan.resolve(name)`` gives. Quantizers start in calibration mode (observers on, fake quant off), so
+    the prepared model computes exactly what the (folded) float model does until
+    :func:`enable_fake_quant` is called.
+
+    Raises:
+        QuantConfigError: a plan override that matches no layer (with the closest names).
+    """
+    plan = plan or QuantPlan()
+    model = copy.deepcopy(model)
+    stub_types, functional_types = AO_STUB_TYPES, AO_FUNCTIONAL_TYPES
+    graph = module_graph(model)
+    modules = dict(model.named_modules())
+    folded: set[str] = set()
+    if plan.fold_bn:
+        for layer_name, bn_name in bn_pairs(model, graph):
+            set_submodule(model, layer_name, fold_bn(modules[layer_name], modules[bn_name]))
+            set_submodule(model, bn_name, nn.Identity())
+            folded.add(bn_name)
+        modules = dict(model.named_modules())
+    absorbed, owner = _absorbed(modules, graph, folded)
+
+    weighted = [n for n in graph.order if isinstance(modules[n], WEIGHTED_TYPES)]
+    outputs = [n for n in graph.order if isinstance(modules[n], (*OUTPUT_TYPES, *BN_TYPES)) and n not in absorbed]
+    special = [n for n, m in modules.items() if isinstance(m, stub_types + functional_types)]
+    plan.check_names([INPUT, *weighted, *outputs, *special])
+
+    def resolve(name: str) -> Any:
+        governing = owner.get(name, name)
+        aliases = ([FIRST] if weighted and governing == weighted[0] else []) + (
+            [LAST] if weighted and governing == weighted[-1] else [])
+        return plan.resolve(governing, aliases)
+
+    for name in weighted:
+        lq = resolve(name)
+        if lq.weight is None and lq.act is None:
+            continue  # skipped (or fully float) layer stays the user's module
+        qcls = next(q for f, q in WEIGHTED_QUANT.items() if isinstance(modules[name], f))
+        act = None if name in absorbed else lq.act
+        set_submodule(model, name, qcls.from_float(modules[name], lq.weight, act, lq.accum_bits))
+    shared = [n for n in outputs if graph.calls.get(n, 1) > 1]
+    if shared:
+        warnings.warn(f"module(s) {', '.join(shared)} are called more than once; each shares one output quantizer "
+                      "(give every use its own module instance to quantize each tensor separately)", stacklevel=2)
+    for name in outputs:
+        spec = resolve(name).act
+        if spec is not None:
+            set_submodule(model, name, QuantOutput.from_float(modules[name], spec))
+    for name in special:
+        spec = resolve(name).act
+        if spec is not None:
+            cls = QuantFunctional if isinstance(modules[name], functional_types) else QuantOutput
+            set_submodule(model, name, cls.from_float(modules[name], spec))
+
+    input_quant = None
+    has_stub = any(isinstance(modules[n], stub_types) for n in special)
+    if plan.quantize_input and not has_stub:
+        spec = plan.resolve(INPUT).act
+        input_quant = build_fake_quantize(spec, "act") if spec is not None else None
+    return QuantizedModel(model, input_quant, plan)
+
+
+def finish_calibration(model: nn.Module, group: Any = None) -> None:
+    """End of calibration: merge statistics across ranks, compute qparams, switch to fake-quantized eval."""
+    sync_observers(model, group)
+    update_qparams(model)
+    enable_observer(model, False)
+    enable_fake_quant(model, True)
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], group: Any = None) -> int:
+    """PTQ calibration: run ``batches`` (tensors or ``(inputs, targets)`` pairs) with observers on and fake
+    quant off, under ``no_grad`` in eval mode, then :func:`finish_calibration`.
+
+    Returns:
+        Number of samples seen.
+
+    Raises:
+        CalibrationError: no batches, or some quantizer saw no data.
+    """
+    was_training = model.training
+    model.eval()
+    enable_observer(model, True)
+    enable_fake_quant(model, False)
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            model(x)
+            seen += len(x)
+    if seen == 0:
+        model.train(was_training)
+        raise CalibrationError("empty calibration: the calibration data produced no batches")
+    finish_calibration(model, group)
+    model.train(was_training)
+    return seen

@@ -1,0 +1,93 @@
+"""Calibration statistics file (Distiller's ``--qe-stats-file``): save once, skip calibration next time.
+
+The file records, per quantizer name, the clipping range its observer chose plus the spec it was chosen
+for; loading sets qparams from those ranges through the same qparams function, so a second run gets
+identical scales and zero points without seeing data. Format (YAML)::
+
+    version: 1
+    quantizers:
+      model.layers.0.relu1.act_quant:
+        {kind: act, observer: mse, bits: 8, scheme: asym_u, min: [0.0], max: [3.81], scale: [...], zero_point: [...]}
+
+``scale`` / ``zero_point`` are for people reading the file; loading recomputes them from ``min`` / ``max``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lit_quant.quant.fake_quant import iter_quantizers
+from lit_quant.quant.plan import read_yaml
+from lit_quant.quant.spec import QuantConfigError
+
+STATS_VERSION = 1
+_SPEC_KEYS = ("kind", "observer", "bits", "scheme")
+
+
+def _entry(fq: Any) -> dict[str, Any]:
+    lo, hi = fq.observer.calculate_range()
+    fq.update_qparams()
+    return {"kind": fq.kind, "observer": fq.spec.observer, "bits": fq.spec.bits, "scheme": fq.spec.scheme,
+            "min": lo.tolist(), "max": hi.tolist(), "scale": fq.scale.tolist(), "zero_point": fq.zero_point.tolist()}
+
+
+def save_stats(model: nn.Module, path: str | Path, include_weights: bool = False) -> Path:
+    """Write the calibrated ranges of ``model``'s activation quantizers (and weights if asked) to ``path``.
+
+    Written atomically (temporary file + rename). Raises :class:`CalibrationError` if one saw no data.
+    """
+    kind = None if include_weights else "act"
+    data = {"version": STATS_VERSION, "quantizers": {name: _entry(fq) for name, fq in iter_quantizers(model, kind)}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None, width=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_stats(model: nn.Module, path: str | Path) -> int:
+    """Set qparams of ``model``'s quantizers from a stats file; returns how many were set.
+
+    Every activation quantizer of the model must be in the file (weight entries are optional), and each
+    entry must name an existing quantizer with the same kind, observer, bits and scheme.
+
+    Raises:
+        QuantConfigError: unreadable file, unknown or missing quantizer names, spec mismatch.
+    """
+    data = read_yaml(path, "stats")
+    if not isinstance(data, dict) or data.get("version") != STATS_VERSION or not isinstance(
+            data.get("quantizers"), dict):
+        raise QuantConfigError(f"{path} is not a version-{STATS_VERSION} lit-quant stats file")
+    entries: dict[str, dict] = data["quantizers"]
+    quantizers = dict(iter_quantizers(model))
+    for name in entries:
+        if name not in quantizers:
+            close = difflib.get_close_matches(name, list(quantizers), n=3)
+            raise QuantConfigError(f"stats file {path}: no quantizer {name!r} in the model"
+                                   + (f"; did you mean {', '.join(close)}?" if close else ""))
+    missing = [n for n, fq in quantizers.items() if fq.kind == "act" and n not in entries]
+    if missing:
+        raise QuantConfigError(f"stats file {path} lacks {len(missing)} activation quantizer(s): "
+                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for name, entry in entries.items():
+        fq = quantizers[name]
+        want = {"kind": fq.kind, "observer": fq.spec.observer, "bits": fq.spec.bits, "scheme": fq.spec.scheme}
+        got = {k: entry.get(k) for k in _SPEC_KEYS}
+        if got != want:
+            raise QuantConfigError(f"stats file {path}: {name} was calibrated for {got}, the model wants {want}")
+        fq.set_range(torch.tensor(entry["min"], dtype=torch.float32), torch.tensor(entry["max"], dtype=torch.float32))
+    return len(entries)

@@ -1,0 +1,118 @@
+"""Qparams math and fake quantization, checked bit for bit against torch's own kernels and torch.ao."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lit_quant.quant import QuantSpec, calculate_qparams, dequantize, fake_quantize, lsq_fake_quantize, quantize
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.quantization import observer as ao_obs
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 4, 5, 5, generator=g) * 3
+
+
+@pytest.mark.parametrize("scale,zp,qmin,qmax", [(0.0371, 3, 0, 255), (0.011, 0, -128, 127), (0.2, -2, -8, 7),
+                                                (1e-3, 100, 0, 65535), (0.5, 0, -2, 1)])
+def test_fake_quantize_equals_torch_per_tensor(x: torch.Tensor, scale: float, zp: int, qmin: int, qmax: int) -> None:
+    s, z = torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32)
+    ours = fake_quantize(x, s, z, qmin, qmax)
+    ref = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+
+
+def test_fake_quantize_equals_torch_per_channel(x: torch.Tensor) -> None:
+    g = torch.Generator().manual_seed(1)
+    for axis in (0, 1):
+        c = x.shape[axis]
+        s = torch.rand(c, generator=g) * 0.1 + 0.01
+        z = torch.randint(0, 30, (c,), generator=g, dtype=torch.int32)
+        ours = fake_quantize(x, s, z, 0, 255, axis=axis)
+        ref = torch.fake_quantize_per_channel_affine(x, s, z, axis, 0, 255)
+        torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+
+
+def test_gradient_is_clipped_ste_like_torch(x: torch.Tensor) -> None:
+    s, z = torch.tensor([0.05]), torch.tensor([10], dtype=torch.int32)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    (fake_quantize(a, s, z, 0, 255) * g).sum().backward()
+    (torch.fake_quantize_per_tensor_affine(b, s, z, 0, 255) * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    assert 0 < int((a.grad == 0).sum()) < x.numel()  # some values clipped, some passed straight through
+
+
+def test_on_grid_values_come_back_unchanged() -> None:
+    s, z = torch.tensor([0.125]), torch.tensor([3], dtype=torch.int32)
+    grid = (torch.arange(0, 16, dtype=torch.float32) - 3) * 0.125
+    torch.testing.assert_close(fake_quantize(grid, s, z, 0, 15), grid, atol=0, rtol=0)
+
+
+def test_quantize_dequantize_is_fake_quantize(x: torch.Tensor) -> None:
+    s, z = torch.tensor([0.03]), torch.tensor([-5], dtype=torch.int32)
+    qt = quantize(x, s, z, -128, 127)
+    assert qt.int_repr.dtype == torch.int32 and int(qt.int_repr.min()) >= -128 and int(qt.int_repr.max()) <= 127
+    torch.testing.assert_close(dequantize(qt), fake_quantize(x, s, z, -128, 127), atol=0, rtol=0)
+
+
+def test_bf16_input_is_computed_in_float32(x: torch.Tensor) -> None:
+    s, z = torch.tensor([0.05]), torch.tensor([0], dtype=torch.int32)
+    xb = x.bfloat16().requires_grad_()
+    out = fake_quantize(xb, s, z, -128, 127)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, fake_quantize(xb.detach().float(), s, z, -128, 127).bfloat16(), atol=0, rtol=0)
+    out.sum().backward()
+    assert xb.grad is not None and xb.grad.dtype == torch.bfloat16
+
+
+def test_lsq_matches_torch_learnable_fake_quantize(x: torch.Tensor) -> None:
+    s0, zp = 0.07, 5
+    s = torch.tensor([s0], requires_grad=True)
+    a = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    (lsq_fake_quantize(a, s, torch.tensor([zp], dtype=torch.int32), 0, 15, grad_factor=0.3) * g).sum().backward()
+    s_ref = torch.tensor([s0], requires_grad=True)
+    b = x.clone().requires_grad_()
+    ref = torch._fake_quantize_learnable_per_tensor_affine(b, s_ref, torch.tensor([float(zp)]), 0, 15, 0.3)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(lsq_fake_quantize(x, s, torch.tensor([zp]), 0, 15), ref.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_per_channel_scale_gets_one_gradient_per_channel(x: torch.Tensor) -> None:
+    s = torch.full((4,), 0.1, requires_grad=True)
+    lsq_fake_quantize(x, s, torch.zeros(4, dtype=torch.int32), -8, 7, axis=1).pow(2).sum().backward()
+    assert s.grad is not None and s.grad.shape == (4,) and bool((s.grad != 0).all())
+
+
+@pytest.mark.parametrize("lo,hi", [(-1.3, 2.7), (0.5, 4.0), (-3.0, -0.2), (0.0, 0.0), (2.0, 2.0), (-1e-9, 1e-9)])
+def test_calculate_qparams_matches_torch_ao(lo: float, hi: float) -> None:
+    mn, mx = torch.tensor([lo]), torch.tensor([hi])
+    cases = [(QuantSpec(8, "asym_u"), torch.quint8, torch.per_tensor_affine),
+             (QuantSpec(8, "asym_s"), torch.qint8, torch.per_tensor_affine),
+             (QuantSpec(8, "sym"), torch.qint8, torch.per_tensor_symmetric)]
+    for spec, dtype, qscheme in cases:
+        ref = ao_obs.MinMaxObserver(dtype=dtype, qscheme=qscheme)
+        scale, zp = calculate_qparams(mn, mx, spec)
+        ref_scale, ref_zp = ref._calculate_qparams(mn, mx)
+        torch.testing.assert_close(scale, ref_scale, atol=0, rtol=0)
+        assert zp.tolist() == ref_zp.tolist(), (spec, lo, hi)
+
+
+def test_qparams_edge_cases_documented() -> None:
+    spec = QuantSpec(4, "asym_u")
+    scale, zp = calculate_qparams(torch.tensor([0.0]), torch.tensor([0.0]), spec)
+    assert float(scale) == torch.finfo(torch.float32).eps and int(zp) == 0
+    scale, zp = calculate_qparams(torch.tensor([1.0]), torch.tensor([3.0]), spec)  # all positive: min -> 0
+    assert float(scale) == pytest.approx(3.0 / 15) and int(zp) == 0
+    scale, zp = calculate_qparams(torch.tensor([-2.0]), torch.tensor([1.0]), QuantSpec(4, "sym", narrow_range=True))
+    assert int(zp) == 0 and float(scale) == pytest.approx(2.0 / 7)

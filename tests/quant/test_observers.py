@@ -1,0 +1,168 @@
+"""Observers: same qparams as torch.ao where torch.ao has the statistic, error no worse than its histogram."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lit_quant.quant import CalibrationError, QuantConfigError, QuantSpec, build_observer, fake_quantize
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.quantization import observer as ao_obs
+
+
+def _batches(n: int = 4, shape: tuple[int, ...] = (6, 5, 7, 7), seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * (1 + i) + 0.3 * i for i in range(n)]
+
+
+def _qparams(obs, batches):  # noqa: ANN001, ANN202
+    for b in batches:
+        assert obs(b) is b
+    return obs.calculate_qparams()
+
+
+def _assert_same(ours: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+    torch.testing.assert_close(ours[0], ref[0], atol=0, rtol=0)
+    assert ours[1].tolist() == ref[1].tolist()
+
+
+@pytest.mark.parametrize("scheme,dtype,qscheme", [("asym_u", torch.quint8, torch.per_tensor_affine),
+                                                  ("sym", torch.qint8, torch.per_tensor_symmetric),
+                                                  ("asym_s", torch.qint8, torch.per_tensor_affine)])
+def test_minmax_and_ema_match_torch_ao(scheme: str, dtype: torch.dtype, qscheme: torch.qscheme) -> None:
+    batches = _batches()
+    _assert_same(_qparams(build_observer(QuantSpec(8, scheme, observer="minmax")), batches),
+                 _qparams(ao_obs.MinMaxObserver(dtype=dtype, qscheme=qscheme), batches))
+    _assert_same(_qparams(build_observer(QuantSpec(8, scheme, observer="ema",
+                                                   observer_args={"averaging_constant": 0.1})), batches),
+                 _qparams(ao_obs.MovingAverageMinMaxObserver(0.1, dtype=dtype, qscheme=qscheme), batches))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_channel_minmax_and_ema_match_torch_ao(axis: int) -> None:
+    batches = _batches()
+    ours = build_observer(QuantSpec(8, "sym", per_channel=True, axis=axis))
+    ref = ao_obs.PerChannelMinMaxObserver(ch_axis=axis, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    _assert_same(_qparams(ours, batches), _qparams(ref, batches))
+    ours = build_observer(QuantSpec(8, "asym_u", per_channel=True, axis=axis, observer="ema"))
+    ref = ao_obs.MovingAveragePerChannelMinMaxObserver(ch_axis=axis, dtype=torch.quint8,
+                                                       qscheme=torch.per_channel_affine)
+    _assert_same(_qparams(ours, batches), _qparams(ref, batches))
+
+
+def _activations(kind: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    if kind == "relu":
+        return [torch.randn(16, 8, 12, 12, generator=g).relu() * 2 for _ in range(4)]
+    if kind == "laplace":
+        return [torch.distributions.Laplace(0.0, 1.0).sample((20000,)) for _ in range(4)]
+    return [torch.randn(20000, generator=g) * 0.5 + 1.0 for _ in range(4)]  # signed, off-centre
+
+
+def _error(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> float:
+    return float(((fake_quantize(x, scale, zp, 0, 255) - x) ** 2).mean())
+
+
+@pytest.mark.parametrize("kind", ["relu", "laplace", "shifted"])
+def test_mse_error_no_worse_than_torch_ao_histogram(kind: str) -> None:
+    batches = _activations(kind)
+    data = torch.cat([b.flatten() for b in batches])
+    ours = _qparams(build_observer(QuantSpec(8, "asym_u", observer="mse")), batches)
+    ref = _qparams(ao_obs.HistogramObserver(dtype=torch.quint8), batches)
+    assert _error(data, *ours) <= _error(data, *ref) * 1.0001
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "nstd", "avg"])
+def test_clipping_observers_give_a_sane_range(name: str) -> None:
+    batches = _activations("laplace")
+    data = torch.cat(batches)
+    obs = build_observer(QuantSpec(8, "asym_u", observer=name))
+    lo, hi = (t.item() for t in _qparams_range(obs, batches))
+    assert data.min().item() <= lo < 0 < hi <= data.max().item()
+    if name in ("nstd", "avg"):
+        return  # deliberate clipping (Distiller's rules), not error minimisation: only the range is checked
+    minmax_err = _error(data, *_qparams(build_observer(QuantSpec(8, "asym_u")), batches))
+    assert _error(data, *obs.calculate_qparams()) < 3 * minmax_err
+
+
+def _qparams_range(obs, batches):  # noqa: ANN001, ANN202
+    for b in batches:
+        obs(b)
+    return obs.calculate_range()
+
+
+def test_percentile_is_close_to_the_exact_quantile() -> None:
+    data = torch.distributions.Laplace(0.0, 1.0).sample((200000,))
+    obs = build_observer(QuantSpec(8, "asym_u", observer="percentile",
+                                   observer_args={"percentile": 99.9, "max_samples": 0}))
+    lo, hi = _qparams_range(obs, [data])
+    width = 2 * 2 ** 4 / 2048  # the signed histogram's bin width for |x| < 16
+    assert abs(hi.item() - torch.quantile(data, 0.999).item()) <= width
+    assert abs(lo.item() - torch.quantile(data, 0.001).item()) <= width
+
+
+def test_nstd_and_avg_statistics() -> None:
+    batches = _batches()
+    data = torch.cat([b.flatten() for b in batches])
+    lo, hi = _qparams_range(build_observer(QuantSpec(8, observer="nstd", observer_args={"n_std": 2.0})), batches)
+    mean, std = data.double().mean(), data.double().std(unbiased=False)
+    assert lo.item() == pytest.approx(max((mean - 2 * std).item(), data.min().item()), rel=1e-5)
+    assert hi.item() == pytest.approx(min((mean + 2 * std).item(), data.max().item()), rel=1e-5)
+    lo, hi = _qparams_range(build_observer(QuantSpec(8, observer="avg")), batches)
+    assert lo.item() == pytest.approx(sum(b.min().item() for b in batches) / len(batches), rel=1e-6)
+    assert hi.item() == pytest.approx(sum(b.max().item() for b in batches) / len(batches), rel=1e-6)
+
+
+def test_histogram_regrowth_keeps_every_count() -> None:
+    obs = build_observer(QuantSpec(8, "asym_u", observer="mse", observer_args={"max_samples": 0}))
+    small, big = torch.rand(1000) * 0.3, torch.randn(1000) * 5
+    obs(small)
+    obs(big)
+    assert float(obs.hist.sum()) == 2000.0 and bool(obs.signed)
+    direct = build_observer(QuantSpec(8, "asym_u", observer="mse", observer_args={"max_samples": 0}))
+    direct(torch.cat([big, small]))
+    assert int(direct.exp) == int(obs.exp)
+    assert float((direct.hist - obs.hist).abs().sum()) <= 2.0  # same bins up to rounding at an edge
+
+
+@pytest.mark.parametrize("name", ["minmax", "ema", "percentile", "mse", "entropy", "nstd", "avg"])
+def test_bad_input_and_state_errors(name: str) -> None:
+    obs = build_observer(QuantSpec(8, "asym_u", observer=name))
+    with pytest.raises(CalibrationError, match="observed no data"):
+        obs.calculate_qparams()
+    obs(torch.empty(0))  # an empty tensor is ignored, not data
+    assert not obs.has_data
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(CalibrationError, match="NaN or Inf"):
+            obs(torch.tensor([0.0, bad, 1.0]))
+    obs(torch.linspace(-1, 3, 500))
+    before = obs.calculate_qparams()
+    clone = build_observer(QuantSpec(8, "asym_u", observer=name))
+    clone.load_state_dict(obs.state_dict())
+    _assert_same(clone.calculate_qparams(), before)
+    obs.reset()
+    assert not obs.has_data
+    with pytest.raises(CalibrationError):
+        obs.calculate_range()
+
+
+def test_per_channel_on_a_scalar_and_unknown_options_fail() -> None:
+    obs = build_observer(QuantSpec(8, per_channel=True, axis=1))
+    with pytest.raises(QuantConfigError, match="axis 1"):
+        obs(torch.tensor(3.0))
+    with pytest.raises(QuantConfigError, match="allowed: bins, max_samples, percentile"):
+        build_observer(QuantSpec(8, observer="percentile", observer_args={"pct": 99}))
+    with pytest.raises(QuantConfigError, match="percentile must be"):
+        build_observer(QuantSpec(8, observer="percentile", observer_args={"percentile": 101}))
+
+
+def test_per_channel_state_dict_resizes_buffers() -> None:
+    obs = build_observer(QuantSpec(8, "sym", per_channel=True))
+    obs(torch.randn(5, 3))
+    fresh = build_observer(QuantSpec(8, "sym", per_channel=True))
+    fresh.load_state_dict(obs.state_dict())
+    _assert_same(fresh.calculate_qparams(), obs.calculate_qparams())

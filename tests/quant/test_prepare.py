@@ -1,0 +1,186 @@
+"""prepare / to_float / plans / stats files on the real model zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lit_quant.models import build_model
+from lit_quant.nn import Add
+from lit_quant.quant import (CalibrationError, FakeQuantize, LSQFakeQuantize, QuantConfigError, QuantConv2d,
+                             QuantFunctional, QuantLinear, QuantOutput, QuantPlan, QuantSpec, calibrate,
+                             enable_fake_quant, enable_observer, iter_quantizers, load_stats, model_qparams,
+                             prepare, save_stats)
+from tests.quant.test_fuse import _randomise_bn
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return _randomise_bn(build_model("resnet20", 1, 10))
+
+
+def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_integer_tensor_gets_a_quantizer(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan(fold_bn=True))
+    mods = dict(q.model.named_modules())
+    float_mods = dict(resnet.named_modules())
+    convs = [n for n, m in float_mods.items() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(mods[n], QuantConv2d) and mods[n].weight_quant is not None for n in convs)
+    assert isinstance(mods["fc"], QuantLinear) and mods["fc"].act_quant is not None
+    # conv -> bn -> relu: the output is quantized after the ReLU; conv -> bn -> add: at the conv
+    assert mods["layers.0.conv1"].act_quant is None and isinstance(mods["layers.0.relu1"], QuantOutput)
+    assert mods["layers.0.conv2"].act_quant is not None
+    assert mods["layers.3.shortcut.0"].act_quant is not None
+    # add -> relu is one integer op: quantized after the ReLU; pooling quantized
+    assert isinstance(mods["layers.0.add"], Add) and isinstance(mods["layers.0.relu2"], QuantOutput)
+    assert isinstance(mods["pool"], QuantOutput) and q.input_quant is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    assert len(list(iter_quantizers(q, "weight"))) == len(convs) + 1
+    assert len(list(iter_quantizers(q, "act"))) == 1 + 1 + 9 * 3 + 2 + 1 + 1  # input, stem, blocks, shortcuts, pool, fc
+
+
+def test_fake_quant_off_equals_float_model_and_original_untouched(resnet: nn.Module) -> None:
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    q = prepare(resnet, QuantPlan(fold_bn=False))
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(q(x), resnet(x))
+        assert torch.equal(prepare(resnet)(x), prepare(resnet)(x))
+        torch.testing.assert_close(prepare(resnet)(x), resnet(x), atol=1e-5, rtol=1e-5)  # folded BN
+    assert all(torch.equal(v, before[k]) for k, v in resnet.state_dict().items())
+    assert not any(isinstance(m, FakeQuantize) for m in resnet.modules())
+
+
+def test_to_float_round_trips(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan(fold_bn=False))
+    back = q.to_float()
+    assert not any(isinstance(m, (FakeQuantize, QuantOutput)) for m in back.modules())
+    assert [type(m) for m in back.modules()] == [type(m) for m in resnet.modules()]
+    ref = resnet.state_dict()
+    assert back.state_dict().keys() == ref.keys()
+    assert all(torch.equal(v, ref[k]) for k, v in back.state_dict().items())
+
+
+def test_disabled_fake_quant_layer_equals_float_forward_and_backward() -> None:
+    conv = nn.Conv2d(3, 4, 3)
+    qconv = QuantConv2d.from_float(conv, QuantSpec(4, "sym", per_channel=True), QuantSpec(4, "asym_u"))
+    enable_fake_quant(qconv, False)
+    x1, x2 = torch.randn(2, 3, 6, 6, requires_grad=True), None
+    x2 = x1.detach().clone().requires_grad_()
+    y1 = qconv(x1)
+    y2 = conv(x2)
+    assert torch.equal(y1, y2)
+    g = torch.randn_like(y1)
+    w_grad = torch.autograd.grad((y1 * g).sum(), [x1, qconv.weight])
+    ref_grad = torch.autograd.grad((y2 * g).sum(), [x2, conv.weight])
+    assert all(torch.equal(a, b) for a, b in zip(w_grad, ref_grad))
+    assert isinstance(qconv.to_float(), nn.Conv2d) and qconv.to_float().weight is conv.weight
+
+
+def test_calibrate_then_fake_quant_changes_output_and_gradients_flow(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan.from_bits(4, 4, act_observer="mse"))
+    seen = calibrate(q, [(_x(8, i), None) for i in range(2)])
+    assert seen == 16
+    x = _x(4, 5)
+    with torch.no_grad():
+        assert not torch.equal(q(x), prepare(resnet)(x))
+    q.train()
+    q(x).sum().backward()
+    assert q.model.conv1.weight.grad is not None and q.model.fc.weight.grad.abs().sum() > 0
+    qp = model_qparams(q)
+    assert qp["model.conv1.weight_quant"].scale.shape == (16,) and qp["model.fc.act_quant"].bits == 4
+
+
+def test_lsq_scales_receive_gradients(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan.from_bits(3, 4, quantizer="lsq"))
+    calibrate(q, [_x(4)])
+    q(_x(4, 1)).pow(2).sum().backward()
+    lsq = [fq for _, fq in iter_quantizers(q) if isinstance(fq, LSQFakeQuantize)]
+    assert lsq and all(fq.scale.grad is not None for fq in lsq)
+    assert sum(float(fq.scale.grad.abs().sum()) > 0 for fq in lsq) >= len(lsq) - 2
+
+
+def test_plan_yaml_overrides_take_effect(resnet: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text("""
+weight: {bits: 4}
+act: {bits: 4, observer: percentile}
+overrides:
+  - {pattern: "@first", weight: {bits: 8}, act: {bits: 8}}
+  - {pattern: "@last", weight: {bits: 8}}
+  - {pattern: "layers.4.conv2", skip: true}
+  - {pattern: "layers.8.*", act: {observer: mse}, accum_bits: 16}
+""")
+    plan = QuantPlan.from_yaml(path)
+    assert QuantPlan.from_dict(plan.to_dict()) == plan
+    q = prepare(resnet, plan).model
+    assert q.conv1.weight_quant.spec.bits == 8 and q.relu.act_quant.spec.bits == 8  # conv1's fused output
+    assert q.fc.weight_quant.spec.bits == 8 and q.fc.act_quant.spec.bits == 4
+    assert q.layers[0].conv1.weight_quant.spec.bits == 4
+    assert type(q.layers[4].conv2) is nn.Conv2d  # skipped: still the float module (BN folded)
+    assert q.layers[8].relu1.act_quant.spec.observer == "mse" and q.layers[8].conv1.accum_bits == 16
+
+
+def test_unknown_layer_name_lists_close_names(resnet: nn.Module) -> None:
+    plan = QuantPlan.from_dict({"overrides": [{"pattern": "layers.0.conv3", "skip": True}]})
+    with pytest.raises(QuantConfigError, match=r"did you mean layers\.0\.conv[12]"):
+        prepare(resnet, plan)
+    with pytest.raises(QuantConfigError, match="unknown key.*allowed"):
+        QuantPlan.from_dict({"weights": {"bits": 4}})
+    with pytest.raises(QuantConfigError, match="2..16"):
+        QuantPlan.from_dict({"overrides": [{"pattern": "fc", "weight": {"bits": 1}}]})
+
+
+def test_stats_file_reproduces_qparams_without_calibration(resnet: nn.Module, tmp_path: Path) -> None:
+    plan = QuantPlan.from_bits(8, 6, act_observer="mse")
+    q = prepare(resnet, plan)
+    calibrate(q, [_x(8, 1), _x(8, 2)])
+    path = save_stats(q, tmp_path / "stats.yaml")
+    fresh = prepare(resnet, plan)
+    assert load_stats(fresh, path) == len(list(iter_quantizers(q, "act")))
+    enable_observer(fresh, False)
+    enable_fake_quant(fresh, True)
+    for (name, a), (_, b) in zip(model_qparams(q).items(), model_qparams(fresh).items()):
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point), name
+    x = _x(4, 9)
+    with torch.no_grad():
+        assert torch.equal(q(x), fresh(x))
+    with pytest.raises(QuantConfigError, match="calibrated for"):
+        load_stats(prepare(resnet, QuantPlan.from_bits(8, 4, act_observer="mse")), path)
+
+
+def test_empty_calibration_and_unused_layers_fail(resnet: nn.Module) -> None:
+    with pytest.raises(CalibrationError, match="empty calibration"):
+        calibrate(prepare(resnet), [])
+
+
+def test_lenet_and_torchvision_quantizable_resnet() -> None:
+    lenet = prepare(build_model("lenet5", 1, 10))
+    assert isinstance(lenet.model.features[2], nn.MaxPool2d)  # max pooling stays on its input's grid
+    calibrate(lenet, [torch.randn(2, 1, 32, 32)])
+    tv = build_model("resnet18", 3, 10, small_input=True).eval()
+    q = prepare(tv)
+    assert q.input_quant is None and isinstance(q.model.quant, QuantOutput)  # QuantStub quantizes the input
+    assert isinstance(q.model.layer1[0].add_relu, QuantFunctional)
+    calibrate(q, [torch.randn(2, 3, 32, 32)])
+    assert torch.isfinite(q(torch.randn(1, 3, 32, 32))).all()
+    assert type(q.to_float().layer1[0].add_relu).__name__ == "FloatFunctional"
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "lsq"])
+def test_calibrated_state_dict_loads_into_a_fresh_prepared_model(resnet: nn.Module, quantizer: str) -> None:
+    plan = QuantPlan.from_bits(4, 8, act_observer="percentile", quantizer=quantizer)
+    q = prepare(resnet, plan)
+    calibrate(q, [_x(8, 3)])
+    fresh = prepare(resnet, plan)
+    fresh.load_state_dict(q.state_dict())
+    x = _x(4, 4)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), q(x))
