@@ -25,22 +25,30 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_quant.models import build_model  # noqa: E402
-from lit_quant.quant import (OBSERVER_NAMES, FakeQuantize, QuantPlan, calibrate, fake_quantize,  # noqa: E402
-                             fuse_conv_bn, iter_quantizers, prepare, reset_observers)
+from lit_quant.models import build_model
+from lit_quant.quant import (
+    OBSERVER_NAMES,
+    FakeQuantize,
+    QuantPlan,
+    calibrate,
+    fake_quantize,
+    fuse_conv_bn,
+    iter_quantizers,
+    prepare,
+    reset_observers,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from torch.ao.quantization import HistogramObserver, QConfig, QConfigMapping
-    from torch.ao.quantization import default_per_channel_weight_observer
+    from torch.ao.quantization import HistogramObserver, QConfig, QConfigMapping, default_per_channel_weight_observer
     from torch.ao.quantization.quantize_fx import prepare_fx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

@@ -46,6 +46,7 @@ from lit_quant.errors import UserError
 with warnings.catch_warnings():
     # Importing is enough to trigger the deprecation notice on some versions; keep it local to this import.
     warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.nn.quantized import FloatFunctional
     from torch.ao.quantization import (
         DeQuantStub,
         QuantStub,
@@ -56,7 +57,6 @@ with warnings.catch_warnings():
         prepare,
         quantize_dynamic,
     )
-    from torch.ao.nn.quantized import FloatFunctional
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 #: torch.ao's marker modules that torchvision's quantizable models contain; the quantization core

@@ -9,26 +9,86 @@ Typical PTQ::
     save_stats(qmodel, "stats.yaml")         # next run: load_stats(prepare(model, plan), "stats.yaml")
 """
 
-from lit_quant.quant.fake_quant import (FakeQuantize, LSQFakeQuantize, build_fake_quantize, enable_fake_quant,
-                                        enable_observer, iter_quantizers, model_qparams, reset_observers,
-                                        sync_observers, update_qparams)
-from lit_quant.quant.functional import (QParams, QuantizedTensor, calculate_qparams, dequantize, fake_quantize,
-                                        lsq_fake_quantize, quantize)
+from lit_quant.quant.fake_quant import (
+                                        FakeQuantize,
+                                        LSQFakeQuantize,
+                                        build_fake_quantize,
+                                        enable_fake_quant,
+                                        enable_observer,
+                                        iter_quantizers,
+                                        model_qparams,
+                                        reset_observers,
+                                        sync_observers,
+                                        update_qparams,
+)
+from lit_quant.quant.functional import (
+                                        QParams,
+                                        QuantizedTensor,
+                                        calculate_qparams,
+                                        dequantize,
+                                        fake_quantize,
+                                        lsq_fake_quantize,
+                                        quantize,
+)
 from lit_quant.quant.fuse import fold_bn, fold_bn_weights, fuse_conv_bn, module_graph
 from lit_quant.quant.modules import QuantConv2d, QuantFunctional, QuantLinear, QuantOutput
 from lit_quant.quant.observers import OBSERVERS, Observer, build_observer
 from lit_quant.quant.plan import LayerOverride, LayerQuant, QuantPlan
 from lit_quant.quant.prepare import QuantizedModel, calibrate, finish_calibration, prepare
-from lit_quant.quant.spec import (DEFAULT_ACT_SPEC, DEFAULT_WEIGHT_SPEC, OBSERVER_NAMES, SCHEMES, CalibrationError,
-                                  QuantConfigError, QuantSpec)
+from lit_quant.quant.spec import (
+                                        DEFAULT_ACT_SPEC,
+                                        DEFAULT_WEIGHT_SPEC,
+                                        OBSERVER_NAMES,
+                                        SCHEMES,
+                                        CalibrationError,
+                                        QuantConfigError,
+                                        QuantSpec,
+)
 from lit_quant.quant.stats import load_stats, save_stats
 
 __all__ = [
-    "CalibrationError", "DEFAULT_ACT_SPEC", "DEFAULT_WEIGHT_SPEC", "FakeQuantize", "LSQFakeQuantize", "LayerOverride",
-    "LayerQuant", "OBSERVERS", "OBSERVER_NAMES", "Observer", "QParams", "QuantConfigError", "QuantConv2d",
-    "QuantFunctional", "QuantLinear", "QuantOutput", "QuantPlan", "QuantSpec", "QuantizedModel", "QuantizedTensor",
-    "SCHEMES", "build_fake_quantize", "build_observer", "calculate_qparams", "calibrate", "dequantize",
-    "enable_fake_quant", "enable_observer", "fake_quantize", "finish_calibration", "fold_bn", "fold_bn_weights",
-    "fuse_conv_bn", "iter_quantizers", "load_stats", "lsq_fake_quantize", "model_qparams", "module_graph",
-    "prepare", "quantize", "reset_observers", "save_stats", "sync_observers", "update_qparams",
+                                        "DEFAULT_ACT_SPEC",
+                                        "DEFAULT_WEIGHT_SPEC",
+                                        "OBSERVERS",
+                                        "OBSERVER_NAMES",
+                                        "SCHEMES",
+                                        "CalibrationError",
+                                        "FakeQuantize",
+                                        "LSQFakeQuantize",
+                                        "LayerOverride",
+                                        "LayerQuant",
+                                        "Observer",
+                                        "QParams",
+                                        "QuantConfigError",
+                                        "QuantConv2d",
+                                        "QuantFunctional",
+                                        "QuantLinear",
+                                        "QuantOutput",
+                                        "QuantPlan",
+                                        "QuantSpec",
+                                        "QuantizedModel",
+                                        "QuantizedTensor",
+                                        "build_fake_quantize",
+                                        "build_observer",
+                                        "calculate_qparams",
+                                        "calibrate",
+                                        "dequantize",
+                                        "enable_fake_quant",
+                                        "enable_observer",
+                                        "fake_quantize",
+                                        "finish_calibration",
+                                        "fold_bn",
+                                        "fold_bn_weights",
+                                        "fuse_conv_bn",
+                                        "iter_quantizers",
+                                        "load_stats",
+                                        "lsq_fake_quantize",
+                                        "model_qparams",
+                                        "module_graph",
+                                        "prepare",
+                                        "quantize",
+                                        "reset_observers",
+                                        "save_stats",
+                                        "sync_observers",
+                                        "update_qparams",
 ]

@@ -16,12 +16,13 @@ so a saved state dict restores a calibrated model without re-running calibration
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from lit_quant.quant.functional import QParams, calculate_qparams, fake_quantize, lsq_fake_quantize, SCALE_EPS
+from lit_quant.quant.functional import SCALE_EPS, QParams, calculate_qparams, fake_quantize, lsq_fake_quantize
 from lit_quant.quant.observers import Observer, ResizingBuffersMixin, build_observer
 from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
 
@@ -61,7 +62,7 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
         """Channel axis of per-channel qparams, ``None`` per tensor."""
         return self.spec.axis if self.spec.per_channel else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
             self.observer(x)
         if not self.fake_quant_enabled:

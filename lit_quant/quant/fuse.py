@@ -25,7 +25,7 @@ WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 class _Tracer(torch.fx.Tracer):
     """Keeps :class:`lit_quant.nn.Add` a leaf so the residual join shows up as a module call."""
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D102
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, Add) or super().is_leaf_module(m, qualname)
 
 

@@ -90,7 +90,7 @@ class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
                 "stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups,
                 "padding_mode": mod.padding_mode}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quant_output(self._conv_forward(x, self.quantized_weight(), self.bias))
 
     def extra_repr(self) -> str:
@@ -106,7 +106,7 @@ class QuantLinear(_QuantWeightLayer, nn.Linear):
     def _float_args(mod: nn.Module) -> dict[str, Any]:
         return {"in_features": mod.in_features, "out_features": mod.out_features}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quant_output(F.linear(x, self.quantized_weight(), self.bias))
 
     def extra_repr(self) -> str:
@@ -122,7 +122,7 @@ class QuantOutput(nn.Module):
         self.act_quant = act_quant
 
     @classmethod
-    def from_float(cls, mod: nn.Module, act_spec: QuantSpec) -> "QuantOutput":
+    def from_float(cls, mod: nn.Module, act_spec: QuantSpec) -> QuantOutput:
         """Wrap ``mod`` (kept as ``.module``) with an output quantizer."""
         return cls(mod, build_fake_quantize(act_spec, "act"))
 
@@ -130,7 +130,7 @@ class QuantOutput(nn.Module):
         """The wrapped module."""
         return self.module
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D102
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.act_quant(self.module(*args, **kwargs))
 
 
@@ -147,7 +147,7 @@ class QuantFunctional(nn.Module):
         self._float_cls = float_cls
 
     @classmethod
-    def from_float(cls, mod: nn.Module, act_spec: QuantSpec) -> "QuantFunctional":
+    def from_float(cls, mod: nn.Module, act_spec: QuantSpec) -> QuantFunctional:
         """Replacement for the ``FloatFunctional`` ``mod`` (which holds no state)."""
         return cls(build_fake_quantize(act_spec, "act"), type(mod))
 
@@ -155,28 +155,28 @@ class QuantFunctional(nn.Module):
         """A fresh ``FloatFunctional``."""
         return self._float_cls()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("QuantFunctional is called through add / add_relu / mul / cat ..., not forward")
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.act_quant(torch.add(x, y))
 
-    def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.act_quant(torch.relu(torch.add(x, y)))
 
-    def add_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:  # noqa: D102
+    def add_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:
         return self.act_quant(torch.add(x, y))
 
-    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.act_quant(torch.mul(x, y))
 
-    def mul_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:  # noqa: D102
+    def mul_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:
         return self.act_quant(torch.mul(x, y))
 
-    def cat(self, x: list[torch.Tensor], dim: int = 0) -> torch.Tensor:  # noqa: D102
+    def cat(self, x: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         return self.act_quant(torch.cat(x, dim=dim))
 
-    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.act_quant(torch.matmul(x, y))
 
 

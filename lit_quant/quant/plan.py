@@ -24,14 +24,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
-from lit_quant.quant.spec import (ACCUM_BITS, DEFAULT_ACT_SPEC, DEFAULT_WEIGHT_SPEC, QuantConfigError, QuantSpec,
-                                  check_choice)
+from lit_quant.quant.spec import (
+    ACCUM_BITS,
+    DEFAULT_ACT_SPEC,
+    DEFAULT_WEIGHT_SPEC,
+    QuantConfigError,
+    QuantSpec,
+    check_choice,
+)
 
 FIRST, LAST, INPUT = "@first", "@last", "input"
 _GLOB_CHARS = set("*?[")
@@ -157,7 +164,7 @@ class QuantPlan:
                   act_scheme: str = "asym_u", weight_observer: str = "minmax", act_observer: str = "minmax",
                   per_channel: bool = True, narrow_range: bool = False, quantizer: str = "ste",
                   first_last_bits: int | None = None, skip: Iterable[str] = (), accum_bits: int = 32,
-                  fold_bn: bool = True) -> "QuantPlan":
+                  fold_bn: bool = True) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags.
 
         ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) at that width;
@@ -172,7 +179,7 @@ class QuantPlan:
         return cls(weight, act, tuple(overrides), accum_bits, fold_bn)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QuantPlan":
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantPlan:
         """From the YAML structure in the module docstring; unknown keys raise with the allowed ones."""
         if not isinstance(data, Mapping):
             raise QuantConfigError(f"a quantization plan must be a mapping, got {type(data).__name__}")
@@ -193,7 +200,7 @@ class QuantPlan:
         return cls(**kwargs)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "QuantPlan":
+    def from_yaml(cls, path: str | Path) -> QuantPlan:
         """Load a plan from a YAML file."""
         return cls.from_dict(read_yaml(path, "plan") or {})
 

@@ -17,17 +17,32 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from lit_quant.builtin import AO_FUNCTIONAL_TYPES, AO_STUB_TYPES
 from lit_quant.nn import Add
-from lit_quant.quant.fake_quant import (FakeQuantize, build_fake_quantize, enable_fake_quant, enable_observer,
-                                        sync_observers, update_qparams)
-from lit_quant.quant.fuse import (BN_TYPES, RELU_TYPES, WEIGHTED_TYPES, ModuleGraph, bn_pairs, fold_bn,
-                                  module_graph, set_submodule)
+from lit_quant.quant.fake_quant import (
+    FakeQuantize,
+    build_fake_quantize,
+    enable_fake_quant,
+    enable_observer,
+    sync_observers,
+    update_qparams,
+)
+from lit_quant.quant.fuse import (
+    BN_TYPES,
+    RELU_TYPES,
+    WEIGHTED_TYPES,
+    ModuleGraph,
+    bn_pairs,
+    fold_bn,
+    module_graph,
+    set_submodule,
+)
 from lit_quant.quant.modules import WEIGHTED_QUANT, QuantFunctional, QuantOutput, _QuantWeightLayer
 from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
 from lit_quant.quant.spec import CalibrationError
@@ -52,7 +67,7 @@ class QuantizedModel(nn.Module):
         self.model = model
         self.plan = plan
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.input_quant is not None:
             x = self.input_quant(x)
         return self.model(x, *args, **kwargs)

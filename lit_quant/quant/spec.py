@@ -14,8 +14,9 @@ Schemes follow Distiller (``--qe-mode``):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from lit_quant.errors import UserError
 
@@ -128,7 +129,7 @@ class QuantSpec:
         """Observer options as a plain dict."""
         return dict(self.observer_args)
 
-    def replace(self, **changes: Any) -> "QuantSpec":
+    def replace(self, **changes: Any) -> QuantSpec:
         """A copy with ``changes`` applied (and validated); unknown field names raise :class:`QuantConfigError`."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -142,7 +143,7 @@ class QuantSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base: "QuantSpec | None" = None) -> "QuantSpec":
+    def from_dict(cls, data: Mapping[str, Any], base: QuantSpec | None = None) -> QuantSpec:
         """Build a spec from a mapping; fields missing from ``data`` come from ``base`` (or the defaults)."""
         if not isinstance(data, Mapping):
             raise QuantConfigError(f"a quantization spec must be a mapping of {', '.join(spec_fields())}; got {data!r}")

@@ -19,7 +19,7 @@ def _batches(n: int = 4, shape: tuple[int, ...] = (6, 5, 7, 7), seed: int = 0) -
     return [torch.randn(*shape, generator=g) * (1 + i) + 0.3 * i for i in range(n)]
 
 
-def _qparams(obs, batches):  # noqa: ANN001, ANN202
+def _qparams(obs, batches):
     for b in batches:
         assert obs(b) is b
     return obs.calculate_qparams()
@@ -89,7 +89,7 @@ def test_clipping_observers_give_a_sane_range(name: str) -> None:
     assert _error(data, *obs.calculate_qparams()) < 3 * minmax_err
 
 
-def _qparams_range(obs, batches):  # noqa: ANN001, ANN202
+def _qparams_range(obs, batches):
     for b in batches:
         obs(b)
     return obs.calculate_range()

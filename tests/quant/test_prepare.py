@@ -10,10 +10,26 @@ from torch import nn
 
 from lit_quant.models import build_model
 from lit_quant.nn import Add
-from lit_quant.quant import (CalibrationError, FakeQuantize, LSQFakeQuantize, QuantConfigError, QuantConv2d,
-                             QuantFunctional, QuantLinear, QuantOutput, QuantPlan, QuantSpec, calibrate,
-                             enable_fake_quant, enable_observer, iter_quantizers, load_stats, model_qparams,
-                             prepare, save_stats)
+from lit_quant.quant import (
+    CalibrationError,
+    FakeQuantize,
+    LSQFakeQuantize,
+    QuantConfigError,
+    QuantConv2d,
+    QuantFunctional,
+    QuantLinear,
+    QuantOutput,
+    QuantPlan,
+    QuantSpec,
+    calibrate,
+    enable_fake_quant,
+    enable_observer,
+    iter_quantizers,
+    load_stats,
+    model_qparams,
+    prepare,
+    save_stats,
+)
 from tests.quant.test_fuse import _randomise_bn
 
 
