@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from lit_quant.errors import UserError
@@ -301,6 +301,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.calib_set: Dataset | None = None  # the training split with evaluation transforms
+        self.calib_batches = 32  # batches served by predict_dataloader (PTQ calibration)
 
     # --------------------------------------------------------------------------------------- locating data
     def resolved_data_dir(self) -> Path:
@@ -344,6 +346,7 @@ class ClassificationDataModule(pl.LightningDataModule):
                       make_fake_tensors(max(1, n // 4), self.info, native, seed=self.split_seed + 2)]
             self.train_set, self.val_set, self.test_set = (
                 TensorImageDataset(*split, transform=tf) for split, tf in zip(splits, (train_tf, eval_tf, eval_tf)))
+            self.calib_set = TensorImageDataset(*splits[0], transform=eval_tf)
             return
         if self.name == "digits":
             images, labels = load_digits_tensors()
@@ -358,8 +361,11 @@ class ClassificationDataModule(pl.LightningDataModule):
             if train_images.ndim == 3:
                 train_images, test_images = train_images.unsqueeze(1), test_images.unsqueeze(1)
         train_idx, val_idx = _seeded_split(len(train_labels), self.val_fraction, self.split_seed + 1)
-        self.train_set = TensorImageDataset(train_images[train_idx], train_labels[train_idx], train_tf)
-        self.val_set = TensorImageDataset(train_images[val_idx], train_labels[val_idx], eval_tf)
+        train_images, train_labels, held_images, held_labels = (
+            train_images[train_idx], train_labels[train_idx], train_images[val_idx], train_labels[val_idx])
+        self.train_set = TensorImageDataset(train_images, train_labels, train_tf)
+        self.calib_set = TensorImageDataset(train_images, train_labels, eval_tf)  # same tensors, no copy
+        self.val_set = TensorImageDataset(held_images, held_labels, eval_tf)
         self.test_set = TensorImageDataset(test_images, test_labels, eval_tf)
 
     def _setup_imagenet(self, size: int) -> None:
@@ -375,6 +381,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if train.classes != val.classes:
             raise UserError(f"imagenet: train/ and val/ have different class folders under {root}")
         self.train_set, self.val_set, self.test_set = train, val, val
+        self.calib_set = ImageFolder(str(root / "train"), build_imagenet_transforms(self.info, size, False, False))
 
     @property
     def num_classes(self) -> int:
@@ -405,3 +412,14 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Calibration data: the first ``calib_batches * batch_size`` training images, evaluation transforms.
+
+        Deterministic (no shuffling, no augmentation), so every variant of a comparison calibrates on the
+        same images; under DDP the images are split between ranks without padding, so all ranks together
+        see each image exactly once, as one process would.
+        """
+        assert self.calib_set is not None, "call setup() first"
+        n = min(len(self.calib_set), self.calib_batches * self.batch_size)  # type: ignore[arg-type]
+        return self._loader(Subset(self.calib_set, range(n)), train=False)

@@ -118,6 +118,10 @@ class LitClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logits of the batch's images (used for PTQ calibration passes, with ``return_predictions=False``)."""
+        return self(batch[0])
+
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD/AdamW over all parameters, with a per-step schedule over the whole run."""
         hp = self.hparams

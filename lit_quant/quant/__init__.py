@@ -34,7 +34,7 @@ from lit_quant.quant.fuse import fold_bn, fold_bn_weights, fuse_conv_bn, module_
 from lit_quant.quant.modules import QuantConv2d, QuantFunctional, QuantLinear, QuantOutput
 from lit_quant.quant.observers import OBSERVERS, Observer, build_observer
 from lit_quant.quant.plan import LayerOverride, LayerQuant, QuantPlan
-from lit_quant.quant.prepare import QuantizedModel, calibrate, finish_calibration, prepare
+from lit_quant.quant.prepare import QuantizedModel, calibrate, finish_calibration, prepare, start_calibration
 from lit_quant.quant.spec import (
                                         DEFAULT_ACT_SPEC,
                                         DEFAULT_WEIGHT_SPEC,
@@ -85,7 +85,7 @@ __all__ = [
                                         "lsq_fake_quantize",
                                         "model_qparams",
                                         "module_graph",
-                                        "prepare",
+                                        "prepare", "start_calibration",
                                         "quantize",
                                         "reset_observers",
                                         "save_stats",

@@ -171,6 +171,12 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None) -> QuantizedModel:
     return QuantizedModel(model, input_quant, plan)
 
 
+def start_calibration(model: nn.Module) -> None:
+    """Start of calibration: observers on, fake quant off (the model computes exactly in float)."""
+    enable_observer(model, True)
+    enable_fake_quant(model, False)
+
+
 def finish_calibration(model: nn.Module, group: Any = None) -> None:
     """End of calibration: merge statistics across ranks, compute qparams, switch to fake-quantized eval."""
     sync_observers(model, group)
@@ -191,8 +197,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: Any = None) -> in
     """
     was_training = model.training
     model.eval()
-    enable_observer(model, True)
-    enable_fake_quant(model, False)
+    start_calibration(model)
     seen = 0
     with torch.no_grad():
         for batch in batches:
