@@ -14,7 +14,8 @@ from lit_quant.errors import UserError
 #: Exit status for bad input (argparse uses 2 as well).
 EXIT_USAGE = 2
 
-console = Console()
+# Tables are wide; when output goes to a file or pipe rich would wrap them at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -22,8 +22,18 @@ from lit_quant.errors import UserError
 from lit_quant.io import atomic_write_text
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
+    """A config field with its flag's help text and allowed values (read by :func:`add_config_arguments`)."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def check_choices(config: Any) -> None:
+    """Raise :class:`UserError` for a field value outside its ``choices``, listing the allowed ones."""
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise UserError(f"invalid --{f.name.replace('_', '-')} '{value}'; choose from {', '.join(choices)}")
 
 
 @dataclass
@@ -31,46 +41,46 @@ class TrainConfig:
     """Everything ``train.py`` needs; see the README for each flag."""
 
     # data
-    data: str = _f("digits", "data set: digits, fashion-mnist, mnist, cifar10, cifar100, imagenet, fake")
-    data_dir: str | None = _f(None, "folder with the data set's files (default: Debian's Fashion-MNIST, else ./data)")
-    download: bool = _f(False, "download the data set with torchvision when missing (needs internet)")
-    image_size: int | None = _f(None, "image side the model sees (default: the data set's, raised to the model's need)")
-    batch_size: int = _f(64, "batch size per process")
-    num_workers: int = _f(0, "data-loader worker processes")
-    val_fraction: float = _f(0.1, "share of the training data held out for validation")
-    split_seed: int = _f(0, "seed of the train/val/test split (kept apart from --seed)")
-    fake_size: int = _f(512, "training images of the synthetic 'fake' data set")
-    augment: bool = _f(True, "random crop / flip augmentation of the training data")
+    data: str = option("digits", "data set: digits, fashion-mnist, mnist, cifar10, cifar100, imagenet, fake")
+    data_dir: str | None = option(None, "folder with the data set's files (default: Debian's Fashion-MNIST, else ./data)")
+    download: bool = option(False, "download the data set with torchvision when missing (needs internet)")
+    image_size: int | None = option(None, "image side the model sees (default: the data set's, raised to the model's need)")
+    batch_size: int = option(64, "batch size per process")
+    num_workers: int = option(0, "data-loader worker processes")
+    val_fraction: float = option(0.1, "share of the training data held out for validation")
+    split_seed: int = option(0, "seed of the train/val/test split (kept apart from --seed)")
+    fake_size: int = option(512, "training images of the synthetic 'fake' data set")
+    augment: bool = option(True, "random crop / flip augmentation of the training data")
     # model
-    model: str = _f("resnet20", "model: lenet5, resnet20/32/56, or any torchvision classifier name")
-    small_input: bool = _f(False, "torchvision models: CIFAR-style stem (3x3 conv, no max-pool) for small images")
+    model: str = option("resnet20", "model: lenet5, resnet20/32/56, or any torchvision classifier name")
+    small_input: bool = option(False, "torchvision models: CIFAR-style stem (3x3 conv, no max-pool) for small images")
     # optimisation
-    epochs: int = _f(15, "training epochs")
-    optimizer: str = _f("sgd", "optimizer", choices=("sgd", "adamw"))
-    lr: float = _f(0.1, "peak learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    nesterov: bool = _f(True, "Nesterov momentum (SGD)")
-    weight_decay: float = _f(5e-4, "weight decay")
-    scheduler: str = _f("cosine", "learning-rate schedule, stepped every batch", choices=("cosine", "onecycle", "none"))
-    label_smoothing: float = _f(0.0, "cross-entropy label smoothing")
-    seed: int = _f(42, "random seed of initialisation, shuffling and augmentation")
-    deterministic: bool = _f(False, "deterministic algorithms (bit-identical reruns and resumes)")
+    epochs: int = option(15, "training epochs")
+    optimizer: str = option("sgd", "optimizer", choices=("sgd", "adamw"))
+    lr: float = option(0.1, "peak learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "weight decay")
+    scheduler: str = option("cosine", "learning-rate schedule, stepped every batch", choices=("cosine", "onecycle", "none"))
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    seed: int = option(42, "random seed of initialisation, shuffling and augmentation")
+    deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
     # hardware
-    accelerator: str = _f("auto", "Lightning accelerator: auto, cpu, gpu, cuda, mps")
-    devices: str = _f("auto", "Lightning devices: a count, a list like 0,1, or auto")
-    gpus: int | None = _f(None, "train on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
-    num_nodes: int = _f(1, "number of nodes for multi-node DDP")
-    strategy: str = _f("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
-    precision: str | None = _f(None, "Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true")
-    opt_level: str | None = _f(None, "apex-style mixed precision level (see README)", choices=("O0", "O1", "O2", "O3"))
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    devices: str = option("auto", "Lightning devices: a count, a list like 0,1, or auto")
+    gpus: int | None = option(None, "train on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
+    num_nodes: int = option(1, "number of nodes for multi-node DDP")
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
+    precision: str | None = option(None, "Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true")
+    opt_level: str | None = option(None, "apex-style mixed precision level (see README)", choices=("O0", "O1", "O2", "O3"))
     # outputs
-    checkpoint_dir: str = _f("checkpoints", "root folder of runs; a run writes to <checkpoint-dir>/<run-name>/")
-    run_name: str | None = _f(None, "run folder name (default: <data>-<model>)")
-    resume: str | None = _f(None, "resume from 'last' (newest last.ckpt, or the --run-name's) or a checkpoint path")
-    limit_train_batches: int | None = _f(None, "use at most this many training batches per epoch (smoke tests)")
-    limit_val_batches: int | None = _f(None, "use at most this many validation/test batches (smoke tests)")
-    progress: bool = _f(True, "rich progress bar")
-    log_every_n_steps: int = _f(10, "logging interval in steps")
+    checkpoint_dir: str = option("checkpoints", "root folder of runs; a run writes to <checkpoint-dir>/<run-name>/")
+    run_name: str | None = option(None, "run folder name (default: <data>-<model>)")
+    resume: str | None = option(None, "resume from 'last' (newest last.ckpt, or the --run-name's) or a checkpoint path")
+    limit_train_batches: int | None = option(None, "use at most this many training batches per epoch (smoke tests)")
+    limit_val_batches: int | None = option(None, "use at most this many validation/test batches (smoke tests)")
+    progress: bool = option(True, "rich progress bar")
+    log_every_n_steps: int = option(10, "logging interval in steps")
 
     def validate(self) -> None:
         """Check values that argparse cannot; raises :class:`UserError` with the allowed values."""
@@ -85,11 +95,7 @@ class TrainConfig:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise UserError(f"invalid --{f.name.replace('_', '-')} '{value}'; choose from {', '.join(choices)}")
+        check_choices(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

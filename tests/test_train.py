@@ -152,7 +152,10 @@ def test_corrupt_checkpoint_no_traceback_from_the_script(tmp_path: Path) -> None
 
 
 def test_readme_documents_every_flag() -> None:
+    import quantize
+
     readme = (Path(train.__file__).parent / "README.md").read_text()
-    flags = [a.option_strings[0] for a in train.build_parser()._actions if a.option_strings and a.dest != "help"]
+    flags = [a.option_strings[0] for parser in (train.build_parser(), quantize.build_parser())
+             for a in parser._actions if a.option_strings and a.dest != "help"]
     missing = [f for f in flags if f"`{f}" not in readme]
     assert not missing, f"README does not document {missing}"

@@ -1,0 +1,166 @@
+"""Post-training quantization of a trained checkpoint, side by side with torch.ao: the work behind quantize.py.
+
+Every variant starts from a fresh load of the same fp32 checkpoint, calibrates on the same deterministic
+calibration batches (the data module's ``predict_dataloader``) and is evaluated through the same Lightning
+``trainer.test`` on the same test split, so the rows of a report differ only in how they quantize.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lit_quant.builtin import available_backends, builtin_ptq, check_backend
+from lit_quant.callbacks import PTQCalibration
+from lit_quant.config import TrainConfig, check_choices, option
+from lit_quant.errors import UserError
+from lit_quant.io import atomic_write_text
+from lit_quant.measure import latency_ms, model_size_bytes
+from lit_quant.module import LitClassifier
+from lit_quant.quant import QuantPlan, prepare
+from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
+from lit_quant.training import build_datamodule, load_classifier, read_checkpoint
+
+#: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
+ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
+            "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
+MODES = ("ptq", "builtin", "compare")
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything ``quantize.py`` needs; see the README for each flag."""
+
+    ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
+    checkpoint_dir: str = option("checkpoints", "root folder of runs; reports go to the checkpoint's run folder")
+    mode: str = option("ptq", "ptq (ours), builtin (torch.ao only) or compare (fp32, ours, torch.ao on every backend)",
+                   choices=MODES)
+    weight_bits: int = option(8, "weight bits, 2..16")
+    act_bits: int = option(8, "activation bits, 2..16")
+    weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
+    act_scheme: str = option("asym_u", "activation scheme", choices=SCHEMES)
+    per_channel: bool = option(True, "per-channel weight quantization (--no-per-channel: per tensor)")
+    weight_observer: str = option("minmax", "weight observer", choices=OBSERVER_NAMES)
+    act_observer: str = option("mse", "activation observer", choices=OBSERVER_NAMES)
+    first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")
+    calib_batches: int = option(32, "training batches used for calibration")
+    batch_size: int = option(128, "batch size of calibration and evaluation")
+    backend: str = option("x86", "torch.ao backend of the built-in row (fbgemm, x86, qnnpack, onednn)")
+    latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread)")
+    progress: bool = option(False, "rich progress bars")
+
+    def validate(self) -> None:
+        """Range checks with one-line messages."""
+        for name in ("weight_bits", "act_bits", "first_last_bits"):
+            value = getattr(self, name)
+            if value is not None and not 2 <= value <= 16:
+                raise UserError(f"--{name.replace('_', '-')} must be in 2..16, got {value}")
+        for name in ("calib_batches", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_choices(self)
+
+
+def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
+    """``--ckpt``, or the newest ``*/best.ckpt`` under ``checkpoint_dir``."""
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} not found")
+        return path
+    candidates = sorted(Path(checkpoint_dir).glob("*/best.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no fp32 checkpoint (*/best.ckpt) under {checkpoint_dir}/; train one with train.py "
+                        "or pass --ckpt")
+    return candidates[-1]
+
+
+def _trainer() -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, use_distributed_sampler=False, callbacks=[PTQCalibration()])
+
+
+def _evaluate(trainer: pl.Trainer, model: torch.nn.Module, num_classes: int, dm: Any) -> dict[str, float]:
+    result = trainer.test(LitClassifier(model, num_classes), datamodule=dm, verbose=False)[0]
+    return {"top1": 100.0 * result["test/top1"], "top5": 100.0 * result.get("test/top5", float("nan"))}
+
+
+def _measure(model: torch.nn.Module, example: torch.Tensor, enabled: bool) -> dict[str, float | None]:
+    if not enabled:
+        return {"latency_ms_bs1": None, "latency_ms_bs64": None}
+    # real test images where the batch holds 64, else the first image repeated
+    batch64 = example[:64] if len(example) >= 64 else example[:1].expand(64, *example.shape[1:]).contiguous()
+    # One thread: 2-thread timings on a shared 2-core machine measure the other jobs (see measure.py).
+    return {"latency_ms_bs1": latency_ms(model, example[:1], threads=1),
+            "latency_ms_bs64": latency_ms(model, batch64, threads=1)}
+
+
+def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
+    """Run ``cfg.mode`` on the checkpoint; returns the report rows and the run folder they were written to."""
+    ckpt_path = find_checkpoint(cfg.ckpt, cfg.checkpoint_dir)
+    arch = read_checkpoint(ckpt_path)["hyper_parameters"]["arch"]
+    if cfg.mode in ("builtin", "compare"):
+        check_backend(cfg.backend)
+    train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
+                            small_input=arch["small_input"], batch_size=cfg.batch_size, progress=False)
+    run_dir = ckpt_path.parent
+    saved = run_dir / "config.yaml"
+    if saved.is_file():  # same data location and split as the training run
+        import yaml
+
+        data_keys = ("data_dir", "split_seed", "val_fraction", "fake_size")
+        train_cfg = TrainConfig(**{**train_cfg.to_dict(),
+                                   **{k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items()
+                                      if k in data_keys}})
+    dm = build_datamodule(train_cfg)
+    dm.calib_batches = cfg.calib_batches
+    dm.setup()
+    example = next(iter(dm.test_dataloader()))[0]
+    num_classes = arch["num_classes"]
+    trainer = _trainer()
+    rows: list[dict[str, Any]] = []
+
+    def row(variant: str, model: torch.nn.Module, **info: Any) -> None:
+        rows.append({k: None for k in ROW_KEYS} | info | {"variant": variant}
+                    | _evaluate(trainer, model, num_classes, dm) | {"size_bytes": model_size_bytes(model)}
+                    | _measure(model, example, cfg.latency))
+
+    if cfg.mode in ("ptq", "compare"):
+        row("fp32", load_classifier(ckpt_path).model.eval(), backend="float", weight_bits=32, act_bits=32,
+            note="fp32 checkpoint")
+        plan = QuantPlan.from_bits(cfg.weight_bits, cfg.act_bits, weight_scheme=cfg.weight_scheme,
+                                   act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
+                                   act_observer=cfg.act_observer, per_channel=cfg.per_channel,
+                                   first_last_bits=cfg.first_last_bits)
+        lit = LitClassifier(prepare(load_classifier(ckpt_path).model.eval(), plan), num_classes)
+        start = time.perf_counter()
+        trainer.predict(lit, datamodule=dm, return_predictions=False)  # PTQCalibration observes, then fake quant
+        calib_s = time.perf_counter() - start
+        row("ptq", lit.model, backend="fake-quant", weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
+            observer=cfg.act_observer, calib_s=calib_s,
+            note="fake-quant simulation: size and latency are of the float-stored model")
+    # every mode has the torch.ao side: --backend, or with compare every backend that runs on this CPU
+    for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
+        result = builtin_ptq(load_classifier(ckpt_path).model.eval(), dm.predict_dataloader(), backend, example)
+        row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
+            calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
+    write_report(rows, run_dir)
+    return rows, run_dir
+
+
+def write_report(rows: list[dict[str, Any]], run_dir: Path) -> None:
+    """``report.json`` (``{"rows": [...]}``) and ``report.csv`` in the run folder, each written atomically."""
+    atomic_write_text(run_dir / "report.json", json.dumps({"rows": rows}, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "report.csv", buffer.getvalue())

@@ -1,0 +1,72 @@
+"""Quantize a trained fp32 checkpoint and compare it, side by side, with PyTorch's built-in torch.ao int8.
+
+    python quantize.py --mode ptq --bits 8                  # newest checkpoints/*/best.ckpt
+    python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --first-last-bits 8
+    python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
+    python quantize.py --mode builtin --backend qnnpack     # torch.ao only
+
+Writes report.json and report.csv to the checkpoint's run folder and prints the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+from lit_quant.cli import ArgumentParser, console, run_cli
+from lit_quant.config import add_config_arguments, resolve_config
+from lit_quant.quantization import QuantizeConfig, run_quantize
+
+
+def build_parser() -> ArgumentParser:
+    """``--bits`` plus one flag per :class:`QuantizeConfig` field."""
+    parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bits", type=int, metavar="N", help="sets both --weight-bits and --act-bits")
+    add_config_arguments(parser, QuantizeConfig)
+    return parser
+
+
+def resolve_args(argv: Sequence[str] | None) -> QuantizeConfig:
+    """Parse ``argv``; ``--bits`` fills whichever of ``--weight-bits`` / ``--act-bits`` is not given."""
+    args = vars(build_parser().parse_args(argv))
+    bits = args.pop("bits", None)
+    if bits is not None:
+        args.setdefault("weight_bits", bits)
+        args.setdefault("act_bits", bits)
+    return resolve_config(args, cls=QuantizeConfig)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_table(rows: list[dict[str, Any]]) -> Table:
+    """The comparison table: accuracy, delta to fp32, size, latency, calibration time."""
+    fp32 = next((r["top1"] for r in rows if r["variant"] == "fp32"), None)
+    table = Table(title="lit-quant: fp32 vs ours vs torch.ao")
+    for name in ("variant", "backend", "W/A bits", "observer", "top-1 %", "top-5 %", "Δ top-1", "size KiB",
+                 "ms bs1", "ms bs64", "calib s"):
+        table.add_column(name, justify="left" if name in ("variant", "backend", "observer") else "right")
+    for r in rows:
+        bits = f"{r['weight_bits']}/{r['act_bits']}"
+        delta = None if fp32 is None or r["variant"] == "fp32" else r["top1"] - fp32
+        table.add_row(r["variant"], r["backend"] or "-", bits, r["observer"] or "-", _fmt(r["top1"], ".2f"),
+                      _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"), _fmt(r["size_bytes"] / 1024, ".1f"),
+                      _fmt(r["latency_ms_bs1"], ".2f"), _fmt(r["latency_ms_bs64"], ".1f"), _fmt(r["calib_s"], ".2f"))
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, quantize, print the table; returns the exit status."""
+    rows, run_dir = run_quantize(resolve_args(argv))
+    console.print(report_table(rows))
+    console.print(f"fake-quant rows simulate integers in float: their size and latency are the float model's. "
+                  f"Report: {run_dir / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, prog="quantize.py"))

@@ -1,0 +1,72 @@
+"""quantize.py called as a function on a freshly trained tiny checkpoint: report rows, accuracy, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_args
+
+import quantize
+import train
+from lit_quant.cli import run_cli
+from lit_quant.quantization import ROW_KEYS
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("q") / "checkpoints"
+    assert train.main(tiny_args(root, "--run-name", "tiny", "--epochs", "3", "--fake-size", "256")) == 0
+    return root
+
+
+def _rows(run: Path) -> list[dict]:
+    return json.loads((run / "report.json").read_text())["rows"]
+
+
+def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
+    assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "--calib-batches", "4",
+                          "--no-latency"]) == 0
+    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    assert set(rows) == {"fp32", "ptq", "builtin-ptq"}
+    assert all(set(r) == set(ROW_KEYS) for r in rows.values())
+    assert rows["ptq"]["weight_bits"] == rows["ptq"]["act_bits"] == 8 and rows["ptq"]["calib_s"] > 0
+    assert abs(rows["ptq"]["top1"] - rows["fp32"]["top1"]) <= 2.0
+    assert abs(rows["builtin-ptq"]["top1"] - rows["fp32"]["top1"]) <= 2.0
+    assert rows["builtin-ptq"]["backend"] == "x86"
+    assert rows["builtin-ptq"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]  # real int8 weights
+    csv_header = (trained / "tiny" / "report.csv").read_text().splitlines()[0]
+    assert csv_header.split(",") == list(ROW_KEYS)
+
+
+def test_low_bits_lose_accuracy_honestly(trained: Path) -> None:
+    assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "2", "--act-bits", "2",
+                          "--calib-batches", "4", "--no-latency"]) == 0
+    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    assert rows["ptq"]["weight_bits"] == 2 and rows["ptq"]["top1"] < rows["fp32"]["top1"]
+
+
+def test_compare_runs_every_backend(trained: Path) -> None:
+    assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "compare", "--calib-batches", "2",
+                          "--no-latency"]) == 0
+    backends = {r["backend"] for r in _rows(trained / "tiny") if r["variant"] == "builtin-ptq"}
+    assert {"fbgemm", "x86", "qnnpack"} <= backends
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "1"], "must be in 2..16"),
+    (["--bits", "17"], "must be in 2..16"),
+    (["--backend", "tensorrt"], "unknown quantized backend 'tensorrt'"),
+    (["--act-observer", "kl"], "invalid --act-observer 'kl'"),
+    (["--ckpt", "/nonexistent.ckpt"], "not found"),
+])
+def test_bad_input_is_one_line(trained: Path, argv: list[str], message: str, capsys) -> None:
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--no-latency", *argv], prog="quantize.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_no_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(tmp_path)], prog="quantize.py") == 2
+    assert "no fp32 checkpoint" in capsys.readouterr().err
