@@ -17,6 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from lit_quant.builtin import available_backends, builtin_ptq, check_backend
 from lit_quant.callbacks import PTQCalibration
@@ -27,7 +28,7 @@ from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, prepare
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
-from lit_quant.training import build_datamodule, load_classifier, read_checkpoint
+from lit_quant.training import build_datamodule, load_classifier
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
 ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
@@ -106,7 +107,9 @@ def _measure(model: torch.nn.Module, example: torch.Tensor, enabled: bool) -> di
 def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
     """Run ``cfg.mode`` on the checkpoint; returns the report rows and the run folder they were written to."""
     ckpt_path = find_checkpoint(cfg.ckpt, cfg.checkpoint_dir)
-    arch = read_checkpoint(ckpt_path)["hyper_parameters"]["arch"]
+    # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
+    classifier = load_classifier(ckpt_path)
+    float_model, arch = classifier.model.eval(), classifier.hparams.arch
     if cfg.mode in ("builtin", "compare"):
         check_backend(cfg.backend)
     train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
@@ -114,8 +117,6 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
     run_dir = ckpt_path.parent
     saved = run_dir / "config.yaml"
     if saved.is_file():  # same data location and split as the training run
-        import yaml
-
         data_keys = ("data_dir", "split_seed", "val_fraction", "fake_size")
         train_cfg = TrainConfig(**{**train_cfg.to_dict(),
                                    **{k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items()
@@ -134,13 +135,13 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
                     | _measure(model, example, cfg.latency))
 
     if cfg.mode in ("ptq", "compare"):
-        row("fp32", load_classifier(ckpt_path).model.eval(), backend="float", weight_bits=32, act_bits=32,
+        row("fp32", float_model, backend="float", weight_bits=32, act_bits=32,
             note="fp32 checkpoint")
         plan = QuantPlan.from_bits(cfg.weight_bits, cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                    act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                    act_observer=cfg.act_observer, per_channel=cfg.per_channel,
                                    first_last_bits=cfg.first_last_bits)
-        lit = LitClassifier(prepare(load_classifier(ckpt_path).model.eval(), plan), num_classes)
+        lit = LitClassifier(prepare(float_model, plan), num_classes)
         start = time.perf_counter()
         trainer.predict(lit, datamodule=dm, return_predictions=False)  # PTQCalibration observes, then fake quant
         calib_s = time.perf_counter() - start
@@ -149,7 +150,7 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
             note="fake-quant simulation: size and latency are of the float-stored model")
     # every mode has the torch.ao side: --backend, or with compare every backend that runs on this CPU
     for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
-        result = builtin_ptq(load_classifier(ckpt_path).model.eval(), dm.predict_dataloader(), backend, example)
+        result = builtin_ptq(float_model, dm.predict_dataloader(), backend, example)
         row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
             calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
     write_report(rows, run_dir)
