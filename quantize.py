@@ -4,6 +4,7 @@
     python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --first-last-bits 8
     python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
     python quantize.py --mode builtin --backend qnnpack     # torch.ao only
+    python quantize.py --eval checkpoints/digits-resnet20/ptq-w8a8.ckpt
 
 Writes report.json and report.csv to the checkpoint's run folder and prints the table.
 """
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import add_config_arguments, resolve_config
-from lit_quant.quantization import QuantizeConfig, run_quantize
+from lit_quant.quantization import QuantizeConfig, evaluate_quantized, run_quantize
 
 
 def build_parser() -> ArgumentParser:
@@ -61,7 +62,11 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, quantize, print the table; returns the exit status."""
-    rows, run_dir = run_quantize(resolve_args(argv))
+    cfg = resolve_args(argv)
+    if cfg.eval is not None:
+        console.print(report_table([evaluate_quantized(cfg.eval, cfg.batch_size)]))
+        return 0
+    rows, run_dir = run_quantize(cfg)
     console.print(report_table(rows))
     console.print(f"fake-quant rows simulate integers in float: their size and latency are the float model's. "
                   f"Report: {run_dir / 'report.json'}")

@@ -23,12 +23,12 @@ from lit_quant.builtin import available_backends, builtin_ptq, check_backend
 from lit_quant.callbacks import PTQCalibration
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.errors import UserError
-from lit_quant.io import atomic_write_text
+from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.module import LitClassifier
-from lit_quant.quant import QuantPlan, prepare
+from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, prepare
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
-from lit_quant.training import build_datamodule, load_classifier
+from lit_quant.training import build_datamodule, load_classifier, model_from_arch
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
 ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
@@ -41,6 +41,7 @@ class QuantizeConfig:
     """Everything ``quantize.py`` needs; see the README for each flag."""
 
     ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
+    eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
     checkpoint_dir: str = option("checkpoints", "root folder of runs; reports go to the checkpoint's run folder")
     mode: str = option("ptq", "ptq (ours), builtin (torch.ao only) or compare (fp32, ours, torch.ao on every backend)",
                    choices=MODES)
@@ -117,10 +118,12 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
     run_dir = ckpt_path.parent
     saved = run_dir / "config.yaml"
     if saved.is_file():  # same data location and split as the training run
-        data_keys = ("data_dir", "split_seed", "val_fraction", "fake_size")
+        data_keys = ("data_dir", "split_seed", "val_fraction", "fake_size")  # what decides the test images
         train_cfg = TrainConfig(**{**train_cfg.to_dict(),
                                    **{k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items()
                                       if k in data_keys}})
+    data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
+                                                        "model", "image_size", "small_input")}
     dm = build_datamodule(train_cfg)
     dm.calib_batches = cfg.calib_batches
     dm.setup()
@@ -148,6 +151,8 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
         row("ptq", lit.model, backend="fake-quant", weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
             observer=cfg.act_observer, calib_s=calib_s,
             note="fake-quant simulation: size and latency are of the float-stored model")
+        save_quantized(run_dir / f"ptq-w{cfg.weight_bits}a{cfg.act_bits}.ckpt", lit.model, plan, arch,
+                       data_settings, rows[-1])
     # every mode has the torch.ao side: --backend, or with compare every backend that runs on this CPU
     for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
         result = builtin_ptq(float_model, dm.predict_dataloader(), backend, example)
@@ -155,6 +160,49 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
             calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
     write_report(rows, run_dir)
     return rows, run_dir
+
+
+def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],
+                   data: dict[str, Any], row: dict[str, Any]) -> None:
+    """Write a self-contained quantized checkpoint: architecture, data settings, plan, calibrated state dict
+    and its report row.
+
+    The plan and the qparams (buffers of the quantizers) travel in the file, so :func:`evaluate_quantized`
+    rebuilds the model without the fp32 checkpoint and without calibrating again.
+    """
+    payload = {"lit_quant": "ptq", "arch": dict(arch), "data": data, "plan": plan.to_dict(),
+               "state_dict": model.state_dict(), "row": row}
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def load_quantized(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_quantized`; :class:`UserError` when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"quantized checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for corrupt files
+        raise UserError(f"cannot read quantized checkpoint {path}: {type(exc).__name__}") from exc
+    if not isinstance(payload, dict) or payload.get("lit_quant") != "ptq":
+        raise UserError(f"{path} is not a quantized checkpoint written by quantize.py (an fp32 one goes to --ckpt)")
+    arch = payload["arch"]
+    model = prepare(model_from_arch(arch).eval(), QuantPlan.from_dict(payload["plan"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: state dict does not match its plan: {str(exc).splitlines()[0]}") from exc
+    enable_observer(model, False)
+    enable_fake_quant(model, True)
+    return model.eval(), payload
+
+
+def evaluate_quantized(path: str | Path, batch_size: int) -> dict[str, Any]:
+    """Top-1 / top-5 of a saved quantized checkpoint on its data set's test split (no calibration)."""
+    model, payload = load_quantized(path)
+    dm = build_datamodule(TrainConfig(**payload["data"], batch_size=batch_size, progress=False))
+    return payload["row"] | {"variant": "ptq (reloaded)"} | _evaluate(_trainer(), model,
+                                                                       payload["arch"]["num_classes"], dm)
 
 
 def write_report(rows: list[dict[str, Any]], run_dir: Path) -> None:

@@ -70,3 +70,20 @@ def test_bad_input_is_one_line(trained: Path, argv: list[str], message: str, cap
 def test_no_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
     assert run_cli(quantize.main, ["--checkpoint-dir", str(tmp_path)], prog="quantize.py") == 2
     assert "no fp32 checkpoint" in capsys.readouterr().err
+
+
+def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> None:
+    from lit_quant.quantization import evaluate_quantized
+
+    assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "4", "--act-bits", "6",
+                          "--calib-batches", "4", "--no-latency"]) == 0
+    saved = trained / "tiny" / "ptq-w4a6.ckpt"
+    reported = next(r for r in _rows(trained / "tiny") if r["variant"] == "ptq")
+    reloaded = evaluate_quantized(saved, batch_size=64)  # another batch size: the result must not depend on it
+    assert reloaded["top1"] == pytest.approx(reported["top1"], abs=1e-9)
+    assert reloaded["top5"] == pytest.approx(reported["top5"], abs=1e-9)
+    assert quantize.main(["--eval", str(saved)]) == 0
+    assert "ptq (reloaded)" in capsys.readouterr().out
+    # an fp32 checkpoint is not a quantized one
+    assert run_cli(quantize.main, ["--eval", str(trained / "tiny" / "best.ckpt")], prog="quantize.py") == 2
+    assert "not a quantized checkpoint" in capsys.readouterr().err
