@@ -1,4 +1,7 @@
-"""Atomic file writes: a kill at any moment leaves either the old file or the complete new one."""
+"""Atomic file writes: a kill at any moment leaves either the old file or the complete new one.
+
+Pure Python (no torch, no Lightning), so every layer, the quantization core included, writes through it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
-
-import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from typing import IO
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -36,17 +36,3 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """:func:`atomic_write` for text (UTF-8)."""
     atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O whose saves go through :func:`atomic_write`.
-
-    Lightning's default writes through an fsspec transaction whose temporary file may sit on another file
-    system (``/tmp``), where the final move is a copy that a kill can cut short.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        """Save ``checkpoint`` to ``path`` atomically (``storage_options`` is not supported, as in the parent)."""
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO does not take storage_options")
-        atomic_write(path, lambda fh: torch.save(checkpoint, fh))

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
@@ -25,7 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from lit_quant.config import TrainConfig, save_config
 from lit_quant.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
-from lit_quant.io import AtomicCheckpointIO, atomic_write_text
+from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.models import build_model, model_info
 from lit_quant.module import LitClassifier
 from lit_quant.precision import resolve_precision
@@ -48,6 +49,21 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- building
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O whose saves go through :func:`atomic_write`.
+
+    Lightning's default writes through an fsspec transaction whose temporary file may sit on another file
+    system (``/tmp``), where the final move is a copy that a kill can cut short.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        """Save ``checkpoint`` to ``path`` atomically (``storage_options`` is not supported, as in the parent)."""
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_write(path, lambda fh: torch.save(checkpoint, fh))
+
 
 
 def resolve_image_size(cfg: TrainConfig) -> int:

@@ -10,7 +10,8 @@ from conftest import tiny_args
 
 import lit_quant.io as lq_io
 import train
-from lit_quant.io import AtomicCheckpointIO, atomic_write_text
+from lit_quant.io import atomic_write_text
+from lit_quant.training import AtomicCheckpointIO
 
 
 def test_interrupted_text_write_keeps_old_file(tmp_path: Path) -> None:
@@ -36,7 +37,7 @@ def test_checkpoint_save_that_dies_midway_keeps_last_ckpt(tmp_path: Path, monkey
         fh.write(b"PK\x03\x04 truncated")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lq_io.torch, "save", partial_save)
+    monkeypatch.setattr(torch, "save", partial_save)
     with pytest.raises(OSError, match="disk full"):
         AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, last)
     assert last.read_bytes() == before

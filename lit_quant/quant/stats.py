@@ -15,8 +15,6 @@ identical scales and zero points without seeing data. Format (YAML)::
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 import yaml
 from torch import nn
 
+from lit_quant.io import atomic_write_text
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.plan import read_yaml
 from lit_quant.quant.spec import QuantConfigError
@@ -47,15 +46,7 @@ def save_stats(model: nn.Module, path: str | Path, include_weights: bool = False
     kind = None if include_weights else "act"
     data = {"version": STATS_VERSION, "quantizers": {name: _entry(fq) for name, fq in iter_quantizers(model, kind)}}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None, width=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
     return path
 
 
