@@ -26,6 +26,7 @@ def build_parser() -> ArgumentParser:
     """``--bits`` plus one flag per :class:`QuantizeConfig` field."""
     parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=int, metavar="N", help="sets both --weight-bits and --act-bits")
+    parser.add_argument("--scheme", metavar="SCHEME", help="sets both --weight-scheme and --act-scheme")
     add_config_arguments(parser, QuantizeConfig)
     return parser
 
@@ -33,10 +34,11 @@ def build_parser() -> ArgumentParser:
 def resolve_args(argv: Sequence[str] | None) -> QuantizeConfig:
     """Parse ``argv``; ``--bits`` fills whichever of ``--weight-bits`` / ``--act-bits`` is not given."""
     args = vars(build_parser().parse_args(argv))
-    bits = args.pop("bits", None)
-    if bits is not None:
-        args.setdefault("weight_bits", bits)
-        args.setdefault("act_bits", bits)
+    for shorthand, targets in (("bits", ("weight_bits", "act_bits")), ("scheme", ("weight_scheme", "act_scheme"))):
+        value = args.pop(shorthand, None)
+        if value is not None:
+            for target in targets:
+                args.setdefault(target, value)
     return resolve_config(args, cls=QuantizeConfig)
 
 

@@ -19,21 +19,21 @@ import pytorch_lightning as pl
 import torch
 import yaml
 
-from lit_quant.builtin import available_backends, builtin_ptq, check_backend
+from lit_quant.builtin import available_backends, builtin_dynamic, builtin_half, builtin_ptq, check_backend
 from lit_quant.callbacks import PTQCalibration
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.module import LitClassifier
-from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, prepare
+from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, save_stats
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
 from lit_quant.training import build_datamodule, load_classifier, model_from_arch
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
 ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
             "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
-MODES = ("ptq", "builtin", "compare")
+MODES = ("ptq", "builtin", "compare", "dynamic", "half")
 
 
 @dataclass
@@ -43,8 +43,8 @@ class QuantizeConfig:
     ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
     eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
     checkpoint_dir: str = option("checkpoints", "root folder of runs; reports go to the checkpoint's run folder")
-    mode: str = option("ptq", "ptq (ours), builtin (torch.ao only) or compare (fp32, ours, torch.ao on every backend)",
-                   choices=MODES)
+    mode: str = option("ptq", "ptq (fp32, ours, torch.ao), builtin (torch.ao only), compare (torch.ao on every "
+                       "backend), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
     weight_bits: int = option(8, "weight bits, 2..16")
     act_bits: int = option(8, "activation bits, 2..16")
     weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
@@ -53,6 +53,8 @@ class QuantizeConfig:
     weight_observer: str = option("minmax", "weight observer", choices=OBSERVER_NAMES)
     act_observer: str = option("mse", "activation observer", choices=OBSERVER_NAMES)
     first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")
+    plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
+    stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
     calib_batches: int = option(32, "training batches used for calibration")
     batch_size: int = option(128, "batch size of calibration and evaluation")
     backend: str = option("x86", "torch.ao backend of the built-in row (fbgemm, x86, qnnpack, onednn)")
@@ -111,7 +113,7 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
     # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
     classifier = load_classifier(ckpt_path)
     float_model, arch = classifier.model.eval(), classifier.hparams.arch
-    if cfg.mode in ("builtin", "compare"):
+    if cfg.mode in ("ptq", "builtin", "compare"):
         check_backend(cfg.backend)
     train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
                             small_input=arch["small_input"], batch_size=cfg.batch_size, progress=False)
@@ -137,29 +139,50 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
                     | _evaluate(trainer, model, num_classes, dm) | {"size_bytes": model_size_bytes(model)}
                     | _measure(model, example, cfg.latency))
 
-    if cfg.mode in ("ptq", "compare"):
-        row("fp32", float_model, backend="float", weight_bits=32, act_bits=32,
-            note="fp32 checkpoint")
-        plan = QuantPlan.from_bits(cfg.weight_bits, cfg.act_bits, weight_scheme=cfg.weight_scheme,
-                                   act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
-                                   act_observer=cfg.act_observer, per_channel=cfg.per_channel,
-                                   first_last_bits=cfg.first_last_bits)
+    row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
+    if cfg.mode == "ptq":
+        plan = build_plan(cfg)
         lit = LitClassifier(prepare(float_model, plan), num_classes)
         start = time.perf_counter()
-        trainer.predict(lit, datamodule=dm, return_predictions=False)  # PTQCalibration observes, then fake quant
+        stats = Path(cfg.stats_file) if cfg.stats_file else None
+        if stats is not None and stats.is_file():  # a second run skips calibration (Distiller's --qe-stats-file)
+            load_stats(lit.model, stats)
+            enable_observer(lit.model, False)
+            enable_fake_quant(lit.model, True)
+        else:
+            trainer.predict(lit, datamodule=dm, return_predictions=False)  # PTQCalibration: observe, then fake quant
+            if stats is not None:
+                save_stats(lit.model, stats)
         calib_s = time.perf_counter() - start
-        row("ptq", lit.model, backend="fake-quant", weight_bits=cfg.weight_bits, act_bits=cfg.act_bits,
-            observer=cfg.act_observer, calib_s=calib_s,
+        row("ptq", lit.model, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
+            observer=plan.act.observer, calib_s=calib_s,
             note="fake-quant simulation: size and latency are of the float-stored model")
-        save_quantized(run_dir / f"ptq-w{cfg.weight_bits}a{cfg.act_bits}.ckpt", lit.model, plan, arch,
+        save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}.ckpt", lit.model, plan, arch,
                        data_settings, rows[-1])
-    # every mode has the torch.ao side: --backend, or with compare every backend that runs on this CPU
-    for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
-        result = builtin_ptq(float_model, dm.predict_dataloader(), backend, example)
-        row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
-            calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
+    if cfg.mode == "dynamic":
+        row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
+            note="torch.ao dynamic: int8 Linear weights, activations quantized per batch; convs stay float")
+    elif cfg.mode == "half":
+        half = builtin_half(float_model, example)
+        row("half", half, backend=str(half.dtype).removeprefix("torch."), weight_bits=16, act_bits=16,
+            note="16-bit weights and activations")
+    else:  # torch.ao static int8: --backend, or with compare every backend that runs on this CPU
+        for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
+            result = builtin_ptq(float_model, dm.predict_dataloader(), backend, example)
+            row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
+                calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
     write_report(rows, run_dir)
     return rows, run_dir
+
+
+def build_plan(cfg: QuantizeConfig) -> QuantPlan:
+    """``--plan`` YAML, else the plan behind the bit / scheme / observer flags."""
+    if cfg.plan is not None:
+        return QuantPlan.from_yaml(cfg.plan)
+    return QuantPlan.from_bits(cfg.weight_bits, cfg.act_bits, weight_scheme=cfg.weight_scheme,
+                               act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
+                               act_observer=cfg.act_observer, per_channel=cfg.per_channel,
+                               first_last_bits=cfg.first_last_bits)
 
 
 def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],

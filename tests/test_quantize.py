@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_args
 
 import quantize
@@ -87,3 +88,52 @@ def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> Non
     # an fp32 checkpoint is not a quantized one
     assert run_cli(quantize.main, ["--eval", str(trained / "tiny" / "best.ckpt")], prog="quantize.py") == 2
     assert "not a quantized checkpoint" in capsys.readouterr().err
+
+
+def test_scheme_shorthand_and_plan_yaml(trained: Path, tmp_path: Path, capsys) -> None:
+    cfg = quantize.resolve_args(["--scheme", "asym_s", "--act-scheme", "asym_u"])
+    assert (cfg.weight_scheme, cfg.act_scheme) == ("asym_s", "asym_u")  # explicit flag beats the shorthand
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("weight: {bits: 4}\nact: {bits: 4, observer: mse}\n"
+                    "overrides:\n  - {pattern: '@first', weight: {bits: 8}, act: {bits: 8}}\n")
+    assert quantize.main(["--checkpoint-dir", str(trained), "--plan", str(plan), "--calib-batches", "2",
+                          "--no-latency"]) == 0
+    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    assert rows["ptq"]["weight_bits"] == 4 and (trained / "tiny" / "ptq-w4a4.ckpt").is_file()
+    plan.write_text("overrides:\n  - {pattern: layers.0.conv9, skip: true}\n")
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--plan", str(plan), "--no-latency"],
+                   prog="quantize.py") == 2
+    err = capsys.readouterr().err
+    assert "layers.0.conv9" in err and "layers.0.conv1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stats_file_second_run_skips_calibration(trained: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "stats.yaml"
+    args = ["--checkpoint-dir", str(trained), "--bits", "6", "--no-latency", "--stats-file", str(stats)]
+    assert quantize.main([*args, "--calib-batches", "4"]) == 0 and stats.is_file()
+    saved = trained / "tiny" / "ptq-w6a6.ckpt"
+
+    def act_scales() -> dict:
+        state = torch.load(saved, weights_only=True)["state_dict"]
+        return {k: v for k, v in state.items() if k.endswith(".scale") and "weight" not in k}
+
+    first, first_row = act_scales(), next(r for r in _rows(trained / "tiny") if r["variant"] == "ptq")
+    stats_text = stats.read_text()
+    assert quantize.main([*args, "--calib-batches", "1"]) == 0
+    # qparams came from the file, not from the single calibration batch of this run
+    assert all(torch.equal(first[k], v) for k, v in act_scales().items()) and stats.read_text() == stats_text
+    assert next(r for r in _rows(trained / "tiny") if r["variant"] == "ptq")["top1"] == first_row["top1"]
+    # ...which on its own gives other activation ranges, so the check above can fail
+    assert quantize.main([*args[:-2], "--calib-batches", "1"]) == 0
+    assert any(not torch.equal(first[k], v) for k, v in act_scales().items())
+
+
+def test_dynamic_and_half_modes(trained: Path) -> None:
+    assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "dynamic", "--no-latency"]) == 0
+    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    assert set(rows) == {"fp32", "builtin-dynamic"}
+    assert abs(rows["builtin-dynamic"]["top1"] - rows["fp32"]["top1"]) <= 2.0
+    assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "half", "--no-latency"]) == 0
+    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    assert abs(rows["half"]["top1"] - rows["fp32"]["top1"]) <= 1.0
+    assert rows["half"]["size_bytes"] < 0.6 * rows["fp32"]["size_bytes"]
