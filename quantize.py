@@ -3,6 +3,7 @@
     python quantize.py --mode ptq --bits 8                  # newest checkpoints/*/best.ckpt
     python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --first-last-bits 8
     python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
+    python quantize.py --sweep --observers minmax mse percentile   # accuracy against bits, PNG plot
     python quantize.py --mode builtin --backend qnnpack     # torch.ao only
     python quantize.py --eval checkpoints/digits-resnet20/ptq-w8a8.ckpt
 
@@ -19,27 +20,55 @@ from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import add_config_arguments, resolve_config
+from lit_quant.errors import UserError
+from lit_quant.quant.spec import OBSERVER_NAMES
 from lit_quant.quantization import QuantizeConfig, evaluate_quantized, run_quantize
+
+#: ``--sweep``: seed 001's widths.
+SWEEP_BITS = (16, 8, 6, 4, 3, 2)
 
 
 def build_parser() -> ArgumentParser:
     """``--bits`` plus one flag per :class:`QuantizeConfig` field."""
     parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", type=int, metavar="N", help="sets both --weight-bits and --act-bits")
+    parser.add_argument("--bits", type=int, nargs="+", metavar="N",
+                        help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
+    parser.add_argument("--sweep", action="store_true", help=f"sweep --bits {' '.join(map(str, SWEEP_BITS))}")
+    parser.add_argument("--observers", nargs="+", metavar="NAME",
+                        help="activation observers compared in a sweep (default: --act-observer)")
     parser.add_argument("--scheme", metavar="SCHEME", help="sets both --weight-scheme and --act-scheme")
     add_config_arguments(parser, QuantizeConfig)
     return parser
 
 
-def resolve_args(argv: Sequence[str] | None) -> QuantizeConfig:
-    """Parse ``argv``; ``--bits`` fills whichever of ``--weight-bits`` / ``--act-bits`` is not given."""
+def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] | None, list[str] | None]:
+    """Parse ``argv`` into the config, the sweep's bit widths and its observers (``None`` when not sweeping).
+
+    ``--bits N`` / ``--scheme S`` fill whichever of the weight / activation flags is not given.
+    """
     args = vars(build_parser().parse_args(argv))
+    sweep = list(SWEEP_BITS) if args.pop("sweep", False) else None
+    observers = args.pop("observers", None)
+    bits = args.pop("bits", None)
+    if bits is not None and len(bits) > 1:
+        sweep, bits = bits, None
+    if bits is not None:
+        args["bits"] = bits[0]
     for shorthand, targets in (("bits", ("weight_bits", "act_bits")), ("scheme", ("weight_scheme", "act_scheme"))):
         value = args.pop(shorthand, None)
         if value is not None:
             for target in targets:
                 args.setdefault(target, value)
-    return resolve_config(args, cls=QuantizeConfig)
+    cfg = resolve_config(args, cls=QuantizeConfig)
+    for value in sweep or []:
+        if not 2 <= value <= 16:
+            raise UserError(f"--bits must be in 2..16, got {value}")
+    for name in observers or []:
+        if name not in OBSERVER_NAMES:
+            raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
+    if (sweep or observers) and cfg.mode != "ptq":
+        raise UserError("--sweep / several --bits / --observers need --mode ptq")
+    return cfg, sweep, observers
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -64,11 +93,11 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, quantize, print the table; returns the exit status."""
-    cfg = resolve_args(argv)
+    cfg, sweep, observers = resolve_args(argv)
     if cfg.eval is not None:
         console.print(report_table([evaluate_quantized(cfg.eval, cfg.batch_size)]))
         return 0
-    rows, run_dir = run_quantize(cfg)
+    rows, run_dir = run_quantize(cfg, sweep, observers)
     console.print(report_table(rows))
     console.print(f"fake-quant rows simulate integers in float: their size and latency are the float model's. "
                   f"Report: {run_dir / 'report.json'}")

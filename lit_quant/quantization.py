@@ -107,8 +107,13 @@ def _measure(model: torch.nn.Module, example: torch.Tensor, enabled: bool) -> di
             "latency_ms_bs64": latency_ms(model, batch64, threads=1)}
 
 
-def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
-    """Run ``cfg.mode`` on the checkpoint; returns the report rows and the run folder they were written to."""
+def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
+                 observers: list[str] | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Run ``cfg.mode`` on the checkpoint; returns the report rows and the run folder they were written to.
+
+    ``sweep_bits`` (ptq mode) quantizes weights and activations at each width in turn, with each activation
+    observer of ``observers`` (default: ``cfg.act_observer``), and plots top-1 against bits.
+    """
     ckpt_path = find_checkpoint(cfg.ckpt, cfg.checkpoint_dir)
     # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
     classifier = load_classifier(ckpt_path)
@@ -141,24 +146,17 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
 
     row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
     if cfg.mode == "ptq":
-        plan = build_plan(cfg)
-        lit = LitClassifier(prepare(float_model, plan), num_classes)
-        start = time.perf_counter()
-        stats = Path(cfg.stats_file) if cfg.stats_file else None
-        if stats is not None and stats.is_file():  # a second run skips calibration (Distiller's --qe-stats-file)
-            load_stats(lit.model, stats)
-            enable_observer(lit.model, False)
-            enable_fake_quant(lit.model, True)
-        else:
-            trainer.predict(lit, datamodule=dm, return_predictions=False)  # PTQCalibration: observe, then fake quant
-            if stats is not None:
-                save_stats(lit.model, stats)
-        calib_s = time.perf_counter() - start
-        row("ptq", lit.model, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
-            observer=plan.act.observer, calib_s=calib_s,
-            note="fake-quant simulation: size and latency are of the float-stored model")
-        save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}.ckpt", lit.model, plan, arch,
-                       data_settings, rows[-1])
+        sweep = [(bits, observer) for bits in sweep_bits or [None] for observer in observers or [cfg.act_observer]]
+        for bits, observer in sweep:
+            plan = build_plan(cfg, bits, observer)
+            lit = LitClassifier(prepare(float_model, plan), num_classes)
+            calib_s = _calibrate(trainer, lit, dm, cfg.stats_file if len(sweep) == 1 else None)
+            row("ptq", lit.model, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
+                observer=plan.act.observer, calib_s=calib_s,
+                note="fake-quant simulation: size and latency are of the float-stored model")
+            suffix = f"-{plan.act.observer}" if observers and len(observers) > 1 else ""
+            save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
+                           data_settings, rows[-1])
     if cfg.mode == "dynamic":
         row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
             note="torch.ao dynamic: int8 Linear weights, activations quantized per batch; convs stay float")
@@ -172,16 +170,64 @@ def run_quantize(cfg: QuantizeConfig) -> tuple[list[dict[str, Any]], Path]:
             row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
                 calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
     write_report(rows, run_dir)
+    if sweep_bits and len(sweep_bits) > 1:
+        plot_sweep(rows, run_dir / "accuracy_vs_bits.png")
     return rows, run_dir
 
 
-def build_plan(cfg: QuantizeConfig) -> QuantPlan:
-    """``--plan`` YAML, else the plan behind the bit / scheme / observer flags."""
+def _calibrate(trainer: pl.Trainer, lit: LitClassifier, dm: Any, stats_file: str | None) -> float:
+    """Calibrate ``lit`` (PTQCalibration during ``trainer.predict``) or load ``stats_file``; returns seconds.
+
+    An existing stats file replaces calibration (Distiller's ``--qe-stats-file``); a missing one is written.
+    """
+    start = time.perf_counter()
+    stats = Path(stats_file) if stats_file else None
+    if stats is not None and stats.is_file():
+        load_stats(lit.model, stats)
+        enable_observer(lit.model, False)
+        enable_fake_quant(lit.model, True)
+    else:
+        trainer.predict(lit, datamodule=dm, return_predictions=False)
+        if stats is not None:
+            save_stats(lit.model, stats)
+    return time.perf_counter() - start
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 against bits, one line per observer, with the fp32 level and torch.ao's int8 point (seed 000's
+    figure, with dequantization done right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for observer in sorted({r["observer"] for r in rows if r["variant"] == "ptq"}):
+        points = sorted((r["act_bits"], r["top1"]) for r in rows if r["variant"] == "ptq" and r["observer"] == observer)
+        ax.plot(*zip(*points), marker="o", label=f"ours ({observer})")
+    for r in rows:
+        if r["variant"] == "fp32":
+            ax.axhline(r["top1"], color="grey", linestyle="--", label="fp32")
+        elif r["variant"] == "builtin-ptq":
+            ax.plot([8], [r["top1"]], marker="s", linestyle="", label=f"torch.ao {r['backend']} int8")
+    ax.set_xlabel("bits (weights and activations)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
+
+
+def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None) -> QuantPlan:
+    """``--plan`` YAML, else the plan behind the bit / scheme / observer flags (``bits`` / ``observer``
+    override them for one point of a sweep)."""
     if cfg.plan is not None:
         return QuantPlan.from_yaml(cfg.plan)
-    return QuantPlan.from_bits(cfg.weight_bits, cfg.act_bits, weight_scheme=cfg.weight_scheme,
+    return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
-                               act_observer=cfg.act_observer, per_channel=cfg.per_channel,
+                               act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
                                first_last_bits=cfg.first_last_bits)
 
 

@@ -91,7 +91,7 @@ def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> Non
 
 
 def test_scheme_shorthand_and_plan_yaml(trained: Path, tmp_path: Path, capsys) -> None:
-    cfg = quantize.resolve_args(["--scheme", "asym_s", "--act-scheme", "asym_u"])
+    cfg, _, _ = quantize.resolve_args(["--scheme", "asym_s", "--act-scheme", "asym_u"])
     assert (cfg.weight_scheme, cfg.act_scheme) == ("asym_s", "asym_u")  # explicit flag beats the shorthand
     plan = tmp_path / "plan.yaml"
     plan.write_text("weight: {bits: 4}\nact: {bits: 4, observer: mse}\n"
@@ -137,3 +137,27 @@ def test_dynamic_and_half_modes(trained: Path) -> None:
     rows = {r["variant"]: r for r in _rows(trained / "tiny")}
     assert abs(rows["half"]["top1"] - rows["fp32"]["top1"]) <= 1.0
     assert rows["half"]["size_bytes"] < 0.6 * rows["fp32"]["size_bytes"]
+
+
+def test_bit_sweep_table_and_plot(trained: Path) -> None:
+    assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "4", "2", "--observers", "minmax", "mse",
+                          "--calib-batches", "2", "--no-latency"]) == 0
+    rows = _rows(trained / "tiny")
+    ptq = {(r["act_bits"], r["observer"]): r["top1"] for r in rows if r["variant"] == "ptq"}
+    assert set(ptq) == {(b, o) for b in (8, 4, 2) for o in ("minmax", "mse")}
+    fp32 = next(r["top1"] for r in rows if r["variant"] == "fp32")
+    for observer in ("minmax", "mse"):
+        assert abs(ptq[(8, observer)] - fp32) <= 2.0 and ptq[(2, observer)] < ptq[(8, observer)]
+    png = (trained / "tiny" / "accuracy_vs_bits.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert (trained / "tiny" / "ptq-w4a4-mse.ckpt").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sweep", "--mode", "builtin"], "need --mode ptq"),
+    (["--bits", "8", "1"], "must be in 2..16"),
+    (["--bits", "8", "4", "--observers", "kl"], "invalid observer 'kl'"),
+])
+def test_bad_sweep_flags(trained: Path, argv: list[str], message: str, capsys) -> None:
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), *argv], prog="quantize.py") == 2
+    assert message in capsys.readouterr().err
