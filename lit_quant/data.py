@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
@@ -241,22 +242,6 @@ def build_imagenet_transforms(info: DatasetInfo, size: int, train: bool, augment
 # ---------------------------------------------------------------------------------------------- data module
 
 
-class _UnpaddedDistributedSampler(DistributedSampler):
-    """Evaluation sampler for DDP: rank ``r`` takes indices ``r, r + W, ...`` with no padding.
-
-    torch's ``DistributedSampler`` pads the last batch with repeated samples, which would count some images
-    twice and make multi-process accuracy differ from single-process accuracy.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
-        self.total_size = len(dataset)  # type: ignore[arg-type]
-
-    def __iter__(self):
-        return iter(range(self.rank, self.total_size, self.num_replicas))
-
-
 def _seeded_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split ``range(n)`` into (rest, held-out) with ``round(n * fraction)`` held out, seeded."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -396,10 +381,12 @@ class ClassificationDataModule(pl.LightningDataModule):
         sampler = None
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.world_size > 1:
-            # The Trainer runs with use_distributed_sampler=False so that evaluation is not padded.
+            # The Trainer runs with use_distributed_sampler=False so that evaluation is not padded: torch's
+            # DistributedSampler repeats samples to even out ranks, which would count some images twice.
             sampler = (DistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=True,
                                           seed=self.split_seed) if train
-                       else _UnpaddedDistributedSampler(dataset, trainer.world_size, trainer.global_rank))
+                       else UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank,
+                                                         shuffle=False))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and sampler is None,
                           sampler=sampler, num_workers=self.num_workers, drop_last=False,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False)

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
-from lit_quant.data import ClassificationDataModule, _UnpaddedDistributedSampler, read_idx
+from lit_quant.data import ClassificationDataModule, read_idx
 from lit_quant.errors import UserError
 
 
@@ -159,9 +160,9 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_unpadded_sampler_covers_each_index_once() -> None:
     data = list(range(10))
-    parts = [list(_UnpaddedDistributedSampler(data, 3, r)) for r in range(3)]
+    parts = [list(UnrepeatedDistributedSampler(data, 3, r, shuffle=False)) for r in range(3)]
     assert sorted(sum(parts, [])) == data
-    assert [len(p) for p in parts] == [len(s) for s in (_UnpaddedDistributedSampler(data, 3, r) for r in range(3))]
+    assert [len(p) for p in parts] == [len(s) for s in (UnrepeatedDistributedSampler(data, 3, r, shuffle=False) for r in range(3))]
 
 
 def test_fake_data_is_learnable_signal() -> None:
