@@ -12,6 +12,7 @@ Writes report.json and report.csv to the checkpoint's run folder and prints the 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,9 +36,11 @@ def build_parser() -> ArgumentParser:
                         help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
     parser.add_argument("--sweep", action="store_true", help=f"sweep --bits {' '.join(map(str, SWEEP_BITS))}")
     parser.add_argument("--observers", nargs="+", metavar="NAME",
-                        help="activation observers compared in a sweep (default: --act-observer)")
+                        help="activation observers compared side by side, one row each (default: --act-observer)")
     parser.add_argument("--scheme", metavar="SCHEME", help="sets both --weight-scheme and --act-scheme")
     add_config_arguments(parser, QuantizeConfig)
+    parser.add_argument("--per-tensor", dest="per_channel", action="store_false", default=argparse.SUPPRESS,
+                        help="one scale per weight tensor (same as --no-per-channel)")
     return parser
 
 
@@ -66,8 +69,8 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] 
     for name in observers or []:
         if name not in OBSERVER_NAMES:
             raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
-    if (sweep or observers) and cfg.mode != "ptq":
-        raise UserError("--sweep / several --bits / --observers need --mode ptq")
+    if (sweep or observers) and cfg.mode not in ("ptq", "compare"):
+        raise UserError("--sweep / several --bits / --observers need --mode ptq or compare")
     return cfg, sweep, observers
 
 
@@ -86,7 +89,8 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
         bits = f"{r['weight_bits']}/{r['act_bits']}"
         delta = None if fp32 is None or r["variant"] == "fp32" else r["top1"] - fp32
         table.add_row(r["variant"], r["backend"] or "-", bits, r["observer"] or "-", _fmt(r["top1"], ".2f"),
-                      _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"), _fmt(r["size_bytes"] / 1024, ".1f"),
+                      _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"),
+                      _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1024, ".1f"),
                       _fmt(r["latency_ms_bs1"], ".2f"), _fmt(r["latency_ms_bs64"], ".1f"), _fmt(r["calib_s"], ".2f"))
     return table
 
@@ -97,10 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.eval is not None:
         console.print(report_table([evaluate_quantized(cfg.eval, cfg.batch_size)]))
         return 0
-    rows, run_dir = run_quantize(cfg, sweep, observers)
+    rows, run_dir, rank_zero = run_quantize(cfg, sweep, observers)
+    if not rank_zero:  # DDP: the other processes computed the same rows; one table is enough
+        return 0
     console.print(report_table(rows))
-    console.print(f"fake-quant rows simulate integers in float: their size and latency are the float model's. "
-                  f"Report: {run_dir / 'report.json'}")
+    if any(r["backend"] == "fake-quant" for r in rows):
+        console.print("fake-quant rows simulate integers in float: accuracy only, no integer size or latency.")
+    console.print(f"Report: {run_dir / 'report.json'}")
     return 0
 
 

@@ -24,6 +24,13 @@ class PTQCalibration(pl.Callback):
     ``predict_dataloader`` serves the deterministic calibration images.
     """
 
+    def __init__(self) -> None:
+        self._calibrated = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":
+            self._calibrated = False
+
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not any(True for _ in iter_quantizers(pl_module)):
             raise CalibrationError("PTQ calibration: the model has no quantizers (prepare() it first)")
@@ -31,3 +38,10 @@ class PTQCalibration(pl.Callback):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         finish_calibration(pl_module)
+        self._calibrated = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning skips the whole predict loop, hooks included, when the dataloader is empty: without this
+        # check an empty calibration set would leave the model silently uncalibrated.
+        if stage == "predict" and not self._calibrated:
+            raise CalibrationError("PTQ calibration saw no batches: the calibration set is empty")

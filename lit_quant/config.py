@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -115,7 +116,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        inner = next((t for t in getattr(base, "__args__", (base,)) if t is not type(None)), str)
+        members = get_args(base) if get_origin(base) in (Union, UnionType) else (base,)  # unwrap "X | None"
+        inner = next((t for t in members if t is not type(None)), str)
+        if get_origin(inner) in (list, tuple):  # tuple[str, ...]: one or more values after the flag
+            parser.add_argument(flag, type=get_args(inner)[0], nargs="+", metavar=f.name.upper(), **kwargs)
+            continue
         parser.add_argument(flag, type=inner, metavar=f.name.upper(), **kwargs)
 
 

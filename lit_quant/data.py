@@ -400,6 +400,11 @@ class ClassificationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
+    def _calib_subset(self) -> Subset:
+        assert self.calib_set is not None, "call setup() first"
+        n = min(len(self.calib_set), self.calib_batches * self.batch_size)  # type: ignore[arg-type]
+        return Subset(self.calib_set, range(n))
+
     def predict_dataloader(self) -> DataLoader:
         """Calibration data: the first ``calib_batches * batch_size`` training images, evaluation transforms.
 
@@ -407,6 +412,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         same images; under DDP the images are split between ranks without padding, so all ranks together
         see each image exactly once, as one process would.
         """
-        assert self.calib_set is not None, "call setup() first"
-        n = min(len(self.calib_set), self.calib_batches * self.batch_size)  # type: ignore[arg-type]
-        return self._loader(Subset(self.calib_set, range(n)), train=False)
+        return self._loader(self._calib_subset(), train=False)
+
+    def full_calibration_dataloader(self) -> DataLoader:
+        """The same calibration images, all of them in this process even under DDP: for calibrators that
+        cannot merge statistics across ranks (torch.ao's observers), so every rank builds the same model."""
+        return DataLoader(self._calib_subset(), batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers)

@@ -8,6 +8,7 @@ calibration batches (the data module's ``predict_dataloader``) and is evaluated 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import time
@@ -18,6 +19,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.callbacks import RichProgressBar
 
 from lit_quant.builtin import available_backends, builtin_dynamic, builtin_half, builtin_ptq, check_backend
 from lit_quant.callbacks import PTQCalibration
@@ -28,7 +31,7 @@ from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, save_stats
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
-from lit_quant.training import build_datamodule, load_classifier, model_from_arch
+from lit_quant.training import build_datamodule, hardware_settings, load_classifier, model_from_arch
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
 ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
@@ -43,8 +46,8 @@ class QuantizeConfig:
     ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
     eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
     checkpoint_dir: str = option("checkpoints", "root folder of runs; reports go to the checkpoint's run folder")
-    mode: str = option("ptq", "ptq (fp32, ours, torch.ao), builtin (torch.ao only), compare (torch.ao on every "
-                       "backend), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
+    mode: str = option("ptq", "ptq (fp32, ours, torch.ao --backend), builtin (torch.ao only), compare (fp32, ours, "
+                       "torch.ao on every backend of this CPU), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
     weight_bits: int = option(8, "weight bits, 2..16")
     act_bits: int = option(8, "activation bits, 2..16")
     weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
@@ -52,14 +55,23 @@ class QuantizeConfig:
     per_channel: bool = option(True, "per-channel weight quantization (--no-per-channel: per tensor)")
     weight_observer: str = option("minmax", "weight observer", choices=OBSERVER_NAMES)
     act_observer: str = option("mse", "activation observer", choices=OBSERVER_NAMES)
+    percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
+    n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
     first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")
+    no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
     plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
     stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
     calib_batches: int = option(32, "training batches used for calibration")
     batch_size: int = option(128, "batch size of calibration and evaluation")
     backend: str = option("x86", "torch.ao backend of the built-in row (fbgemm, x86, qnnpack, onednn)")
-    latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread)")
-    progress: bool = option(False, "rich progress bars")
+    accelerator: str = option("cpu", "Lightning accelerator of calibration and evaluation: cpu, gpu, cuda, auto")
+    devices: str = option("1", "processes (a count or a list like 0,1): calibration statistics are merged "
+                          "across them, evaluation is split between them")
+    gpus: int | None = option(None, "calibrate and evaluate on N GPUs (accelerator gpu, devices N, DDP)")
+    num_nodes: int = option(1, "number of nodes for multi-node DDP")
+    strategy: str = option("auto", "Lightning strategy (auto: DDP when devices > 1)")
+    latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
+    progress: bool = option(False, "rich progress bars for calibration and evaluation")
 
     def validate(self) -> None:
         """Range checks with one-line messages."""
@@ -67,9 +79,15 @@ class QuantizeConfig:
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 16:
                 raise UserError(f"--{name.replace('_', '-')} must be in 2..16, got {value}")
-        for name in ("calib_batches", "batch_size"):
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.n_std <= 0:
+            raise UserError(f"--n-std must be positive, got {self.n_std}")
+        for name in ("calib_batches", "batch_size", "num_nodes"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.gpus is not None and self.gpus <= 0:
+            raise UserError(f"--gpus must be positive, got {self.gpus}")
         check_choices(self)
 
 
@@ -87,9 +105,20 @@ def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
     return candidates[-1]
 
 
-def _trainer() -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, use_distributed_sampler=False, callbacks=[PTQCalibration()])
+def _trainer(cfg: QuantizeConfig | None = None) -> pl.Trainer:
+    """The one Trainer of a run: calibration (``predict`` + :class:`PTQCalibration`) and every evaluation.
+
+    ``use_distributed_sampler=False``: the data module shards evaluation without padding (see its loaders).
+    """
+    cfg = cfg or QuantizeConfig()
+    callbacks: list[pl.Callback] = [PTQCalibration()]
+    if cfg.progress:
+        callbacks.append(RichProgressBar())
+    try:
+        return pl.Trainer(**hardware_settings(cfg), logger=False, enable_progress_bar=cfg.progress,
+                          enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks)
+    except (MisconfigurationException, ValueError) as exc:
+        raise UserError(f"invalid trainer settings: {exc}") from exc
 
 
 def _evaluate(trainer: pl.Trainer, model: torch.nn.Module, num_classes: int, dm: Any) -> dict[str, float]:
@@ -108,8 +137,9 @@ def _measure(model: torch.nn.Module, example: torch.Tensor, enabled: bool) -> di
 
 
 def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
-                 observers: list[str] | None = None) -> tuple[list[dict[str, Any]], Path]:
-    """Run ``cfg.mode`` on the checkpoint; returns the report rows and the run folder they were written to.
+                 observers: list[str] | None = None) -> tuple[list[dict[str, Any]], Path, bool]:
+    """Run ``cfg.mode`` on the checkpoint; returns the report rows, the run folder they were written to, and
+    whether this process is rank 0 (the one that writes files; under DDP every process runs this function).
 
     ``sweep_bits`` (ptq mode) quantizes weights and activations at each width in turn, with each activation
     observer of ``observers`` (default: ``cfg.act_observer``), and plots top-1 against bits.
@@ -125,37 +155,48 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     run_dir = ckpt_path.parent
     saved = run_dir / "config.yaml"
     if saved.is_file():  # same data location and split as the training run
+        recorded = yaml.safe_load(saved.read_text()) or {}
+        differ = [k for k in ("data", "model") if k in recorded and recorded[k] != arch[k]]
+        if differ:
+            raise UserError(f"{ckpt_path} holds a {arch['model']} trained on {arch['data']}, but its run folder's "
+                            f"config.yaml says {recorded.get('model')} on {recorded.get('data')}: the checkpoint "
+                            "was copied from another run; move it to its own folder")
         data_keys = ("data_dir", "split_seed", "val_fraction", "fake_size")  # what decides the test images
-        train_cfg = TrainConfig(**{**train_cfg.to_dict(),
-                                   **{k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items()
-                                      if k in data_keys}})
+        train_cfg = TrainConfig(**{**train_cfg.to_dict(), **{k: v for k, v in recorded.items() if k in data_keys}})
     data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
                                                         "model", "image_size", "small_input")}
+    source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(float_model)}
     dm = build_datamodule(train_cfg)
     dm.calib_batches = cfg.calib_batches
     dm.setup()
     example = next(iter(dm.test_dataloader()))[0]
     num_classes = arch["num_classes"]
-    trainer = _trainer()
+    trainer = _trainer(cfg)
     rows: list[dict[str, Any]] = []
 
-    def row(variant: str, model: torch.nn.Module, **info: Any) -> None:
+    def row(variant: str, model: torch.nn.Module, real: bool = True, **info: Any) -> None:
+        """Evaluate ``model`` into a report row; size and latency only for a ``real`` model (a fake-quant
+        simulation stores and runs floats, so its size and speed would say nothing about integers)."""
+        # every rank evaluates its shard (metrics are reduced over ranks); only rank 0 times the model, so
+        # the processes do not slow each other's clocks
         rows.append({k: None for k in ROW_KEYS} | info | {"variant": variant}
-                    | _evaluate(trainer, model, num_classes, dm) | {"size_bytes": model_size_bytes(model)}
-                    | _measure(model, example, cfg.latency))
+                    | _evaluate(trainer, model, num_classes, dm)
+                    | {"size_bytes": model_size_bytes(model) if real else None}
+                    | _measure(model, example, real and cfg.latency and trainer.is_global_zero))
 
     row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
-    if cfg.mode == "ptq":
+    if cfg.mode in ("ptq", "compare"):
         sweep = [(bits, observer) for bits in sweep_bits or [None] for observer in observers or [cfg.act_observer]]
         for bits, observer in sweep:
             plan = build_plan(cfg, bits, observer)
             lit = LitClassifier(prepare(float_model, plan), num_classes)
-            calib_s = _calibrate(trainer, lit, dm, cfg.stats_file if len(sweep) == 1 else None)
-            row("ptq", lit.model, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
-                observer=plan.act.observer, calib_s=calib_s,
-                note="fake-quant simulation: size and latency are of the float-stored model")
+            calib_s = _calibrate(trainer, lit, dm, cfg.stats_file if len(sweep) == 1 else None, source)
+            row("ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits,
+                act_bits=plan.act.bits, observer=plan.act.observer, calib_s=calib_s,
+                note="fake-quant simulation in float: no integer size or latency to report")
             suffix = f"-{plan.act.observer}" if observers and len(observers) > 1 else ""
-            save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
+            if trainer.is_global_zero:
+                save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
                            data_settings, rows[-1])
     if cfg.mode == "dynamic":
         row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
@@ -166,30 +207,43 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             note="16-bit weights and activations")
     else:  # torch.ao static int8: --backend, or with compare every backend that runs on this CPU
         for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
-            result = builtin_ptq(float_model, dm.predict_dataloader(), backend, example)
+            # all calibration images in every process: torch.ao's observers cannot merge ranks' statistics
+            result = builtin_ptq(float_model, dm.full_calibration_dataloader(), backend, example)
             row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
                 calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
-    write_report(rows, run_dir)
-    if sweep_bits and len(sweep_bits) > 1:
-        plot_sweep(rows, run_dir / "accuracy_vs_bits.png")
-    return rows, run_dir
+    if trainer.is_global_zero:
+        write_report(rows, run_dir)
+        if sweep_bits and len(sweep_bits) > 1:
+            plot_sweep(rows, run_dir / "accuracy_vs_bits.png")
+    return rows, run_dir, trainer.is_global_zero
 
 
-def _calibrate(trainer: pl.Trainer, lit: LitClassifier, dm: Any, stats_file: str | None) -> float:
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """First 16 hex digits of SHA-256 over the state dict's names and bytes: identifies fp32 weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _calibrate(trainer: pl.Trainer, lit: LitClassifier, dm: Any, stats_file: str | None,
+               source: dict[str, Any]) -> float:
     """Calibrate ``lit`` (PTQCalibration during ``trainer.predict``) or load ``stats_file``; returns seconds.
 
-    An existing stats file replaces calibration (Distiller's ``--qe-stats-file``); a missing one is written.
+    An existing stats file replaces calibration (Distiller's ``--qe-stats-file``) when its ``source``
+    (model, data set, fp32 weights fingerprint) is this one; a missing file is written.
     """
     start = time.perf_counter()
     stats = Path(stats_file) if stats_file else None
     if stats is not None and stats.is_file():
-        load_stats(lit.model, stats)
+        load_stats(lit.model, stats, source)
         enable_observer(lit.model, False)
         enable_fake_quant(lit.model, True)
     else:
         trainer.predict(lit, datamodule=dm, return_predictions=False)
-        if stats is not None:
-            save_stats(lit.model, stats)
+        if stats is not None and trainer.is_global_zero:
+            save_stats(lit.model, stats, source=source)
     return time.perf_counter() - start
 
 
@@ -228,7 +282,9 @@ def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | Non
     return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
-                               first_last_bits=cfg.first_last_bits)
+                               first_last_bits=cfg.first_last_bits, skip=cfg.no_quant_layers,
+                               observer_args={"percentile": {"percentile": cfg.percentile},
+                                              "nstd": {"n_std": cfg.n_std}})
 
 
 def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],

@@ -123,8 +123,10 @@ def _parse_devices(devices: str) -> int | str | list[int]:
         raise UserError(f"invalid --devices '{devices}'; give a count, a list like 0,1, or auto") from None
 
 
-def hardware_settings(cfg: TrainConfig) -> dict[str, Any]:
+def hardware_settings(cfg: Any) -> dict[str, Any]:
     """``accelerator``, ``devices``, ``strategy``, ``num_nodes`` for the Trainer; ``--gpus`` handled here.
+
+    ``cfg`` is any config with those fields and ``gpus`` (:class:`TrainConfig`, ``QuantizeConfig``).
 
     ``--gpus N`` means ``--accelerator gpu --devices N`` (DDP when ``N > 1``); without CUDA it is an error
     that points at the CPU equivalent.
@@ -196,6 +198,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch.load raises many types for corrupt or truncated files
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if isinstance(ckpt, dict) and ckpt.get("lit_quant") == "ptq":
+        raise UserError(f"{path} is a quantized checkpoint written by quantize.py; re-evaluate it with "
+                        "quantize.py --eval, or pass the fp32 best.ckpt it came from")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt.get("hyper_parameters", {}):
         raise UserError(f"{path} is not a lit-quant training checkpoint (no state_dict / architecture)")
     return ckpt

@@ -67,3 +67,16 @@ def test_quantizers_end_in_eval_mode(tmp_path: Path) -> None:
                callbacks=[PTQCalibration()]).predict(lit, datamodule=dm, return_predictions=False)
     for _, fq in iter_quantizers(lit):
         assert not fq.observer_enabled and fq.fake_quant_enabled and fq.qparams_valid
+
+
+def test_empty_calibration_set_is_an_error() -> None:
+    # Lightning skips an empty predict loop without calling on_predict_start/end; the callback must notice
+    lit = LitClassifier(prepare(build_model("resnet20", 3, 10).eval(), QuantPlan.from_bits(8, 8)), 10)
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=32)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         callbacks=[PTQCalibration()])
+    dm.calib_batches = 1
+    trainer.predict(lit, datamodule=dm, return_predictions=False)  # a calibrated run first: state must reset
+    dm.calib_batches = 0
+    with pytest.raises(CalibrationError, match="calibration set is empty"):
+        trainer.predict(lit, datamodule=dm, return_predictions=False)

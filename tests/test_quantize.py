@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import run_script, tiny_args
 
 import quantize
 import train
@@ -33,6 +33,7 @@ def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
     assert set(rows) == {"fp32", "ptq", "builtin-ptq"}
     assert all(set(r) == set(ROW_KEYS) for r in rows.values())
     assert rows["ptq"]["weight_bits"] == rows["ptq"]["act_bits"] == 8 and rows["ptq"]["calib_s"] > 0
+    assert rows["ptq"]["size_bytes"] is None  # a fake-quant simulation has no integer size to report
     assert abs(rows["ptq"]["top1"] - rows["fp32"]["top1"]) <= 2.0
     assert abs(rows["builtin-ptq"]["top1"] - rows["fp32"]["top1"]) <= 2.0
     assert rows["builtin-ptq"]["backend"] == "x86"
@@ -161,3 +162,98 @@ def test_bit_sweep_table_and_plot(trained: Path) -> None:
 def test_bad_sweep_flags(trained: Path, argv: list[str], message: str, capsys) -> None:
     assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), *argv], prog="quantize.py") == 2
     assert message in capsys.readouterr().err
+
+
+def _ptq_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_clipping_flags_and_float_layers(trained: Path) -> None:
+    run = trained / "tiny"
+    assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "4", "--act-observer", "percentile",
+                          "--percentile", "99.5", "--no-quant-layers", "fc", "layers.0.*", "--per-tensor",
+                          "--calib-batches", "2", "--no-latency"]) == 0
+    payload = torch.load(run / "ptq-w4a4.ckpt", weights_only=True)
+    assert payload["plan"]["act"]["observer_args"] == {"percentile": 99.5}
+    assert payload["plan"]["weight"]["per_channel"] is False
+    names = set(payload["state_dict"])
+    assert not any(k.startswith(("model.fc.", "model.layers.0.")) and "quant" in k for k in names)  # left in float
+    assert any(k.startswith("model.layers.1.") and "quant" in k for k in names)
+    # the percentile really clips: a lower percentile gives smaller activation ranges than 100 (the max)
+    scales = {}
+    for p in ("100", "90"):
+        assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "4", "--act-observer", "percentile",
+                              "--percentile", p, "--calib-batches", "2", "--no-latency"]) == 0
+        scales[p] = {k: v for k, v in _ptq_state(run / "ptq-w4a4.ckpt").items()
+                     if k.endswith("act_quant.scale")}
+    assert all(scales["90"][k] <= scales["100"][k] for k in scales["90"])
+    assert any(scales["90"][k] < scales["100"][k] for k in scales["90"])
+    assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "--act-observer", "nstd",
+                          "--n-std", "2", "--calib-batches", "2", "--no-latency"]) == 0
+    assert torch.load(run / "ptq-w8a8.ckpt", weights_only=True)["plan"]["act"]["observer_args"] == {"n_std": 2.0}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--percentile", "40"], "--percentile must be in (50, 100]"),
+    (["--n-std", "0"], "--n-std must be positive"),
+    (["--no-quant-layers", "fcc"], "did you mean"),
+    (["--devices", "two"], "invalid --devices 'two'"),
+])
+def test_bad_clipping_flags(trained: Path, argv: list[str], message: str, capsys) -> None:
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--no-latency", "--calib-batches", "1", *argv],
+                   prog="quantize.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_stats_file_of_another_model_is_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    assert train.main(tiny_args(other, "--run-name", "tiny", "--epochs", "1", "--seed", "7")) == 0
+    stats = tmp_path / "stats.yaml"
+    assert quantize.main(["--checkpoint-dir", str(other), "--bits", "8", "--calib-batches", "1", "--no-latency",
+                          "--stats-file", str(stats)]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (trained / "tiny").iterdir()}
+    # same architecture and data set, other weights: the ranges would be wrong, so the file is refused
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--bits", "8", "--no-latency",
+                                   "--stats-file", str(stats)], prog="quantize.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert "calibrated on another model" in err and "weights" in err and len(err.splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in (trained / "tiny").iterdir()} == before  # nothing written
+
+
+def test_mismatched_checkpoints_are_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    # a checkpoint copied into another run's folder, whose config.yaml describes another model and data set
+    copied = tmp_path / "digits-lenet5"
+    copied.mkdir()
+    (copied / "best.ckpt").write_bytes((trained / "tiny" / "best.ckpt").read_bytes())
+    (copied / "config.yaml").write_text("data: digits\nmodel: lenet5\n")
+    assert run_cli(quantize.main, ["--ckpt", str(copied / "best.ckpt"), "--no-latency"], prog="quantize.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert "resnet20 trained on fake" in err and "lenet5 on digits" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in copied.iterdir()) == ["best.ckpt", "config.yaml"]
+    # a quantized checkpoint where the fp32 one is expected points at --eval
+    assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "--calib-batches", "1",
+                          "--no-latency"]) == 0
+    assert run_cli(quantize.main, ["--ckpt", str(trained / "tiny" / "ptq-w8a8.ckpt")], prog="quantize.py") == 2
+    assert "quantize.py --eval" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_single_process_report(trained: Path, tmp_path: Path) -> None:
+    reports = {}
+    for devices in ("1", "2"):
+        run = tmp_path / f"dev{devices}" / "tiny"
+        run.mkdir(parents=True)
+        for name in ("best.ckpt", "config.yaml"):
+            (run / name).write_bytes((trained / "tiny" / name).read_bytes())
+        proc = run_script("quantize.py", "--ckpt", str(run / "best.ckpt"), "--accelerator", "cpu", "--devices",
+                          devices, "--bits", "6", "--act-observer", "mse", "--calib-batches", "3",
+                          "--batch-size", "32", "--no-latency")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("lit-quant: fp32 vs ours vs torch.ao") == 1  # one table, from rank 0
+        reports[devices] = (_rows(run), _ptq_state(run / "ptq-w6a6.ckpt"))
+    (one_rows, one_state), (two_rows, two_state) = reports["1"], reports["2"]
+    assert [r["variant"] for r in two_rows] == ["fp32", "ptq", "builtin-ptq"]
+    for a, b in zip(one_rows, two_rows, strict=True):
+        assert b["top1"] == pytest.approx(a["top1"], abs=1e-6) and b["top5"] == pytest.approx(a["top5"], abs=1e-6)
+    quant_keys = [k for k in one_state if k.endswith((".scale", ".zero_point"))]
+    assert quant_keys and all(torch.equal(one_state[k], two_state[k]) for k in quant_keys)

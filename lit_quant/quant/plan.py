@@ -164,15 +164,19 @@ class QuantPlan:
                   act_scheme: str = "asym_u", weight_observer: str = "minmax", act_observer: str = "minmax",
                   per_channel: bool = True, narrow_range: bool = False, quantizer: str = "ste",
                   first_last_bits: int | None = None, skip: Iterable[str] = (), accum_bits: int = 32,
-                  fold_bn: bool = True) -> QuantPlan:
+                  fold_bn: bool = True, observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags.
 
         ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) at that width;
-        ``skip`` lists layer names (or globs) left in float.
+        ``skip`` lists layer names (or globs) left in float; ``observer_args`` maps an observer name to its
+        options (``{"percentile": {"percentile": 99.9}}``), given to the weight or activation spec using it.
         """
+        args = observer_args or {}
         weight = QuantSpec(bits=weight_bits, scheme=weight_scheme, per_channel=per_channel, axis=0,
-                           observer=weight_observer, narrow_range=narrow_range, quantizer=quantizer)
-        act = QuantSpec(bits=act_bits, scheme=act_scheme, observer=act_observer, quantizer=quantizer)
+                           observer=weight_observer, narrow_range=narrow_range, quantizer=quantizer,
+                           observer_args=args.get(weight_observer, ()))
+        act = QuantSpec(bits=act_bits, scheme=act_scheme, observer=act_observer, quantizer=quantizer,
+                        observer_args=args.get(act_observer, ()))
         overrides = [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
                      for p in (FIRST, LAST) if first_last_bits]
         overrides += [LayerOverride(name, skip=True) for name in skip]

@@ -5,6 +5,7 @@ for; loading sets qparams from those ranges through the same qparams function, s
 identical scales and zero points without seeing data. Format (YAML)::
 
     version: 1
+    source: {model: resnet20, data: digits, weights: 3f2a...}   # optional: what was calibrated
     quantizers:
       model.layers.0.relu1.act_quant:
         {kind: act, observer: mse, bits: 8, scheme: asym_u, min: [0.0], max: [3.81], scale: [...], zero_point: [...]}
@@ -15,6 +16,7 @@ identical scales and zero points without seeing data. Format (YAML)::
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,31 +40,44 @@ def _entry(fq: Any) -> dict[str, Any]:
             "min": lo.tolist(), "max": hi.tolist(), "scale": fq.scale.tolist(), "zero_point": fq.zero_point.tolist()}
 
 
-def save_stats(model: nn.Module, path: str | Path, include_weights: bool = False) -> Path:
+def save_stats(model: nn.Module, path: str | Path, include_weights: bool = False,
+               source: Mapping[str, Any] | None = None) -> Path:
     """Write the calibrated ranges of ``model``'s activation quantizers (and weights if asked) to ``path``.
 
-    Written atomically (temporary file + rename). Raises :class:`CalibrationError` if one saw no data.
+    ``source`` (plain values, e.g. model name, data set, a fingerprint of the float weights) is stored so
+    that :func:`load_stats` can refuse the file for another model. Written atomically (temporary file +
+    rename). Raises :class:`CalibrationError` if a quantizer saw no data.
     """
     kind = None if include_weights else "act"
-    data = {"version": STATS_VERSION, "quantizers": {name: _entry(fq) for name, fq in iter_quantizers(model, kind)}}
+    data: dict[str, Any] = {"version": STATS_VERSION}
+    if source:
+        data["source"] = dict(source)
+    data["quantizers"] = {name: _entry(fq) for name, fq in iter_quantizers(model, kind)}
     path = Path(path)
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
     return path
 
 
-def load_stats(model: nn.Module, path: str | Path) -> int:
+def load_stats(model: nn.Module, path: str | Path, source: Mapping[str, Any] | None = None) -> int:
     """Set qparams of ``model``'s quantizers from a stats file; returns how many were set.
 
     Every activation quantizer of the model must be in the file (weight entries are optional), and each
-    entry must name an existing quantizer with the same kind, observer, bits and scheme.
+    entry must name an existing quantizer with the same kind, observer, bits and scheme. With ``source``,
+    a file that records a different value for one of its keys was calibrated on something else.
 
     Raises:
-        QuantConfigError: unreadable file, unknown or missing quantizer names, spec mismatch.
+        QuantConfigError: unreadable file, another source, unknown or missing quantizer names, spec mismatch.
     """
     data = read_yaml(path, "stats")
     if not isinstance(data, dict) or data.get("version") != STATS_VERSION or not isinstance(
             data.get("quantizers"), dict):
         raise QuantConfigError(f"{path} is not a version-{STATS_VERSION} lit-quant stats file")
+    recorded = data.get("source") or {}
+    differ = [k for k, v in (source or {}).items() if k in recorded and recorded[k] != v]
+    if differ:
+        raise QuantConfigError(f"stats file {path} was calibrated on another model ("
+                               + ", ".join(f"{k} {recorded[k]} != {source[k]}" for k in differ)  # type: ignore[index]
+                               + "); delete it or pass another --stats-file")
     entries: dict[str, dict] = data["quantizers"]
     quantizers = dict(iter_quantizers(model))
     for name in entries:
