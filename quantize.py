@@ -5,6 +5,8 @@
     python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
     python quantize.py --sweep --observers minmax mse percentile   # accuracy against bits, PNG plot
     python quantize.py --mode builtin --backend qnnpack     # torch.ao only
+    python quantize.py --mode qat --bits 4 --epochs 5       # fp32, PTQ, our QAT, torch.ao QAT
+    python quantize.py --mode qat --bits 2 --qat-method lsq --first-last-bits 8
     python quantize.py --eval checkpoints/digits-resnet20/ptq-w8a8.ckpt
 
 Writes report.json and report.csv to the checkpoint's run folder and prints the table.
@@ -62,6 +64,8 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] 
         if value is not None:
             for target in targets:
                 args.setdefault(target, value)
+    if args.get("mode") == "qat":  # QAT tracks ranges as they move: a moving average, as torch.ao's QAT does
+        args.setdefault("act_observer", "ema")
     cfg = resolve_config(args, cls=QuantizeConfig)
     for value in sweep or []:
         if not 2 <= value <= 16:
@@ -69,6 +73,11 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] 
     for name in observers or []:
         if name not in OBSERVER_NAMES:
             raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
+    qat_only = ("epochs", "lr", "qat_method", "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level",
+                "resume")
+    given = [name for name in qat_only if name in args]
+    if given and cfg.mode != "qat":
+        raise UserError(f"--{given[0].replace('_', '-')} is a QAT setting: add --mode qat")
     if (sweep or observers) and cfg.mode not in ("ptq", "compare"):
         raise UserError("--sweep / several --bits / --observers need --mode ptq or compare")
     return cfg, sweep, observers

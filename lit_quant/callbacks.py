@@ -6,10 +6,26 @@ attributes to the user's model (why Lightning removed its own QAT callback, Ligh
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+from typing import Any
 
-from lit_quant.quant import finish_calibration, iter_quantizers, start_calibration
-from lit_quant.quant.spec import CalibrationError
+import pytorch_lightning as pl
+from pytorch_lightning.trainer.states import TrainerFn
+
+from lit_quant.quant import (
+    QuantizedModel,
+    QuantPlan,
+    enable_fake_quant,
+    enable_observer,
+    finish_calibration,
+    iter_quantizers,
+    prepare,
+    start_calibration,
+    sync_observers,
+    update_qparams,
+)
+from lit_quant.quant.fake_quant import set_step_qparams
+from lit_quant.quant.modules import freeze_bn_stats, refresh_weight_qparams
+from lit_quant.quant.spec import CalibrationError, QuantConfigError
 
 
 class PTQCalibration(pl.Callback):
@@ -45,3 +61,97 @@ class PTQCalibration(pl.Callback):
         # check an empty calibration set would leave the model silently uncalibrated.
         if stage == "predict" and not self._calibrated:
             raise CalibrationError("PTQ calibration saw no batches: the calibration set is empty")
+
+
+class QATCallback(pl.Callback):
+    """Quantization-aware training of ``pl_module.model`` with the plan ``plan``.
+
+    * ``setup``: a float ``pl_module.model`` is replaced by ``prepare(model, plan, qat=True)`` (Conv-BN pairs
+      fold as they train, see :class:`lit_quant.quant.modules.QuantConvBn2d`). This runs before Lightning
+      restores a checkpoint, so ``fit(ckpt_path=...)``, ``test(ckpt_path=...)`` and ``load_from_checkpoint``
+      find the quantized structure (qparams, LSQ scales, BN-freeze flags) their state dict was saved from.
+      A model prepared with another plan is refused.
+    * training: fake quant on; each epoch, observers run until ``freeze_observers_epoch`` and BatchNorm
+      statistics until ``freeze_bn_epoch`` (torchvision's QAT recipe). While observers run, activation
+      statistics are merged across DDP ranks after every step and the qparams recomputed from them, so all
+      ranks use the same qparams at every step (torch.ao only broadcasts rank 0's buffers). Weights are
+      the same on every rank; their qparams follow the current weight.
+    * validation / test / end of training: weight qparams refreshed from the current weights, observers off,
+      so evaluation data never moves a range; after ``fit`` the model is left in that evaluation state.
+
+    The model must be calibrated first (``trainer.predict`` with :class:`PTQCalibration`), or be restored
+    from a QAT checkpoint: training starts from valid qparams on every rank.
+    """
+
+    def __init__(self, plan: QuantPlan, freeze_observers_epoch: int | None = None,
+                 freeze_bn_epoch: int | None = None) -> None:
+        self.plan = plan
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = pl_module.model
+        if isinstance(model, QuantizedModel):
+            if model.plan != self.plan:
+                raise QuantConfigError("the model is already quantized with a different plan; start QAT from the "
+                                       "fp32 checkpoint or use the plan it was quantized with")
+        else:
+            pl_module.model = prepare(model, self.plan, qat=True)
+        set_step_qparams(pl_module.model, True)
+
+    def _observing(self, epoch: int) -> bool:
+        return self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
+
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        enable_observer(pl_module, self._observing(epoch))
+        freeze_bn_stats(pl_module, self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        missing = [n for n, fq in iter_quantizers(pl_module) if not bool(fq.qparams_valid) and fq.kind == "act"]
+        if missing:
+            raise CalibrationError(f"QAT needs calibrated quantizers ({len(missing)} have no qparams, e.g. "
+                                   f"{missing[0]}): run trainer.predict with PTQCalibration first")
+        enable_fake_quant(pl_module, True)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedule(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._observing(trainer.current_epoch):
+            sync_observers(pl_module, kind="act")
+            update_qparams(pl_module, kind="act")
+
+    def _to_eval_state(self, pl_module: pl.LightningModule) -> None:
+        # The last optimizer step moved the weights after their qparams were computed: refresh them, so
+        # evaluation and the checkpoint saved after it use the qparams of the weights they hold.
+        refresh_weight_qparams(pl_module)
+        enable_observer(pl_module, False)
+        enable_fake_quant(pl_module, True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refresh_weight_qparams(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._to_eval_state(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._to_eval_state(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._apply_schedule(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._to_eval_state(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "freeze_observers_epoch": self.freeze_observers_epoch,
+                "freeze_bn_epoch": self.freeze_bn_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if QuantPlan.from_dict(state_dict["plan"]) != self.plan:
+            raise QuantConfigError("the checkpoint was trained with another quantization plan than this run's")
+        self.freeze_observers_epoch = state_dict["freeze_observers_epoch"]
+        self.freeze_bn_epoch = state_dict["freeze_bn_epoch"]

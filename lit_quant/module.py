@@ -23,6 +23,8 @@ import torchmetrics
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
+from lit_quant.quant.fake_quant import FakeQuantize
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "none")
 
@@ -123,14 +125,22 @@ class LitClassifier(pl.LightningModule):
         return self(batch[0])
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """SGD/AdamW over all parameters, with a per-step schedule over the whole run."""
+        """SGD/AdamW over all parameters, with a per-step schedule over the whole run.
+
+        Learned quantizer scales (LSQ) get no weight decay: decay would shrink every step size towards 0.
+        """
         hp = self.hparams
+        quantizer_params = {id(p) for m in self.modules() if isinstance(m, FakeQuantize) for p in m.parameters()}
+        params = [p for p in self.parameters() if id(p) not in quantizer_params]
+        groups = [{"params": params}]
+        if quantizer_params:
+            groups.append({"params": [p for p in self.parameters() if id(p) in quantizer_params], "weight_decay": 0.0})
         if hp.optimizer == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum,
                                                          nesterov=hp.nesterov and hp.momentum > 0,
                                                          weight_decay=hp.weight_decay)
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
             return {"optimizer": opt}
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -29,6 +29,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from lit_quant.errors import UserError
+from lit_quant.quant.fake_quant import FakeQuantize
+from lit_quant.quant.observers import Observer
 
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 #: Lightning's accepted precision values (``Trainer(precision=...)``).
@@ -87,14 +89,14 @@ class ApexO2Precision(Precision):
 
     # ------------------------------------------------------------------------------------------ the model
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Cast to half in place, keeping BatchNorm layers in fp32.
+        """Cast to half in place, keeping BatchNorm layers and quantizers in fp32.
 
         Tensor by tensor, skipping BatchNorm, rather than ``module.to(half)`` followed by ``bn.float()``: the
         round trip would round BatchNorm's running statistics and affine parameters to half precision every
         time a checkpoint is restored, and a resumed run would drift from an uninterrupted one.
         """
         for m in module.modules():
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, (_BatchNorm, FakeQuantize, Observer)):  # quantizer scales stay fp32 (see FakeQuantize)
                 continue
             for p in m.parameters(recurse=False):
                 if p.is_floating_point():

@@ -7,11 +7,13 @@ calibration batches (the data module's ``predict_dataloader``) and is evaluated 
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,18 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
-from lit_quant.builtin import available_backends, builtin_dynamic, builtin_half, builtin_ptq, check_backend
-from lit_quant.callbacks import PTQCalibration
+from lit_quant.builtin import (
+    available_backends,
+    builtin_dynamic,
+    builtin_half,
+    builtin_ptq,
+    builtin_qat_convert,
+    builtin_qat_prepare,
+    check_backend,
+)
+from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
@@ -31,12 +41,20 @@ from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, save_stats
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
-from lit_quant.training import build_datamodule, hardware_settings, load_classifier, model_from_arch
+from lit_quant.training import (
+    build_datamodule,
+    build_trainer,
+    hardware_settings,
+    load_classifier,
+    model_from_arch,
+    read_checkpoint,
+)
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
 ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
             "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
-MODES = ("ptq", "builtin", "compare", "dynamic", "half")
+MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
+QAT_METHODS = ("ste", "lsq")
 
 
 @dataclass
@@ -46,7 +64,7 @@ class QuantizeConfig:
     ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
     eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
     checkpoint_dir: str = option("checkpoints", "root folder of runs; reports go to the checkpoint's run folder")
-    mode: str = option("ptq", "ptq (fp32, ours, torch.ao --backend), builtin (torch.ao only), compare (fp32, ours, "
+    mode: str = option("ptq", "ptq (fp32, ours, torch.ao --backend), qat (fp32, PTQ, our QAT, torch.ao QAT), builtin (torch.ao only), compare (fp32, ours, "
                        "torch.ao on every backend of this CPU), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
     weight_bits: int = option(8, "weight bits, 2..16")
     act_bits: int = option(8, "activation bits, 2..16")
@@ -70,6 +88,19 @@ class QuantizeConfig:
     gpus: int | None = option(None, "calibrate and evaluate on N GPUs (accelerator gpu, devices N, DDP)")
     num_nodes: int = option(1, "number of nodes for multi-node DDP")
     strategy: str = option("auto", "Lightning strategy (auto: DDP when devices > 1)")
+    # QAT
+    epochs: int = option(5, "QAT: fine-tuning epochs (ours and torch.ao's)")
+    lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: 1/100 of the fp32 run's)")
+    qat_method: str = option("ste", "QAT: ste (fixed-range fake quant, observers, straight-through rounding) or "
+                             "lsq (learned step sizes, for low bits)", choices=QAT_METHODS)
+    freeze_observers_epoch: int | None = option(None, "QAT: stop updating ranges from this epoch (0-based)")
+    freeze_bn_epoch: int | None = option(None, "QAT: freeze BatchNorm statistics from this epoch (0-based)")
+    precision: str | None = option(None, "QAT: Lightning precision (32-true, bf16-mixed, 16-mixed, ...)")
+    opt_level: str | None = option(None, "QAT: apex-style mixed precision level", choices=("O0", "O1", "O2", "O3"))
+    resume: str | None = option(None, "QAT: continue from 'last' (the run's qat-w<W>a<A>/last.ckpt) or a path")
+    seed: int = option(42, "QAT: random seed (shuffling, augmentation)")
+    deterministic: bool = option(False, "QAT: deterministic algorithms (bit-identical reruns and resumes)")
+    builtin_qat: bool = option(True, "QAT: also train torch.ao's prepare_qat_fx model (same epochs and data)")
     latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
     progress: bool = option(False, "rich progress bars for calibration and evaluation")
 
@@ -86,6 +117,14 @@ class QuantizeConfig:
         for name in ("calib_batches", "batch_size", "num_nodes"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("freeze_observers_epoch", "freeze_bn_epoch"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.epochs:
+                raise UserError(f"--{name.replace('_', '-')} {value} is outside the run: epochs are 0..{self.epochs - 1}")
         if self.gpus is not None and self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
         check_choices(self)
@@ -148,8 +187,10 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
     classifier = load_classifier(ckpt_path)
     float_model, arch = classifier.model.eval(), classifier.hparams.arch
-    if cfg.mode in ("ptq", "builtin", "compare"):
+    if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
+    if cfg.mode == "qat":  # a bad --resume fails before any work is done or any file written
+        find_qat_resume(cfg, qat_dir_for(ckpt_path.parent, build_plan(cfg)))
     train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
                             small_input=arch["small_input"], batch_size=cfg.batch_size, progress=False)
     run_dir = ckpt_path.parent
@@ -185,7 +226,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                     | _measure(model, example, real and cfg.latency and trainer.is_global_zero))
 
     row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
-    if cfg.mode in ("ptq", "compare"):
+    if cfg.mode in ("ptq", "compare", "qat"):
         sweep = [(bits, observer) for bits in sweep_bits or [None] for observer in observers or [cfg.act_observer]]
         for bits, observer in sweep:
             plan = build_plan(cfg, bits, observer)
@@ -198,7 +239,19 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             if trainer.is_global_zero:
                 save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
                            data_settings, rows[-1])
-    if cfg.mode == "dynamic":
+    if cfg.mode == "qat":
+        qat = run_qat(cfg, classifier, arch, dm, run_dir, example)
+        row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
+            act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
+            note=f"our QAT ({cfg.qat_method}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; fake-quant simulation")
+        if trainer.is_global_zero:
+            save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, arch, data_settings, rows[-1],
+                           kind="qat")
+        if cfg.builtin_qat:
+            model, fit_s = run_builtin_qat(cfg, classifier, arch, dm, run_dir, example)
+            row("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
+                note=f"torch.ao prepare_qat_fx int8, {cfg.epochs} epochs in {fit_s:.0f} s, real integer kernels")
+    elif cfg.mode == "dynamic":
         row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
             note="torch.ao dynamic: int8 Linear weights, activations quantized per batch; convs stay float")
     elif cfg.mode == "half":
@@ -225,6 +278,109 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@dataclass
+class QATResult:
+    """What :func:`run_qat` hands back: the trained quantized model (eval mode), its plan, its folder."""
+
+    model: torch.nn.Module
+    plan: QuantPlan
+    run_dir: Path
+    calib_s: float | None
+    fit_s: float
+
+
+def _qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any], dm: Any) -> TrainConfig:
+    """The Trainer settings of a QAT run (hardware, precision, epochs) as a :class:`TrainConfig`."""
+    return TrainConfig(data=arch["data"], model=arch["model"], batch_size=cfg.batch_size, epochs=cfg.epochs,
+                       seed=cfg.seed, deterministic=cfg.deterministic, accelerator=cfg.accelerator,
+                       devices=cfg.devices, gpus=cfg.gpus, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                       precision=cfg.precision, opt_level=cfg.opt_level, progress=cfg.progress,
+                       log_every_n_steps=1)
+
+
+def _qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch.nn.Module) -> LitClassifier:
+    """A LitClassifier for fine-tuning ``model``: the fp32 run's optimiser settings, ``--lr`` (default 1/100
+    of the fp32 peak rate) with cosine decay over ``--epochs``."""
+    hp = classifier.hparams
+    return LitClassifier(model, hp.arch["num_classes"], arch=hp.arch, optimizer=hp.optimizer,
+                         lr=cfg.lr if cfg.lr is not None else hp.lr / 100.0, momentum=hp.momentum,
+                         nesterov=hp.nesterov, weight_decay=hp.weight_decay, scheduler="cosine",
+                         label_smoothing=hp.label_smoothing)
+
+
+def _sync_bn(cfg: QuantizeConfig) -> bool:
+    """SyncBatchNorm on CUDA (torch's SyncBatchNorm has no CPU kernels). On CPU, DDP's buffer broadcast
+    gives every rank rank 0's running statistics at each forward; batch statistics stay per rank."""
+    return cfg.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def qat_dir_for(run_dir: Path, plan: QuantPlan) -> Path:
+    """``<run>/qat-w<W>a<A>``: a QAT run's Lightning checkpoints and logs."""
+    return run_dir / f"qat-w{plan.weight.bits}a{plan.act.bits}"
+
+
+def find_qat_resume(cfg: QuantizeConfig, qat_dir: Path) -> Path | None:
+    """``--resume last`` / a path, checked to be a QAT checkpoint of this plan's run; None without --resume."""
+    if cfg.resume is None:
+        return None
+    path = qat_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
+    ckpt = read_checkpoint(path)
+    if not any("QATCallback" in str(key) for key in ckpt.get("callbacks", {})):
+        raise UserError(f"--resume {path}: not a QAT checkpoint (no QAT state; it was written by train.py or "
+                        "another mode); resume QAT from quantize.py --mode qat's qat-w<W>a<A>/last.ckpt")
+    return path
+
+
+def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any], dm: Any, run_dir: Path,
+            example: torch.Tensor) -> QATResult:
+    """Quantization-aware fine-tuning of the fp32 model with our quantizers, through the Lightning Trainer.
+
+    Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ), then
+    ``fit`` with :class:`QATCallback` for ``--epochs``; ``last.ckpt`` under ``<run>/qat-w<W>a<A>/`` is written
+    every epoch and ``--resume`` continues from it (plan, qparams, LSQ scales, freeze state, optimiser,
+    schedule and RNG state restored by Lightning; the callback re-prepares the model before the load).
+    """
+    plan = build_plan(cfg)
+    qat_dir = qat_dir_for(run_dir, plan)
+    resume = find_qat_resume(cfg, qat_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    callback = QATCallback(plan, cfg.freeze_observers_epoch, cfg.freeze_bn_epoch)
+    last_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="last", save_top_k=1, enable_version_counter=False)
+    train_cfg = _qat_train_config(cfg, arch, dm)
+    # inference_mode=False: quantizer buffers replaced during calibration or validation (a per-channel scale
+    # taking its shape, an observer reset) would otherwise be inference tensors that training cannot update.
+    trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, last_cb],
+                            sync_batchnorm=_sync_bn(cfg), inference_mode=False)
+    calib_s = None
+    if resume is None:  # a fresh run starts from calibrated qparams; a resumed one loads them
+        lit = _qat_classifier(cfg, classifier, prepare(classifier.model, plan, qat=True))
+        start = time.perf_counter()
+        trainer.predict(lit, datamodule=dm, return_predictions=False)
+        calib_s = time.perf_counter() - start
+    else:
+        lit = _qat_classifier(cfg, classifier, copy.deepcopy(classifier.model))
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(resume) if resume else None)
+    return QATResult(lit.model.eval(), plan, qat_dir, calib_s, time.perf_counter() - start)
+
+
+def run_builtin_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any], dm: Any,
+                    run_dir: Path, example: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    """torch.ao's QAT on the same fp32 model, data, epochs and optimiser: ``prepare_qat_fx`` with the
+    backend's default QAT qconfig, trained by the same Lightning Trainer settings, then ``convert_fx``.
+    No checkpoints (an FX GraphModule is not what --resume restores); returns the int8 model and fit time."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    lit = _qat_classifier(cfg, classifier, builtin_qat_prepare(classifier.model, cfg.backend, example))
+    train_cfg = _qat_train_config(cfg, arch, dm)
+    trainer = build_trainer(train_cfg, run_dir / "builtin-qat", callbacks=[], sync_batchnorm=_sync_bn(cfg),
+                            enable_checkpointing=False, inference_mode=False)
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    return builtin_qat_convert(lit.model.cpu()), time.perf_counter() - start
 
 
 def _calibrate(trainer: pl.Trainer, lit: LitClassifier, dm: Any, stats_file: str | None,
@@ -283,19 +439,20 @@ def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | Non
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
                                first_last_bits=cfg.first_last_bits, skip=cfg.no_quant_layers,
+                               quantizer=cfg.qat_method if cfg.mode == "qat" else "ste",
                                observer_args={"percentile": {"percentile": cfg.percentile},
                                               "nstd": {"n_std": cfg.n_std}})
 
 
 def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],
-                   data: dict[str, Any], row: dict[str, Any]) -> None:
+                   data: dict[str, Any], row: dict[str, Any], kind: str = "ptq") -> None:
     """Write a self-contained quantized checkpoint: architecture, data settings, plan, calibrated state dict
     and its report row.
 
     The plan and the qparams (buffers of the quantizers) travel in the file, so :func:`evaluate_quantized`
     rebuilds the model without the fp32 checkpoint and without calibrating again.
     """
-    payload = {"lit_quant": "ptq", "arch": dict(arch), "data": data, "plan": plan.to_dict(),
+    payload = {"lit_quant": kind, "arch": dict(arch), "data": data, "plan": plan.to_dict(),
                "state_dict": model.state_dict(), "row": row}
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
@@ -309,10 +466,10 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types for corrupt files
         raise UserError(f"cannot read quantized checkpoint {path}: {type(exc).__name__}") from exc
-    if not isinstance(payload, dict) or payload.get("lit_quant") != "ptq":
+    if not isinstance(payload, dict) or payload.get("lit_quant") not in ("ptq", "qat"):
         raise UserError(f"{path} is not a quantized checkpoint written by quantize.py (an fp32 one goes to --ckpt)")
     arch = payload["arch"]
-    model = prepare(model_from_arch(arch).eval(), QuantPlan.from_dict(payload["plan"]))
+    model = prepare(model_from_arch(arch).eval(), QuantPlan.from_dict(payload["plan"]), qat=payload["lit_quant"] == "qat")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
@@ -326,7 +483,7 @@ def evaluate_quantized(path: str | Path, batch_size: int) -> dict[str, Any]:
     """Top-1 / top-5 of a saved quantized checkpoint on its data set's test split (no calibration)."""
     model, payload = load_quantized(path)
     dm = build_datamodule(TrainConfig(**payload["data"], batch_size=batch_size, progress=False))
-    return payload["row"] | {"variant": "ptq (reloaded)"} | _evaluate(_trainer(), model,
+    return payload["row"] | {"variant": f"{payload['lit_quant']} (reloaded)"} | _evaluate(_trainer(), model,
                                                                        payload["arch"]["num_classes"], dm)
 
 

@@ -162,8 +162,11 @@ def build_loggers(run_dir: Path) -> list[Logger]:
 
 
 def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None,
-                  callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    """A Trainer for ``cfg`` writing to ``run_dir``; Lightning's own configuration errors become one line."""
+                  callbacks: list[pl.Callback] | None = None, **trainer_kwargs: Any) -> pl.Trainer:
+    """A Trainer for ``cfg`` writing to ``run_dir``; Lightning's own configuration errors become one line.
+
+    ``trainer_kwargs`` go to ``pl.Trainer`` as they are (``sync_batchnorm``, ``enable_checkpointing``).
+    """
     hardware = hardware_settings(cfg)
     precision = resolve_precision(cfg.precision, cfg.opt_level, _uses_cuda(hardware["accelerator"]))
     plugins: list[Any] = [AtomicCheckpointIO()]
@@ -181,7 +184,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
                           max_epochs=max_epochs or cfg.epochs, deterministic=cfg.deterministic,
                           callbacks=callbacks, logger=build_loggers(run_dir), default_root_dir=str(run_dir),
                           enable_progress_bar=cfg.progress, enable_model_summary=cfg.progress,
-                          log_every_n_steps=cfg.log_every_n_steps, use_distributed_sampler=False, **limits)
+                          log_every_n_steps=cfg.log_every_n_steps, use_distributed_sampler=False, **limits,
+                          **trainer_kwargs)
     except (MisconfigurationException, ValueError) as exc:
         raise UserError(f"invalid trainer settings: {exc}") from exc
 

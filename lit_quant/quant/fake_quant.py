@@ -62,9 +62,25 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
         """Channel axis of per-channel qparams, ``None`` per tensor."""
         return self.spec.axis if self.spec.per_channel else None
 
+    #: QAT under DDP: activation qparams are not recomputed from this process's observer in ``forward``;
+    #: they change only through :func:`update_qparams` after :func:`sync_observers` (the QAT callback does
+    #: both after every step), so every rank fake-quantizes with the same qparams at every step. Weights
+    #: are the same on every rank, so weight qparams always follow the current weight.
+    step_qparams: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale arithmetic and rounding in fp32 even under autocast or with a half model: a half-precision
+        # scale can underflow and round-to-nearest on a half grid is not the integer grid (pytorch#94371).
+        if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float()).to(x.dtype)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
-            self.observer(x)
+            if self.kind == "weight":
+                self.observer.reset()  # the range of the weight as it is now, not of every past weight (QAT)
+            self.observer(x.detach())
         if not self.fake_quant_enabled:
             return x
         if self._needs_qparams():
@@ -72,7 +88,9 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
         return self._fake_quantize(x)
 
     def _needs_qparams(self) -> bool:
-        return bool(self.observer_enabled) or not bool(self.qparams_valid)
+        if not bool(self.qparams_valid):
+            return True
+        return bool(self.observer_enabled) and not (self.step_qparams and self.kind == "act")
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max, self.axis)
@@ -162,13 +180,20 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True) -> None:
         fq.fake_quant_enabled.fill_(bool(enabled))
 
 
-def sync_observers(model: nn.Module, group: Any = None) -> None:
-    """Merge every observer's statistics across DDP ranks (no-op without ``torch.distributed``).
+def sync_observers(model: nn.Module, group: Any = None, kind: str | None = None) -> None:
+    """Merge every observer's (of ``kind``) statistics across DDP ranks (no-op without ``torch.distributed``).
 
     Call it on every rank, at the same point (it is a sequence of collectives).
     """
-    for _, fq in iter_quantizers(model):
+    for _, fq in iter_quantizers(model, kind):
         fq.observer.sync(group)
+
+
+def set_step_qparams(model: nn.Module, enabled: bool = True) -> None:
+    """Activation qparams updated between steps (after a sync) instead of in ``forward``; see
+    :attr:`FakeQuantize.step_qparams`."""
+    for _, fq in iter_quantizers(model):
+        fq.step_qparams = bool(enabled)
 
 
 def reset_observers(model: nn.Module) -> None:
@@ -178,18 +203,18 @@ def reset_observers(model: nn.Module) -> None:
         fq.qparams_valid.fill_(False)
 
 
-def update_qparams(model: nn.Module) -> None:
-    """Compute qparams of every quantizer from its observer.
+def update_qparams(model: nn.Module, kind: str | None = None) -> None:
+    """Compute qparams of every quantizer (of ``kind``) from its observer; learned LSQ scales are kept.
 
     Raises:
         CalibrationError: naming every quantizer that saw no data (a layer not used in forward, or no
             calibration batches at all).
     """
-    missing = [name for name, fq in iter_quantizers(model) if not fq.observer.has_data and not fq.qparams_valid]
+    missing = [name for name, fq in iter_quantizers(model, kind) if not fq.observer.has_data and not fq.qparams_valid]
     if missing:
         raise CalibrationError(f"{len(missing)} quantizer(s) observed no data: {', '.join(missing[:8])}"
                                + (" ..." if len(missing) > 8 else ""))
-    for _, fq in iter_quantizers(model):
+    for _, fq in iter_quantizers(model, kind):
         if fq.observer.has_data and not (isinstance(fq, LSQFakeQuantize) and fq.qparams_valid):
             fq.update_qparams()
 

@@ -71,9 +71,23 @@ class _QuantWeightLayer:
         mod.weight, mod.bias = self.weight, self.bias
         return mod.train(self.training)  # type: ignore[attr-defined]
 
+    def float_weight(self) -> torch.Tensor:
+        """The float weight the weight quantizer sees (the deployed layer's weight)."""
+        return self.weight
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the integer engine will see it (fake-quantized when enabled)."""
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        w = self.float_weight()
+        return w if self.weight_quant is None else self.weight_quant(w)
+
+    def refresh_weight_qparams(self) -> None:
+        """Weight qparams from the current weight (after an optimizer step moved it); learned LSQ scales stay."""
+        fq = self.weight_quant
+        if fq is None or (getattr(fq, "scale", None) is not None and isinstance(fq.scale, nn.Parameter)):
+            return
+        fq.observer.reset()
+        fq.observer(self.float_weight().detach())
+        fq.update_qparams()
 
     def _quant_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.act_quant is None else self.act_quant(y)
@@ -95,6 +109,98 @@ class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", accum_bits={self.accum_bits}"
+
+
+class QuantConvBn2d(QuantConv2d):
+    """Conv2d + BatchNorm2d for QAT with the BatchNorm folded into the quantized weight as it trains.
+
+    Simulated folding (Jacob et al. 2018, sec. 3.2; Krishnamoorthi 2018, sec. 3.2.2; torch.ao's
+    ``ConvBn2d``): with ``f = gamma / sqrt(running_var + eps)`` the quantized weight is ``q(w * f)``, the
+    weight the deployed (folded) layer has. While BatchNorm trains, the convolution with it is divided back
+    by ``f`` and BatchNorm applies batch statistics (and updates its running ones)::
+
+        y = bn_batch(conv(x, q(w f)) / f + b)          # training, BN not frozen
+
+    which is the float Conv-BN's output up to weight quantization; the division by the *running* factor is
+    the running-statistics correction that keeps the quantized weight on the deploy grid. In eval mode or
+    with BN frozen the layer is exactly the folded one::
+
+        y = conv(x, q(w f)) + (b - running_mean) f + beta
+
+    ``to_float()`` returns that folded Conv2d. ``bn`` stays a real BatchNorm module, so Lightning's
+    ``sync_batchnorm`` turns it into a SyncBatchNorm under DDP.
+    """
+
+    bn: nn.modules.batchnorm._BatchNorm
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
+                   accum_bits: int = 32, bn: nn.modules.batchnorm._BatchNorm | None = None) -> QuantConvBn2d:
+        """Like :meth:`QuantConv2d.from_float`, with the ``bn`` that follows ``mod`` (shared, not copied)."""
+        if bn is None:
+            raise ValueError("QuantConvBn2d needs the BatchNorm that follows the convolution")
+        new = cls(**cls._float_args(mod), bias=mod.bias is not None, device="meta")
+        new.weight, new.bias, new.bn = mod.weight, mod.bias, bn
+        new.weight_quant = _maybe_quantizer(weight_spec, "weight")
+        new.act_quant = _maybe_quantizer(act_spec, "act")
+        new.accum_bits = int(accum_bits)
+        new.register_buffer("bn_frozen", torch.tensor(False, device=mod.weight.device))
+        if new.weight_quant is not None:
+            new.weight_quant.observer(new.float_weight().detach())
+        new.train(mod.training)
+        return new
+
+    def _folded_factor_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w * f, f)`` with ``f = gamma / sqrt(running_var + eps)``."""
+        bn = self.bn
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+        return self.weight * factor.reshape(-1, 1, 1, 1), factor
+
+    def folded_bias(self) -> torch.Tensor:
+        """``(b - running_mean) * f + beta``: the deployed layer's bias."""
+        bn = self.bn
+        _, factor = self._folded_factor_weight()
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        b = torch.zeros_like(bn.running_mean) if self.bias is None else self.bias
+        return (b - bn.running_mean) * factor + beta
+
+    def float_weight(self) -> torch.Tensor:
+        """The folded weight ``w * f`` (running statistics), which is what gets quantized and deployed."""
+        return self._folded_factor_weight()[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, factor = self._folded_factor_weight()
+        wq = w if self.weight_quant is None else self.weight_quant(w)
+        if self.training and not bool(self.bn_frozen):
+            y = self._conv_forward(x, wq, None) / factor.reshape(1, -1, 1, 1)
+            if self.bias is not None:
+                y = y + self.bias.reshape(1, -1, 1, 1)
+            return self._quant_output(self.bn(y))
+        return self._quant_output(self._conv_forward(x, wq, self.folded_bias()))
+
+    def to_float(self) -> nn.Module:
+        """The folded Conv2d (running statistics), with new parameters."""
+        mod = nn.Conv2d(**self._float_args(self), bias=True, device=self.weight.device)
+        with torch.no_grad():
+            mod.weight.copy_(self._folded_factor_weight()[0])
+            mod.bias.copy_(self.folded_bias())
+        return mod.train(self.training)
+
+
+def refresh_weight_qparams(model: nn.Module) -> None:
+    """Every quantized layer's weight qparams from its current weight (end of QAT, before evaluating)."""
+    for module in model.modules():
+        if isinstance(module, _QuantWeightLayer):
+            module.refresh_weight_qparams()
+
+
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
+    """QAT: stop (or restart) BatchNorm statistics in every :class:`QuantConvBn2d`; frozen layers compute
+    the folded deploy form with running statistics (torchvision's ``freeze_bn_stats`` step)."""
+    for module in model.modules():
+        if isinstance(module, QuantConvBn2d):
+            module.bn_frozen.fill_(bool(frozen))
 
 
 class QuantLinear(_QuantWeightLayer, nn.Linear):

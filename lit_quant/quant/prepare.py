@@ -43,7 +43,7 @@ from lit_quant.quant.fuse import (
     module_graph,
     set_submodule,
 )
-from lit_quant.quant.modules import WEIGHTED_QUANT, QuantFunctional, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.modules import WEIGHTED_QUANT, QuantConvBn2d, QuantFunctional, QuantOutput, _QuantWeightLayer
 from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
 from lit_quant.quant.spec import CalibrationError
 
@@ -104,11 +104,12 @@ def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str
     return absorbed, owner
 
 
-def prepare(model: nn.Module, plan: QuantPlan | None = None) -> QuantizedModel:
+def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) -> QuantizedModel:
     """A quantized copy of ``model`` (``model`` itself is not modified).
 
     Steps: deep copy; trace module-to-module edges (FX, read only); fold Conv/Linear-BN pairs if
-    ``plan.fold_bn``; swap Conv2d / Linear for :class:`QuantConv2d` / :class:`QuantLinear` and wrap the
+    ``plan.fold_bn`` (with ``qat``, a quantized Conv-BN pair becomes a :class:`QuantConvBn2d` that folds as
+    it trains, so BatchNorm keeps learning statistics); swap Conv2d / Linear for :class:`QuantConv2d` / :class:`QuantLinear` and wrap the
     output-producing modules listed in the module docstring, each with the specs
     ``plan.resolve(name)`` gives. Quantizers start in calibration mode (observers on, fake quant off), so
     the prepared model computes exactly what the (folded) float model does until
@@ -123,9 +124,13 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None) -> QuantizedModel:
     graph = module_graph(model)
     modules = dict(model.named_modules())
     folded: set[str] = set()
+    live_bn: dict[str, nn.Module] = {}  # QAT: conv name -> its BatchNorm, folded in QuantConvBn2d.forward
     if plan.fold_bn:
         for layer_name, bn_name in bn_pairs(model, graph):
-            set_submodule(model, layer_name, fold_bn(modules[layer_name], modules[bn_name]))
+            if qat and type(modules[layer_name]) is nn.Conv2d:
+                live_bn[layer_name] = modules[bn_name]
+            else:
+                set_submodule(model, layer_name, fold_bn(modules[layer_name], modules[bn_name]))
             set_submodule(model, bn_name, nn.Identity())
             folded.add(bn_name)
         modules = dict(model.named_modules())
@@ -144,11 +149,17 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None) -> QuantizedModel:
 
     for name in weighted:
         lq = resolve(name)
-        if lq.weight is None and lq.act is None:
-            continue  # skipped (or fully float) layer stays the user's module
-        qcls = next(q for f, q in WEIGHTED_QUANT.items() if isinstance(modules[name], f))
+        if lq.weight is None and lq.act is None:  # skipped (or fully float) layer stays the user's module
+            if name in live_bn:  # ...with its BatchNorm folded, as every other pair
+                set_submodule(model, name, fold_bn(modules[name], live_bn[name]))
+            continue
         act = None if name in absorbed else lq.act
-        set_submodule(model, name, qcls.from_float(modules[name], lq.weight, act, lq.accum_bits))
+        if name in live_bn:
+            layer = QuantConvBn2d.from_float(modules[name], lq.weight, act, lq.accum_bits, bn=live_bn[name])
+        else:
+            qcls = next(q for f, q in WEIGHTED_QUANT.items() if isinstance(modules[name], f))
+            layer = qcls.from_float(modules[name], lq.weight, act, lq.accum_bits)
+        set_submodule(model, name, layer)
     shared = [n for n in outputs if graph.calls.get(n, 1) > 1]
     if shared:
         warnings.warn(f"module(s) {', '.join(shared)} are called more than once; each shares one output quantizer "

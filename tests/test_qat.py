@@ -1,0 +1,230 @@
+"""QAT: simulated BN folding, fp32 fake quant under autocast, the QAT callback through the real Trainer
+(DDP, bf16, resume after SIGKILL) and quantize.py --mode qat against torch.ao's QAT."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import ROOT, run_script, tiny_args
+from qat_script import run as run_qat_script
+
+import quantize
+import train
+from lit_quant.callbacks import PTQCalibration, QATCallback
+from lit_quant.cli import run_cli
+from lit_quant.data import ClassificationDataModule
+from lit_quant.models import build_model
+from lit_quant.module import LitClassifier
+from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, iter_quantizers, prepare
+from lit_quant.quant.fake_quant import FakeQuantize
+from lit_quant.quant.modules import QuantConvBn2d, freeze_bn_stats
+from lit_quant.quant.spec import QuantSpec
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("resnet20", 3, 10)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 8, 8))  # non-trivial running statistics
+    return model.eval()
+
+
+def test_conv_bn_folds_as_it_trains() -> None:
+    model, x = _bn_model(), torch.randn(16, 3, 8, 8)
+    q = prepare(model, QuantPlan.from_bits(8, 8, act_observer="ema"), qat=True)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert n_bn > 0 and sum(isinstance(m, QuantConvBn2d) for m in q.modules()) == n_bn  # every pair
+    enable_fake_quant(q, False)
+    with torch.no_grad():
+        assert torch.allclose(q.eval()(x), model.eval()(x), atol=1e-5)  # eval: the folded deploy form
+        train_ref = copy.deepcopy(model).train()(x)
+        assert torch.allclose(q.train()(x), train_ref, atol=1e-5)  # training: batch statistics, as Conv-BN
+        q.eval()
+        assert torch.allclose(q.to_float().eval()(x), q(x), atol=1e-5)  # to_float is the folded conv
+        calibrate(q, [x])
+        enable_observer(q, False)
+        q.train()
+        freeze_bn_stats(q)
+        # frozen BatchNorm in training computes exactly what is deployed
+        assert torch.equal(q(x), q.eval()(x))
+
+
+def test_fake_quant_runs_in_fp32_under_autocast() -> None:
+    fq = FakeQuantize(QuantSpec(8, "asym_u", observer="minmax"))
+    x = torch.rand(64, 32) * 1e-3  # small values: a bf16 scale would move them off the integer grid
+    fq(x)
+    enable_fake_quant(fq, True)
+    enable_observer(fq, False)
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fq(xb)
+    assert out.dtype == torch.bfloat16 and fq.scale.dtype == torch.float32
+    assert torch.equal(out, fq(xb.float()).bfloat16())  # computed in fp32, only the result is rounded
+    # the arithmetic done in bf16 instead would give other values: the fp32 path is not a no-op
+    s = fq.scale.bfloat16()
+    naive = (torch.clamp(torch.round(xb / s) + fq.zero_point, 0, 255) - fq.zero_point) * s
+    assert not torch.equal(out, naive.bfloat16())
+
+
+def test_ddp_ranks_share_qparams_at_every_step(tmp_path: Path) -> None:
+    proc = run_script("tests/qat_script.py", str(tmp_path), "2", "ste")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) >= 4
+    for step, (a, b) in enumerate(zip(*ranks, strict=True)):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"ranks differ at step {step}"
+    # ...and the ranges really moved during training (the comparison above is not between constants)
+    assert any(not torch.equal(ranks[0][0][k], ranks[0][-1][k]) for k in ranks[0][0])
+
+
+def test_lsq_scales_learn(tmp_path: Path) -> None:
+    steps = run_qat_script(tmp_path, 1, "lsq")
+    assert len(steps) >= 4
+    assert any(not torch.equal(steps[0][k], steps[-1][k]) for k in steps[0] if k.endswith("scale"))
+
+
+def _fit_losses(precision: str) -> list[float]:
+    pl.seed_everything(0, verbose=False)
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=64, augment=False)
+    dm.calib_batches = 2
+    plan = QuantPlan.from_bits(8, 8, act_observer="ema")
+    lit = LitClassifier(prepare(_bn_model(), plan, qat=True), 10, lr=0.01, scheduler="none")
+    losses: list[float] = []
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, max_epochs=1, inference_mode=False,
+                         callbacks=[PTQCalibration(), QATCallback(plan), Losses()])
+    trainer.predict(lit, datamodule=dm, return_predictions=False)
+    trainer.fit(lit, datamodule=dm)
+    return losses
+
+
+def test_bf16_qat_loss_matches_fp32() -> None:
+    fp32, bf16 = _fit_losses("32-true"), _fit_losses("bf16-mixed")
+    assert len(fp32) == len(bf16) == 4
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, rel=0.05), (fp32, bf16)
+
+
+# ------------------------------------------------------------------------------------------ quantize.py
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("qat") / "checkpoints"
+    assert train.main(tiny_args(root, "--run-name", "tiny", "--epochs", "3", "--fake-size", "256")) == 0
+    return root
+
+
+def _rows(run: Path) -> list[dict]:
+    return json.loads((run / "report.json").read_text())["rows"]
+
+
+def test_qat_report_and_reload(trained: Path, capsys) -> None:
+    assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "qat", "--bits", "4", "--epochs", "2",
+                          "--lr", "0.01", "--calib-batches", "2", "--no-latency"]) == 0
+    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    assert set(rows) == {"fp32", "ptq", "qat", "builtin-qat"}
+    assert rows["qat"]["weight_bits"] == rows["qat"]["act_bits"] == 4 and rows["qat"]["observer"] == "ema"
+    assert rows["builtin-qat"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]  # real int8 model
+    assert abs(rows["builtin-qat"]["top1"] - rows["fp32"]["top1"]) <= 5.0
+    saved = trained / "tiny" / "qat-w4a4.ckpt"
+    assert (trained / "tiny" / "qat-w4a4" / "last.ckpt").is_file()
+    assert quantize.main(["--eval", str(saved)]) == 0
+    assert "qat (reloaded)" in capsys.readouterr().out
+    from lit_quant.quantization import evaluate_quantized
+
+    assert evaluate_quantized(saved, batch_size=50)["top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-9)
+    # the Lightning checkpoint restores through Trainer.test(ckpt_path=...) with the callback re-preparing
+    plan = QuantPlan.from_dict(torch.load(saved, weights_only=True)["plan"])
+    lit = LitClassifier(build_model("resnet20", 3, 10), 10)
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=32, fake_size=256)
+    tested = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        callbacks=[QATCallback(plan)], inference_mode=False).test(
+        lit, datamodule=dm, ckpt_path=str(trained / "tiny" / "qat-w4a4" / "last.ckpt"), verbose=False)[0]
+    assert 100.0 * tested["test/top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-6)
+
+
+def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: Path) -> None:
+    common = ["--mode", "qat", "--bits", "4", "--epochs", "4", "--deterministic", "--no-builtin-qat",
+              "--no-latency", "--calib-batches", "2", "--batch-size", "16", "--lr", "0.01"]
+    runs = {}
+    for name in ("ref", "killed"):
+        run = tmp_path / name / "tiny"
+        run.mkdir(parents=True)
+        for f in ("best.ckpt", "config.yaml"):
+            (run / f).write_bytes((trained / "tiny" / f).read_bytes())
+        runs[name] = run
+    reference = run_script("quantize.py", "--ckpt", str(runs["ref"] / "best.ckpt"), *common)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "quantize.py"), "--ckpt", str(runs["killed"] / "best.ckpt"),
+                             *common], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = runs["killed"] / "qat-w4a4" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert torch.load(last, weights_only=True)["epoch"] < 3  # really interrupted
+
+    resumed = run_script("quantize.py", "--ckpt", str(runs["killed"] / "best.ckpt"), *common, "--resume", "last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(last, weights_only=True)
+    b = torch.load(runs["ref"] / "qat-w4a4" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    differ = [k for k in b["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not differ, differ[:5]
+    qat = [r for r in _rows(runs["killed"]) if r["variant"] == "qat"][0]
+    assert qat["top1"] == [r for r in _rows(runs["ref"]) if r["variant"] == "qat"][0]["top1"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "qat", "--epochs", "2", "--freeze-bn-epoch", "2"], "outside the run"),
+    (["--epochs", "2"], "is a QAT setting: add --mode qat"),
+    (["--mode", "qat", "--resume", "BEST"], "not a QAT checkpoint"),
+    (["--mode", "qat", "--qat-method", "adaround"], "invalid --qat-method"),
+])
+def test_qat_bad_input(trained: Path, argv: list[str], message: str, capsys) -> None:
+    argv = [a if a != "BEST" else str(trained / "tiny" / "best.ckpt") for a in argv]
+    before = sorted(p.name for p in (trained / "tiny").iterdir())
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--no-latency", *argv], prog="quantize.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in (trained / "tiny").iterdir()) == before
+
+
+def test_callback_refuses_a_model_quantized_with_another_plan() -> None:
+    lit = LitClassifier(prepare(_bn_model(), QuantPlan.from_bits(8, 8), qat=True), 10)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, max_epochs=1,
+                         callbacks=[QATCallback(QuantPlan.from_bits(4, 4))])
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=32)
+    with pytest.raises(Exception, match="different plan"):
+        trainer.fit(lit, datamodule=dm)
+
+
+def test_quantizers_stay_fp32_under_o2() -> None:
+    from lit_quant.precision import ApexO2Precision
+
+    q = prepare(_bn_model(), QuantPlan.from_bits(8, 8), qat=True)
+    ApexO2Precision(torch.bfloat16).convert_module(q)
+    for _, fq in iter_quantizers(q):
+        assert fq.scale.dtype == torch.float32
+    assert next(m for m in q.modules() if isinstance(m, QuantConvBn2d)).weight.dtype == torch.bfloat16
