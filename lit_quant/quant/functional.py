@@ -160,15 +160,20 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
-    """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`)."""
+    """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`).
+
+    In place on one buffer (6 elementwise passes plus the mask): QAT spends much of a step here, and this
+    is several times faster than torch's ``fake_quantize_per_tensor_affine`` kernel on CPU while giving the
+    same bits (tested).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                 quant_max: int) -> torch.Tensor:
-        q, rounded, _ = _round_clamp(x, scale, zero_point, quant_min, quant_max)
-        unclamped = rounded + zero_point
-        ctx.save_for_backward((unclamped >= quant_min) & (unclamped <= quant_max))
-        return (q - zero_point) * scale
+        y = torch.mul(x, torch.reciprocal(scale)).round_().add_(zero_point)  # round(x / s) + z
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((y >= quant_min) & (y <= quant_max))
+        return y.clamp_(quant_min, quant_max).sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:

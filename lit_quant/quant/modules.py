@@ -173,7 +173,8 @@ class QuantConvBn2d(QuantConv2d):
         w, factor = self._folded_factor_weight()
         wq = w if self.weight_quant is None else self.weight_quant(w)
         if self.training and not bool(self.bn_frozen):
-            y = self._conv_forward(x, wq, None) / factor.reshape(1, -1, 1, 1)
+            # times 1/f rather than divided by f: the same value, and a cheaper backward over the activation
+            y = self._conv_forward(x, wq, None) * torch.reciprocal(factor).reshape(1, -1, 1, 1)
             if self.bias is not None:
                 y = y + self.bias.reshape(1, -1, 1, 1)
             return self._quant_output(self.bn(y))

@@ -167,7 +167,8 @@ class QuantPlan:
                   fold_bn: bool = True, observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags.
 
-        ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) at that width;
+        ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) and the model input (the
+        first layer's input) at that width;
         ``skip`` lists layer names (or globs) left in float; ``observer_args`` maps an observer name to its
         options (``{"percentile": {"percentile": 99.9}}``), given to the weight or activation spec using it.
         """
@@ -178,7 +179,7 @@ class QuantPlan:
         act = QuantSpec(bits=act_bits, scheme=act_scheme, observer=act_observer, quantizer=quantizer,
                         observer_args=args.get(act_observer, ()))
         overrides = [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
-                     for p in (FIRST, LAST) if first_last_bits]
+                     for p in (INPUT, FIRST, LAST) if first_last_bits]
         overrides += [LayerOverride(name, skip=True) for name in skip]
         return cls(weight, act, tuple(overrides), accum_bits, fold_bn)
 

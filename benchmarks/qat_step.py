@@ -1,0 +1,108 @@
+"""Cost of one QAT training step: ours (STE, LSQ) and torch.ao ``prepare_qat_fx`` against plain fp32.
+
+One step = forward, cross-entropy, backward, SGD step of ResNet-20 on a batch of 1x28x28 images
+(Fashion-MNIST-shaped random images: the cost does not depend on pixel values), in train mode. Ours is the
+model ``prepare(model, plan, qat=True)`` gives (BatchNorm folded into the quantized weight as it trains,
+fake quantization of weights and activations, moving-average activation observers) and the step includes
+what :class:`lit_quant.callbacks.QATCallback` does after each step (recompute activation qparams; the DDP
+sync is a no-op in one process). torch.ao's is ``prepare_qat_fx`` with the backend's default QAT qconfig
+(fused fake-quant + moving-average observers, ``ConvBn2d`` modules). All variants are timed in the same
+run, interleaved per repeat so machine load hits them alike; the median of ``--repeats`` runs of ``--steps``
+steps is reported.
+
+Run:  python benchmarks/qat_step.py [--batch-size 128 --steps 10 --repeats 5 --threads 2 --bits 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_quant.builtin import builtin_qat_prepare
+from lit_quant.models import build_model
+from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
+from lit_quant.quant.fake_quant import set_step_qparams
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              after: Callable[[], None] | None = None) -> Callable[[], None]:
+    """One SGD training step of ``model`` on ``(x, y)``; ``after`` runs once the step is done."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after is not None:
+            after()
+    return step
+
+
+def ours(model: nn.Module, bits: int, method: str, x: torch.Tensor) -> nn.Module:
+    """Our QAT model, calibrated on ``x`` and switched to training: fake quant on, observers on."""
+    q = prepare(model, QuantPlan.from_bits(bits, bits, act_observer="ema", quantizer=method), qat=True)
+    calibrate(q, [x])
+    set_step_qparams(q, True)
+    enable_observer(q, True)
+    enable_fake_quant(q, True)
+    return q.train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bits", type=int, default=8, help="weight and activation bits of our QAT")
+    parser.add_argument("--backend", default="x86", help="torch.ao backend of the QAT qconfig")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    x = torch.randn(args.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch_size,))
+    fp32 = build_model("resnet20", 1, 10).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao = builtin_qat_prepare(fp32, args.backend, x[:1]).train()
+    ste, lsq = ours(fp32, args.bits, "ste", x), ours(fp32, args.bits, "lsq", x)
+    steps = {
+        "fp32": make_step(fp32, x, y),
+        f"ours STE W{args.bits}A{args.bits}": make_step(ste, x, y, lambda: update_qparams(ste, kind="act")),
+        f"ours LSQ W{args.bits}A{args.bits}": make_step(lsq, x, y, lambda: update_qparams(lsq, kind="act")),
+        f"torch.ao prepare_qat_fx ({args.backend})": make_step(ao, x, y),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-20, batch {args.batch_size} of "
+          f"1x28x28, {args.steps} steps x {args.repeats} repeats (median), load average {os.getloadavg()[0]:.2f}")
+    for step in steps.values():  # warm-up (allocator, first-call dispatch)
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    base = statistics.median(times["fp32"])
+    print(f"\n{'training step':<34}{'ms/step':>9}{'x fp32':>9}")
+    for name, ts in times.items():
+        print(f"{name:<34}{1000 * statistics.median(ts):>9.1f}{statistics.median(ts) / base:>9.2f}")
+    print(f"load average {os.getloadavg()[0]:.2f} after timing")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
