@@ -228,3 +228,23 @@ def test_quantizers_stay_fp32_under_o2() -> None:
     for _, fq in iter_quantizers(q):
         assert fq.scale.dtype == torch.float32
     assert next(m for m in q.modules() if isinstance(m, QuantConvBn2d)).weight.dtype == torch.bfloat16
+
+
+def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Path) -> None:
+    run = tmp_path / "tiny"
+    run.mkdir()
+    for f in ("best.ckpt", "config.yaml"):
+        (run / f).write_bytes((trained / "tiny" / f).read_bytes())
+    proc = run_script("quantize.py", "--ckpt", str(run / "best.ckpt"), "--mode", "qat", "--bits", "4", "--epochs", "2",
+                      "--accelerator", "cpu", "--devices", "2", "--no-builtin-qat", "--no-latency",
+                      "--calib-batches", "2", "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("lit-quant: fp32 vs ours vs torch.ao") == 1
+    rows = {r["variant"]: r for r in _rows(run)}
+    assert set(rows) == {"fp32", "ptq", "qat"}
+    assert torch.load(run / "qat-w4a4" / "last.ckpt", weights_only=True)["epoch"] == 1
+    from lit_quant.quantization import evaluate_quantized
+
+    # the saved model (rank 0's) reproduces the accuracy both ranks evaluated together
+    assert evaluate_quantized(run / "qat-w4a4.ckpt", batch_size=32)["top1"] == pytest.approx(rows["qat"]["top1"],
+                                                                                            abs=1e-6)

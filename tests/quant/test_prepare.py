@@ -200,3 +200,14 @@ def test_calibrated_state_dict_loads_into_a_fresh_prepared_model(resnet: nn.Modu
     x = _x(4, 4)
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
+
+
+def test_first_last_bits_cover_first_layer_input_and_last_layer(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan.from_bits(4, 4, first_last_bits=8))
+    assert q.input_quant is not None and q.input_quant.spec.bits == 8  # the first layer's input
+    assert q.model.conv1.weight_quant.spec.bits == 8
+    assert q.model.fc.weight_quant.spec.bits == 8 and q.model.fc.act_quant.spec.bits == 8
+    assert q.model.layers[3].conv1.weight_quant.spec.bits == 4
+    assert q.model.layers[3].relu1.act_quant.spec.bits == 4
+    plain = prepare(resnet, QuantPlan.from_bits(4, 4))
+    assert plain.input_quant.spec.bits == 4 and plain.model.conv1.weight_quant.spec.bits == 4
