@@ -248,3 +248,12 @@ def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Pat
     # the saved model (rank 0's) reproduces the accuracy both ranks evaluated together
     assert evaluate_quantized(run / "qat-w4a4.ckpt", batch_size=32)["top1"] == pytest.approx(rows["qat"]["top1"],
                                                                                             abs=1e-6)
+
+
+def test_lsq_with_per_channel_activations_is_refused(trained: Path, tmp_path: Path, capsys) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("act: {bits: 4, quantizer: lsq, per_channel: true, axis: 1}\n")
+    assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--mode", "qat", "--plan", str(plan),
+                                   "--no-latency"], prog="quantize.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert "LSQ with per-channel activations is not supported" in err and len(err.splitlines()) == 1

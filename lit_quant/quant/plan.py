@@ -127,6 +127,14 @@ class LayerQuant:
     accum_bits: int
 
 
+def _check_act_spec(spec: QuantSpec, where: str) -> None:
+    """Activation-only restrictions: LSQ learns one step size per activation tensor (Esser et al. 2020);
+    a per-channel activation scale would change shape with the batch layout and is not supported."""
+    if spec.enabled and spec.quantizer == "lsq" and spec.per_channel:
+        raise QuantConfigError(f"{where}: LSQ with per-channel activations is not supported; use per_channel: "
+                               "false for activations (weights may be per-channel)")
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     """Global specs + ordered per-layer overrides; validated on construction.
@@ -154,9 +162,10 @@ class QuantPlan:
         overrides = tuple(o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides)
         object.__setattr__(self, "overrides", overrides)
         check_choice(self.accum_bits, ACCUM_BITS, "accum_bits")
+        _check_act_spec(self.act, "plan.act")
         for o in overrides:  # fail now, not halfway through prepare, on a bad override field or value
             self.weight.replace(**dict(o.weight))
-            self.act.replace(**dict(o.act))
+            _check_act_spec(self.act.replace(**dict(o.act)), f"override {o.pattern!r} act")
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
