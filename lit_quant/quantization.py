@@ -190,7 +190,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
     if cfg.mode == "qat":  # a bad --resume fails before any work is done or any file written
-        find_qat_resume(cfg, qat_dir_for(ckpt_path.parent, build_plan(cfg)))
+        find_qat_resume(cfg, qat_dir_for(ckpt_path.parent, build_plan(cfg, qat=True)))
     train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
                             small_input=arch["small_input"], batch_size=cfg.batch_size, progress=False)
     run_dir = ckpt_path.parent
@@ -342,7 +342,7 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     every epoch and ``--resume`` continues from it (plan, qparams, LSQ scales, freeze state, optimiser,
     schedule and RNG state restored by Lightning; the callback re-prepares the model before the load).
     """
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, qat=True)
     qat_dir = qat_dir_for(run_dir, plan)
     resume = find_qat_resume(cfg, qat_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -430,16 +430,18 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
-def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None) -> QuantPlan:
+def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
+               qat: bool = False) -> QuantPlan:
     """``--plan`` YAML, else the plan behind the bit / scheme / observer flags (``bits`` / ``observer``
-    override them for one point of a sweep)."""
+    override them for one point of a sweep). ``qat``: quantizers of ``--qat-method``; PTQ rows use plain
+    fake quantization (STE), so a QAT report's PTQ row is the usual PTQ baseline."""
     if cfg.plan is not None:
         return QuantPlan.from_yaml(cfg.plan)
     return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
                                first_last_bits=cfg.first_last_bits, skip=cfg.no_quant_layers,
-                               quantizer=cfg.qat_method if cfg.mode == "qat" else "ste",
+                               quantizer=cfg.qat_method if qat else "ste",
                                observer_args={"percentile": {"percentile": cfg.percentile},
                                               "nstd": {"n_std": cfg.n_std}})
 

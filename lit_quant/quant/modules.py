@@ -15,18 +15,35 @@ prepared layer trains the same tensors.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_quant.quant.fake_quant import FakeQuantize, build_fake_quantize
+from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize, build_fake_quantize
+from lit_quant.quant.functional import SCALE_EPS
 from lit_quant.quant.spec import QuantSpec
 
 
 def _maybe_quantizer(spec: QuantSpec | None, kind: str) -> FakeQuantize | None:
     return build_fake_quantize(spec, kind) if spec is not None and spec.enabled else None
+
+
+def _lsq_weight_init(fq: FakeQuantize, weight: torch.Tensor) -> None:
+    """LSQ's own initial step size for a symmetric weight quantizer (Esser et al. 2020, sec. 2.1):
+    ``s = 2 * mean(|w|) / sqrt(Q_P)`` (per output channel when per-channel).
+
+    The min/max step (``max|w| / Q_P``) rounds most weights to 0 at 2-3 bits, where LSQ is meant to be
+    used; a learned scale then starts from a collapsed network. Other quantizers keep their observer.
+    """
+    if not isinstance(fq, LSQFakeQuantize) or fq.spec.scheme != "sym":
+        return
+    w = weight.detach().float()
+    mean_abs = w.abs().mean() if fq.axis is None else w.abs().transpose(0, fq.axis).reshape(w.shape[fq.axis], -1).mean(1)
+    scale = (2.0 * mean_abs / math.sqrt(fq.spec.quant_max)).clamp_min(SCALE_EPS).reshape(-1)
+    fq._store(scale, torch.zeros_like(scale, dtype=torch.int32))
 
 
 class _QuantWeightLayer:
@@ -62,6 +79,7 @@ class _QuantWeightLayer:
         new.accum_bits = int(accum_bits)
         if new.weight_quant is not None:
             new.weight_quant.observer(mod.weight)  # weights are known now: qparams never lack data
+            _lsq_weight_init(new.weight_quant, mod.weight)
         new.train(mod.training)
         return new
 
@@ -147,6 +165,7 @@ class QuantConvBn2d(QuantConv2d):
         new.register_buffer("bn_frozen", torch.tensor(False, device=mod.weight.device))
         if new.weight_quant is not None:
             new.weight_quant.observer(new.float_weight().detach())
+            _lsq_weight_init(new.weight_quant, new.float_weight().detach())
         new.train(mod.training)
         return new
 
