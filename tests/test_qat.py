@@ -154,7 +154,7 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
     lit = LitClassifier(build_model("resnet20", 3, 10), 10)
     dm = ClassificationDataModule("fake", image_size=8, batch_size=32, fake_size=256)
     tested = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        callbacks=[QATCallback(plan)], inference_mode=False).test(
+                        enable_checkpointing=False, callbacks=[QATCallback(plan)], inference_mode=False).test(
         lit, datamodule=dm, ckpt_path=str(trained / "tiny" / "qat-w4a4" / "last.ckpt"), verbose=False)[0]
     assert 100.0 * tested["test/top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-6)
 
