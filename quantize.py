@@ -104,6 +104,24 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def sweep_table(rows: list[dict[str, Any]]) -> Table | None:
+    """Seed 001's layout for a sweep: one line per bit width, one column of top-1 per observer."""
+    ptq = [r for r in rows if r["variant"] == "ptq"]
+    widths = sorted({r["act_bits"] for r in ptq}, reverse=True)
+    if len(widths) < 2:
+        return None
+    observers = list(dict.fromkeys(r["observer"] for r in ptq))
+    fp32 = next((r["top1"] for r in rows if r["variant"] == "fp32"), None)
+    table = Table(title=f"top-1 % against bits (weights = activations; fp32 {_fmt(fp32, '.2f')})")
+    table.add_column("bits", justify="right")
+    for observer in observers:
+        table.add_column(observer, justify="right")
+    top1 = {(r["act_bits"], r["observer"]): r["top1"] for r in ptq}
+    for bits in widths:
+        table.add_row(str(bits), *(_fmt(top1.get((bits, o)), ".2f") for o in observers))
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, quantize, print the table; returns the exit status."""
     cfg, sweep, observers = resolve_args(argv)
@@ -114,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rank_zero:  # DDP: the other processes computed the same rows; one table is enough
         return 0
     console.print(report_table(rows))
+    sweep_summary = sweep_table(rows)
+    if sweep_summary is not None:
+        console.print(sweep_summary)
     if any(r["backend"] == "fake-quant" for r in rows):
         console.print("fake-quant rows simulate integers in float: accuracy only, no integer size or latency.")
     console.print(f"Report: {run_dir / 'report.json'}")

@@ -140,12 +140,16 @@ def test_dynamic_and_half_modes(trained: Path) -> None:
     assert rows["half"]["size_bytes"] < 0.6 * rows["fp32"]["size_bytes"]
 
 
-def test_bit_sweep_table_and_plot(trained: Path) -> None:
+def test_bit_sweep_table_and_plot(trained: Path, capsys) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "4", "2", "--observers", "minmax", "mse",
                           "--calib-batches", "2", "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 % against bits" in out  # seed 001's layout: a line per width, a column per observer
     rows = _rows(trained / "tiny")
     ptq = {(r["act_bits"], r["observer"]): r["top1"] for r in rows if r["variant"] == "ptq"}
     assert set(ptq) == {(b, o) for b in (8, 4, 2) for o in ("minmax", "mse")}
+    line2 = next(line for line in out.splitlines() if line.strip("│ ").startswith("2 "))
+    assert f"{ptq[(2, 'minmax')]:.2f}" in line2 and f"{ptq[(2, 'mse')]:.2f}" in line2
     fp32 = next(r["top1"] for r in rows if r["variant"] == "fp32")
     for observer in ("minmax", "mse"):
         assert abs(ptq[(8, observer)] - fp32) <= 2.0 and ptq[(2, observer)] < ptq[(8, observer)]
