@@ -113,11 +113,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
         help_text = f"{f.metadata['help']} (default: {f.default})"
         base = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
         members = get_args(base) if get_origin(base) in (Union, UnionType) else (base,)  # unwrap "X | None"
         inner = next((t for t in members if t is not type(None)), str)
+        if inner is bool:  # --flag / --no-flag (a "bool | None" field stays None, i.e. automatic, when unset)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
         if get_origin(inner) in (list, tuple):  # tuple[str, ...]: one or more values after the flag
             parser.add_argument(flag, type=get_args(inner)[0], nargs="+", metavar=f.name.upper(), **kwargs)
             continue

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ class QuantizeConfig:
     deterministic: bool = option(False, "QAT: deterministic algorithms (bit-identical reruns and resumes)")
     builtin_qat: bool = option(True, "QAT: also train torch.ao's prepare_qat_fx model (same epochs and data)")
     latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
-    progress: bool = option(False, "rich progress bars for calibration and evaluation")
+    progress: bool | None = option(None, "rich progress bars for calibration, QAT and evaluation; unset (None): "
+                                   "on when stderr is a terminal")
 
     def validate(self) -> None:
         """Range checks with one-line messages."""
@@ -144,6 +146,11 @@ def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
     return candidates[-1]
 
 
+def _progress(cfg: QuantizeConfig) -> bool:
+    """``--progress`` / ``--no-progress``, else bars only when a person is watching (stderr is a terminal)."""
+    return sys.stderr.isatty() if cfg.progress is None else cfg.progress
+
+
 def _trainer(cfg: QuantizeConfig | None = None) -> pl.Trainer:
     """The one Trainer of a run: calibration (``predict`` + :class:`PTQCalibration`) and every evaluation.
 
@@ -151,10 +158,11 @@ def _trainer(cfg: QuantizeConfig | None = None) -> pl.Trainer:
     """
     cfg = cfg or QuantizeConfig()
     callbacks: list[pl.Callback] = [PTQCalibration()]
-    if cfg.progress:
+    progress = _progress(cfg)
+    if progress:
         callbacks.append(RichProgressBar())
     try:
-        return pl.Trainer(**hardware_settings(cfg), logger=False, enable_progress_bar=cfg.progress,
+        return pl.Trainer(**hardware_settings(cfg), logger=False, enable_progress_bar=progress,
                           enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks)
     except (MisconfigurationException, ValueError) as exc:
         raise UserError(f"invalid trainer settings: {exc}") from exc
@@ -296,7 +304,7 @@ def _qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any], dm: Any) -> Tra
     return TrainConfig(data=arch["data"], model=arch["model"], batch_size=cfg.batch_size, epochs=cfg.epochs,
                        seed=cfg.seed, deterministic=cfg.deterministic, accelerator=cfg.accelerator,
                        devices=cfg.devices, gpus=cfg.gpus, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-                       precision=cfg.precision, opt_level=cfg.opt_level, progress=cfg.progress,
+                       precision=cfg.precision, opt_level=cfg.opt_level, progress=_progress(cfg),
                        log_every_n_steps=1)
 
 
