@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,33 @@ def run_script(script: str, *args: str, cwd: Path | None = None, timeout: float 
 def ckpt_dir(tmp_path: Path) -> Path:
     """A fresh checkpoint root for one test."""
     return tmp_path / "checkpoints"
+
+
+def kill_after_checkpoint(script: str, args: list[str], checkpoint: Path, timeout: float = 300) -> None:
+    """Start ``python <script> args``, wait until ``checkpoint`` exists, let it run into the next epoch, then
+    SIGKILL it; asserts that it was really killed (not finished)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def report_rows(run: Path) -> list[dict]:
+    """The rows of ``<run>/report.json`` written by quantize.py."""
+    return json.loads((run / "report.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint root holding a freshly trained tiny fp32 run ``tiny`` (one per test module)."""
+    import train
+
+    root = tmp_path_factory.mktemp("trained") / "checkpoints"
+    assert train.main(tiny_args(root, "--run-name", "tiny", "--epochs", "3", "--fake-size", "256")) == 0
+    return root

@@ -4,22 +4,15 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, run_script, tiny_args
+from conftest import kill_after_checkpoint, report_rows, run_script
 from qat_script import run as run_qat_script
 
 import quantize
-import train
 from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.cli import run_cli
 from lit_quant.data import ClassificationDataModule
@@ -123,21 +116,10 @@ def test_bf16_qat_loss_matches_fp32() -> None:
 
 
 # ------------------------------------------------------------------------------------------ quantize.py
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("qat") / "checkpoints"
-    assert train.main(tiny_args(root, "--run-name", "tiny", "--epochs", "3", "--fake-size", "256")) == 0
-    return root
-
-
-def _rows(run: Path) -> list[dict]:
-    return json.loads((run / "report.json").read_text())["rows"]
-
-
 def test_qat_report_and_reload(trained: Path, capsys) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "qat", "--bits", "4", "--epochs", "2",
                           "--lr", "0.01", "--calib-batches", "2", "--no-latency"]) == 0
-    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert set(rows) == {"fp32", "ptq", "qat", "builtin-qat"}
     assert rows["qat"]["weight_bits"] == rows["qat"]["act_bits"] == 4 and rows["qat"]["observer"] == "ema"
     assert rows["builtin-qat"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]  # real int8 model
@@ -172,17 +154,8 @@ def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: 
     reference = run_script("quantize.py", "--ckpt", str(runs["ref"] / "best.ckpt"), *common)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "quantize.py"), "--ckpt", str(runs["killed"] / "best.ckpt"),
-                             *common], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = runs["killed"] / "qat-w4a4" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)  # into the next epoch
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoint("quantize.py", ["--ckpt", str(runs["killed"] / "best.ckpt"), *common], last)
     assert torch.load(last, weights_only=True)["epoch"] < 3  # really interrupted
 
     resumed = run_script("quantize.py", "--ckpt", str(runs["killed"] / "best.ckpt"), *common, "--resume", "last")
@@ -192,8 +165,8 @@ def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: 
     assert a["global_step"] == b["global_step"]
     differ = [k for k in b["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     assert not differ, differ[:5]
-    qat = [r for r in _rows(runs["killed"]) if r["variant"] == "qat"][0]
-    assert qat["top1"] == [r for r in _rows(runs["ref"]) if r["variant"] == "qat"][0]["top1"]
+    qat = [r for r in report_rows(runs["killed"]) if r["variant"] == "qat"][0]
+    assert qat["top1"] == [r for r in report_rows(runs["ref"]) if r["variant"] == "qat"][0]["top1"]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -240,7 +213,7 @@ def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Pat
                       "--calib-batches", "2", "--batch-size", "16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("lit-quant: fp32 vs ours vs torch.ao") == 1
-    rows = {r["variant"]: r for r in _rows(run)}
+    rows = {r["variant"]: r for r in report_rows(run)}
     assert set(rows) == {"fp32", "ptq", "qat"}
     assert torch.load(run / "qat-w4a4" / "last.ckpt", weights_only=True)["epoch"] == 1
     from lit_quant.quantization import evaluate_quantized

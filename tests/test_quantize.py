@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script, tiny_args
+from conftest import report_rows, run_script, tiny_args
 
 import quantize
 import train
@@ -15,21 +14,10 @@ from lit_quant.cli import run_cli
 from lit_quant.quantization import ROW_KEYS
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("q") / "checkpoints"
-    assert train.main(tiny_args(root, "--run-name", "tiny", "--epochs", "3", "--fake-size", "256")) == 0
-    return root
-
-
-def _rows(run: Path) -> list[dict]:
-    return json.loads((run / "report.json").read_text())["rows"]
-
-
 def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "--calib-batches", "4",
                           "--no-latency"]) == 0
-    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert set(rows) == {"fp32", "ptq", "builtin-ptq"}
     assert all(set(r) == set(ROW_KEYS) for r in rows.values())
     assert rows["ptq"]["weight_bits"] == rows["ptq"]["act_bits"] == 8 and rows["ptq"]["calib_s"] > 0
@@ -45,14 +33,14 @@ def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
 def test_low_bits_lose_accuracy_honestly(trained: Path) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "2", "--act-bits", "2",
                           "--calib-batches", "4", "--no-latency"]) == 0
-    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert rows["ptq"]["weight_bits"] == 2 and rows["ptq"]["top1"] < rows["fp32"]["top1"]
 
 
 def test_compare_runs_every_backend(trained: Path) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "compare", "--calib-batches", "2",
                           "--no-latency"]) == 0
-    backends = {r["backend"] for r in _rows(trained / "tiny") if r["variant"] == "builtin-ptq"}
+    backends = {r["backend"] for r in report_rows(trained / "tiny") if r["variant"] == "builtin-ptq"}
     assert {"fbgemm", "x86", "qnnpack"} <= backends
 
 
@@ -80,7 +68,7 @@ def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> Non
     assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "4", "--act-bits", "6",
                           "--calib-batches", "4", "--no-latency"]) == 0
     saved = trained / "tiny" / "ptq-w4a6.ckpt"
-    reported = next(r for r in _rows(trained / "tiny") if r["variant"] == "ptq")
+    reported = next(r for r in report_rows(trained / "tiny") if r["variant"] == "ptq")
     reloaded = evaluate_quantized(saved, batch_size=64)  # another batch size: the result must not depend on it
     assert reloaded["top1"] == pytest.approx(reported["top1"], abs=1e-9)
     assert reloaded["top5"] == pytest.approx(reported["top5"], abs=1e-9)
@@ -99,7 +87,7 @@ def test_scheme_shorthand_and_plan_yaml(trained: Path, tmp_path: Path, capsys) -
                     "overrides:\n  - {pattern: '@first', weight: {bits: 8}, act: {bits: 8}}\n")
     assert quantize.main(["--checkpoint-dir", str(trained), "--plan", str(plan), "--calib-batches", "2",
                           "--no-latency"]) == 0
-    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert rows["ptq"]["weight_bits"] == 4 and (trained / "tiny" / "ptq-w4a4.ckpt").is_file()
     plan.write_text("overrides:\n  - {pattern: layers.0.conv9, skip: true}\n")
     assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--plan", str(plan), "--no-latency"],
@@ -118,12 +106,12 @@ def test_stats_file_second_run_skips_calibration(trained: Path, tmp_path: Path) 
         state = torch.load(saved, weights_only=True)["state_dict"]
         return {k: v for k, v in state.items() if k.endswith(".scale") and "weight" not in k}
 
-    first, first_row = act_scales(), next(r for r in _rows(trained / "tiny") if r["variant"] == "ptq")
+    first, first_row = act_scales(), next(r for r in report_rows(trained / "tiny") if r["variant"] == "ptq")
     stats_text = stats.read_text()
     assert quantize.main([*args, "--calib-batches", "1"]) == 0
     # qparams came from the file, not from the single calibration batch of this run
     assert all(torch.equal(first[k], v) for k, v in act_scales().items()) and stats.read_text() == stats_text
-    assert next(r for r in _rows(trained / "tiny") if r["variant"] == "ptq")["top1"] == first_row["top1"]
+    assert next(r for r in report_rows(trained / "tiny") if r["variant"] == "ptq")["top1"] == first_row["top1"]
     # ...which on its own gives other activation ranges, so the check above can fail
     assert quantize.main([*args[:-2], "--calib-batches", "1"]) == 0
     assert any(not torch.equal(first[k], v) for k, v in act_scales().items())
@@ -131,11 +119,11 @@ def test_stats_file_second_run_skips_calibration(trained: Path, tmp_path: Path) 
 
 def test_dynamic_and_half_modes(trained: Path) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "dynamic", "--no-latency"]) == 0
-    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert set(rows) == {"fp32", "builtin-dynamic"}
     assert abs(rows["builtin-dynamic"]["top1"] - rows["fp32"]["top1"]) <= 2.0
     assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "half", "--no-latency"]) == 0
-    rows = {r["variant"]: r for r in _rows(trained / "tiny")}
+    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert abs(rows["half"]["top1"] - rows["fp32"]["top1"]) <= 1.0
     assert rows["half"]["size_bytes"] < 0.6 * rows["fp32"]["size_bytes"]
 
@@ -145,7 +133,7 @@ def test_bit_sweep_table_and_plot(trained: Path, capsys) -> None:
                           "--calib-batches", "2", "--no-latency"]) == 0
     out = capsys.readouterr().out
     assert "top-1 % against bits" in out  # seed 001's layout: a line per width, a column per observer
-    rows = _rows(trained / "tiny")
+    rows = report_rows(trained / "tiny")
     ptq = {(r["act_bits"], r["observer"]): r["top1"] for r in rows if r["variant"] == "ptq"}
     assert set(ptq) == {(b, o) for b in (8, 4, 2) for o in ("minmax", "mse")}
     line2 = next(line for line in out.splitlines() if line.strip("│ ").startswith("2 "))
@@ -254,7 +242,7 @@ def test_two_processes_give_the_single_process_report(trained: Path, tmp_path: P
                           "--batch-size", "32", "--no-latency")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("lit-quant: fp32 vs ours vs torch.ao") == 1  # one table, from rank 0
-        reports[devices] = (_rows(run), _ptq_state(run / "ptq-w6a6.ckpt"))
+        reports[devices] = (report_rows(run), _ptq_state(run / "ptq-w6a6.ckpt"))
     (one_rows, one_state), (two_rows, two_state) = reports["1"], reports["2"]
     assert [r["variant"] for r in two_rows] == ["fp32", "ptq", "builtin-ptq"]
     for a, b in zip(one_rows, two_rows, strict=True):

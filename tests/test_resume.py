@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
-from conftest import ROOT, run_script, tiny_args
+from conftest import kill_after_checkpoint, run_script, tiny_args
 
 import train
 
@@ -32,17 +27,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     ckpt_dir = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny_args(ckpt_dir, *common)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = ckpt_dir / "r" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.4)  # into the next epoch
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_checkpoint("train.py", tiny_args(ckpt_dir, *common), last)
     epoch_at_kill = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert epoch_at_kill < 4  # it really was interrupted before the end
 
