@@ -248,7 +248,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                 save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
                            data_settings, rows[-1])
     if cfg.mode == "qat":
-        qat = run_qat(cfg, classifier, arch, dm, run_dir, example)
+        qat = run_qat(cfg, classifier, arch, dm, run_dir)
         row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
             act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
             note=f"our QAT ({cfg.qat_method}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; fake-quant simulation")
@@ -299,7 +299,7 @@ class QATResult:
     fit_s: float
 
 
-def _qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any], dm: Any) -> TrainConfig:
+def _qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any]) -> TrainConfig:
     """The Trainer settings of a QAT run (hardware, precision, epochs) as a :class:`TrainConfig`."""
     return TrainConfig(data=arch["data"], model=arch["model"], batch_size=cfg.batch_size, epochs=cfg.epochs,
                        seed=cfg.seed, deterministic=cfg.deterministic, accelerator=cfg.accelerator,
@@ -341,8 +341,8 @@ def find_qat_resume(cfg: QuantizeConfig, qat_dir: Path) -> Path | None:
     return path
 
 
-def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any], dm: Any, run_dir: Path,
-            example: torch.Tensor) -> QATResult:
+def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any], dm: Any,
+            run_dir: Path) -> QATResult:
     """Quantization-aware fine-tuning of the fp32 model with our quantizers, through the Lightning Trainer.
 
     Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ), then
@@ -356,7 +356,7 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     callback = QATCallback(plan, cfg.freeze_observers_epoch, cfg.freeze_bn_epoch)
     last_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="last", save_top_k=1, enable_version_counter=False)
-    train_cfg = _qat_train_config(cfg, arch, dm)
+    train_cfg = _qat_train_config(cfg, arch)
     # inference_mode=False: quantizer buffers replaced during calibration or validation (a per-channel scale
     # taking its shape, an observer reset) would otherwise be inference tensors that training cannot update.
     trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, last_cb],
@@ -383,7 +383,7 @@ def run_builtin_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[s
     No checkpoints (an FX GraphModule is not what --resume restores); returns the int8 model and fit time."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     lit = _qat_classifier(cfg, classifier, builtin_qat_prepare(classifier.model, cfg.backend, example))
-    train_cfg = _qat_train_config(cfg, arch, dm)
+    train_cfg = _qat_train_config(cfg, arch)
     trainer = build_trainer(train_cfg, run_dir / "builtin-qat", callbacks=[], sync_batchnorm=_sync_bn(cfg),
                             enable_checkpointing=False, inference_mode=False)
     start = time.perf_counter()
