@@ -84,6 +84,12 @@ def _sequential_graph(model: nn.Module) -> ModuleGraph:
     return out
 
 
+def bn_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """Per-channel ``gamma / sqrt(running_var + eps)``: what an eval-mode BatchNorm multiplies by."""
+    gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+    return gamma / torch.sqrt(bn.running_var + bn.eps)
+
+
 def fold_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold an eval-mode BatchNorm into the preceding layer's weight and bias.
@@ -92,10 +98,9 @@ def fold_bn_weights(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modu
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta`` (``b = 0`` when the layer has no bias). Uses the
     running statistics, so the result equals ``bn(layer(x))`` in eval mode.
     """
-    var, mean = bn.running_var, bn.running_mean
-    gamma = bn.weight if bn.affine else torch.ones_like(var)
-    beta = bn.bias if bn.affine else torch.zeros_like(var)
-    factor = gamma / torch.sqrt(var + bn.eps)
+    mean = bn.running_mean
+    beta = bn.bias if bn.affine else torch.zeros_like(mean)
+    factor = bn_factor(bn)
     b = torch.zeros_like(mean) if bias is None else bias
     new_w = weight * factor.reshape([-1] + [1] * (weight.dim() - 1))
     return new_w, (b - mean) * factor + beta

@@ -24,6 +24,7 @@ from torch import nn
 
 from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize, build_fake_quantize
 from lit_quant.quant.functional import SCALE_EPS
+from lit_quant.quant.fuse import bn_factor, fold_bn_weights
 from lit_quant.quant.spec import QuantSpec
 
 
@@ -62,7 +63,7 @@ class _QuantWeightLayer:
 
     @classmethod
     def from_float(cls, mod: nn.Module, weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
-                   accum_bits: int = 32) -> Any:
+                   accum_bits: int = 32, **extra: Any) -> Any:
         """Quantized layer sharing ``mod``'s parameters.
 
         Args:
@@ -71,17 +72,23 @@ class _QuantWeightLayer:
             act_spec: output quantization; None when the output is not an integer tensor (a fused ReLU or an
                 unfolded BatchNorm follows and quantizes instead).
             accum_bits: accumulator width for the integer engine (recorded, not simulated).
+            extra: modules the subclass folds in (``bn=`` for :class:`QuantConvBn2d`).
         """
         new = cls(**cls._float_args(mod), bias=mod.bias is not None, device="meta")
         new.weight, new.bias = mod.weight, mod.bias
+        new._attach(**extra)
         new.weight_quant = _maybe_quantizer(weight_spec, "weight")
         new.act_quant = _maybe_quantizer(act_spec, "act")
         new.accum_bits = int(accum_bits)
         if new.weight_quant is not None:
-            new.weight_quant.observer(mod.weight)  # weights are known now: qparams never lack data
-            _lsq_weight_init(new.weight_quant, mod.weight)
+            w = new.float_weight().detach()
+            new.weight_quant.observer(w)  # weights are known now: qparams never lack data
+            _lsq_weight_init(new.weight_quant, w)
         new.train(mod.training)
         return new
+
+    def _attach(self) -> None:
+        """Extra modules a subclass takes in :meth:`from_float` (keyword arguments after ``accum_bits``)."""
 
     def to_float(self) -> nn.Module:
         """The float layer with the same (shared) parameters."""
@@ -101,7 +108,7 @@ class _QuantWeightLayer:
     def refresh_weight_qparams(self) -> None:
         """Weight qparams from the current weight (after an optimizer step moved it); learned LSQ scales stay."""
         fq = self.weight_quant
-        if fq is None or (getattr(fq, "scale", None) is not None and isinstance(fq.scale, nn.Parameter)):
+        if fq is None or isinstance(fq, LSQFakeQuantize):
             return
         fq.observer.reset()
         fq.observer(self.float_weight().detach())
@@ -151,60 +158,42 @@ class QuantConvBn2d(QuantConv2d):
 
     bn: nn.modules.batchnorm._BatchNorm
 
-    @classmethod
-    def from_float(cls, mod: nn.Module, weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
-                   accum_bits: int = 32, bn: nn.modules.batchnorm._BatchNorm | None = None) -> QuantConvBn2d:
-        """Like :meth:`QuantConv2d.from_float`, with the ``bn`` that follows ``mod`` (shared, not copied)."""
+    def _attach(self, bn: nn.modules.batchnorm._BatchNorm | None = None) -> None:
+        """``from_float(conv, ..., bn=bn)``: the BatchNorm that follows ``conv`` (shared, not copied)."""
         if bn is None:
-            raise ValueError("QuantConvBn2d needs the BatchNorm that follows the convolution")
-        new = cls(**cls._float_args(mod), bias=mod.bias is not None, device="meta")
-        new.weight, new.bias, new.bn = mod.weight, mod.bias, bn
-        new.weight_quant = _maybe_quantizer(weight_spec, "weight")
-        new.act_quant = _maybe_quantizer(act_spec, "act")
-        new.accum_bits = int(accum_bits)
-        new.register_buffer("bn_frozen", torch.tensor(False, device=mod.weight.device))
-        if new.weight_quant is not None:
-            new.weight_quant.observer(new.float_weight().detach())
-            _lsq_weight_init(new.weight_quant, new.float_weight().detach())
-        new.train(mod.training)
-        return new
+            raise ValueError("QuantConvBn2d needs the BatchNorm that follows the convolution (bn=...)")
+        self.bn = bn
+        self.register_buffer("bn_frozen", torch.tensor(False, device=bn.running_var.device))
 
-    def _folded_factor_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w * f, f)`` with ``f = gamma / sqrt(running_var + eps)``."""
-        bn = self.bn
-        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
-        factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-        return self.weight * factor.reshape(-1, 1, 1, 1), factor
-
-    def folded_bias(self) -> torch.Tensor:
-        """``(b - running_mean) * f + beta``: the deployed layer's bias."""
-        bn = self.bn
-        _, factor = self._folded_factor_weight()
-        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        b = torch.zeros_like(bn.running_mean) if self.bias is None else self.bias
-        return (b - bn.running_mean) * factor + beta
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deployed layer's ``(w * f, (b - running_mean) * f + beta)``."""
+        return fold_bn_weights(self.weight, self.bias, self.bn)
 
     def float_weight(self) -> torch.Tensor:
         """The folded weight ``w * f`` (running statistics), which is what gets quantized and deployed."""
-        return self._folded_factor_weight()[0]
+        return self._folded()[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, factor = self._folded_factor_weight()
-        wq = w if self.weight_quant is None else self.weight_quant(w)
         if self.training and not bool(self.bn_frozen):
+            factor = bn_factor(self.bn)
+            w = self.weight * factor.reshape(-1, 1, 1, 1)
+            wq = w if self.weight_quant is None else self.weight_quant(w)
             # times 1/f rather than divided by f: the same value, and a cheaper backward over the activation
             y = self._conv_forward(x, wq, None) * torch.reciprocal(factor).reshape(1, -1, 1, 1)
             if self.bias is not None:
                 y = y + self.bias.reshape(1, -1, 1, 1)
             return self._quant_output(self.bn(y))
-        return self._quant_output(self._conv_forward(x, wq, self.folded_bias()))
+        w, b = self._folded()
+        wq = w if self.weight_quant is None else self.weight_quant(w)
+        return self._quant_output(self._conv_forward(x, wq, b))
 
     def to_float(self) -> nn.Module:
         """The folded Conv2d (running statistics), with new parameters."""
         mod = nn.Conv2d(**self._float_args(self), bias=True, device=self.weight.device)
         with torch.no_grad():
-            mod.weight.copy_(self._folded_factor_weight()[0])
-            mod.bias.copy_(self.folded_bias())
+            w, b = self._folded()
+            mod.weight.copy_(w)
+            mod.bias.copy_(b)
         return mod.train(self.training)
 
 
