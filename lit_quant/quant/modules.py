@@ -100,6 +100,10 @@ class _QuantWeightLayer:
         """The float weight the weight quantizer sees (the deployed layer's weight)."""
         return self.weight
 
+    def float_bias(self) -> torch.Tensor | None:
+        """The bias of the deployed layer (folded with the BatchNorm in :class:`QuantConvBn2d`)."""
+        return self.bias
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the integer engine will see it (fake-quantized when enabled)."""
         w = self.float_weight()
@@ -172,6 +176,10 @@ class QuantConvBn2d(QuantConv2d):
     def float_weight(self) -> torch.Tensor:
         """The folded weight ``w * f`` (running statistics), which is what gets quantized and deployed."""
         return self._folded()[0]
+
+    def float_bias(self) -> torch.Tensor:
+        """The folded bias ``(b - running_mean) f + beta``."""
+        return self._folded()[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not bool(self.bn_frozen):

@@ -1,0 +1,193 @@
+"""The dataflow of a prepared (calibrated or QAT-trained) model, as every exporter reads it.
+
+:func:`deploy_graph` traces ``QuantizedModel.model`` with torch.fx, keeping our quantized modules as leaves,
+and classifies each node into one :class:`Step`. The three exporters (real torch.ao int8 modules, the
+integer-only reference engine, ONNX QDQ) walk the same steps, so they agree on what is quantized where:
+
+===============  ==========================================================================================
+kind             meaning
+===============  ==========================================================================================
+``input``        the model input; quantized by ``QuantizedModel.input_quant``
+``layer``        :class:`QuantConv2d` / :class:`QuantLinear` / :class:`QuantConvBn2d`; its output is
+                 quantized by its own ``act_quant``, or (``act_quant is None``) it is an accumulator that
+                 the single consumer (a ReLU) requantizes
+``requant``      :class:`QuantOutput`: ``module`` (ReLU, ReLU6, Add, average pooling) then its quantizer
+``add``          a plain :class:`lit_quant.nn.Add` whose sum a following ReLU requantizes (add + relu fused)
+``passthrough``  max pooling, flatten, identity, dropout: integers stay on the input's grid
+``output``       the model output, dequantized
+===============  ==========================================================================================
+
+Anything else (a float layer left by ``--no-quant-layers``, an unfolded BatchNorm, an inline ``torch``
+function) raises :class:`ExportError` naming the node and what to change.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from lit_quant.errors import UserError
+from lit_quant.nn import Add
+from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
+from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
+from lit_quant.quant.modules import QuantFunctional, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.prepare import QuantizedModel
+
+#: Modules that keep an integer tensor on its input's grid (monotone or shape-only).
+PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+#: ``call_function`` / ``call_method`` targets that only move integers around.
+SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, operator.getitem)
+SHAPE_METHODS = ("flatten", "reshape", "view", "contiguous")
+#: What a :class:`QuantOutput` may wrap for export.
+REQUANT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+class ExportError(UserError):
+    """The model or plan cannot be exported to the requested target: the message says what to change."""
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_QuantWeightLayer, QuantOutput, QuantFunctional, Add, FakeQuantize)) or \
+            super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class Step:
+    """One node of the deployed dataflow.
+
+    Attributes:
+        name: FX node name (unique).
+        kind: see the module docstring.
+        target: module path (``layers.0.conv1``) or function name.
+        module: the module called (None for input / output / functions).
+        inputs: names of the steps whose values this one reads, in argument order.
+        users: how many steps read this one's value.
+        fn: for ``passthrough`` function / method nodes, a callable applying the same op to any tensor.
+    """
+
+    name: str
+    kind: str
+    target: str
+    module: nn.Module | None = None
+    inputs: list[str] = field(default_factory=list)
+    users: int = 0
+    fn: object = None
+
+
+def _node_inputs(node: torch.fx.Node) -> list[str]:
+    return [a.name for a in node.all_input_nodes]
+
+
+def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
+    """The steps of ``qmodel`` in execution order (see the module docstring).
+
+    Raises:
+        ExportError: no quantizers at all, a float layer, or an op no exporter can express.
+    """
+    if not isinstance(qmodel, QuantizedModel):
+        raise ExportError(f"export needs a model prepared by lit_quant.quant.prepare, got {type(qmodel).__name__}")
+    if not any(True for _ in iter_quantizers(qmodel)):
+        raise ExportError("the model has no quantizers (every layer float): nothing to export; quantize at least "
+                          "one layer (check --no-quant-layers / the plan)")
+    if qmodel.input_quant is None:
+        raise ExportError("export needs the model input quantized (plan quantize_input: true, input bits set)")
+    try:
+        graph = _Tracer().trace(qmodel.model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
+        raise ExportError(f"torch.fx cannot trace {type(qmodel.model).__name__} for export "
+                          f"({type(exc).__name__}: {exc})") from exc
+    modules = dict(qmodel.model.named_modules())
+    steps: list[Step] = []
+    for node in graph.nodes:
+        inputs = _node_inputs(node)
+        if node.op == "placeholder":
+            steps.append(Step(node.name, "input", node.target))
+        elif node.op == "output":
+            steps.append(Step(node.name, "output", "output", inputs=inputs))
+        elif node.op == "call_module":
+            module = modules[str(node.target)]
+            steps.append(Step(node.name, _module_kind(str(node.target), module), str(node.target), module, inputs))
+        elif node.op == "call_function" and node.target in SHAPE_FUNCTIONS:
+            fn = node.target
+            extra_args, kwargs = node.args[1:], dict(node.kwargs)
+            steps.append(Step(node.name, "passthrough", getattr(fn, "__name__", str(fn)), inputs=inputs[:1],
+                              fn=lambda t, fn=fn, a=extra_args, k=kwargs: fn(t, *a, **k)))
+        elif node.op == "call_method" and node.target in SHAPE_METHODS:
+            method, extra_args, kwargs = str(node.target), node.args[1:], dict(node.kwargs)
+            steps.append(Step(node.name, "passthrough", method, inputs=inputs[:1],
+                              fn=lambda t, m=method, a=extra_args, k=kwargs: getattr(t, m)(*a, **k)))
+        else:
+            raise ExportError(f"cannot export node {node.name} ({node.op} {node.target}): only modules "
+                              f"({', '.join(t.__name__ for t in (*REQUANT_TYPES, *PASSTHROUGH_TYPES))}, "
+                              "quantized Conv2d / Linear) and reshapes are supported; express it as a module")
+    # identity / dropout (folded BatchNorms, eval-mode dropout) compute nothing: rewire their readers
+    alias = {s.name: s.inputs[0] for s in steps if isinstance(s.module, (nn.Identity, nn.Dropout))}
+    steps = [s for s in steps if s.name not in alias]
+    for step in steps:
+        resolved = []
+        for name in step.inputs:
+            while name in alias:
+                name = alias[name]
+            resolved.append(name)
+        step.inputs = resolved
+    counts: dict[str, int] = {}
+    for step in steps:
+        for name in step.inputs:
+            counts[name] = counts.get(name, 0) + 1
+    for step in steps:
+        step.users = counts.get(step.name, 0)
+    for step in steps:  # an accumulator (layer without output quantizer, plain Add) must feed one ReLU
+        if (step.kind == "layer" and step.module.act_quant is None) or step.kind == "add":
+            readers = [s for s in steps if step.name in s.inputs]
+            if len(readers) != 1 or readers[0].kind != "requant" or not isinstance(readers[0].module.module,
+                                                                                     (nn.ReLU, nn.ReLU6)):
+                raise ExportError(f"{step.target}: output not quantized and not followed by a quantized ReLU; "
+                                  "give it an output quantizer (activation bits in the plan)")
+    return steps
+
+
+def _module_kind(name: str, module: nn.Module) -> str:
+    if isinstance(module, _QuantWeightLayer):
+        if module.weight_quant is None:
+            raise ExportError(f"layer {name} has float weights in this plan; every exported layer needs quantized "
+                              "weights (drop it from --no-quant-layers or give it weight bits)")
+        return "layer"
+    if isinstance(module, QuantOutput):
+        if not isinstance(module.module, REQUANT_TYPES):
+            raise ExportError(f"{name}: a quantized {type(module.module).__name__} cannot be exported (only "
+                              f"{', '.join(t.__name__ for t in REQUANT_TYPES)}); fold BatchNorm into the layer before it")
+        return "requant"
+    if isinstance(module, Add):
+        return "add"
+    if isinstance(module, PASSTHROUGH_TYPES):
+        return "passthrough"
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise ExportError(f"layer {name} is left in float by the plan; export needs every layer quantized (drop it "
+                          "from --no-quant-layers)")
+    raise ExportError(f"{name}: {type(module).__name__} is not quantized and cannot be exported (unfolded "
+                      "BatchNorm or an unsupported module)")
+
+
+def layer_weight(layer: _QuantWeightLayer) -> QuantizedTensor:
+    """The deployed layer's integer weight: ``clamp(round(w / s) + z)`` of the (BN-folded) float weight with
+    the weight quantizer's qparams; ``dequantize`` of it is exactly what the fake-quant layer multiplies by."""
+    qp = layer.weight_quant.qparams()
+    return quantize(layer.float_weight().detach().float(), qp.scale, qp.zero_point, qp.quant_min, qp.quant_max,
+                    qp.axis)
+
+
+def act_qparams(step: Step, input_quant: FakeQuantize | None = None) -> QParams:
+    """Qparams of the tensor a step produces: the input quantizer, a layer's or a QuantOutput's ``act_quant``."""
+    fq = input_quant if step.kind == "input" else getattr(step.module, "act_quant", None)
+    if fq is None:
+        raise ExportError(f"{step.target} produces no quantized tensor")
+    qp = fq.qparams()
+    if qp.axis is not None:
+        raise ExportError(f"{step.target}: per-channel activation qparams cannot be exported; use per-tensor "
+                          "activations")
+    return qp
