@@ -96,7 +96,7 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(name, justify="left" if name in ("variant", "backend", "observer") else "right")
     for r in rows:
         bits = f"{r['weight_bits']}/{r['act_bits']}"
-        delta = None if fp32 is None or r["variant"] == "fp32" else r["top1"] - fp32
+        delta = None if fp32 is None or r["top1"] is None or r["variant"] == "fp32" else r["top1"] - fp32
         table.add_row(r["variant"], r["backend"] or "-", bits, r["observer"] or "-", _fmt(r["top1"], ".2f"),
                       _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"),
                       _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1024, ".1f"),
@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(sweep_summary)
     if any(r["backend"] == "fake-quant" for r in rows):
         console.print("fake-quant rows simulate integers in float: accuracy only, no integer size or latency.")
+    for r in rows:  # what the table's columns cannot say: why a deployed row is missing or differs
+        if r["variant"].endswith(("-int8", "-integer", "-onnx")) and r["note"]:
+            console.print(f"{r['variant']} ({r['backend']}): {r['note']}", markup=False, highlight=False)
     console.print(f"Report: {run_dir / 'report.json'}")
     return 0
 

@@ -35,7 +35,11 @@ from lit_quant.builtin import (
     check_backend,
 )
 from lit_quant.callbacks import PTQCalibration, QATCallback
+from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, option
+from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
+from lit_quant.deploy.integer import IntegerEngine, agreement, check_layer_name
+from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.measure import latency_ms, model_size_bytes
@@ -55,6 +59,7 @@ from lit_quant.training import (
 ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
             "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
+EXPORTS = ("int8", "integer", "onnx")
 QAT_METHODS = ("ste", "lsq")
 
 
@@ -102,6 +107,15 @@ class QuantizeConfig:
     seed: int = option(42, "QAT: random seed (shuffling, augmentation)")
     deterministic: bool = option(False, "QAT: deterministic algorithms (bit-identical reruns and resumes)")
     builtin_qat: bool = option(True, "QAT: also train torch.ao's prepare_qat_fx model (same epochs and data)")
+    # deployment
+    export: tuple[str, ...] = option((), "deploy each PTQ / QAT result: int8 (torch.ao kernels with our qparams), "
+                                     "integer (integer-only reference engine), onnx (QDQ model run by onnxruntime)")
+    accum_bits: int | None = option(None, "--export integer: accumulator bits of every layer (default: the plan's, 32); "
+                                    "overflows are counted and reported")
+    scale_approx_bits: int = option(16, "--export integer: bits of the fixed-point requantization multiplier M0 "
+                                    "(M ~ M0 / 2^n)")
+    explain: str | None = option(None, "print the integer dataflow of this layer (bit widths, scales, multiplier)")
+    onnx_opset: int = option(17, "--export onnx: ONNX opset (13 or newer: per-channel QuantizeLinear)")
     latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
     progress: bool | None = option(None, "rich progress bars for calibration, QAT and evaluation; unset (None): "
                                    "on when stderr is a terminal")
@@ -129,6 +143,15 @@ class QuantizeConfig:
                 raise UserError(f"--{name.replace('_', '-')} {value} is outside the run: epochs are 0..{self.epochs - 1}")
         if self.gpus is not None and self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
+        unknown = [e for e in self.export if e not in EXPORTS]
+        if unknown:
+            raise UserError(f"invalid --export '{unknown[0]}'; choose from {', '.join(EXPORTS)}")
+        if (self.export or self.explain) and self.mode not in ("ptq", "compare", "qat"):
+            raise UserError("--export / --explain deploy our quantized model: use --mode ptq, compare or qat")
+        if "integer" not in self.export and (self.accum_bits is not None or self.scale_approx_bits != 16):
+            raise UserError("--accum-bits / --scale-approx-bits are settings of the integer engine: add --export integer")
+        if "onnx" not in self.export and self.onnx_opset != 17:
+            raise UserError("--onnx-opset is a setting of --export onnx")
         check_choices(self)
 
 
@@ -223,16 +246,78 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     trainer = _trainer(cfg)
     rows: list[dict[str, Any]] = []
 
-    def row(variant: str, model: torch.nn.Module, real: bool = True, **info: Any) -> None:
+    def row(variant: str, model: torch.nn.Module, real: bool = True, size: int | None = None, timed: bool = True,
+            **info: Any) -> None:
         """Evaluate ``model`` into a report row; size and latency only for a ``real`` model (a fake-quant
-        simulation stores and runs floats, so its size and speed would say nothing about integers)."""
+        simulation stores and runs floats, so its size and speed would say nothing about integers).
+        ``size``: bytes of the file the model ships as (default: its state dict); ``timed``: measure latency."""
         # every rank evaluates its shard (metrics are reduced over ranks); only rank 0 times the model, so
         # the processes do not slow each other's clocks
         rows.append({k: None for k in ROW_KEYS} | info | {"variant": variant}
                     | _evaluate(trainer, model, num_classes, dm)
-                    | {"size_bytes": model_size_bytes(model) if real else None}
-                    | _measure(model, example, real and cfg.latency and trainer.is_global_zero))
+                    | {"size_bytes": (size or model_size_bytes(model)) if real else None}
+                    | _measure(model, example, real and timed and cfg.latency and trainer.is_global_zero))
 
+    def deploy(qmodel: torch.nn.Module, stem: str) -> None:
+        """Rows for ``--export`` of one fake-quant result (the row just added) and ``--explain``."""
+        base = rows[-1]
+        if not (cfg.export or cfg.explain):
+            return
+        if cfg.explain and trainer.is_global_zero:
+            engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits)
+            console.print(engine.explain(cfg.explain, example), markup=False, highlight=False, soft_wrap=True)
+        bits = {k: base[k] for k in ("weight_bits", "act_bits", "observer")}
+        fake_top1 = base["top1"]
+        deployed = run_dir / f"{stem}-deploy.pt"
+        if cfg.export and trainer.is_global_zero:
+            save_deployed(deployed, qmodel, arch, data_settings)
+        if "int8" in cfg.export:
+            for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
+                blockers = int8_blockers(qmodel)
+                if blockers:  # said in the table, not silently changed
+                    rows.append({k: None for k in ROW_KEYS} | bits | {
+                        "variant": f"{base['variant']}-int8", "backend": backend,
+                        "note": f"not expressible on {backend} int8 kernels: {blockers[0]}"
+                                + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else "")})
+                    continue
+                int8 = export_int8(qmodel, backend)
+                row(f"{base['variant']}-int8", int8, backend=backend, **bits, note="")
+                caveat = reduce_range_note(qmodel, backend)
+                rows[-1]["note"] = (f"our qparams on torch.ao {backend} int8 kernels; fake-quant top-1 "
+                                    f"{fake_top1:.2f} ({rows[-1]['top1'] - fake_top1:+.2f})" + (f"; {caveat}" if caveat else ""))
+        if "integer" in cfg.export:
+            engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits)
+            row(f"{base['variant']}-integer", engine, backend="integer", size=_file_size(deployed), timed=False,
+                **bits, note="")
+            check = agreement(engine, qmodel, dm.test_dataloader())
+            over = engine.overflow_layers()
+            overflow = "" if not over else (
+                f"; ACCUMULATOR OVERFLOW (saturated) in {len(over)} layer(s): "
+                + ", ".join(f"{n} needs {st.bits_needed} bits, {st.overflows} values" for n, st in list(over.items())[:3]))
+            rows[-1]["note"] = (f"integer-only engine, {engine.scale_bits}-bit multipliers; predictions differ from "
+                                f"fake-quant on {check['disagree']} of {check['images']} images, logits within "
+                                f"{check['max_logit_diff_steps']:.0f} output steps; size = packed deploy file; "
+                                "latency not timed (a reference, float64 integer containers)" + overflow)
+            if over and trainer.is_global_zero:
+                console.print(f"[yellow]warning:[/] accumulator overflow with --accum-bits "
+                              f"{next(iter(over.values())).accum_bits}: " + ", ".join(
+                                  f"{n} (needs {st.bits_needed} bits)" for n, st in over.items()))
+        if "onnx" in cfg.export:
+            from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
+
+            path = run_dir / f"{stem}.onnx"
+            if trainer.is_global_zero:
+                export_onnx(qmodel, path, example, cfg.onnx_opset)
+            if trainer.world_size > 1:
+                torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
+            onnx_model = OnnxModel(path)
+            row(f"{base['variant']}-onnx", onnx_model, backend="onnxruntime", size=_file_size(path), **bits, note="")
+            diff = onnx_model.agreement(qmodel, dm.test_dataloader())
+            rows[-1]["note"] = (f"ONNX QDQ opset {cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
+                                f"PyTorch fake-quant on {diff} image(s)")
+
+    if cfg.explain:  # a wrong layer name fails before any work
+        check_layer_name(prepare(float_model, build_plan(cfg)), cfg.explain)
     row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
     if cfg.mode in ("ptq", "compare", "qat"):
         sweep = [(bits, observer) for bits in sweep_bits or [None] for observer in observers or [cfg.act_observer]]
@@ -247,6 +332,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             if trainer.is_global_zero:
                 save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
                            data_settings, rows[-1])
+            deploy(lit.model, f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}")
     if cfg.mode == "qat":
         qat = run_qat(cfg, classifier, arch, dm, run_dir)
         row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
@@ -255,6 +341,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         if trainer.is_global_zero:
             save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, arch, data_settings, rows[-1],
                            kind="qat")
+        deploy(qat.model, qat.run_dir.name)
         if cfg.builtin_qat:
             model, fit_s = run_builtin_qat(cfg, classifier, arch, dm, run_dir, example)
             row("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
@@ -277,6 +364,10 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         if sweep_bits and len(sweep_bits) > 1:
             plot_sweep(rows, run_dir / "accuracy_vs_bits.png")
     return rows, run_dir, trainer.is_global_zero
+
+
+def _file_size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -1,0 +1,221 @@
+"""Real int8 models from *our* qparams: torch.ao's quantized modules (fbgemm / x86 / qnnpack kernels) built
+layer by layer from a calibrated or QAT-trained :class:`QuantizedModel`, no torch.ao observer involved.
+
+Mapping of :func:`lit_quant.deploy.graph.deploy_graph` steps:
+
+* input: ``quantize_per_tensor`` with the input quantizer's scale and zero point;
+* layer: ``nnq.Conv2d`` / ``nnq.Linear`` (``nniq.ConvReLU2d`` / ``nniq.LinearReLU`` when the output is an
+  accumulator a ReLU requantizes), weights are *our* integers (:func:`layer_weight`) wrapped as a per-channel
+  (axis 0) or per-tensor ``qint8`` tensor, output scale / zero point from our activation quantizer;
+* add (+ ReLU): ``quantized::add`` / ``quantized::add_relu`` with our output qparams;
+* average pooling and a ReLU after a non-accumulator: dequantize, float op, quantize with our qparams
+  (one rounding, as the fake-quant model does);
+* max pooling, flatten: on the quantized tensor (values stay on the grid);
+* output: dequantize.
+
+What a real int8 backend cannot hold is reported by :func:`int8_blockers` (and the report row says so)
+instead of being changed silently: activations of other than 8 bits (the kernels clamp to 0..255, not to the
+spec's range), weights wider than 8 bits or with a zero point (asym), per-channel activations. Signed
+8-bit activations (``sym`` / ``asym_s``) are the same grid as ``quint8`` with the zero point moved by 128,
+and weights of fewer than 8 bits are a subset of ``qint8``: both are exported exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_quant.builtin import _quiet, check_backend, use_engine
+from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
+from lit_quant.nn import Add
+from lit_quant.quant.fake_quant import iter_quantizers
+from lit_quant.quant.functional import QParams
+from lit_quant.quant.prepare import QuantizedModel
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+
+#: Backends whose kernels multiply u8 x s8 pairs into a saturating int16 on CPUs without VNNI (AVX2's
+#: ``vpmaddubsw``); torch.ao's own qconfig for them observes activations with ``reduce_range`` (7 bits).
+REDUCE_RANGE_BACKENDS = ("fbgemm", "x86")
+
+
+def cpu_has_vnni() -> bool:
+    """True when ``/proc/cpuinfo`` lists AVX-512 VNNI or AVX-VNNI (int8 dot products without int16 saturation)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def int8_blockers(qmodel: QuantizedModel) -> list[str]:
+    """Why ``qmodel`` cannot be exported to int8 kernels exactly (empty list: it can)."""
+    problems = []
+    for name, fq in iter_quantizers(qmodel):
+        spec = fq.spec
+        if fq.kind == "act" and spec.bits != 8:
+            problems.append(f"{name}: {spec.bits}-bit activations (int8 kernels clamp to 8 bits)")
+        elif fq.kind == "act" and spec.per_channel:
+            problems.append(f"{name}: per-channel activations")
+        elif fq.kind == "weight" and spec.bits > 8:
+            problems.append(f"{name}: {spec.bits}-bit weights")
+        elif fq.kind == "weight" and spec.scheme != "sym":
+            problems.append(f"{name}: {spec.scheme} weights (int8 kernels take symmetric qint8 weights)")
+    return problems
+
+
+def reduce_range_note(qmodel: QuantizedModel, backend: str) -> str | None:
+    """The x86 ``reduce_range`` caveat, or None when it cannot bite.
+
+    Without VNNI, fbgemm multiplies u8 activations by s8 weights with AVX2's ``vpmaddubsw``, which adds two
+    products into a *saturating* int16: ``2 * 255 * max|q_w|`` must stay within 32767 to be exact, i.e.
+    weights of at most 7 bits (``2 * 255 * 64 = 32640``). torch.ao avoids it with 7-bit activations
+    (``reduce_range``); here the weights decide.
+    """
+    if backend not in REDUCE_RANGE_BACKENDS or cpu_has_vnni():
+        return None
+    act_width = max((fq.spec.quant_max - fq.spec.quant_min for _, fq in iter_quantizers(qmodel, "act")), default=0)
+    w_max = max((max(-fq.spec.quant_min, fq.spec.quant_max) for _, fq in iter_quantizers(qmodel, "weight")), default=0)
+    if 2 * act_width * w_max <= 32767:
+        return None
+    return (f"{backend} without VNNI (this CPU) adds u8 x s8 product pairs in saturating int16: 8-bit weights can "
+            "saturate (torch.ao uses 7-bit activations, reduce_range); --weight-bits 7 or --backend qnnpack is exact")
+
+
+def _quint8(qp: QParams) -> tuple[float, int]:
+    """Scale and zero point of ``qp`` on the ``quint8`` grid (signed 8-bit: zero point + 128, same values)."""
+    shift = 128 if qp.signed else 0
+    return float(qp.scale), int(qp.zero_point) + shift
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    qw = layer_weight(layer)
+    ints = qw.int_repr.to(torch.int8)
+    if qw.axis is None:
+        return torch._make_per_tensor_quantized_tensor(ints, float(qw.scale), 0)
+    return torch._make_per_channel_quantized_tensor(ints, qw.scale.double(), qw.zero_point.long(), qw.axis)
+
+
+def _quantized_layer(step: Step, out: QParams, relu: bool) -> nn.Module:
+    mod = step.module
+    scale, zp = _quint8(out)
+    bias = mod.float_bias()
+    bias = None if bias is None else bias.detach().float()
+    if isinstance(mod, nn.Conv2d):
+        cls = nniq.ConvReLU2d if relu else nnq.Conv2d
+        new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                  mod.groups, bias is not None, mod.padding_mode)
+    else:
+        cls = nniq.LinearReLU if relu else nnq.Linear
+        new = cls(mod.in_features, mod.out_features, bias_=bias is not None)
+    new.set_weight_bias(_weight(mod), bias)
+    new.scale, new.zero_point = scale, zp
+    return new
+
+
+class _Requant(nn.Module):
+    """``quantize(op(dequantize(x)))`` with our output qparams (one rounding, as fake quantization)."""
+
+    def __init__(self, op: nn.Module, qp: QParams) -> None:
+        super().__init__()
+        self.op = op
+        self.scale, self.zero_point = _quint8(qp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(self.op(x.dequantize()), self.scale, self.zero_point, torch.quint8)
+
+
+class _QAdd(nn.Module):
+    """``quantized::add`` / ``add_relu`` into our output qparams."""
+
+    def __init__(self, qp: QParams, relu: bool) -> None:
+        super().__init__()
+        self.scale, self.zero_point = _quint8(qp)
+        self.relu = relu
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
+        return op(a, b, self.scale, self.zero_point)
+
+
+class Int8Model(nn.Module):
+    """The exported model: float in, float logits out, torch.ao quantized kernels in between.
+
+    Attributes:
+        backend: quantized engine the weights were packed for (set around every forward).
+        ops: one module per step that computes (keyed by step name).
+    """
+
+    def __init__(self, steps: list[Step], ops: dict[str, nn.Module], input_qparams: QParams, backend: str) -> None:
+        super().__init__()
+        self.steps = steps
+        self.ops = nn.ModuleDict(ops)
+        self.input_scale, self.input_zero_point = _quint8(input_qparams)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with use_engine(self.backend):
+            env: dict[str, Any] = {}
+            for step in self.steps:
+                args = [env[name] for name in step.inputs]
+                if step.kind == "input":
+                    env[step.name] = torch.quantize_per_tensor(x.float(), self.input_scale, self.input_zero_point,
+                                                               torch.quint8)
+                elif step.kind == "output":
+                    env[step.name] = args[0].dequantize()
+                elif step.name in self.ops:
+                    env[step.name] = self.ops[step.name](*args)
+                elif step.kind == "passthrough" and step.fn is not None:
+                    env[step.name] = step.fn(args[0])
+                else:  # a ReLU already applied by the fused op before it
+                    env[step.name] = args[0]
+            return env[self.steps[-1].name]
+
+
+def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
+    """A real int8 model of ``qmodel`` for ``backend`` with our qparams (see the module docstring).
+
+    Raises:
+        ExportError: :func:`int8_blockers` found something the kernels cannot hold, or an unknown backend.
+    """
+    check_backend(backend)
+    blockers = int8_blockers(qmodel)
+    if blockers:
+        raise ExportError("cannot export to int8 kernels: " + "; ".join(blockers[:3])
+                          + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else "")
+                          + ": use 8-bit activations and symmetric weights of at most 8 bits")
+    steps = deploy_graph(qmodel)
+    readers = {s.name: [r for r in steps if s.name in r.inputs] for s in steps}
+    ops: dict[str, nn.Module] = {}
+    fused: set[str] = set()  # ReLU steps computed by the op before them
+    with _quiet(), use_engine(backend):
+        for step in steps:
+            if step.kind == "layer":
+                if step.module.act_quant is not None:
+                    ops[step.name] = _quantized_layer(step, act_qparams(step), relu=False)
+                else:
+                    relu = readers[step.name][0]
+                    if isinstance(relu.module.module, nn.ReLU6):
+                        raise ExportError(f"{step.target}: a fused ReLU6 has no int8 kernel; quantize the layer output")
+                    ops[step.name] = _quantized_layer(step, act_qparams(relu), relu=True)
+                    fused.add(relu.name)
+            elif step.kind == "add":
+                relu = readers[step.name][0]
+                if isinstance(relu.module.module, nn.ReLU6):
+                    raise ExportError(f"{step.target}: add + ReLU6 has no int8 kernel; quantize the sum")
+                ops[step.name] = _QAdd(act_qparams(relu), relu=True)
+                fused.add(relu.name)
+            elif step.kind == "requant" and step.name not in fused:
+                module = step.module.module
+                ops[step.name] = _QAdd(act_qparams(step), relu=False) if isinstance(module, Add) else \
+                    _Requant(module, act_qparams(step))
+            elif step.kind == "passthrough" and step.module is not None:
+                ops[step.name] = step.module
+    return Int8Model(steps, ops, act_qparams(steps[0], qmodel.input_quant), backend).eval()
