@@ -38,7 +38,8 @@ from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
-from lit_quant.deploy.integer import IntegerEngine, agreement, check_layer_name
+from lit_quant.deploy.integer import ACCUM_BITS, SCALE_APPROX_BITS, IntegerEngine, agreement, check_layer_name
+from lit_quant.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, OnnxModel, export_onnx
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
@@ -115,7 +116,7 @@ class QuantizeConfig:
     scale_approx_bits: int = option(16, "--export integer: bits of the fixed-point requantization multiplier M0 "
                                     "(M ~ M0 / 2^n)")
     explain: str | None = option(None, "print the integer dataflow of this layer (bit widths, scales, multiplier)")
-    onnx_opset: int = option(17, "--export onnx: ONNX opset (13 or newer: per-channel QuantizeLinear)")
+    onnx_opset: int = option(DEFAULT_OPSET, "--export onnx: ONNX opset (13 or newer: per-channel QuantizeLinear)")
     latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
     progress: bool | None = option(None, "rich progress bars for calibration, QAT and evaluation; unset (None): "
                                    "on when stderr is a terminal")
@@ -150,8 +151,16 @@ class QuantizeConfig:
             raise UserError("--export / --explain deploy our quantized model: use --mode ptq, compare or qat")
         if "integer" not in self.export and (self.accum_bits is not None or self.scale_approx_bits != 16):
             raise UserError("--accum-bits / --scale-approx-bits are settings of the integer engine: add --export integer")
-        if "onnx" not in self.export and self.onnx_opset != 17:
+        if self.scale_approx_bits not in SCALE_APPROX_BITS:
+            raise UserError(f"--scale-approx-bits must be in {SCALE_APPROX_BITS.start}..{SCALE_APPROX_BITS.stop - 1} "
+                            f"(acc * M0 must fit 64 bits), got {self.scale_approx_bits}")
+        if self.accum_bits is not None and self.accum_bits not in ACCUM_BITS:
+            raise UserError(f"--accum-bits must be in {ACCUM_BITS.start}..{ACCUM_BITS.stop - 1}, got {self.accum_bits}")
+        if "onnx" not in self.export and self.onnx_opset != DEFAULT_OPSET:
             raise UserError("--onnx-opset is a setting of --export onnx")
+        if self.onnx_opset < MIN_OPSET:
+            raise UserError(f"ONNX opset {self.onnx_opset} is too old: per-channel QuantizeLinear needs opset "
+                            f"{MIN_OPSET} or newer; pass --onnx-opset {DEFAULT_OPSET}")
         check_choices(self)
 
 
@@ -220,6 +229,8 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     float_model, arch = classifier.model.eval(), classifier.hparams.arch
     if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
+    if cfg.explain:  # a wrong layer name fails before any work
+        check_layer_name(prepare(float_model, build_plan(cfg)), cfg.explain)
     if cfg.mode == "qat":  # a bad --resume fails before any work is done or any file written
         find_qat_resume(cfg, qat_dir_for(ckpt_path.parent, build_plan(cfg, qat=True)))
     train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
@@ -303,8 +314,6 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                               f"{next(iter(over.values())).accum_bits}: " + ", ".join(
                                   f"{n} (needs {st.bits_needed} bits)" for n, st in over.items()))
         if "onnx" in cfg.export:
-            from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
-
             path = run_dir / f"{stem}.onnx"
             if trainer.is_global_zero:
                 export_onnx(qmodel, path, example, cfg.onnx_opset)
@@ -316,8 +325,6 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             rows[-1]["note"] = (f"ONNX QDQ opset {cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
                                 f"PyTorch fake-quant on {diff} image(s)")
 
-    if cfg.explain:  # a wrong layer name fails before any work
-        check_layer_name(prepare(float_model, build_plan(cfg)), cfg.explain)
     row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
     if cfg.mode in ("ptq", "compare", "qat"):
         sweep = [(bits, observer) for bits in sweep_bits or [None] for observer in observers or [cfg.act_observer]]

@@ -52,7 +52,7 @@ class ExportError(UserError):
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_QuantWeightLayer, QuantOutput, QuantFunctional, Add, FakeQuantize)) or \
+        return isinstance(m, (_QuantWeightLayer, QuantOutput, QuantFunctional, Add)) or \
             super().is_leaf_module(m, qualname)
 
 
@@ -95,7 +95,9 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         raise ExportError("the model has no quantizers (every layer float): nothing to export; quantize at least "
                           "one layer (check --no-quant-layers / the plan)")
     if qmodel.input_quant is None:
-        raise ExportError("export needs the model input quantized (plan quantize_input: true, input bits set)")
+        raise ExportError("export needs the model input quantized by our input quantizer: models with their own "
+                          "QuantStub (torchvision's quantizable variants) are not exportable yet; use a lit_quant model "
+                          "(resnet20/32/56, lenet5) or plan quantize_input: true")
     try:
         graph = _Tracer().trace(qmodel.model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way

@@ -16,6 +16,7 @@ so a saved state dict restores a calibrated model without re-running calibration
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,6 +150,11 @@ class LSQFakeQuantize(FakeQuantize):
         if self.scale.shape != scale.shape:
             self.scale = nn.Parameter(torch.empty_like(scale, device=self.scale.device))
         super()._store(scale, zero_point)
+
+    def qparams(self) -> QParams:
+        """As :meth:`FakeQuantize.qparams`, with the scale forward really uses, ``max(scale, eps)``."""
+        qp = super().qparams()
+        return dataclasses.replace(qp, scale=qp.scale.clamp_min(SCALE_EPS))
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         return lsq_fake_quantize(x, torch.clamp_min(self.scale, SCALE_EPS), self.zero_point, self.spec.quant_min,

@@ -1,0 +1,433 @@
+"""ONNX export in QDQ form: QuantizeLinear / DequantizeLinear pairs around float operators.
+
+The exported graph computes what the fake-quantized PyTorch model computes. Every integer tensor of the
+deployed model (the :func:`lit_quant.deploy.graph.deploy_graph` steps) becomes a float value that went through
+a ``QuantizeLinear`` / ``DequantizeLinear`` pair with the same qparams::
+
+    q     = saturate(round_half_even(x / s) + z)       QuantizeLinear  (uint8 / int8, 16-bit at opset >= 21)
+    x_hat = (q - z) * s                                DequantizeLinear
+
+and every weight is stored as its integers (int8 initializer) with a ``DequantizeLinear`` (per output channel,
+``axis=0``, for per-channel weights), so the file holds exactly the deployed integer weights. Conv / Gemm,
+ReLU, Add and pooling run in float between the pairs, as in the fake-quant model; runtimes (onnxruntime,
+TensorRT) may fuse the patterns into integer kernels.
+
+Per step kind (see :mod:`lit_quant.deploy.graph`):
+
+===============  ==========================================================================================
+``input``        graph input ``input`` (float32, dynamic batch) -> fake-quantize with the input quantizer
+``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the float bias;
+                 fake-quantized with the layer's ``act_quant``, or left as the accumulator a ReLU requantizes
+``requant``      ``Relu`` / ``Clip(0, 6)`` / ``Add`` / ``AveragePool`` / ``GlobalAveragePool``, then fake-quantize
+``add``          ``Add`` (the sum a following ReLU requantizes)
+``passthrough``  ``MaxPool``, ``Flatten`` / ``Reshape``: values stay on their input's grid
+``output``       graph output ``logits`` (float32)
+===============  ==========================================================================================
+
+Where the integer range is narrower than the ONNX storage type (4-bit activations stored in uint8,
+``narrow_range``), a ``Clip`` to ``[(qmin - z) s, (qmax - z) s]`` comes first: ``QuantizeLinear`` only
+saturates to the type's range, and the clip makes it saturate to ``[qmin, qmax]`` instead.
+
+The only numerical difference to the PyTorch model: ONNX divides ``x / s`` where our kernels multiply by
+``1 / s`` (torch.ao's convention), which can move a value sitting on a rounding tie by one step, and float
+accumulation order differs between runtimes; both show up as rare one-step differences.
+
+``onnx`` and ``onnxruntime`` are imported inside the functions, so the package imports without them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
+from lit_quant.io import atomic_write
+from lit_quant.nn import Add
+from lit_quant.quant.fake_quant import enable_observer
+from lit_quant.quant.functional import QParams
+from lit_quant.quant.prepare import QuantizedModel
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (axis attribute) needs opset 13
+MIN_OPSET_16BIT = 21  # int16 / uint16 QuantizeLinear / DequantizeLinear arrived in opset 21
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install onnx") from None
+    return onnx
+
+
+def _check_opset(opset: int, onnx: Any) -> None:
+    newest = int(onnx.defs.onnx_opset_version())
+    allowed = f"pass --onnx-opset {MIN_OPSET}..{newest}"
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"ONNX opset must be an integer, got {opset!r}; {allowed}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"ONNX opset {opset} is too old: per-channel QuantizeLinear needs opset {MIN_OPSET} or "
+                          f"newer; {allowed}")
+    if opset > newest:
+        raise ExportError(f"ONNX opset {opset} is newer than the installed onnx {onnx.__version__} knows "
+                          f"(up to {newest}); {allowed}")
+
+
+def _torch_shapes(qmodel: QuantizedModel, steps: list[Step], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Shape of every step's value on ``example``, from running the steps in PyTorch.
+
+    A copy in eval mode with observers off, so exporting never feeds the example into the user's
+    calibration statistics or BatchNorm running statistics.
+    """
+    model = copy.deepcopy(qmodel).eval()
+    enable_observer(model, False)
+    modules = dict(model.model.named_modules())
+    param = next(model.parameters(), None)
+    x = example.detach().float().to(param.device if param is not None else "cpu")
+    values: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for step in steps:
+            args = [values[name] for name in step.inputs]
+            if step.kind == "input":
+                values[step.name] = model.input_quant(x)
+            elif step.kind == "output":
+                continue
+            elif step.module is not None:
+                values[step.name] = modules[step.target](*args)
+            else:
+                values[step.name] = step.fn(*args)
+    return {name: tuple(v.shape) for name, v in values.items()}
+
+
+def _shape_op(step: Step, in_shape: tuple[int, ...]) -> int | None:
+    """What a functional passthrough (``torch.flatten``, ``reshape``, ``view``, ``contiguous``) does, found by
+    applying ``step.fn`` to probe tensors of the real per-sample shape and two batch sizes: ``None`` for
+    "nothing" (contiguous, a reshape to the same shape), ``k`` for ``torch.flatten(x, k)``.
+
+    Two batch sizes, because a reshape with a hard-coded batch (``x.view(1, -1)``) looks like a flatten on one.
+    """
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and torch.equal(a, b)
+
+    n = int(np.prod(in_shape[1:], dtype=np.int64))
+    probes = [torch.arange(b * n, dtype=torch.float32).reshape(b, *in_shape[1:]) for b in (2, 3)]
+    try:
+        outs = [step.fn(p) for p in probes]
+    except Exception:  # noqa: BLE001 - a reshape that fails on another batch size is batch-specific
+        outs = None
+    if outs is not None and all(isinstance(o, torch.Tensor) for o in outs):
+        if all(same(o, p) for o, p in zip(outs, probes)):
+            return None
+        for k in range(len(in_shape)):
+            if all(same(o, torch.flatten(p, k)) for o, p in zip(outs, probes)):
+                return k
+    raise ExportError(f"{step.name} ({step.target}): only flatten-like reshapes can be exported to ONNX; use "
+                      "torch.flatten(x, 1) or nn.Flatten()")
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+
+class _Builder:
+    """Collects ONNX nodes and initializers; names every tensor after the step that makes it."""
+
+    def __init__(self, onnx: Any, opset: int) -> None:
+        self.onnx, self.helper, self.opset = onnx, onnx.helper, opset
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        # np.array(order='C'), not np.ascontiguousarray: that turns a 0-d (per-tensor scalar) array into 1-d
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def storage(self, qmin: int, qmax: int, signed: bool, where: str) -> type:
+        """Numpy integer type holding ``[qmin, qmax]``: 8 bits, or 16 at opset >= 21."""
+        for dtype in ((np.int8, np.int16) if signed else (np.uint8, np.uint16)):
+            info = np.iinfo(dtype)
+            if info.min <= qmin and qmax <= info.max:
+                if info.bits > 8 and self.opset < MIN_OPSET_16BIT:
+                    raise ExportError(f"{where}: integers in [{qmin}, {qmax}] need 16-bit QuantizeLinear, which "
+                                      f"needs ONNX opset {MIN_OPSET_16BIT}; pass --onnx-opset {MIN_OPSET_16BIT} or "
+                                      "use at most 8 activation bits")
+                return dtype
+        raise ExportError(f"{where}: integers in [{qmin}, {qmax}] do not fit a 16-bit ONNX type; use at most "
+                          "16 bits")
+
+    def fake_quant(self, x: str, qp: QParams, out: str, where: str) -> str:
+        """``DequantizeLinear(QuantizeLinear(Clip(x)))`` with per-tensor ``qp``; the result is named ``out``.
+
+        The ``Clip`` to ``[(qmin - z) s, (qmax - z) s]`` is only emitted where ``[qmin, qmax]`` is narrower
+        than the storage type: then ``round(clip(x) / s) + z`` lies in ``[qmin, qmax]``, the clamp of the
+        PyTorch model, where ``QuantizeLinear`` alone would saturate to the type's range.
+        """
+        dtype = self.storage(qp.quant_min, qp.quant_max, qp.signed, where)
+        scale = qp.scale.detach().cpu().reshape(-1).float()
+        zp = qp.zero_point.detach().cpu().reshape(-1)
+        if scale.numel() != 1:  # act_qparams refuses per-channel activations; this guards the invariant
+            raise ExportError(f"{where}: per-channel activation qparams cannot be exported; use per-tensor activations")
+        info = np.iinfo(dtype)
+        if qp.quant_min > info.min or qp.quant_max < info.max:
+            lo = (float(qp.quant_min) - zp.float()) * scale  # float32 arithmetic, like the PyTorch dequantize
+            hi = (float(qp.quant_max) - zp.float()) * scale
+            x = self.node("Clip", [x, self.const(f"{out}.clip_min", lo.numpy().reshape(())),
+                                   self.const(f"{out}.clip_max", hi.numpy().reshape(()))], f"{out}.clip")
+        s = self.const(f"{out}.scale", scale.numpy().astype(np.float32).reshape(()))
+        z = self.const(f"{out}.zero_point", zp.numpy().astype(dtype).reshape(()))
+        q = self.node("QuantizeLinear", [x, s, z], f"{out}.q")
+        return self.node("DequantizeLinear", [q, s, z], out)
+
+    def weight(self, step: Step) -> str:
+        """``DequantizeLinear`` of the layer's integer weight, stored as an int8 initializer."""
+        layer = step.module
+        qp = layer.weight_quant.qparams()
+        if not qp.signed:
+            raise ExportError(f"{step.target}: {qp.scheme} weights cannot be stored as ONNX int8; use weight scheme "
+                              "sym or asym_s")
+        if qp.bits > 8:
+            raise ExportError(f"{step.target}: {qp.bits}-bit weights do not fit ONNX int8; use at most 8 weight bits")
+        qt = layer_weight(layer)
+        w = self.const(f"{step.name}.weight_int8", qt.int_repr.cpu().numpy().astype(np.int8))
+        scale = qt.scale.detach().cpu().float().reshape(-1).numpy()
+        zp = qt.zero_point.detach().cpu().reshape(-1).numpy().astype(np.int8)
+        attrs: dict[str, Any] = {}
+        if qt.axis is not None:  # one scale per slice along the axis (output channels for axis 0)
+            attrs["axis"] = int(qt.axis)
+        else:  # per tensor: a scalar scale (a 1-element 1-D scale would read as per-axis)
+            scale, zp = scale.reshape(()), zp.reshape(())
+        s = self.const(f"{step.name}.weight_scale", scale)
+        z = self.const(f"{step.name}.weight_zero_point", zp)
+        return self.node("DequantizeLinear", [w, s, z], f"{step.name}.weight", **attrs)
+
+
+def _emit_layer(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
+    layer = step.module
+    w = b.weight(step)
+    bias = layer.float_bias()
+    bias = torch.zeros(layer.weight.shape[0]) if bias is None else bias.detach()
+    bias_name = b.const(f"{step.name}.bias", bias.cpu().float().numpy())
+    acc = out if layer.act_quant is None else f"{step.name}.acc"
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            raise ExportError(f"{step.target}: padding_mode {layer.padding_mode!r} cannot be exported; use zero padding")
+        kernel, dilation = _pair(layer.kernel_size), _pair(layer.dilation)
+        if layer.padding == "same":  # torch pads the extra pixel of an odd total at the end
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+        else:
+            pads = [0, 0] if layer.padding == "valid" else _pair(layer.padding)
+            pads = pads + pads  # ONNX: [h_begin, w_begin, h_end, w_end]
+        y = b.node("Conv", [x, w, bias_name], acc, kernel_shape=kernel, strides=_pair(layer.stride), pads=pads,
+                   dilations=dilation, group=int(layer.groups))
+    elif isinstance(layer, nn.Linear):
+        if len(in_shape) == 2:  # y = x W^T + b
+            y = b.node("Gemm", [x, w, bias_name], acc, transB=1)
+        else:  # Linear on the last axis of an N-d input: Gemm is 2-D only
+            wt = b.node("Transpose", [w], f"{step.name}.weight_t", perm=[1, 0])
+            y = b.node("Add", [b.node("MatMul", [x, wt], f"{step.name}.matmul"), bias_name], acc)
+    else:
+        raise ExportError(f"{step.target}: a quantized {type(layer).__name__} cannot be exported; only Conv2d and "
+                          "Linear layers")
+    if layer.act_quant is None:  # an accumulator: the ReLU step after it quantizes
+        return y
+    return b.fake_quant(y, act_qparams(step), out, step.target)
+
+
+def _emit_requant(b: _Builder, step: Step, xs: list[str], out: str) -> str:
+    inner = step.module.module
+    name = f"{step.name}.float"
+    if isinstance(inner, nn.ReLU):
+        y = b.node("Relu", xs, name)
+    elif isinstance(inner, nn.ReLU6):
+        y = b.node("Clip", [xs[0], b.const(f"{name}.min", np.array(0.0, np.float32)),
+                            b.const(f"{name}.max", np.array(6.0, np.float32))], name)
+    elif isinstance(inner, Add):
+        y = b.node("Add", xs, name)
+    elif isinstance(inner, nn.AvgPool2d):
+        if inner.divisor_override is not None:
+            raise ExportError(f"{step.target}: AvgPool2d with divisor_override cannot be exported; remove it")
+        kernel = _pair(inner.kernel_size)
+        y = b.node("AveragePool", xs, name, kernel_shape=kernel, strides=_pair(inner.stride or kernel),
+                   pads=_pair(inner.padding) * 2, ceil_mode=int(inner.ceil_mode),
+                   count_include_pad=int(inner.count_include_pad))
+    elif isinstance(inner, nn.AdaptiveAvgPool2d):
+        size = inner.output_size
+        if size not in (1, (1, 1), [1, 1]):
+            raise ExportError(f"{step.target}: AdaptiveAvgPool2d({size}) cannot be exported; only output size 1 "
+                              "(global average pooling)")
+        y = b.node("GlobalAveragePool", xs, name)
+    else:
+        raise ExportError(f"{step.target}: a quantized {type(inner).__name__} cannot be exported to ONNX")
+    return b.fake_quant(y, act_qparams(step), out, step.target)
+
+
+def _emit_passthrough(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
+    mod = step.module
+    if isinstance(mod, nn.MaxPool2d):
+        if mod.return_indices:
+            raise ExportError(f"{step.target}: MaxPool2d with return_indices cannot be exported; remove it")
+        kernel = _pair(mod.kernel_size)
+        return b.node("MaxPool", [x], out, kernel_shape=kernel, strides=_pair(mod.stride or kernel),
+                      pads=_pair(mod.padding) * 2, dilations=_pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
+    rank = len(in_shape)
+    if isinstance(mod, nn.Flatten):
+        start, end = mod.start_dim % rank, mod.end_dim % rank
+        if end != rank - 1:
+            raise ExportError(f"{step.target}: Flatten(end_dim={mod.end_dim}) cannot be exported; only flattening "
+                              "to the last dimension (end_dim=-1)")
+    elif mod is None and step.fn is not None:
+        start = _shape_op(step, in_shape)
+        if start is None:  # contiguous() or a no-op reshape: the value itself
+            return x
+    else:
+        raise ExportError(f"{step.target}: {type(mod).__name__} cannot be exported to ONNX")
+    if start == 1:  # ONNX Flatten(axis=1) is (N, prod(rest)), torch.flatten(x, 1) exactly
+        return b.node("Flatten", [x], out, axis=1)
+    # torch.flatten(x, k) keeps the first k dims: Reshape with 0 = "copy this dimension" (ONNX Flatten would
+    # always give a 2-D result)
+    shape = b.const(f"{step.name}.shape", np.array([0] * start + [-1], dtype=np.int64))
+    return b.node("Reshape", [x, shape], out)
+
+
+def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``qmodel`` (prepared and calibrated, or QAT-trained) to ``path`` as an ONNX QDQ model.
+
+    The graph has one input ``input`` (float32, shape ``(batch, *example.shape[1:])`` with a dynamic batch)
+    and one output ``logits`` (float32); it computes ``qmodel(input)`` in eval mode (see the module
+    docstring for the operators and the rare one-step differences). The file is checked with
+    ``onnx.checker`` and written atomically: on any error no file (or the previous one) is left at ``path``.
+
+    Args:
+        qmodel: a :class:`QuantizedModel` with the input and every Conv2d / Linear quantized.
+        path: the ``.onnx`` file to write (folders are created).
+        example: an input batch; gives the input shape (the batch size is free).
+        opset: ONNX opset, ``MIN_OPSET`` (13, per-channel QDQ) up to the newest the installed onnx knows;
+            16-bit activations need 21.
+
+    Returns:
+        ``path`` as a :class:`Path`.
+
+    Raises:
+        ExportError: onnx missing, opset out of range, or a model / plan that cannot be expressed (float
+            layers, unsigned or wider-than-8-bit weights, unsupported modules), naming what to change.
+    """
+    onnx = _import_onnx()
+    _check_opset(opset, onnx)
+    steps = deploy_graph(qmodel)
+    if not isinstance(example, torch.Tensor) or example.dim() < 1:
+        raise ExportError("export needs an example input tensor with a batch dimension")
+    shapes = _torch_shapes(qmodel, steps, example)
+    b = _Builder(onnx, opset)
+    outputs = steps[-1].inputs if steps[-1].kind == "output" else []
+    if len(outputs) != 1:
+        raise ExportError(f"the model returns {len(outputs)} tensors; ONNX export needs a model returning one "
+                          "logits tensor")
+    values: dict[str, str] = {}  # step name -> ONNX tensor holding its value
+    for step in steps:
+        xs = [values[name] for name in step.inputs]
+        # the logits producer writes "logits"; a step named like a graph port gets a name no FX node can have
+        out = OUTPUT_NAME if step.name == outputs[0] else (
+            f"{step.name}.value" if step.name in (INPUT_NAME, OUTPUT_NAME) else step.name)
+        if step.kind == "input":
+            values[step.name] = b.fake_quant(INPUT_NAME, act_qparams(step, qmodel.input_quant), out, "input")
+        elif step.kind == "layer":
+            values[step.name] = _emit_layer(b, step, xs[0], shapes[step.inputs[0]], out)
+        elif step.kind == "requant":
+            values[step.name] = _emit_requant(b, step, xs, out)
+        elif step.kind == "add":
+            values[step.name] = b.node("Add", xs, out)
+        elif step.kind == "passthrough":
+            values[step.name] = _emit_passthrough(b, step, xs[0], shapes[step.inputs[0]], out)
+        elif step.kind == "output":
+            if xs[0] != OUTPUT_NAME:  # the logits are another step's value (e.g. after a no-op reshape)
+                b.node("Identity", xs, OUTPUT_NAME)
+        else:
+            raise ExportError(f"{step.name}: step kind {step.kind!r} cannot be exported to ONNX")
+
+    helper, tp = onnx.helper, onnx.TensorProto
+    graph_input = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *example.shape[1:]])
+    graph_output = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", *shapes[outputs[0]][1:]])
+    graph = helper.make_graph(b.nodes, type(qmodel.model).__name__, [graph_input], [graph_output],
+                              initializer=b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lit-quant",
+                              doc_string="QDQ export of a lit-quant fake-quantized model")
+    # the oldest IR version that carries this opset: make_model stamps the newest one, which runtimes
+    # older than the onnx package (onnxruntime included) refuse to load
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported ONNX model does not validate ({str(exc).strip().splitlines()[0]}); "
+                          "please report this model") from exc
+    data = model.SerializeToString()
+    path = Path(path)
+    atomic_write(path, lambda fh: fh.write(data))
+    return path
+
+
+class OnnxModel(nn.Module):
+    """An exported ONNX model as a module: ``forward(x) -> logits`` through one onnxruntime session.
+
+    By default onnxruntime's QDQ fusions are off (``session.disable_quant_qdq``; its float optimizations stay
+    on), so it computes the graph as written: float operators between QuantizeLinear / DequantizeLinear,
+    which is the fake-quant model up to rare one-step rounding differences. With ``fuse_qdq=True`` it does
+    what a deployment does: rounds the float biases to int32 on the ``s_x * s_w`` grid (which the fake-quant
+    model does not model) and fuses the pairs into QLinearConv / QLinearAdd / QGemm integer kernels. On
+    x86 CPUs without VNNI those kernels add 8-bit u8 x s8 products pairwise in saturating int16
+    (onnxruntime's documented "reduce_range" caveat), which with 8-bit weights moves logits by tens of
+    output steps; 7-bit weights avoid it.
+
+    Raises:
+        ExportError: onnxruntime missing, no file at ``path``, or a model onnxruntime cannot load (e.g. an
+            opset newer than it supports).
+    """
+
+    def __init__(self, path: str | Path, fuse_qdq: bool = False) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("running the ONNX model needs onnxruntime: pip install onnxruntime") from None
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"no ONNX model at {path}; export one first")
+        try:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            if not fuse_qdq:
+                options.add_session_config_entry("session.disable_quant_qdq", "1")
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"onnxruntime {ort.__version__} cannot load {path} ({msg}); export with an opset it "
+                              f"supports, e.g. --onnx-opset {DEFAULT_OPSET}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})
+        return torch.from_numpy(logits).to(x.device)
+
+    def agreement(self, qmodel: nn.Module, batches: Any) -> int:
+        """How many inputs of ``batches`` get another prediction than the PyTorch model ``qmodel``."""
+        differ = 0
+        with torch.no_grad():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                differ += int((self(x).argmax(1) != qmodel(x).argmax(1)).sum())
+        return differ
+
+
+def run_onnx(path: str | Path, x: torch.Tensor, fuse_qdq: bool = False) -> torch.Tensor:
+    """Logits of the ONNX model at ``path`` for the batch ``x`` (onnxruntime, CPU); see :class:`OnnxModel`."""
+    return OnnxModel(path, fuse_qdq)(x)
