@@ -1,7 +1,8 @@
 """PyTorch's built-in ``torch.ao`` quantization: the side-by-side reference for our own quantizer.
 
-This is the only module of the project that imports ``torch.ao``. Every result of ``lit_quant.quant`` is
-compared with what PyTorch itself produces on the same float model and the same calibration batches:
+This module and :mod:`lit_quant.deploy.int8` (torch.ao modules built from our qparams) are the only ones
+importing ``torch.ao``. Every result of ``lit_quant.quant`` is compared with what PyTorch itself produces
+on the same float model and the same calibration batches:
 
 * :func:`builtin_ptq` — static int8 post-training quantization: FX graph mode where the model traces
   (``prepare_fx`` with the backend's default ``QConfigMapping`` → calibrate → ``convert_fx``), eager mode
