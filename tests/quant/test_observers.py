@@ -96,6 +96,8 @@ def _qparams_range(obs, batches):
 
 
 def test_percentile_is_close_to_the_exact_quantile() -> None:
+    # seeded: an unseeded draw once put the 0.1 % quantile 1.2 bin widths off (noted in the issue, left open)
+    torch.manual_seed(0)
     data = torch.distributions.Laplace(0.0, 1.0).sample((200000,))
     obs = build_observer(QuantSpec(8, "asym_u", observer="percentile",
                                    observer_args={"percentile": 99.9, "max_samples": 0}))
