@@ -39,7 +39,7 @@ from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import ACCUM_BITS, SCALE_APPROX_BITS, IntegerEngine, agreement, check_layer_name
-from lit_quant.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, OnnxModel, export_onnx
+from lit_quant.deploy.onnx_export import DEFAULT_OPSET, OnnxModel, check_opset, export_onnx
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
@@ -158,9 +158,8 @@ class QuantizeConfig:
             raise UserError(f"--accum-bits must be in {ACCUM_BITS.start}..{ACCUM_BITS.stop - 1}, got {self.accum_bits}")
         if "onnx" not in self.export and self.onnx_opset != DEFAULT_OPSET:
             raise UserError("--onnx-opset is a setting of --export onnx")
-        if self.onnx_opset < MIN_OPSET:
-            raise UserError(f"ONNX opset {self.onnx_opset} is too old: per-channel QuantizeLinear needs opset "
-                            f"{MIN_OPSET} or newer; pass --onnx-opset {DEFAULT_OPSET}")
+        if "onnx" in self.export:
+            check_opset(self.onnx_opset)
         check_choices(self)
 
 

@@ -66,7 +66,9 @@ def _import_onnx() -> Any:
     return onnx
 
 
-def _check_opset(opset: int, onnx: Any) -> None:
+def check_opset(opset: int) -> None:
+    """:class:`ExportError` unless ``MIN_OPSET <= opset <=`` the newest opset the installed onnx knows."""
+    onnx = _import_onnx()
     newest = int(onnx.defs.onnx_opset_version())
     allowed = f"pass --onnx-opset {MIN_OPSET}..{newest}"
     if isinstance(opset, bool) or not isinstance(opset, int):
@@ -322,8 +324,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor,
         ExportError: onnx missing, opset out of range, or a model / plan that cannot be expressed (float
             layers, unsigned or wider-than-8-bit weights, unsupported modules), naming what to change.
     """
+    check_opset(opset)
     onnx = _import_onnx()
-    _check_opset(opset, onnx)
     steps = deploy_graph(qmodel)
     if not isinstance(example, torch.Tensor) or example.dim() < 1:
         raise ExportError("export needs an example input tensor with a batch dimension")
