@@ -97,7 +97,8 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         bits = f"{r['weight_bits']}/{r['act_bits']}"
         delta = None if fp32 is None or r["top1"] is None or r["variant"] == "fp32" else r["top1"] - fp32
-        table.add_row(r["variant"], r["backend"] or "-", bits, r["observer"] or "-", _fmt(r["top1"], ".2f"),
+        variant = f"{r['variant']} ({r['source']})" if r.get("source") else r["variant"]
+        table.add_row(variant, r["backend"] or "-", bits, r["observer"] or "-", _fmt(r["top1"], ".2f"),
                       _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"),
                       _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1024, ".1f"),
                       _fmt(r["latency_ms_bs1"], ".2f"), _fmt(r["latency_ms_bs64"], ".1f"), _fmt(r["calib_s"], ".2f"))
@@ -138,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(r["backend"] == "fake-quant" for r in rows):
         console.print("fake-quant rows simulate integers in float: accuracy only, no integer size or latency.")
     for r in rows:  # what the table's columns cannot say: why a deployed row is missing or differs
-        if r["variant"].endswith(("-int8", "-integer", "-onnx")) and r["note"]:
-            console.print(f"{r['variant']} ({r['backend']}): {r['note']}", markup=False, highlight=False)
+        if r.get("source") and r["note"]:
+            console.print(f"{r['variant']} of {r['source']} ({r['backend']}): {r['note']}", markup=False,
+                          highlight=False)
     console.print(f"Report: {run_dir / 'report.json'}")
     return 0
 

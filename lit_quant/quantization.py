@@ -57,7 +57,7 @@ from lit_quant.training import (
 )
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
-ROW_KEYS = ("variant", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
+ROW_KEYS = ("variant", "source", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
             "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
 EXPORTS = ("int8", "integer", "onnx")
@@ -286,18 +286,18 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                 blockers = int8_blockers(qmodel)
                 if blockers:  # said in the table, not silently changed
                     rows.append({k: None for k in ROW_KEYS} | bits | {
-                        "variant": f"{base['variant']}-int8", "backend": backend,
+                        "variant": "int8-export", "source": base["variant"], "backend": backend,
                         "note": f"not expressible on {backend} int8 kernels: {blockers[0]}"
                                 + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else "")})
                     continue
                 int8 = export_int8(qmodel, backend)
-                row(f"{base['variant']}-int8", int8, backend=backend, **bits, note="")
+                row("int8-export", int8, source=base["variant"], backend=backend, **bits, note="")
                 caveat = reduce_range_note(qmodel, backend)
                 rows[-1]["note"] = (f"our qparams on torch.ao {backend} int8 kernels; fake-quant top-1 "
                                     f"{fake_top1:.2f} ({rows[-1]['top1'] - fake_top1:+.2f})" + (f"; {caveat}" if caveat else ""))
         if "integer" in cfg.export:
             engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits)
-            row(f"{base['variant']}-integer", engine, backend="integer", size=_file_size(deployed), timed=False,
+            row("integer", engine, source=base["variant"], backend="integer", size=_file_size(deployed), timed=False,
                 **bits, note="")
             check = agreement(engine, qmodel, dm.test_dataloader())
             over = engine.overflow_layers()
@@ -319,7 +319,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             if trainer.world_size > 1:
                 torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
             onnx_model = OnnxModel(path)
-            row(f"{base['variant']}-onnx", onnx_model, backend="onnxruntime", size=_file_size(path), **bits, note="")
+            row("onnx", onnx_model, source=base["variant"], backend="onnxruntime", size=_file_size(path), **bits, note="")
             diff = onnx_model.agreement(qmodel, dm.test_dataloader())
             rows[-1]["note"] = (f"ONNX QDQ opset {cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
                                 f"PyTorch fake-quant on {diff} image(s)")

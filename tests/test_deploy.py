@@ -211,21 +211,21 @@ def test_cli_export_rows(trained: Path) -> None:
     assert "accumulate" in result.stdout
     rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     fake = rows["ptq"]["top1"]
-    assert abs(rows["ptq-int8"]["top1"] - fake) <= 0.1
-    assert abs(rows["ptq-integer"]["top1"] - fake) <= 1.0
-    assert rows["ptq-int8"]["size_bytes"] > 0 and rows["ptq-integer"]["size_bytes"] > 0
-    assert "predictions differ from fake-quant on" in rows["ptq-integer"]["note"]
+    assert abs(rows["int8-export"]["top1"] - fake) <= 0.1
+    assert abs(rows["integer"]["top1"] - fake) <= 1.0
+    assert rows["int8-export"]["size_bytes"] > 0 and rows["integer"]["size_bytes"] > 0
+    assert "predictions differ from fake-quant on" in rows["integer"]["note"]
     assert (trained / "tiny" / "ptq-w7a8-deploy.pt").is_file()
     assert (trained / "tiny" / "ptq-w7a8.onnx").is_file()
-    assert "differ from PyTorch fake-quant on 0 image(s)" in rows["ptq-onnx"]["note"]
-    assert abs(rows["ptq-onnx"]["top1"] - fake) <= 0.1
+    assert "differ from PyTorch fake-quant on 0 image(s)" in rows["onnx"]["note"]
+    assert abs(rows["onnx"]["top1"] - fake) <= 0.1
 
     result = run_script("quantize.py", "--ckpt", str(ckpt), "--bits", "4", "--export", "int8", "integer",
                         "--accum-bits", "8", "--no-latency", "--no-progress", "--calib-batches", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
-    assert rows["ptq-int8"]["top1"] is None and "not expressible" in rows["ptq-int8"]["note"]
-    assert "ACCUMULATOR OVERFLOW" in rows["ptq-integer"]["note"]
+    assert rows["int8-export"]["top1"] is None and "not expressible" in rows["int8-export"]["note"]
+    assert "ACCUMULATOR OVERFLOW" in rows["integer"]["note"]
     assert "accumulator overflow" in result.stdout
 
 

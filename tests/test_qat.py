@@ -120,11 +120,15 @@ def test_bf16_qat_loss_matches_fp32() -> None:
 def test_qat_report_and_reload(trained: Path, capsys) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--mode", "qat", "--bits", "4", "--epochs", "2",
                           "--lr", "0.01", "--calib-batches", "2", "--no-latency", "--export", "integer", "onnx"]) == 0
-    rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
-    assert set(rows) == {"fp32", "ptq", "ptq-integer", "ptq-onnx", "qat", "qat-integer", "qat-onnx", "builtin-qat"}
+    rows = {(r["variant"], r["source"]): r for r in report_rows(trained / "tiny")}
+    assert set(rows) == {("fp32", None), ("ptq", None), ("integer", "ptq"), ("onnx", "ptq"), ("qat", None),
+                         ("integer", "qat"), ("onnx", "qat"), ("builtin-qat", None)}
+    exported = {k: r for k, r in rows.items() if k[1] == "qat"}
+    rows = {variant: r for (variant, source), r in rows.items() if source is None}
     # the QAT model (Conv-BN folded as it trained) deploys: integer engine and onnxruntime on its integers
-    assert abs(rows["qat-onnx"]["top1"] - rows["qat"]["top1"]) <= 0.5
-    differ, images = map(int, re.search(r"differ from fake-quant on (\d+) of (\d+)", rows["qat-integer"]["note"]).groups())
+    assert abs(exported["onnx", "qat"]["top1"] - rows["qat"]["top1"]) <= 0.5
+    differ, images = map(int, re.search(r"differ from fake-quant on (\d+) of (\d+)",
+                                        exported["integer", "qat"]["note"]).groups())
     assert differ <= 0.1 * images  # 4-bit near-ties only (measured 2 of 64); the exact bound is in test_deploy
     assert (trained / "tiny" / "qat-w4a4-deploy.pt").is_file() and (trained / "tiny" / "qat-w4a4.onnx").is_file()
     assert rows["qat"]["weight_bits"] == rows["qat"]["act_bits"] == 4 and rows["qat"]["observer"] == "ema"
