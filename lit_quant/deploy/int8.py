@@ -26,6 +26,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from lit_quant.builtin import _quiet, check_backend, use_engine
@@ -145,38 +146,52 @@ class _QAdd(nn.Module):
         return op(a, b, self.scale, self.zero_point)
 
 
+class _Fn(nn.Module):
+    """A functional passthrough step (``torch.flatten(x, 1)``, ``x.view(...)``) as a module of the graph."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 class Int8Model(nn.Module):
     """The exported model: float in, float logits out, torch.ao quantized kernels in between.
 
+    The steps are compiled into a torch.fx ``GraphModule`` (generated Python code, one line per op, as
+    torch.ao's own converted models are), so running it costs no per-step interpretation.
+
     Attributes:
         backend: quantized engine the weights were packed for (set around every forward).
-        ops: one module per step that computes (keyed by step name).
+        graph_module: the compiled steps.
     """
 
     def __init__(self, steps: list[Step], ops: dict[str, nn.Module], input_qparams: QParams, backend: str) -> None:
         super().__init__()
-        self.steps = steps
-        self.ops = nn.ModuleDict(ops)
-        self.input_scale, self.input_zero_point = _quint8(input_qparams)
+        scale, zero_point = _quint8(input_qparams)
+        root = nn.Module()
+        graph = torch.fx.Graph()
+        env: dict[str, torch.fx.Node] = {}
+        for step in steps:
+            args = tuple(env[name] for name in step.inputs)
+            if step.kind == "input":
+                x = graph.placeholder("x")
+                env[step.name] = graph.call_function(torch.quantize_per_tensor, (x, scale, zero_point, torch.quint8))
+            elif step.kind == "output":
+                graph.output(graph.call_method("dequantize", (args[0],)))
+            elif step.name in ops or (step.kind == "passthrough" and step.fn is not None):
+                root.add_module(step.name, ops[step.name] if step.name in ops else _Fn(step.fn))
+                env[step.name] = graph.call_module(step.name, args)
+            else:  # a ReLU already applied by the fused op before it
+                env[step.name] = args[0]
+        self.graph_module = torch.fx.GraphModule(root, graph)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with use_engine(self.backend):
-            env: dict[str, Any] = {}
-            for step in self.steps:
-                args = [env[name] for name in step.inputs]
-                if step.kind == "input":
-                    env[step.name] = torch.quantize_per_tensor(x.float(), self.input_scale, self.input_zero_point,
-                                                               torch.quint8)
-                elif step.kind == "output":
-                    env[step.name] = args[0].dequantize()
-                elif step.name in self.ops:
-                    env[step.name] = self.ops[step.name](*args)
-                elif step.kind == "passthrough" and step.fn is not None:
-                    env[step.name] = step.fn(args[0])
-                else:  # a ReLU already applied by the fused op before it
-                    env[step.name] = args[0]
-            return env[self.steps[-1].name]
+            return self.graph_module(x.float())
 
 
 def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
