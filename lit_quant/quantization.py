@@ -38,7 +38,7 @@ from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
-from lit_quant.deploy.integer import ACCUM_BITS, SCALE_APPROX_BITS, IntegerEngine, agreement, check_layer_name
+from lit_quant.deploy.integer import IntegerEngine, agreement, check_engine_widths, check_layer_name
 from lit_quant.deploy.onnx_export import DEFAULT_OPSET, OnnxModel, check_opset, export_onnx
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
@@ -151,11 +151,7 @@ class QuantizeConfig:
             raise UserError("--export / --explain deploy our quantized model: use --mode ptq, compare or qat")
         if "integer" not in self.export and (self.accum_bits is not None or self.scale_approx_bits != 16):
             raise UserError("--accum-bits / --scale-approx-bits are settings of the integer engine: add --export integer")
-        if self.scale_approx_bits not in SCALE_APPROX_BITS:
-            raise UserError(f"--scale-approx-bits must be in {SCALE_APPROX_BITS.start}..{SCALE_APPROX_BITS.stop - 1} "
-                            f"(acc * M0 must fit 64 bits), got {self.scale_approx_bits}")
-        if self.accum_bits is not None and self.accum_bits not in ACCUM_BITS:
-            raise UserError(f"--accum-bits must be in {ACCUM_BITS.start}..{ACCUM_BITS.stop - 1}, got {self.accum_bits}")
+        check_engine_widths(self.accum_bits, self.scale_approx_bits)
         if "onnx" not in self.export and self.onnx_opset != DEFAULT_OPSET:
             raise UserError("--onnx-opset is a setting of --export onnx")
         if "onnx" in self.export:
@@ -273,17 +269,19 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         base = rows[-1]
         if not (cfg.export or cfg.explain):
             return
+        engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits) \
+            if cfg.explain or "integer" in cfg.export else None
         if cfg.explain and trainer.is_global_zero:
-            engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits)
             console.print(engine.explain(cfg.explain, example), markup=False, highlight=False, soft_wrap=True)
+            engine.reset_stats()  # the overflow report covers the evaluation only
         bits = {k: base[k] for k in ("weight_bits", "act_bits", "observer")}
         fake_top1 = base["top1"]
         deployed = run_dir / f"{stem}-deploy.pt"
         if cfg.export and trainer.is_global_zero:
             save_deployed(deployed, qmodel, arch, data_settings)
         if "int8" in cfg.export:
+            blockers = int8_blockers(qmodel)
             for backend in available_backends() if cfg.mode == "compare" else [cfg.backend]:
-                blockers = int8_blockers(qmodel)
                 if blockers:  # said in the table, not silently changed
                     rows.append({k: None for k in ROW_KEYS} | bits | {
                         "variant": "int8-export", "source": base["variant"], "backend": backend,
@@ -296,7 +294,6 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                 rows[-1]["note"] = (f"our qparams on torch.ao {backend} int8 kernels; fake-quant top-1 "
                                     f"{fake_top1:.2f} ({rows[-1]['top1'] - fake_top1:+.2f})" + (f"; {caveat}" if caveat else ""))
         if "integer" in cfg.export:
-            engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits)
             row("integer", engine, source=base["variant"], backend="integer", size=_file_size(deployed), timed=False,
                 **bits, note="")
             check = agreement(engine, qmodel, dm.test_dataloader())

@@ -47,6 +47,15 @@ ADD_SHIFT = 20
 _EXACT = 2 ** 53  # float64 holds every integer below this exactly
 
 
+def check_engine_widths(accum_bits: int | None, scale_approx_bits: int) -> None:
+    """:class:`ExportError` for an accumulator or multiplier width the engine cannot run."""
+    if scale_approx_bits not in SCALE_APPROX_BITS:
+        raise ExportError(f"--scale-approx-bits must be in {SCALE_APPROX_BITS.start}..{SCALE_APPROX_BITS.stop - 1} "
+                          f"(the product acc * M0 must fit 64 bits), got {scale_approx_bits}")
+    if accum_bits is not None and accum_bits not in ACCUM_BITS:
+        raise ExportError(f"--accum-bits must be in {ACCUM_BITS.start}..{ACCUM_BITS.stop - 1}, got {accum_bits}")
+
+
 def fixed_point(m: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``M ~ M0 / 2^n`` with ``M0`` an integer in ``[2^(bits-1), 2^bits)`` (full precision for ``bits``).
 
@@ -144,11 +153,7 @@ class IntegerEngine(nn.Module):
 
     def __init__(self, qmodel: QuantizedModel, accum_bits: int | None = None, scale_approx_bits: int = 16) -> None:
         super().__init__()
-        if scale_approx_bits not in SCALE_APPROX_BITS:
-            raise ExportError(f"--scale-approx-bits must be in {SCALE_APPROX_BITS.start}..{SCALE_APPROX_BITS.stop - 1} "
-                              f"(the product acc * M0 must fit 64 bits), got {scale_approx_bits}")
-        if accum_bits is not None and accum_bits not in ACCUM_BITS:
-            raise ExportError(f"--accum-bits must be in {ACCUM_BITS.start}..{ACCUM_BITS.stop - 1}, got {accum_bits}")
+        check_engine_widths(accum_bits, scale_approx_bits)
         self.steps = deploy_graph(qmodel)
         self.scale_bits = scale_approx_bits
         self.input_qparams = act_qparams(self.steps[0], qmodel.input_quant)
@@ -416,4 +421,5 @@ def agreement(engine: IntegerEngine, qmodel: QuantizedModel, batches: Any) -> di
     return {"images": total, "disagree": total - same, "max_logit_diff_steps": worst}
 
 
-__all__ = ["IntegerEngine", "IntValue", "LayerStats", "agreement", "check_layer_name", "fixed_point", "shift_round"]
+__all__ = ["IntegerEngine", "IntValue", "LayerStats", "agreement", "check_engine_widths", "check_layer_name",
+           "fixed_point", "shift_round"]
