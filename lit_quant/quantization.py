@@ -37,8 +37,9 @@ from lit_quant.builtin import (
 from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, option
+from lit_quant.deploy.graph import agreement
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
-from lit_quant.deploy.integer import IntegerEngine, agreement, check_engine_widths, check_layer_name
+from lit_quant.deploy.integer import IntegerEngine, check_engine_widths, check_layer_name
 from lit_quant.deploy.onnx_export import DEFAULT_OPSET, OnnxModel, check_opset, export_onnx
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
@@ -317,9 +318,9 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                 torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
             onnx_model = OnnxModel(path)
             row("onnx", onnx_model, source=base["variant"], backend="onnxruntime", size=_file_size(path), **bits, note="")
-            diff = onnx_model.agreement(qmodel, dm.test_dataloader())
+            check = agreement(onnx_model, qmodel, dm.test_dataloader())
             rows[-1]["note"] = (f"ONNX QDQ opset {cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
-                                f"PyTorch fake-quant on {diff} image(s)")
+                                f"PyTorch fake-quant on {check['disagree']} image(s)")
 
     row("fp32", float_model, backend="float", weight_bits=32, act_bits=32, note="fp32 checkpoint")
     if cfg.mode in ("ptq", "compare", "qat"):

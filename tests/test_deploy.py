@@ -14,9 +14,9 @@ import torch
 from conftest import report_rows, run_script
 
 from lit_quant.config import TrainConfig
-from lit_quant.deploy.graph import ExportError, deploy_graph
+from lit_quant.deploy.graph import ExportError, agreement, deploy_graph
 from lit_quant.deploy.int8 import cpu_has_vnni, export_int8, int8_blockers, reduce_range_note
-from lit_quant.deploy.integer import IntegerEngine, agreement, fixed_point, shift_round
+from lit_quant.deploy.integer import IntegerEngine, fixed_point, shift_round
 from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
 from lit_quant.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare

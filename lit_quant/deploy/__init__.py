@@ -2,6 +2,6 @@
 integer-only reference engine (:mod:`.integer`) and ONNX QuantizeLinear / DequantizeLinear export
 (:mod:`.onnx_export`). All read the dataflow from :func:`lit_quant.deploy.graph.deploy_graph`."""
 
-from lit_quant.deploy.graph import ExportError, Step, deploy_graph
+from lit_quant.deploy.graph import ExportError, Step, agreement, deploy_graph
 
-__all__ = ["ExportError", "Step", "deploy_graph"]
+__all__ = ["ExportError", "Step", "agreement", "deploy_graph"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -193,3 +194,23 @@ def act_qparams(step: Step, input_quant: FakeQuantize | None = None) -> QParams:
         raise ExportError(f"{step.target}: per-channel activation qparams cannot be exported; use per-tensor "
                           "activations")
     return qp
+
+
+def agreement(model: nn.Module, reference: QuantizedModel, batches: Any) -> dict[str, Any]:
+    """Compare a deployed ``model`` with the fake-quant ``reference`` on ``batches`` (tensors or ``(x, y)``):
+    how many predictions differ, and the largest logit difference in output quantization steps (the scale of
+    the tensor the reference's last step produces; NaN when its output is not quantized)."""
+    steps = deploy_graph(reference)
+    last = next(s for s in steps if s.name == steps[-1].inputs[0])
+    quantized_output = last.kind in ("layer", "requant") and last.module.act_quant is not None
+    step_size = float(act_qparams(last).scale) if quantized_output else float("nan")
+    differ = total = 0
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            a, b = model(x), reference(x)
+            differ += int((a.argmax(1) != b.argmax(1)).sum())
+            total += len(x)
+            worst = max(worst, float((a - b).abs().max()) / step_size)
+    return {"images": total, "disagree": differ, "max_logit_diff_steps": worst}

@@ -26,7 +26,6 @@ import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.nn import Add
-from lit_quant.quant.functional import QParams
+from lit_quant.quant.functional import QParams, quantize
 from lit_quant.quant.modules import _QuantWeightLayer
 from lit_quant.quant.prepare import QuantizedModel
 
@@ -192,7 +191,7 @@ class IntegerEngine(nn.Module):
 
             products = w.shape[1]
         bits = accum_bits if accum_bits is not None else module.accum_bits
-        out = None if module.act_quant is None else act_qparams(step)
+        out = self.out_qparams.get(step.name)  # filled for this step just before
         return _Layer(step, w, w_scale, None if bias is None else bias.detach().double(), conv, out,
                       LayerStats(bits, products))
 
@@ -200,8 +199,7 @@ class IntegerEngine(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> IntValue:
         """The one float-to-integer step: ``q = clamp(round(x / s) + z)`` with the input quantizer."""
         qp = self.input_qparams
-        q = torch.clamp(torch.round(x.float() * torch.reciprocal(qp.scale)) + qp.zero_point, qp.quant_min,
-                        qp.quant_max).long()
+        q = quantize(x, qp.scale, qp.zero_point, qp.quant_min, qp.quant_max).int_repr.long()
         return IntValue(q, qp.scale.double().reshape(()), int(qp.zero_point), qp.quant_min, qp.quant_max)
 
     def accumulate(self, layer: _Layer, x: IntValue) -> IntValue:
@@ -404,22 +402,5 @@ def check_layer_name(model_or_names: nn.Module | list[str], target: str) -> None
                           f"(layers: {', '.join(names[:4])}, ...)")
 
 
-def agreement(engine: IntegerEngine, qmodel: QuantizedModel, batches: Any) -> dict[str, Any]:
-    """Compare the engine with the fake-quant model on ``batches``: prediction agreement and the largest
-    logit difference in units of the output quantization step."""
-    last = engine.steps[-1].inputs[0]
-    step_size = float(engine.out_qparams[last].scale) if last in engine.out_qparams else float("nan")
-    same = total = 0
-    worst = 0.0
-    with torch.no_grad():
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            a, b = engine(x), qmodel(x)
-            same += int((a.argmax(1) == b.argmax(1)).sum())
-            total += len(x)
-            worst = max(worst, float((a - b).abs().max()) / step_size)
-    return {"images": total, "disagree": total - same, "max_logit_diff_steps": worst}
-
-
-__all__ = ["IntegerEngine", "IntValue", "LayerStats", "agreement", "check_engine_widths", "check_layer_name",
-           "fixed_point", "shift_round"]
+__all__ = ["IntegerEngine", "IntValue", "LayerStats", "check_engine_widths", "check_layer_name", "fixed_point",
+           "shift_round"]

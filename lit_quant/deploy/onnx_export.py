@@ -420,15 +420,6 @@ class OnnxModel(nn.Module):
         (logits,) = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})
         return torch.from_numpy(logits).to(x.device)
 
-    def agreement(self, qmodel: nn.Module, batches: Any) -> int:
-        """How many inputs of ``batches`` get another prediction than the PyTorch model ``qmodel``."""
-        differ = 0
-        with torch.no_grad():
-            for batch in batches:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                differ += int((self(x).argmax(1) != qmodel(x).argmax(1)).sum())
-        return differ
-
 
 def run_onnx(path: str | Path, x: torch.Tensor, fuse_qdq: bool = False) -> torch.Tensor:
     """Logits of the ONNX model at ``path`` for the batch ``x`` (onnxruntime, CPU); see :class:`OnnxModel`."""

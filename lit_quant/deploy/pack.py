@@ -23,6 +23,7 @@ import torch
 from lit_quant.deploy.graph import ExportError, layer_weight
 from lit_quant.io import atomic_write
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, iter_quantizers, prepare
+from lit_quant.quant.functional import QuantizedTensor, dequantize
 from lit_quant.quant.modules import _QuantWeightLayer
 from lit_quant.quant.prepare import QuantizedModel
 
@@ -142,12 +143,11 @@ def load_deployed(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
             count = int(torch.tensor(entry["shape"]).prod())
             nbytes = int(-(-count * bytes_per_value(entry["bits"]) // 1))
             u = unpack(data[entry["offset"]:entry["offset"] + nbytes], entry["bits"], count)
-            q = (u + entry["quant_min"]).reshape(entry["shape"]).float()
+            q = (u + entry["quant_min"]).reshape(entry["shape"])
             scale, zp = f(entry["scale"]), i(entry["zero_point"])
-            axis = layer.weight_quant.axis
-            shape = [-1] + [1] * (q.dim() - 1) if axis == 0 else []
-            s, z = (scale.reshape(shape), zp.reshape(shape).float()) if shape else (scale, zp.float())
-            layer.weight.copy_((q - z) * s)
+            spec = layer.weight_quant.spec
+            layer.weight.copy_(dequantize(QuantizedTensor(q, scale, zp, spec.quant_min, spec.quant_max,
+                                                          layer.weight_quant.axis)))
             if entry["bias"] is not None:
                 layer.bias.copy_(f(entry["bias"]))
             layer.weight_quant._store(scale, zp)
