@@ -11,7 +11,11 @@ copy, with our qparams and with the qparams a torch.ao ``HistogramObserver`` com
 tensors (fed through forward hooks in an untimed pass). Reported as the geometric mean over tensors of
 ``ours / torch.ao`` and the count of tensors where ours is no worse.
 
+``--ckpt`` replaces the random-weight model by a trained Fashion-MNIST checkpoint of ``train.py`` (its
+architecture must take 1x28x28 inputs): trained activations have the long tails that decide 8-bit errors.
+
 Run:  python benchmarks/calibration.py [--images 2048 --batch-size 256 --repeats 5 --threads 2 --clock wall]
+      python benchmarks/calibration.py --ckpt checkpoints/fashion-mnist-resnet20/best.ckpt --skip-timing
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_quant.models import build_model
 from lit_quant.quant import (
     OBSERVER_NAMES,
+    OBSERVERS,
     FakeQuantize,
     QuantPlan,
     calibrate,
@@ -77,6 +82,13 @@ def make_model(seed: int) -> nn.Module:
     return model.eval()
 
 
+def load_trained(path: str) -> nn.Module:
+    """The fp32 model of a ``train.py`` checkpoint, eval mode (lit_quant's own loader and its errors)."""
+    from lit_quant.training import load_classifier
+
+    return load_classifier(path).model.eval()
+
+
 def forward_all(model: nn.Module, batches: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for x in batches:
@@ -106,9 +118,10 @@ def timed(fn: Callable[[], None], clock: Callable[[], float] = time.perf_counter
 
 
 def quantization_errors(model: nn.Module, observer: str, bits: int, batches: list[torch.Tensor],
-                        eval_batches: list[torch.Tensor]) -> tuple[list[float], list[float], list[float]]:
+                        eval_batches: list[torch.Tensor], options: dict[str, float] | None = None,
+                        ) -> tuple[list[float], list[float], list[float]]:
     """Per activation tensor: our MSE, torch.ao HistogramObserver's MSE (same tensors), and E[x^2]."""
-    q = prepare(model, QuantPlan.from_bits(8, bits, act_observer=observer))
+    q = prepare(model, QuantPlan.from_bits(8, bits, act_observer=observer, observer_args={observer: options or {}}))
     acts = dict(iter_quantizers(q, "act"))
     refs = {name: HistogramObserver(dtype=torch.quint8, quant_min=0, quant_max=2 ** bits - 1) for name in acts}
     hooks = [fq.register_forward_pre_hook(lambda m, a, n=name: refs[n](a[0])) for name, fq in acts.items()]
@@ -134,29 +147,12 @@ def quantization_errors(model: nn.Module, observer: str, bits: int, batches: lis
     return [v[0] for v in sums.values()], [v[1] for v in sums.values()], [v[2] for v in sums.values()]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bits", type=int, default=8, help="activation bits for the error comparison")
-    parser.add_argument("--observers", nargs="+", default=list(OBSERVER_NAMES), choices=OBSERVER_NAMES)
-    parser.add_argument("--error-images", type=int, default=512, help="images the errors are measured on")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, "
-                             "meaningful with --threads 1)")
-    parser.add_argument("--skip-errors", action="store_true", help="timings only")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    images, source = load_images(args.images, args.seed)
-    batches = list(images.split(args.batch_size))
-    model = make_model(args.seed)
+def time_calibration(args: argparse.Namespace, model: nn.Module, batches: list[torch.Tensor], source: str) -> None:
+    """Median calibration time per variant, interleaved per repeat, printed with the ratio to a plain forward."""
     fused, _ = fuse_conv_bn(model)
     ours = {name: prepare(model, QuantPlan.from_bits(8, 8, act_observer=name)) for name in args.observers}
     ao = ao_prepare(model, batches[0][:1])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(images)} images ({source}), "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {sum(len(b) for b in batches)} images ({source}), "
           f"batch {args.batch_size}, {args.repeats} repeats (median), {args.clock} clock, "
           f"load average {os.getloadavg()[0]:.2f} at start")
 
@@ -178,14 +174,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26}{statistics.median(ts):>9.3f}{statistics.median(ts) / base:>16.2f}")
 
     print(f"load average {os.getloadavg()[0]:.2f} after timing")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bits", type=int, default=8, help="activation bits for the error comparison")
+    parser.add_argument("--observers", nargs="+", default=list(OBSERVER_NAMES), choices=OBSERVER_NAMES)
+    parser.add_argument("--error-images", type=int, default=512, help="images the errors are measured on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, "
+                             "meaningful with --threads 1)")
+    parser.add_argument("--skip-errors", action="store_true", help="timings only")
+    parser.add_argument("--skip-timing", action="store_true", help="errors only")
+    parser.add_argument("--observer-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="option given to every observer of the error comparison that has it "
+                             "(max_samples=0, percentile=99.999, ...)")
+    parser.add_argument("--ckpt", help="trained Fashion-MNIST checkpoint instead of the random-weight ResNet-20")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    images, source = load_images(args.images, args.seed)
+    batches = list(images.split(args.batch_size))
+    model = load_trained(args.ckpt) if args.ckpt else make_model(args.seed)
+    print(f"model: {args.ckpt or 'random-weight ResNet-20'}")
+    if not args.skip_timing:
+        time_calibration(args, model, batches, source)
     if args.skip_errors:
         return 0
     eval_batches = list(images[:args.error_images].split(args.batch_size))
     print(f"\nquantization error at {args.bits}-bit activations, per activation tensor ({args.error_images} images), "
           "vs torch.ao HistogramObserver on the same tensors")
     print(f"{'observer':<12}{'geo-mean ours/ao':>18}{'tensors ours<=ao':>18}{'rel. err ours':>15}{'rel. err ao':>13}")
+    extra = {k: float(v) if "." in v else int(v) for k, v in (a.split("=", 1) for a in args.observer_arg)}
     for name in args.observers:
-        mine, ref, power = quantization_errors(model, name, args.bits, batches, eval_batches)
+        known = OBSERVERS[name].DEFAULTS
+        mine, ref, power = quantization_errors(model, name, args.bits, batches, eval_batches,
+                                               {k: v for k, v in extra.items() if k in known})
         ratio = math.exp(statistics.fmean(math.log(max(a, 1e-30) / max(b, 1e-30)) for a, b in zip(mine, ref)))
         better = sum(a <= b * (1 + 1e-6) for a, b in zip(mine, ref))
         print(f"{name:<12}{ratio:>18.3f}{f'{better}/{len(mine)}':>18}{sum(mine) / sum(power):>15.3e}"

@@ -78,11 +78,14 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer_enabled:
+        fake_quant = bool(self.fake_quant_enabled)
+        # A weight is observed only while it is used quantized (QAT, where it changes every step); with fake
+        # quant off (PTQ calibration) it does not change, and start_calibration observed it once.
+        if self.observer_enabled and (fake_quant or self.kind == "act"):
             if self.kind == "weight":
                 self.observer.reset()  # the range of the weight as it is now, not of every past weight (QAT)
             self.observer(x.detach())
-        if not self.fake_quant_enabled:
+        if not fake_quant:
             return x
         if self._needs_qparams():
             self.update_qparams()

@@ -14,9 +14,10 @@ Contract (shared by every class, enforced in :class:`Observer`):
 Histogram observers (``percentile``, ``mse``, ``entropy``) keep a fixed number of bins over a range
 ``[0, 2^e]`` or ``[-2^e, 2^e]``: a power of two, so growing the range merges whole bins exactly and
 histograms from different batches or ranks can be re-binned to a common range and summed without error.
-To stay cheap they bin a deterministic strided subsample of at most ``max_samples`` elements per batch
-(min and max remain exact); the range search runs once, vectorised over the histogram, in
-``calculate_range()``.
+To stay cheap they bin a deterministic subsample of at most ``max_samples`` elements per batch: blocks of
+16 consecutive elements (one 64-byte cache line each) spread evenly over the tensor, at a spacing that
+shares no factor with image sizes and an offset that moves every batch. Min and max remain exact; the range
+search runs once, vectorised over the histogram, in ``calculate_range()``.
 """
 
 from __future__ import annotations
@@ -173,13 +174,15 @@ class Observer(ResizingBuffersMixin, nn.Module):
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of this batch (per channel or ``(1,)``); NaN / Inf raise, read off the result."""
+        # NaN propagates through min/max and Inf shows up in them: checking 2 (or 2C) numbers is enough.
         if self.axis is None:
             lo, hi = torch.aminmax(x)
+            finite = math.isfinite(lo.item()) and math.isfinite(hi.item())  # two reads, not five tensor ops
             lo, hi = lo.reshape(1), hi.reshape(1)
         else:
             lo, hi = torch.aminmax(self._channels(x), dim=1)
-        # NaN propagates through min/max and Inf shows up in them: checking 2 (or 2C) numbers is enough.
-        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if not finite:
             raise CalibrationError(f"observer {self.name!r} got a tensor with NaN or Inf values "
                                    f"(min {lo.min().item()}, max {hi.max().item()})")
         return lo, hi
@@ -327,6 +330,7 @@ class NStdObserver(Observer):
 
 
 _MIN_EXP = -126  # range exponent used for an all-zero tensor: any later data re-bins it cleanly
+_BLOCK = 16  # consecutive float32 elements per sampled block: one 64-byte cache line
 
 
 def _coprime_stride(stride: int) -> int:
@@ -341,11 +345,13 @@ class HistogramObserverBase(Observer):
 
     Buffers: ``hist`` (float64 counts, ``bins`` long), ``exp`` (the range is ``2^exp``), ``signed`` (range
     ``[-2^exp, 2^exp]`` instead of ``[0, 2^exp]``), plus exact running ``min_val`` / ``max_val``.
-    Options: ``bins`` (default 2048), ``max_samples`` per batch (default 32768 — below torch's parallel grain
-    size, so binning never waits on a second thread; 0 bins every element).
+    Options: ``bins`` (default 2048), ``max_samples`` per batch (default 65536 in blocks of 16: at 8 bits
+    the error of ``mse`` on trained activations was measured to stay below torch.ao's HistogramObserver
+    with 65536 and not always with 32768, and binning 65536 values costs about 2 % of a ResNet-20 forward;
+    0 bins every element).
     """
 
-    DEFAULTS: ClassVar[dict[str, Any]] = {"bins": 2048, "max_samples": 32768}
+    DEFAULTS: ClassVar[dict[str, Any]] = {"bins": 2048, "max_samples": 65536}
 
     def _validate_options(self) -> None:
         bins, samples = self.options["bins"], self.options["max_samples"]
@@ -366,14 +372,24 @@ class HistogramObserverBase(Observer):
         top = math.ldexp(1.0, exp)
         return (-top if signed else 0.0), top
 
-    def _sample(self, x: torch.Tensor) -> torch.Tensor:
+    def _sample(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The values to bin and whether they are a copy (free to modify in place): all of ``x``, or at most
+        ``max_samples`` of them in blocks of :data:`_BLOCK` consecutive elements.
+
+        Blocks rather than single elements at a stride: gathering ``n`` elements one per cache line reads
+        ``n`` cache lines, ``n / 16`` in blocks, and the gather was the most expensive step of binning.
+        """
         flat = x.reshape(-1)
-        limit = self.options["max_samples"]
-        if not limit or flat.numel() <= limit:
-            return flat
-        stride = _coprime_stride(-(-flat.numel() // limit))
+        limit, numel = self.options["max_samples"], flat.numel()
+        if not limit or numel <= limit:
+            return flat, False
+        blocks = max(1, limit // _BLOCK)
+        spacing = _coprime_stride(max(_BLOCK, -(-numel // blocks)))  # ceil: the blocks span all of x
         # A different offset each batch so repeated calibration batches cover every position.
-        return flat[int(self.num_batches) % stride::stride]
+        offset = (int(self.num_batches) * _BLOCK) % (spacing - _BLOCK + 1)
+        count = min(blocks, (numel - offset - _BLOCK) // spacing + 1)
+        view = flat.as_strided((count, _BLOCK), (spacing, 1), flat.storage_offset() + offset)
+        return view.reshape(-1), True
 
     def _rebin(self, exp: int, signed: bool) -> None:
         """Move counts to the (wider or equal) range ``exp`` / ``signed``; exact because edges nest."""
@@ -392,25 +408,31 @@ class HistogramObserverBase(Observer):
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_minmax(x)
         self._update_running_minmax(lo, hi)
-        amax = max(-lo.item(), hi.item())
+        lo_f, hi_f = lo.item(), hi.item()
+        amax = max(-lo_f, hi_f)
         exp = math.frexp(amax)[1] if amax > 0 else _MIN_EXP  # amax < 2^exp
         if int(self.num_batches) == 0:
             self.exp.fill_(exp)
-            self.signed.fill_(lo.item() < 0)
+            self.signed.fill_(lo_f < 0)
         else:
-            self._rebin(max(exp, int(self.exp)), bool(self.signed) or lo.item() < 0)
-        self.hist += self._bin_counts(self._sample(x))
+            self._rebin(max(exp, int(self.exp)), bool(self.signed) or lo_f < 0)
+        self.hist += self._bin_counts(*self._sample(x))
 
-    def _bin_counts(self, values: torch.Tensor) -> torch.Tensor:
+    def _bin_counts(self, values: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """Counts of ``values`` per bin: ``floor((v - lo) / width)``, the top edge in the last bin.
 
-        ``1 / width`` is a power of two, so the scaling is exact; ``bincount`` on the indices is several times
-        faster than ``torch.histc`` on CPU.
+        ``1 / width`` is a power of two, so the scaling is exact. ``bincount`` on int32 indices is several
+        times faster than ``torch.histc`` on CPU (and about twice as fast as on int64 ones). ``owned``:
+        ``values`` is a copy that may be overwritten.
         """
         bins = self.options["bins"]
         edge_lo, edge_hi = self._edges()
-        index = (values - edge_lo).mul_(bins / (edge_hi - edge_lo)).to(torch.int64).clamp_(0, bins - 1)
-        return torch.bincount(index, minlength=bins)
+        k = bins / (edge_hi - edge_lo)
+        if edge_lo:
+            scaled = (values - edge_lo).mul_(k)
+        else:  # a non-negative range (ReLU outputs): no shift needed
+            scaled = values.mul_(k) if owned else values * k
+        return torch.bincount(scaled.to(torch.int32).clamp_(0, bins - 1), minlength=bins)
 
     def _sync(self, group: Any) -> None:
         exp = int(_all_reduce(self.exp, dist.ReduceOp.MAX, group))

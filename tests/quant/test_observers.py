@@ -168,3 +168,61 @@ def test_per_channel_state_dict_resizes_buffers() -> None:
     fresh = build_observer(QuantSpec(8, "sym", per_channel=True))
     fresh.load_state_dict(obs.state_dict())
     _assert_same(fresh.calculate_qparams(), obs.calculate_qparams())
+
+
+def _reference_kl(hist: list[float], t: int, levels: int) -> float:
+    """TensorRT's KL(P || Q) for threshold ``t``, written as the plain loop of Migacz 2017 / NVIDIA's
+    pytorch-quantization (bin ``j`` goes to level ``floor(j L / t)``), with the two documented choices of
+    :class:`EntropyObserver`: a bin that is empty but receives the tail counts as non-empty, and ``q`` is
+    floored at 1e-12 where ``P`` has mass."""
+    import math
+
+    p = hist[:t]
+    tail = sum(hist[t:])
+    p = p[:-1] + [p[-1] + tail]
+    level_of = [j * levels // t for j in range(t)]
+    mass = [0.0] * levels
+    nonempty = [0] * levels
+    for j in range(t):
+        mass[level_of[j]] += hist[j]
+        nonempty[level_of[j]] += p[j] > 0
+    q = [mass[level_of[j]] / nonempty[level_of[j]] if p[j] > 0 else 0.0 for j in range(t)]
+    total_p, total_q = sum(p), sum(q)
+    return sum(pj / total_p * math.log(pj / total_p / max(qj / total_q, 1e-12)) for pj, qj in zip(p, q) if pj > 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_entropy_kl_equals_the_plain_tensorrt_loop(seed: int) -> None:
+    from lit_quant.quant.observers import _kl_divergences
+
+    g = torch.Generator().manual_seed(seed)
+    hist = (torch.randn(300, generator=g).abs() * 400 * torch.linspace(1, 0, 300) ** 3).round()
+    hist[torch.rand(300, generator=g) < 0.2] = 0.0  # empty bins, as in sparse tails and discrete inputs
+    hist[-1] = 3.0
+    levels = 16
+    thresholds = torch.arange(levels, 301, 7)
+    ours = _kl_divergences(hist.double(), thresholds, levels)
+    ref = torch.tensor([_reference_kl(hist.tolist(), int(t), levels) for t in thresholds], dtype=torch.float64)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    assert int(torch.argmin(ours)) == int(torch.argmin(ref))
+
+
+def test_histogram_subsample_spans_the_tensor_in_blocks() -> None:
+    obs = build_observer(QuantSpec(8, "asym_u", observer="mse", observer_args={"max_samples": 4096}))
+    x = torch.arange(1_000_000, dtype=torch.float32)  # each value is its own position
+    seen = []
+    for batch in range(3):
+        obs.num_batches.fill_(batch)
+        values, owned = obs._sample(x)
+        assert owned and values.numel() <= 4096 and values.numel() >= 4096 - 16
+        blocks = values.reshape(-1, 16)
+        assert bool((blocks[:, 1:] - blocks[:, :-1] == 1).all())  # runs of consecutive elements
+        assert values.min() < 0.01 * x.numel() and values.max() > 0.99 * x.numel()  # from start to end
+        seen.append(set(values.tolist()))
+    assert not seen[0] & seen[1] and not seen[1] & seen[2]  # the offset moves every batch
+    small = torch.rand(100)
+    values, owned = obs._sample(small)
+    assert not owned and values.data_ptr() == small.data_ptr()  # small tensors are binned whole, not copied
+    before = small.clone()
+    obs(small)
+    assert torch.equal(small, before) and float(obs.hist.sum()) == 100.0  # binning never writes into x

@@ -211,3 +211,17 @@ def test_first_last_bits_cover_first_layer_input_and_last_layer(resnet: nn.Modul
     assert q.model.layers[3].relu1.act_quant.spec.bits == 4
     plain = prepare(resnet, QuantPlan.from_bits(4, 4))
     assert plain.input_quant.spec.bits == 4 and plain.model.conv1.weight_quant.spec.bits == 4
+
+
+def test_calibration_observes_each_weight_once_as_it_is_now(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan.from_bits(8, 8))
+    fc = q.model.fc
+    with torch.no_grad():
+        fc.weight.mul_(3.0)  # a weight changed after prepare: calibration must see the current one
+    calls = []
+    hook = fc.weight_quant.observer.register_forward_hook(lambda *a: calls.append(1))
+    calibrate(q, [_x(), _x(seed=1), _x(seed=2)])
+    hook.remove()
+    assert len(calls) == 1  # once in start_calibration, not once per batch
+    scale = float(fc.weight_quant.scale.max())
+    assert scale == pytest.approx(float(fc.weight.abs().max()) / 127.5, rel=1e-6)
