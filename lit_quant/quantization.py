@@ -39,7 +39,7 @@ from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, option
 from lit_quant.deploy.graph import agreement
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
-from lit_quant.deploy.integer import IntegerEngine, check_engine_widths, check_layer_name
+from lit_quant.deploy.integer import DEFAULT_SCALE_APPROX_BITS, IntegerEngine, check_engine_widths, check_layer_name
 from lit_quant.deploy.onnx_export import DEFAULT_OPSET, OnnxModel, check_opset, export_onnx
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
@@ -114,8 +114,8 @@ class QuantizeConfig:
                                      "integer (integer-only reference engine), onnx (QDQ model run by onnxruntime)")
     accum_bits: int | None = option(None, "--export integer: accumulator bits of every layer (default: the plan's, 32); "
                                     "overflows are counted and reported")
-    scale_approx_bits: int = option(16, "--export integer: bits of the fixed-point requantization multiplier M0 "
-                                    "(M ~ M0 / 2^n)")
+    scale_approx_bits: int = option(DEFAULT_SCALE_APPROX_BITS, "--export integer: bits of the fixed-point "
+                                    "requantization multiplier M0 (M ~ M0 / 2^n; 31 = gemmlowp / TFLite's Q31)")
     explain: str | None = option(None, "print the integer dataflow of this layer (bit widths, scales, multiplier)")
     onnx_opset: int = option(DEFAULT_OPSET, "--export onnx: ONNX opset (13 or newer: per-channel QuantizeLinear)")
     latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
@@ -150,7 +150,7 @@ class QuantizeConfig:
             raise UserError(f"invalid --export '{unknown[0]}'; choose from {', '.join(EXPORTS)}")
         if (self.export or self.explain) and self.mode not in ("ptq", "compare", "qat"):
             raise UserError("--export / --explain deploy our quantized model: use --mode ptq, compare or qat")
-        if "integer" not in self.export and (self.accum_bits is not None or self.scale_approx_bits != 16):
+        if "integer" not in self.export and (self.accum_bits is not None or self.scale_approx_bits != DEFAULT_SCALE_APPROX_BITS):
             raise UserError("--accum-bits / --scale-approx-bits are settings of the integer engine: add --export integer")
         check_engine_widths(self.accum_bits, self.scale_approx_bits)
         if "onnx" not in self.export and self.onnx_opset != DEFAULT_OPSET:

@@ -49,16 +49,16 @@ def _out_step(qmodel: torch.nn.Module) -> float:
 # --- int8 kernels with our qparams ------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,weight_bits", [("qnnpack", 8), ("x86", 7), ("fbgemm", 7), ("x86", 4)])
 def test_int8_export_matches_fake_quant(setup: dict, backend: str, weight_bits: int) -> None:
-    """Real torch.ao kernels fed our integers and qparams compute what our fake-quant model computes: same
-    predictions, logits within two output steps (integer bias and rounding ties; the same bound as the
-    integer engine). 7-bit weights keep fbgemm's int16 pair sums exact on CPUs without VNNI."""
+    """Real torch.ao kernels fed our integers, biases and qparams compute what our fake-quant model computes:
+    same predictions, logits within one output step (rounding ties). 7-bit weights keep fbgemm's int16 pair
+    sums exact on CPUs without VNNI."""
     qmodel = _ptq(setup, weight_bits, 8)
     int8 = export_int8(qmodel, backend)
     x = setup["x"]
     with torch.no_grad():
         ours, fake = int8(x), qmodel(x)
     assert (ours.argmax(1) == fake.argmax(1)).float().mean() >= 0.99
-    assert (ours - fake).abs().max() <= 2.01 * _out_step(qmodel)
+    assert (ours - fake).abs().max() <= 1.01 * _out_step(qmodel)
     size = model_size_bytes(int8) / model_size_bytes(setup["model"])
     assert size <= 0.3, size
     # real quantized modules, not float ones
@@ -128,12 +128,14 @@ def test_integer_engine_matches_fake_quant(setup: dict, bits: tuple[int, int]) -
     x = setup["x"]
     # every integer layer is within one step of the float simulation of that layer on the same input
     assert _layerwise_steps(engine, qmodel, x) <= 1.0 + 1e-4
-    # end to end, one-step differences compound through 20 layers, yet logits stay within two output steps;
+    # end to end: with the bias on its int32 grid in both and a Q31 multiplier the rare one-step ties do not
+    # compound (a 16-bit M0 and float biases in the fake-quant model gave 2 steps at 8 bits, 10 at 4 bits);
     # a prediction may differ only where the fake-quant model's top two logits are that close
     step = _out_step(qmodel)
     with torch.no_grad():
         ints, fake = engine(x), qmodel(x)
-    assert (ints - fake).abs().max() <= 2.01 * step
+    assert (ints - fake).abs().max() <= (1.01 if bits == (8, 8) else 2.01) * step
+    assert ((ints - fake).abs() > 0.5 * step).float().mean() <= 0.02  # and only a few logits differ at all
     top2 = fake.topk(2, dim=1).values
     flipped = ints.argmax(1) != fake.argmax(1)
     assert ((top2[:, 0] - top2[:, 1])[flipped] <= 4.01 * step).all()

@@ -23,7 +23,6 @@ function) raises :class:`ExportError` naming the node and what to change.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,26 +34,21 @@ from lit_quant.errors import UserError
 from lit_quant.nn import Add
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
-from lit_quant.quant.modules import QuantFunctional, QuantOutput, _QuantWeightLayer
-from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.quant.modules import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.prepare import (
+    PASSTHROUGH_TYPES,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+    QuantizedModel,
+    QuantTracer,
+)
 
-#: Modules that keep an integer tensor on its input's grid (monotone or shape-only).
-PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-#: ``call_function`` / ``call_method`` targets that only move integers around.
-SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, operator.getitem)
-SHAPE_METHODS = ("flatten", "reshape", "view", "contiguous")
 #: What a :class:`QuantOutput` may wrap for export.
 REQUANT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 class ExportError(UserError):
     """The model or plan cannot be exported to the requested target: the message says what to change."""
-
-
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_QuantWeightLayer, QuantOutput, QuantFunctional, Add)) or \
-            super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -100,7 +94,7 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
                           "QuantStub (torchvision's quantizable variants) are not exportable yet; use a lit_quant model "
                           "(resnet20/32/56, lenet5) or plan quantize_input: true")
     try:
-        graph = _Tracer().trace(qmodel.model)
+        graph = QuantTracer().trace(qmodel.model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
         raise ExportError(f"torch.fx cannot trace {type(qmodel.model).__name__} for export "
                           f"({type(exc).__name__}: {exc})") from exc

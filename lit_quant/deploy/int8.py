@@ -107,7 +107,7 @@ def _weight(layer: nn.Module) -> torch.Tensor:
 def _quantized_layer(step: Step, out: QParams, relu: bool) -> nn.Module:
     mod = step.module
     scale, zp = _quint8(out)
-    bias = mod.float_bias()
+    bias = mod.deployed_bias()  # the int32-grid bias the fake-quant layer adds
     bias = None if bias is None else bias.detach().float()
     if isinstance(mod, nn.Conv2d):
         cls = nniq.ConvReLU2d if relu else nnq.Conv2d

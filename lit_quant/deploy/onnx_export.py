@@ -16,7 +16,7 @@ Per step kind (see :mod:`lit_quant.deploy.graph`):
 
 ===============  ==========================================================================================
 ``input``        graph input ``input`` (float32, dynamic batch) -> fake-quantize with the input quantizer
-``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the float bias;
+``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the bias on its int32 grid;
                  fake-quantized with the layer's ``act_quant``, or left as the accumulator a ReLU requantizes
 ``requant``      ``Relu`` / ``Clip(0, 6)`` / ``Add`` / ``AveragePool`` / ``GlobalAveragePool``, then fake-quantize
 ``add``          ``Add`` (the sum a following ReLU requantizes)
@@ -216,7 +216,7 @@ class _Builder:
 def _emit_layer(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
     layer = step.module
     w = b.weight(step)
-    bias = layer.float_bias()
+    bias = layer.deployed_bias()  # the int32-grid bias the fake-quant layer adds
     bias = torch.zeros(layer.weight.shape[0]) if bias is None else bias.detach()
     bias_name = b.const(f"{step.name}.bias", bias.cpu().float().numpy())
     acc = out if layer.act_quant is None else f"{step.name}.acc"
@@ -384,8 +384,8 @@ class OnnxModel(nn.Module):
     By default onnxruntime's QDQ fusions are off (``session.disable_quant_qdq``; its float optimizations stay
     on), so it computes the graph as written: float operators between QuantizeLinear / DequantizeLinear,
     which is the fake-quant model up to rare one-step rounding differences. With ``fuse_qdq=True`` it does
-    what a deployment does: rounds the float biases to int32 on the ``s_x * s_w`` grid (which the fake-quant
-    model does not model) and fuses the pairs into QLinearConv / QLinearAdd / QGemm integer kernels. On
+    what a deployment does: rounds the biases to int32 on the ``s_x * s_w`` grid (where they already are:
+    the exported biases are the fake-quant model's :meth:`deployed_bias`) and fuses the pairs into QLinearConv / QLinearAdd / QGemm integer kernels. On
     x86 CPUs without VNNI those kernels add 8-bit u8 x s8 products pairwise in saturating int16
     (onnxruntime's documented "reduce_range" caveat), which with 8-bit weights moves logits by tens of
     output steps; 7-bit weights avoid it.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize, build_fake_quantize
-from lit_quant.quant.functional import SCALE_EPS
+from lit_quant.quant.functional import SCALE_EPS, fake_quantize
 from lit_quant.quant.fuse import bn_factor, fold_bn_weights
 from lit_quant.quant.spec import QuantSpec
 
@@ -104,6 +104,32 @@ class _QuantWeightLayer:
         """The bias of the deployed layer (folded with the BatchNorm in :class:`QuantConvBn2d`)."""
         return self.bias
 
+    def input_quantizer(self) -> FakeQuantize | None:
+        """The quantizer of this layer's input, linked by ``prepare`` (None: unknown or a float input)."""
+        linked = self.__dict__.get("_input_quant")  # a plain list, so the quantizer is not a submodule here
+        return linked[0] if linked else None
+
+    def deployed_bias(self) -> torch.Tensor | None:
+        """The bias as an integer deployment adds it: int32 on the accumulator's grid ``s_x s_w``,
+
+            b_hat = round(b / (s_x s_w)) * s_x s_w        (per output channel with per-channel weights)
+
+        (Jacob et al. 2018, sec. 2.4; the integer engine's ``q_b``), once both the input and the weight are
+        fake-quantized; otherwise the float bias. Straight-through gradient to ``b``. The rounding moves a
+        layer's output by at most half an accumulator unit, but those rare one-step flips compounded
+        through a network were most of the difference between the fake-quant model and the integer engine.
+        """
+        b = self.float_bias()
+        fx, fw = self.input_quantizer(), self.weight_quant
+        if b is None or fx is None or fw is None or fx.scale.numel() != 1:
+            return b
+        if not (bool(fx.fake_quant_enabled) and bool(fx.qparams_valid) and bool(fw.fake_quant_enabled)
+                and bool(fw.qparams_valid)):
+            return b
+        acc_scale = (fx.scale.detach() * fw.scale.detach()).reshape(-1)
+        return fake_quantize(b, acc_scale, torch.zeros_like(acc_scale, dtype=torch.int32), -(2 ** 31), 2 ** 31 - 1,
+                             0 if acc_scale.numel() > 1 else None)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the integer engine will see it (fake-quantized when enabled)."""
         w = self.float_weight()
@@ -134,7 +160,7 @@ class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
                 "padding_mode": mod.padding_mode}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(self._conv_forward(x, self.quantized_weight(), self.bias))
+        return self._quant_output(self._conv_forward(x, self.quantized_weight(), self.deployed_bias()))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", accum_bits={self.accum_bits}"
@@ -191,9 +217,9 @@ class QuantConvBn2d(QuantConv2d):
             if self.bias is not None:
                 y = y + self.bias.reshape(1, -1, 1, 1)
             return self._quant_output(self.bn(y))
-        w, b = self._folded()
+        w = self.float_weight()
         wq = w if self.weight_quant is None else self.weight_quant(w)
-        return self._quant_output(self._conv_forward(x, wq, b))
+        return self._quant_output(self._conv_forward(x, wq, self.deployed_bias()))
 
     def to_float(self) -> nn.Module:
         """The folded Conv2d (running statistics), with new parameters."""
@@ -230,7 +256,7 @@ class QuantLinear(_QuantWeightLayer, nn.Linear):
         return {"in_features": mod.in_features, "out_features": mod.out_features}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant_output(F.linear(x, self.quantized_weight(), self.bias))
+        return self._quant_output(F.linear(x, self.quantized_weight(), self.deployed_bias()))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", accum_bits={self.accum_bits}"

@@ -16,11 +16,13 @@ BatchNorm following a Conv/Linear is folded first when ``plan.fold_bn`` (inferen
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from lit_quant.builtin import AO_FUNCTIONAL_TYPES, AO_STUB_TYPES
@@ -47,6 +49,11 @@ from lit_quant.quant.modules import WEIGHTED_QUANT, QuantConvBn2d, QuantFunction
 from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
 from lit_quant.quant.spec import CalibrationError
 
+#: Modules that keep an integer tensor on its input's grid (monotone or shape-only): not quantized again.
+PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+#: ``call_function`` / ``call_method`` targets that only move integers around.
+SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, operator.getitem)
+SHAPE_METHODS = ("flatten", "reshape", "view", "contiguous")
 #: Modules whose output is quantized by wrapping them in :class:`QuantOutput`.
 OUTPUT_TYPES: tuple[type[nn.Module], ...] = (*RELU_TYPES, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput, QuantFunctional)
@@ -79,6 +86,48 @@ class QuantizedModel(nn.Module):
             if isinstance(module, QUANTIZED_TYPES):
                 set_submodule(model, name, module.to_float())
         return model
+
+
+class QuantTracer(torch.fx.Tracer):
+    """FX tracer that keeps quantized modules (whose buffers drive control flow) and ``Add`` as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*QUANTIZED_TYPES, FakeQuantize, Add)) or super().is_leaf_module(m, qualname)
+
+
+def _input_quantizer(node: torch.fx.Node, modules: dict[str, nn.Module],
+                     input_quant: FakeQuantize | None) -> FakeQuantize | None:
+    """The quantizer whose grid the tensor of ``node`` is on, looking back through pass-through ops."""
+    while True:
+        if node.op == "placeholder":
+            return input_quant
+        if node.op == "call_module" and isinstance(modules[str(node.target)], PASSTHROUGH_TYPES) or (
+                node.op == "call_function" and node.target in SHAPE_FUNCTIONS) or (
+                node.op == "call_method" and node.target in SHAPE_METHODS):
+            node = node.args[0]
+            continue
+        if node.op == "call_module":
+            return getattr(modules[str(node.target)], "act_quant", None)
+        return None
+
+
+def link_input_quantizers(qmodel: QuantizedModel) -> None:
+    """Tell every quantized Conv2d / Linear which quantizer produces its input, so that its bias can be
+    rounded to the accumulator grid ``s_x s_w`` as a deployment does (:meth:`deployed_bias`).
+
+    The link is a plain attribute (not a submodule: the quantizer stays owned by its producer). Models FX
+    cannot trace keep float biases, as before.
+    """
+    try:
+        graph = QuantTracer().trace(qmodel.model)
+    except Exception:  # noqa: BLE001 - an untraceable model only loses the bias rounding
+        return
+    modules = dict(qmodel.model.named_modules())
+    for node in graph.nodes:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, _QuantWeightLayer) and node.args and isinstance(node.args[0], torch.fx.Node):
+            fq = _input_quantizer(node.args[0], modules, qmodel.input_quant)
+            module.__dict__["_input_quant"] = [fq] if fq is not None else []
 
 
 def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str]
@@ -179,7 +228,9 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
     if plan.quantize_input and not has_stub:
         spec = plan.resolve(INPUT).act
         input_quant = build_fake_quantize(spec, "act") if spec is not None else None
-    return QuantizedModel(model, input_quant, plan)
+    qmodel = QuantizedModel(model, input_quant, plan)
+    link_input_quantizers(qmodel)
+    return qmodel
 
 
 def start_calibration(model: nn.Module) -> None:

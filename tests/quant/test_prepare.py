@@ -224,4 +224,23 @@ def test_calibration_observes_each_weight_once_as_it_is_now(resnet: nn.Module) -
     hook.remove()
     assert len(calls) == 1  # once in start_calibration, not once per batch
     scale = float(fc.weight_quant.scale.max())
-    assert scale == pytest.approx(float(fc.weight.abs().max()) / 127.5, rel=1e-6)
+    assert scale == pytest.approx(float(fc.weight.detach().abs().max()) / 127.5, rel=1e-6)
+
+
+def test_bias_is_on_the_int32_accumulator_grid_once_quantized(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan.from_bits(8, 8))
+    fc = q.model.fc
+    assert fc.input_quantizer() is q.model.pool.act_quant  # through the flatten
+    assert q.model.conv1.input_quantizer() is q.input_quant
+    assert torch.equal(fc.deployed_bias(), fc.bias)  # calibration: fake quant off, the float bias
+    calibrate(q, [_x(), _x(seed=1)])
+    for layer in (fc, q.model.layers[3].conv1, q.model.conv1):
+        acc_scale = layer.input_quantizer().scale * layer.weight_quant.scale  # s_x s_w, per output channel
+        b, b_hat = layer.float_bias().detach(), layer.deployed_bias()
+        units = b_hat / acc_scale
+        assert torch.allclose(units, units.round(), atol=1e-3)  # integers on the accumulator grid
+        assert bool(((b_hat - b).abs() <= 0.5 * acc_scale * (1 + 1e-4)).all())  # round to nearest
+        assert not torch.equal(b_hat, b)  # and it is a real change, not the float bias
+    loss = fc(torch.randn(3, 64)).sum()
+    loss.backward()
+    assert torch.equal(fc.bias.grad, torch.full_like(fc.bias, 3.0))  # straight-through gradient
