@@ -162,18 +162,25 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`).
 
-    In place on one buffer (6 elementwise passes plus the mask): QAT spends much of a step here, and this
+    In place on one buffer (4 elementwise passes plus the mask): QAT spends much of a step here, and this
     is several times faster than torch's ``fake_quantize_per_tensor_affine`` kernel on CPU while giving the
-    same bits (tested).
+    same bits (tested). The zero point moves into the clamp bounds,
+    ``(clamp(r + z, qmin, qmax) - z) s = clamp(r, qmin - z, qmax - z) s`` with ``r = round(x / s)``, exact
+    in float32 for integers below 2^24, which saves two passes over the tensor.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                 quant_max: int) -> torch.Tensor:
-        y = torch.mul(x, torch.reciprocal(scale)).round_().add_(zero_point)  # round(x / s) + z
+        r = torch.mul(x, torch.reciprocal(scale)).round_()  # round(x / s)
+        if zero_point.numel() == 1:  # per tensor: scalar bounds (the common case, and the fastest clamp)
+            z = float(zero_point)
+            lo, hi = quant_min - z, quant_max - z
+        else:
+            lo, hi = quant_min - zero_point, quant_max - zero_point
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((y >= quant_min) & (y <= quant_max))
-        return y.clamp_(quant_min, quant_max).sub_(zero_point).mul_(scale)
+            ctx.save_for_backward((r >= lo) & (r <= hi))
+        return r.clamp_(lo, hi).mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
