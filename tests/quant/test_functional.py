@@ -116,3 +116,18 @@ def test_qparams_edge_cases_documented() -> None:
     assert float(scale) == pytest.approx(3.0 / 15) and int(zp) == 0
     scale, zp = calculate_qparams(torch.tensor([-2.0]), torch.tensor([1.0]), QuantSpec(4, "sym", narrow_range=True))
     assert int(zp) == 0 and float(scale) == pytest.approx(2.0 / 7)
+
+
+@pytest.mark.parametrize("zp,qmin,qmax", [(0, 0, 255), (7, 0, 15), (0, -128, 127)])
+def test_gradient_at_the_clamp_bounds_equals_torch(zp: int, qmin: int, qmax: int) -> None:
+    """Values on, half a step inside and half a step outside each bound (the ties of round half to even)."""
+    s, z = torch.tensor([0.25]), torch.tensor([zp], dtype=torch.int32)
+    grid = torch.arange(qmin - zp - 3, qmax - zp + 4, dtype=torch.float32)
+    x = torch.cat([grid, grid + 0.5, grid - 0.5, grid + 0.49]) * 0.25
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.rand_like(x) + 0.5
+    (fake_quantize(a, s, z, qmin, qmax) * g).sum().backward()
+    (torch.fake_quantize_per_tensor_affine(b, s, z, qmin, qmax) * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    torch.testing.assert_close(fake_quantize(x, s, z, qmin, qmax),
+                               torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax), atol=0, rtol=0)
