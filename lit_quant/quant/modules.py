@@ -119,7 +119,10 @@ class _QuantWeightLayer:
         layer's output by at most half an accumulator unit, but those rare one-step flips compounded
         through a network were most of the difference between the fake-quant model and the integer engine.
         """
-        b = self.float_bias()
+        return self._on_accumulator_grid(self.float_bias())
+
+    def _on_accumulator_grid(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """:meth:`deployed_bias` of a given float bias ``b`` (callers that already hold it)."""
         fx, fw = self.input_quantizer(), self.weight_quant
         if b is None or fx is None or fw is None or fx.scale.numel() != 1:
             return b
@@ -217,9 +220,9 @@ class QuantConvBn2d(QuantConv2d):
             if self.bias is not None:
                 y = y + self.bias.reshape(1, -1, 1, 1)
             return self._quant_output(self.bn(y))
-        w = self.float_weight()
+        w, b = self._folded()
         wq = w if self.weight_quant is None else self.weight_quant(w)
-        return self._quant_output(self._conv_forward(x, wq, self.deployed_bias()))
+        return self._quant_output(self._conv_forward(x, wq, self._on_accumulator_grid(b)))
 
     def to_float(self) -> nn.Module:
         """The folded Conv2d (running statistics), with new parameters."""
