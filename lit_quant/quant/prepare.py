@@ -161,9 +161,9 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
     it trains, so BatchNorm keeps learning statistics); swap Conv2d / Linear for :class:`QuantConv2d` / :class:`QuantLinear` and wrap the
     output-producing modules listed in the module docstring, each with the specs
     ``plan.resolve(name)`` gives; last, every quantized layer is linked to the quantizer of its input
-    (:func:`link_input_quantizers`, for its int32-grid bias). Quantizers start in calibration mode (observers on, fake quant off), so
-    the prepared model computes exactly what the (folded) float model does until
-    :func:`enable_fake_quant` is called.
+    (:func:`link_input_quantizers`, for its int32-grid bias). Quantizers start in calibration mode
+    (observers on, fake quant off), so the prepared model computes exactly what the (folded) float model
+    does until :func:`enable_fake_quant` is called.
 
     Raises:
         QuantConfigError: a plan override that matches no layer (with the closest names).
