@@ -54,6 +54,47 @@ def test_conv_bn_folds_as_it_trains() -> None:
         assert torch.equal(q(x), q.eval()(x))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_rescaled_batch_norm_equals_the_module_path(momentum: float | None) -> None:
+    """The single-process fast path (BatchNorm of ``z / f`` computed on ``z``) against the general one that
+    SyncBatchNorm takes (the module normalising ``z * (1/f)``; SyncBatchNorm outside a process group is a
+    plain BatchNorm): outputs, gradients of the input and every parameter, running statistics and the batch
+    count, over three training steps. Signed gammas and a conv bias exercise ``|gamma|`` and the bias shift."""
+    model = _bn_model()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(-1.5, 1.5)
+                m.bias.normal_()
+                m.momentum = momentum
+        model.conv1.bias = torch.nn.Parameter(torch.randn(model.conv1.out_channels))
+    fast = prepare(model, QuantPlan.from_bits(8, 8, act_observer="ema"), qat=True)
+    enable_fake_quant(fast, False)  # the BatchNorm arithmetic itself, not rounding that would hide it
+    slow = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fast))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in slow.modules())
+    fast.train(), slow.train()
+    for _ in range(3):
+        x = torch.randn(16, 3, 8, 8)
+        results = []
+        for m in (fast, slow):
+            xi = x.clone().requires_grad_()
+            out = m(xi)
+            (out * torch.linspace(-1, 2, out.numel()).reshape(out.shape)).sum().backward()
+            # the conv bias cancels in the batch mean: no gradient on the fast path, ~0 on the module path
+            results.append((out.detach(), xi.grad, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                    for n, p in m.named_parameters()}))
+            m.zero_grad()
+        (o1, g1, p1), (o2, g2, p2) = results
+        torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+        assert p1.keys() == p2.keys()
+        for name in p1:
+            torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-5, msg=name)
+    b1, b2 = dict(fast.named_buffers()), dict(slow.named_buffers())
+    for name in (n for n in b1 if "running" in n or "num_batches" in n):
+        torch.testing.assert_close(b1[name], b2[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fake_quant_runs_in_fp32_under_autocast() -> None:
     fq = FakeQuantize(QuantSpec(8, "asym_u", observer="minmax"))
     x = torch.rand(64, 32) * 1e-3  # small values: a bf16 scale would move them off the integer grid
