@@ -16,6 +16,7 @@ raw integers as float weights (seed 000) cannot be expressed with this API.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,47 @@ def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     return (qt.int_repr.float() - z) * s
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (round half to even), as a Python float."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _f32_step(v: float, up: bool) -> float:
+    """The float32 next to the float32 ``v``, towards +inf (``up``) or -inf (finite ``v``)."""
+    bits = struct.unpack("<i", struct.pack("<f", v))[0]
+    if v == 0.0:
+        return _f32(1e-45 if up else -1e-45)
+    bits += 1 if (v > 0) == up else -1
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _ste_interval(inv: float, lo: float, hi: float) -> tuple[float, float]:
+    """The float32 values just below and just above ``{x : lo <= round(fl32(x * inv)) <= hi}``.
+
+    ``x * inv`` of two float32 values is exact in float64, so ``_f32(x * inv)`` is the float32 product
+    torch computes, and Python's ``round`` is round half to even like ``torch.round``: the predicate is the
+    forward's own. It is monotone in ``x`` (``inv > 0``), so the set is one interval ``[x_lo, x_hi]``; each
+    end starts at the float32 nearest ``(bound -/+ 1/2) / inv`` and walks a few ulps until the predicate
+    flips. Returns ``(prev(x_lo), next(x_hi))``, the open bounds of ``hardtanh_backward``.
+    """
+    inv = _f32(inv)
+
+    def inside(x: float) -> bool:
+        return lo <= round(_f32(x * inv)) <= hi
+
+    def edge(start: float, up: bool) -> float:
+        # the last float32 inside the interval walking towards +inf (up) or -inf from near its end
+        x = _f32(start)
+        while not inside(x):
+            x = _f32_step(x, not up)
+        while inside(nxt := _f32_step(x, up)):
+            x = nxt
+        return x
+
+    x_lo, x_hi = edge((lo - 0.5) / inv, up=False), edge((hi + 0.5) / inv, up=True)
+    return _f32_step(x_lo, up=False), _f32_step(x_hi, up=True)
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`).
 
@@ -168,12 +210,12 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     ``r = round(x / s)`` (exact in float32 for integers below 2^24).
 
     Per tensor on the CPU, scale and bounds are Python scalars (an in-place multiply by a one-element tensor
-    is about 3x slower than by a scalar) and nothing but ``x`` is saved: backward recomputes ``r`` and masks
-    the gradient with one fused ``hardtanh_backward`` at ``lo - 1/2, hi + 1/2`` (``r`` is integer-valued, so
-    the open interval keeps exactly ``lo <= r <= hi``). Comparisons into a bool mask and a float-by-bool
-    multiply cost about 1 ms and 4 ms per 1.6M values on this CPU, against about 0.9 ms for the recompute.
-    Per channel (weights, small) and on CUDA (no host sync for ``float(scale)``) a bool mask is saved and
-    applied with ``torch.where``.
+    is about 3x slower than by a scalar) and nothing but ``x`` is saved: ``lo <= round(fl(x * inv)) <= hi``
+    holds exactly on a float interval ``[x_lo, x_hi]`` of ``x`` (both steps are monotone), whose ends
+    :func:`_ste_interval` finds once per call in float32 arithmetic, so backward is one fused
+    ``hardtanh_backward`` pass over ``x`` and the gradient. Comparisons into a bool mask and a float-by-bool
+    multiply cost about 1 ms and 4 ms per 1.6M values on this CPU. Per channel (weights, small) and on CUDA
+    (no host sync for ``float(scale)``) a bool mask is saved and applied with ``torch.where``.
     """
 
     @staticmethod
@@ -186,7 +228,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
             r = torch.mul(x, inv).round_()  # round(x / s)
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(x)
-                ctx.scalars = (inv, lo, hi)
+                ctx.scalars = _ste_interval(inv, lo, hi)
             return r.clamp_(lo, hi).mul_(float(scale))
         r = torch.mul(x, torch.reciprocal(scale)).round_()
         lo_t, hi_t = quant_min - zero_point, quant_max - zero_point
@@ -199,9 +241,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         if ctx.scalars is None:
             return torch.where(saved, grad, 0.0), None, None, None, None
-        inv, lo, hi = ctx.scalars
-        r = torch.mul(saved, inv).round_()
-        return torch.ops.aten.hardtanh_backward(grad, r, lo - 0.5, hi + 0.5), None, None, None, None
+        below, above = ctx.scalars  # the floats just outside [x_lo, x_hi]: hardtanh_backward's open bounds
+        return torch.ops.aten.hardtanh_backward(grad, saved, below, above), None, None, None, None
 
 
 class _FakeQuantizeLSQ(torch.autograd.Function):

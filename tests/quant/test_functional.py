@@ -131,3 +131,22 @@ def test_gradient_at_the_clamp_bounds_equals_torch(zp: int, qmin: int, qmax: int
     torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
     torch.testing.assert_close(fake_quantize(x, s, z, qmin, qmax),
                                torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scale,zp,qmin,qmax", [(0.1, 0, 0, 255), (0.0173, 9, 0, 15), (3.3e-3, 0, -128, 127),
+                                                (1.7, -3, -8, 7)])
+def test_gradient_mask_flips_on_the_same_float_as_torch(scale: float, zp: int, qmin: int, qmax: int) -> None:
+    """Every float32 within 64 ulps of each rounding edge ``(bound +- 1/2) * s`` and of each bound: the
+    straight-through mask (found on ``x`` itself, :func:`_ste_interval`) flips on the same float as torch's,
+    for scales whose reciprocal is inexact."""
+    s, z = torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32)
+    centres = torch.tensor([(qmin - zp - 0.5) * scale, (qmax - zp + 0.5) * scale, (qmin - zp) * scale,
+                            (qmax - zp) * scale])
+    bits = centres.view(torch.int32).reshape(-1, 1) + torch.arange(-64, 65, dtype=torch.int32)
+    x = bits.view(torch.float32).reshape(-1)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.rand_like(x) + 0.5
+    (fake_quantize(a, s, z, qmin, qmax) * g).sum().backward()
+    (torch.fake_quantize_per_tensor_affine(b, s, z, qmin, qmax) * g).sum().backward()
+    assert 0 < int((a.grad == 0).sum()) < x.numel()  # both sides of the edges are in the sample
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
