@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lit_quant.quant.kernels import fused_fake_quantize
 from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
 
 #: Smallest scale: torch.ao's ``eps`` (float32 machine epsilon); keeps ``1 / scale`` finite.
@@ -225,11 +226,13 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         if scale.numel() == 1 and x.device.type == "cpu":
             inv, z = float(torch.reciprocal(scale)), float(zero_point)
             lo, hi = quant_min - z, quant_max - z
-            r = torch.mul(x, inv).round_()  # round(x / s)
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(x)
                 ctx.scalars = _ste_interval(inv, lo, hi)
-            return r.clamp_(lo, hi).mul_(float(scale))
+            fused = fused_fake_quantize(x, inv, lo, hi, float(scale))  # one pass instead of four
+            if fused is not None:
+                return fused
+            return torch.mul(x, inv).round_().clamp_(lo, hi).mul_(float(scale))  # round(x / s), clamp, * s
         r = torch.mul(x, torch.reciprocal(scale)).round_()
         lo_t, hi_t = quant_min - zero_point, quant_max - zero_point
         if ctx.needs_input_grad[0]:

@@ -150,3 +150,27 @@ def test_gradient_mask_flips_on_the_same_float_as_torch(scale: float, zp: int, q
     (torch.fake_quantize_per_tensor_affine(b, s, z, qmin, qmax) * g).sum().backward()
     assert 0 < int((a.grad == 0).sum()) < x.numel()  # both sides of the edges are in the sample
     torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+
+
+def test_fused_kernel_is_bit_identical_to_the_eager_path() -> None:
+    """The one-pass CPU kernel against the four eager ops it replaces and torch's own fake quantize: random
+    values, exact ties of round half to even, values beyond both bounds, +-inf and NaN, and a non-contiguous
+    input. Skipped only where no C++ compiler can build it (CI installs one, so it runs there)."""
+    from lit_quant.quant.kernels import fused_fake_quantize
+
+    torch.manual_seed(0)
+    scale, zp, qmin, qmax = 0.0173, 9, 0, 15
+    inv, lo, hi = float(torch.reciprocal(torch.tensor(scale))), float(qmin - zp), float(qmax - zp)
+    x = torch.cat([torch.randn(100_000) * 0.2, (torch.arange(-40, 40) + 0.5) * scale,
+                   torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])])
+    fused = fused_fake_quantize(x, inv, lo, hi, scale)
+    if fused is None:
+        pytest.skip("no C++ compiler to build the fused kernel")
+    eager = torch.mul(x, inv).round_().clamp_(lo, hi).mul_(scale)
+    torch.testing.assert_close(fused, eager, atol=0, rtol=0, equal_nan=True)
+    finite = torch.isfinite(x)  # torch's kernel casts to an integer first, so only finite values compare
+    ref = torch.fake_quantize_per_tensor_affine(x[finite], scale, zp, qmin, qmax)
+    torch.testing.assert_close(fused[finite], ref, atol=0, rtol=0)
+    strided = x[: 2 * 40_000].reshape(2, -1).t()
+    torch.testing.assert_close(fused_fake_quantize(strided, inv, lo, hi, scale),
+                               torch.mul(strided, inv).round_().clamp_(lo, hi).mul_(scale), atol=0, rtol=0)
