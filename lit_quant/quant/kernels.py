@@ -50,6 +50,7 @@ torch::Tensor fake_quantize_per_tensor(const torch::Tensor& x, double inv, doubl
   });
   return out;
 }
+
 """
 
 _lock = threading.Lock()
@@ -57,14 +58,16 @@ _module: Any = None
 _failed = False
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's model and feature flags (``/proc/cpuinfo``; the platform elsewhere)."""
+def _build_tag() -> str:
+    """A short hash of the kernel source and this CPU's model and feature flags (``/proc/cpuinfo``; the
+    platform elsewhere): another CPU or another version of the source gets its own build folder, so no
+    process ever has its loaded library rebuilt under it."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         info = "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
     except OSError:
         info = platform.processor() + platform.machine()
-    return hashlib.sha1(info.encode()).hexdigest()[:10]
+    return hashlib.sha1((info + _SOURCE).encode()).hexdigest()[:10]
 
 
 def _load() -> Any:
@@ -84,9 +87,9 @@ def _load() -> Any:
 
                 # -march=native: vector rounding instructions (x86-64's SSE2 baseline has none, and a libm call
                 # per element would be slower than eager torch); the build is named after this CPU so a
-                # shared cache never hands it to another one. -ffp-contract=off: no fused multiply-add, so
+                # shared cache never hands it to another one (nor another version of this source). -ffp-contract=off: no fused multiply-add, so
                 # each product rounds as torch's does.
-                _module = load_inline(f"lit_quant_fake_quant_{_cpu_tag()}", cpp_sources=_SOURCE,
+                _module = load_inline(f"lit_quant_fake_quant_{_build_tag()}", cpp_sources=_SOURCE,
                                       functions=["fake_quantize_per_tensor"],
                                       extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"],
                                       verbose=False)
@@ -105,3 +108,4 @@ def fused_fake_quantize(x: torch.Tensor, inv: float, lo: float, hi: float, scale
     if module is None or x.dtype != torch.float32 or not x.is_cpu:
         return None
     return module.fake_quantize_per_tensor(x, inv, lo, hi, scale)
+
