@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -86,14 +87,15 @@ def _load() -> Any:
                 from torch.utils.cpp_extension import load_inline
 
                 # -march=native: vector rounding instructions (x86-64's SSE2 baseline has none, and a libm call
-                # per element would be slower than eager torch); the build is named after this CPU so a
-                # shared cache never hands it to another one (nor another version of this source). -ffp-contract=off: no fused multiply-add, so
-                # each product rounds as torch's does.
+                # per element would be slower than eager torch); the build is named after this CPU and source,
+                # so a shared cache never hands it to another CPU or version. -ffp-contract=off: no fused
+                # multiply-add, so each product rounds as torch's does.
                 _module = load_inline(f"lit_quant_fake_quant_{_build_tag()}", cpp_sources=_SOURCE,
                                       functions=["fake_quantize_per_tensor"],
                                       extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"],
                                       verbose=False)
-            except Exception as exc:  # no compiler / ninja: the eager path is exact, only slower
+            except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:  # no compiler / ninja:
+                # the eager path is exact, only slower
                 _failed = True
                 warnings.warn(f"lit-quant: the fused fake-quant kernel could not be built ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager path",

@@ -174,3 +174,28 @@ def test_fused_kernel_is_bit_identical_to_the_eager_path() -> None:
     strided = x[: 2 * 40_000].reshape(2, -1).t()
     torch.testing.assert_close(fused_fake_quantize(strided, inv, lo, hi, scale),
                                torch.mul(strided, inv).round_().clamp_(lo, hi).mul_(scale), atol=0, rtol=0)
+
+
+def test_without_a_compiler_the_eager_path_runs_after_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build failure (no g++ / ninja) warns once, then every call takes the eager path: same values."""
+    import torch.utils.cpp_extension as cpp
+
+    from lit_quant.quant import kernels
+
+    calls = []
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.setattr(cpp, "load_inline", no_compiler)
+    x = torch.randn(1000)
+    s, z = torch.tensor([0.03]), torch.tensor([3], dtype=torch.int32)
+    with pytest.warns(RuntimeWarning, match="could not be built .*Ninja is required"):
+        first = fake_quantize(x, s, z, 0, 15)
+    second = fake_quantize(x, s, z, 0, 15)
+    assert len(calls) == 1 and kernels.fused_fake_quantize(x, 1.0, 0.0, 1.0, 1.0) is None
+    torch.testing.assert_close(first, torch.fake_quantize_per_tensor_affine(x, s, z, 0, 15), atol=0, rtol=0)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
