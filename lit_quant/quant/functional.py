@@ -205,9 +205,10 @@ def _ste_interval(inv: float, lo: float, hi: float) -> tuple[float, float]:
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`).
 
-    In place on one buffer: QAT spends much of a step here, and this is several times faster than torch's
-    ``fake_quantize_per_tensor_affine`` kernel on CPU while giving the same bits (tested). The zero point
-    moves into the clamp bounds, ``(clamp(r + z, qmin, qmax) - z) s = clamp(r, qmin - z, qmax - z) s`` with
+    QAT spends much of a step here. Per tensor on the CPU the forward is one pass of the fused kernel
+    (:mod:`lit_quant.quant.kernels`); otherwise it runs in place on one buffer, which is several times faster
+    than torch's ``fake_quantize_per_tensor_affine`` kernel on CPU. Both give torch's bits (tested). The zero
+    point moves into the clamp bounds, ``(clamp(r + z, qmin, qmax) - z) s = clamp(r, qmin - z, qmax - z) s`` with
     ``r = round(x / s)`` (exact in float32 for integers below 2^24).
 
     Per tensor on the CPU, scale and bounds are Python scalars (an in-place multiply by a one-element tensor
