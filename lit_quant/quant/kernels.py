@@ -8,9 +8,9 @@ fake_quantize` (tested)::
     x_hat = clamp(round_half_even(fl32(x * inv)), lo, hi) * s      (NaN propagates, as torch.clamp)
 
 It is built with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja; the build is cached
-under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default). Without a compiler, or with
-``LIT_QUANT_NO_KERNELS=1``, :func:`fused_fake_quantize` returns ``None`` and callers keep the eager path,
-after one warning.
+under ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default). Without a compiler (after one
+warning) or with ``LIT_QUANT_NO_KERNELS=1``, :func:`fused_fake_quantize` returns ``None`` and callers keep
+the eager path.
 """
 
 from __future__ import annotations
@@ -110,4 +110,3 @@ def fused_fake_quantize(x: torch.Tensor, inv: float, lo: float, hi: float, scale
     if module is None or x.dtype != torch.float32 or not x.is_cpu:
         return None
     return module.fake_quantize_per_tensor(x, inv, lo, hi, scale)
-

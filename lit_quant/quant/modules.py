@@ -182,9 +182,9 @@ class _RescaledBatchNormFn(torch.autograd.Function):
     Per channel, ``BN(z / f) = gamma (z/f - mean(z)/f) / sqrt(var(z)/f^2 + eps) + beta
     = |gamma| (z - mean(z)) / sqrt(var(z) + eps f^2) + beta`` (``f = gamma / sqrt(running_var + eps)``
     has the sign of ``gamma``). So the division by ``f`` folds into the normalisation: ATen's statistics
-    pass over ``z``, its inference pass with the batch statistics, and its fused BatchNorm backward with the per-channel
-    ``invstd = 1 / sqrt(var + eps f^2)``, instead of a multiply over the activation and its two-pass
-    backward on top of BatchNorm's. Gradients: ``z``, ``|gamma|`` and ``beta`` from
+    pass over ``z``, its inference pass with the batch statistics, and its fused BatchNorm backward with
+    the per-channel ``invstd = 1 / sqrt(var + eps f^2)``, instead of a multiply over the activation and its
+    two-pass backward on top of BatchNorm's. Gradients: ``z``, ``|gamma|`` and ``beta`` from
     ``native_batch_norm_backward``; through ``eps f^2``, ``dL/df = -eps f |gamma| dL/d|gamma| invstd^2``
     (``dL/dinvstd = |gamma| dL/d|gamma| / invstd``).
     """
