@@ -76,6 +76,9 @@ class Observer(ResizingBuffersMixin, nn.Module):
 
     name: ClassVar[str] = ""
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: True when the statistic of a per-tensor batch is its min and max only: such an observer can take them
+    #: from the fake-quant pass itself (:meth:`observe_range`) instead of reading the tensor once more.
+    RANGE_ONLY: ClassVar[bool] = False
 
     def __init__(self, spec: QuantSpec, **options: Any) -> None:
         super().__init__()
@@ -112,6 +115,16 @@ class Observer(ResizingBuffersMixin, nn.Module):
             self._observe(x.detach().float())
             self.num_batches += 1
         return x
+
+    def observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Record a per-tensor batch given by its min and max, shape ``(1,)`` (a :attr:`RANGE_ONLY` observer
+        whose batch was read elsewhere): the same statistic as ``forward`` on that batch."""
+        if not self.RANGE_ONLY or self.axis is not None:
+            raise QuantConfigError(f"observer {self.name!r} (axis {self.axis}) needs the tensor, not its range")
+        with torch.no_grad():
+            self._check_finite(lo, hi)
+            self._observe_range(lo.float(), hi.float())
+            self.num_batches += 1
 
     def calculate_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The clipping range ``(min, max)``, float32 tensors of shape ``(1,)`` or ``(C,)``.
@@ -155,7 +168,11 @@ class Observer(ResizingBuffersMixin, nn.Module):
         self.register_buffer("max_val", torch.empty(0, device=device))
 
     def _observe(self, x: torch.Tensor) -> None:
-        self._update_running_minmax(*self._batch_minmax(x))
+        self._observe_range(*self._batch_minmax(x))
+
+    def _observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Update the state from one batch's (checked) min and max; :attr:`RANGE_ONLY` observers override."""
+        self._update_running_minmax(lo, hi)
 
     def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.min_val, self.max_val
@@ -177,15 +194,21 @@ class Observer(ResizingBuffersMixin, nn.Module):
         # NaN propagates through min/max and Inf shows up in them: checking 2 (or 2C) numbers is enough.
         if self.axis is None:
             lo, hi = torch.aminmax(x)
-            finite = math.isfinite(lo.item()) and math.isfinite(hi.item())  # two reads, not five tensor ops
             lo, hi = lo.reshape(1), hi.reshape(1)
         else:
             lo, hi = torch.aminmax(self._channels(x), dim=1)
+        self._check_finite(lo, hi)
+        return lo, hi
+
+    def _check_finite(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Raise when a batch's min / max hold NaN or Inf."""
+        if lo.numel() == 1:
+            finite = math.isfinite(lo.item()) and math.isfinite(hi.item())  # two reads, not five tensor ops
+        else:
             finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
         if not finite:
             raise CalibrationError(f"observer {self.name!r} got a tensor with NaN or Inf values "
                                    f"(min {lo.min().item()}, max {hi.max().item()})")
-        return lo, hi
 
     def _update_running_minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.min_val.numel() == 0:
@@ -221,6 +244,7 @@ class MinMaxObserver(Observer):
     """
 
     name = "minmax"
+    RANGE_ONLY = True
 
 
 class EMAMinMaxObserver(Observer):
@@ -233,15 +257,15 @@ class EMAMinMaxObserver(Observer):
 
     name = "ema"
     DEFAULTS = {"averaging_constant": 0.01}
+    RANGE_ONLY = True
 
     def _validate_options(self) -> None:
         if not 0.0 < self.options["averaging_constant"] <= 1.0:
             raise QuantConfigError(f"averaging_constant must be in (0, 1], got {self.options['averaging_constant']}")
 
-    def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_minmax(x)
+    def _observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.min_val.numel() == 0:
-            self.min_val, self.max_val = lo, hi
+            self.min_val, self.max_val = lo.clone(), hi.clone()
             return
         self._check_channels(lo)
         c = self.options["averaging_constant"]
@@ -264,14 +288,14 @@ class AvgMinMaxObserver(Observer):
     """
 
     name = "avg"
+    RANGE_ONLY = True
 
     def _init_state(self, device: torch.device) -> None:
         super()._init_state(device)
         self.register_buffer("sum_min", torch.empty(0, dtype=torch.float64, device=device))
         self.register_buffer("sum_max", torch.empty(0, dtype=torch.float64, device=device))
 
-    def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_minmax(x)
+    def _observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.sum_min.numel() == 0:
             self.sum_min, self.sum_max = torch.zeros_like(lo, dtype=torch.float64), torch.zeros_like(
                 hi, dtype=torch.float64)

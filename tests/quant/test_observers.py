@@ -226,3 +226,27 @@ def test_histogram_subsample_spans_the_tensor_in_blocks() -> None:
     before = small.clone()
     obs(small)
     assert torch.equal(small, before) and float(obs.hist.sum()) == 100.0  # binning never writes into x
+
+
+@pytest.mark.parametrize("name", ["minmax", "ema", "avg"])
+def test_observe_range_is_forward_on_the_batch(name: str) -> None:
+    """A range-only observer fed each batch's min / max (as the fake-quant kernel reads them) holds the
+    state ``forward`` on the batches gives, buffer for buffer."""
+    spec = QuantSpec(8, "asym_u", observer=name)
+    by_tensor, by_range = build_observer(spec), build_observer(spec)
+    assert by_range.RANGE_ONLY
+    for b in _batches():
+        by_tensor(b)
+        by_range.observe_range(b.min().reshape(1), b.max().reshape(1))
+    for (key, ref), (_, got) in zip(by_tensor.state_dict().items(), by_range.state_dict().items()):
+        assert torch.equal(got, ref), key
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        by_range.observe_range(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+
+
+@pytest.mark.parametrize("name,per_channel", [("mse", False), ("nstd", False), ("minmax", True)])
+def test_observe_range_refuses_observers_that_need_the_tensor(name: str, per_channel: bool) -> None:
+    obs = build_observer(QuantSpec(8, "sym", observer=name, per_channel=per_channel))
+    assert not obs.RANGE_ONLY or per_channel
+    with pytest.raises(QuantConfigError, match="needs the tensor"):
+        obs.observe_range(torch.tensor([-1.0]), torch.tensor([1.0]))
