@@ -54,6 +54,48 @@ def test_conv_bn_folds_as_it_trains() -> None:
         assert torch.equal(q(x), q.eval()(x))
 
 
+@pytest.mark.parametrize("method", ["ste", "lsq"])
+def test_fused_relu_and_observer_step_equals_the_unfused_step(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QAT step as the callback runs it (qparams fixed within the step, EMA observers on): ReLUs applied
+    inside their output quantizers and observer ranges read in the fake-quant pass give the loss, every
+    gradient and every observer's state of the unfused step (ReLU module, then the observer's own pass).
+    LSQ's scale gradients differ only by summation order (float64 in the kernel)."""
+    from lit_quant.quant import update_qparams
+    from lit_quant.quant.fake_quant import set_step_qparams
+    from lit_quant.quant.modules import QuantOutput
+    from lit_quant.quant.observers import EMAMinMaxObserver
+
+    model, x, y = _bn_model(), torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    q = prepare(model, QuantPlan.from_bits(8, 8, act_observer="ema", quantizer=method), qat=True)
+    calibrate(q, [x])
+    set_step_qparams(q, True)
+    enable_observer(q, True)
+    enable_fake_quant(q, True)
+    update_qparams(q, kind="act")
+    q.train()
+    assert sum(isinstance(m, QuantOutput) and type(m.module) is torch.nn.ReLU for m in q.modules()) >= 9
+
+    def step(model: torch.nn.Module) -> tuple[float, dict, dict]:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        ranges = {n: (fq.observer.min_val.clone(), fq.observer.max_val.clone())
+                  for n, fq in iter_quantizers(model, "act")}
+        return loss.item(), grads, ranges
+
+    fused = step(copy.deepcopy(q))
+    monkeypatch.setattr(EMAMinMaxObserver, "RANGE_ONLY", False)
+    monkeypatch.setattr(QuantOutput, "forward", lambda self, *a: self.act_quant(self.module(*a)))
+    unfused = step(copy.deepcopy(q))
+    assert fused[0] == unfused[0]
+    for name, grad in unfused[1].items():
+        exact = not name.endswith("scale")
+        torch.testing.assert_close(fused[1][name], grad, atol=0 if exact else 1e-9, rtol=0 if exact else 1e-4,
+                                   msg=name)
+    for name, (lo, hi) in unfused[2].items():
+        assert torch.equal(fused[2][name][0], lo) and torch.equal(fused[2][name][1], hi), name
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_rescaled_batch_norm_equals_the_module_path(momentum: float | None) -> None:
     """The single-process fast path (BatchNorm of ``z / f`` computed on ``z``) against the general one that

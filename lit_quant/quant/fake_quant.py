@@ -36,7 +36,10 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
     Forward: if ``observer_enabled``, the observer records ``x``; if ``fake_quant_enabled``, qparams are
     (re)computed when the observer is running or none were computed yet, and ``x`` goes through
     :func:`lit_quant.quant.functional.fake_quantize`; otherwise ``x`` is returned untouched, so a model
-    with fake quant off computes exactly what the float model does, forward and backward.
+    with fake quant off computes exactly what the float model does, forward and backward. ``forward(x,
+    relu=True)`` does all that for ``relu(x)`` (the output quantizer of a ReLU), fused where it can be.
+    When the qparams stay fixed for the call (QAT's per-step qparams) and the observer needs only the
+    batch's min and max, those come out of the fake-quant pass itself.
 
     Args:
         spec: an enabled :class:`QuantSpec`.
@@ -69,35 +72,48 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
     #: are the same on every rank, so weight qparams always follow the current weight.
     step_qparams: bool = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """The quantized ``x`` (of ``relu(x)`` with ``relu``: a ReLU fused into its output quantizer)."""
         # Scale arithmetic and rounding in fp32 even under autocast or with a half model: a half-precision
         # scale can underflow and round-to-nearest on a half grid is not the integer grid (pytorch#94371).
         if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.float()).to(x.dtype)
-        return self._forward(x)
+                return self._forward(x.float(), relu).to(x.dtype)
+        return self._forward(x, relu)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         fake_quant = bool(self.fake_quant_enabled)
         # A weight is observed only while it is used quantized (QAT, where it changes every step); with fake
         # quant off (PTQ calibration) it does not change, and start_calibration observed it once.
-        if self.observer_enabled and (fake_quant or self.kind == "act"):
+        observe = bool(self.observer_enabled) and (fake_quant or self.kind == "act")
+        if (observe and fake_quant and self.kind == "act" and self.axis is None and self.observer.RANGE_ONLY
+                and x.numel() > 0 and not self._needs_qparams()):
+            # QAT with qparams fixed for this step: the observer's min / max come out of the fake-quant pass
+            observed = torch.empty(2, device=x.device)
+            out = self._fake_quantize(x, relu, observed)
+            self.observer.observe_range(observed[:1], observed[1:])
+            return out
+        if observe:
+            if relu:
+                x, relu = torch.relu(x), False  # the observer sees what is quantized
             if self.kind == "weight":
                 self.observer.reset()  # the range of the weight as it is now, not of every past weight (QAT)
             self.observer(x.detach())
         if not fake_quant:
-            return x
+            return torch.relu(x) if relu else x
         if self._needs_qparams():
             self.update_qparams()
-        return self._fake_quantize(x)
+        return self._fake_quantize(x, relu)
 
     def _needs_qparams(self) -> bool:
         if not bool(self.qparams_valid):
             return True
         return bool(self.observer_enabled) and not (self.step_qparams and self.kind == "act")
 
-    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max, self.axis)
+    def _fake_quantize(self, x: torch.Tensor, relu: bool = False, observed: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max, self.axis,
+                             relu=relu, observed=observed)
 
     def update_qparams(self) -> None:
         """Recompute ``scale`` / ``zero_point`` from the observer (raises if it has seen no data)."""
@@ -159,9 +175,10 @@ class LSQFakeQuantize(FakeQuantize):
         qp = super().qparams()
         return dataclasses.replace(qp, scale=qp.scale.clamp_min(SCALE_EPS))
 
-    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def _fake_quantize(self, x: torch.Tensor, relu: bool = False, observed: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         return lsq_fake_quantize(x, torch.clamp_min(self.scale, SCALE_EPS), self.zero_point, self.spec.quant_min,
-                                 self.spec.quant_max, self.axis)
+                                 self.spec.quant_max, self.axis, relu=relu, observed=observed)
 
 
 def build_fake_quantize(spec: QuantSpec, kind: str = "act") -> FakeQuantize:

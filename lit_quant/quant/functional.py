@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from lit_quant.quant.kernels import fused_fake_quantize
+from lit_quant.quant.kernels import available as kernels_available
+from lit_quant.quant.kernels import fused_fake_quantize, fused_lsq_backward
 from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
 
 #: Smallest scale: torch.ao's ``eps`` (float32 machine epsilon); keeps ``1 / scale`` finite.
@@ -202,6 +203,12 @@ def _ste_interval(inv: float, lo: float, hi: float) -> tuple[float, float]:
     return _f32_step(x_lo, up=False), _f32_step(x_hi, up=True)
 
 
+def _store_range(observed: torch.Tensor, x: torch.Tensor) -> None:
+    """``observed[:] = (min x, max x)`` (NaN propagates), for callers that asked for the range."""
+    lo, hi = torch.aminmax(x.detach())
+    observed.copy_(torch.stack([lo, hi]).float())
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Fake quantization; backward is the clipped straight-through estimator (see :func:`fake_quantize`).
 
@@ -217,23 +224,38 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     :func:`_ste_interval` finds once per call in float32 arithmetic, so backward is one fused
     ``hardtanh_backward`` pass over ``x`` and the gradient. Comparisons into a bool mask and a float-by-bool
     multiply cost about 1 ms and 4 ms per 1.6M values on this CPU. Per channel (weights, small) and on CUDA
-    (no host sync for ``float(scale)``) a bool mask is saved and applied with ``torch.where``.
+    (no host sync for ``float(scale)``) a bool mask is saved and applied with ``torch.where``; there the
+    wrapper applies ``relu`` and takes the range before calling.
+
+    ``relu`` (per tensor on the CPU): quantize ``relu(x)`` without computing it. ``round`` is monotone with
+    ``round(0) = 0`` and ``lo <= 0``, so ``clamp(round(relu(x) / s), lo, hi) = clamp(round(x / s), max(lo, 0), hi)``
+    (``-0.0`` where ``relu`` gives ``0.0``, equal as numbers), and the gradient of both steps together passes
+    exactly where ``max(x_lo', 0) < x < x_hi'``: one ``hardtanh_backward`` on ``x`` replaces ReLU's forward
+    and backward passes. ``observed``: receives ``(min, max)`` of the quantized input from the same pass.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                quant_max: int) -> torch.Tensor:
+                quant_max: int, relu: bool = False, observed: torch.Tensor | None = None) -> torch.Tensor:
         ctx.scalars = None
-        if scale.numel() == 1 and x.device.type == "cpu":
+        if _per_tensor_cpu(x, scale):
             inv, z = float(torch.reciprocal(scale)), float(zero_point)
             lo, hi = quant_min - z, quant_max - z
+            if relu:
+                lo = max(lo, 0.0)
             if ctx.needs_input_grad[0]:
                 ctx.save_for_backward(x)
-                ctx.scalars = _ste_interval(inv, lo, hi)
-            fused = fused_fake_quantize(x, inv, lo, hi, float(scale))  # one pass instead of four
-            if fused is not None:
-                return fused
-            return torch.mul(x, inv).round_().clamp_(lo, hi).mul_(float(scale))  # round(x / s), clamp, * s
+                below, above = _ste_interval(inv, lo, hi)
+                ctx.scalars = (max(below, 0.0) if relu else below, above)
+            out = fused_fake_quantize(x, inv, lo, hi, float(scale), observed)  # one pass instead of four
+            if out is None:
+                if observed is not None:
+                    _store_range(observed, x)
+                out = torch.mul(x, inv).round_().clamp_(lo, hi).mul_(float(scale))  # round(x / s), clamp, * s
+            if observed is not None and relu:
+                observed.clamp_min_(0.0)  # the range of relu(x)
+            return out
+        assert not relu and observed is None, "the wrapper applies relu and takes the range off the fast path"
         r = torch.mul(x, torch.reciprocal(scale)).round_()
         lo_t, hi_t = quant_min - zero_point, quant_max - zero_point
         if ctx.needs_input_grad[0]:
@@ -244,17 +266,38 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         (saved,) = ctx.saved_tensors
         if ctx.scalars is None:
-            return torch.where(saved, grad, 0.0), None, None, None, None
+            return torch.where(saved, grad, 0.0), None, None, None, None, None, None
         below, above = ctx.scalars  # the floats just outside [x_lo, x_hi]: hardtanh_backward's open bounds
-        return torch.ops.aten.hardtanh_backward(grad, saved, below, above), None, None, None, None
+        return torch.ops.aten.hardtanh_backward(grad, saved, below, above), None, None, None, None, None, None
 
 
 class _FakeQuantizeLSQ(torch.autograd.Function):
-    """Fake quantization with the LSQ gradient for the scale (see :func:`lsq_fake_quantize`)."""
+    """Fake quantization with the LSQ gradient for the scale (see :func:`lsq_fake_quantize`).
+
+    Per tensor on the CPU with the kernels built, forward is the STE's one-pass kernel and backward one
+    pass of :func:`lit_quant.quant.kernels.fused_lsq_backward` over the saved ``x`` (``relu`` and
+    ``observed`` as in :class:`_FakeQuantizeSTE`); otherwise the eager ops below, which save a mask and
+    the scale gradient's per-element factor.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                quant_max: int, grad_factor: float) -> torch.Tensor:
+                quant_max: int, grad_factor: float, relu: bool = False,
+                observed: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.scale_shape = scale.shape
+        ctx.grad_factor = grad_factor
+        ctx.fused = None
+        if _per_tensor_cpu(x, scale) and kernels_available():
+            inv, z = float(torch.reciprocal(scale)), float(zero_point)
+            lo, hi = quant_min - z, quant_max - z
+            out = fused_fake_quantize(x, inv, max(lo, 0.0) if relu else lo, hi, float(scale), observed)
+            if out is not None:
+                if observed is not None and relu:
+                    observed.clamp_min_(0.0)
+                ctx.save_for_backward(x)
+                ctx.fused = (inv, lo, hi, relu)
+                return out
+        assert not relu and observed is None, "the wrapper applies relu and takes the range off the fast path"
         q, rounded, scaled = _round_clamp(x, scale, zero_point, quant_min, quant_max)
         unclamped = rounded + zero_point
         below, above = unclamped < quant_min, unclamped > quant_max
@@ -263,16 +306,21 @@ class _FakeQuantizeLSQ(torch.autograd.Function):
         dscale = torch.where(inside, rounded - scaled, torch.where(below, quant_min - zero_point,
                                                                    quant_max - zero_point))
         ctx.save_for_backward(inside, dscale)
-        ctx.scale_shape = scale.shape
-        ctx.grad_factor = grad_factor
         return (q - zero_point) * scale
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        if ctx.fused is not None:
+            (x,) = ctx.saved_tensors
+            result = fused_lsq_backward(grad.float(), x, *ctx.fused)
+            assert result is not None  # the kernels that ran forward are loaded
+            dx, dscale = result
+            grad_scale = (dscale * ctx.grad_factor).float().reshape(ctx.scale_shape)
+            return dx.view(grad.shape), grad_scale, None, None, None, None, None, None
         inside, dscale = ctx.saved_tensors
         grad_scale = (grad * dscale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
         # torch.where, not grad * inside: a float-by-bool multiply is several times slower on CPU
-        return torch.where(inside, grad, 0.0), grad_scale, None, None, None, None
+        return torch.where(inside, grad, 0.0), grad_scale, None, None, None, None, None, None
 
 
 def _in_float32(fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -283,7 +331,8 @@ def _in_float32(fn: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
-                  axis: int | None = None) -> torch.Tensor:
+                  axis: int | None = None, *, relu: bool = False, observed: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Quantize and dequantize: ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``, differentiable.
 
     Forward equals ``torch.fake_quantize_per_tensor_affine`` (``axis=None``) or
@@ -301,10 +350,34 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         zero_point: int or float tensor, same shape.
         quant_min, quant_max: integer range.
         axis: channel axis of ``x`` for per-channel qparams; ``None`` per tensor.
+        relu: fake-quantize ``relu(x)`` (values and gradient as ``fake_quantize(torch.relu(x))``; per tensor
+            on the CPU without computing ``relu(x)``, see :class:`_FakeQuantizeSTE`).
+        observed: a float32 tensor of 2 elements on ``x``'s device that receives ``(min, max)`` of the
+            quantized input (of ``relu(x)`` with ``relu``; NaN when it holds a NaN), from the same pass per
+            tensor on the CPU: an observer's statistics without a pass of its own.
     """
     s = _broadcast(scale.detach().float(), x, axis)
     z = _broadcast(zero_point.detach().float(), x, axis)
-    return _in_float32(_FakeQuantizeSTE.apply, x, s, z, quant_min, quant_max)
+    relu, observed, x = _off_fast_path(x, _per_tensor_cpu(x, s), relu, observed)
+    return _in_float32(_FakeQuantizeSTE.apply, x, s, z, quant_min, quant_max, relu, observed)
+
+
+def _per_tensor_cpu(x: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether the autograd functions take their per-tensor CPU path (which fuses ``relu`` and the range)."""
+    return s.numel() == 1 and x.device.type == "cpu"
+
+
+def _off_fast_path(x: torch.Tensor, fast: bool, relu: bool, observed: torch.Tensor | None
+                   ) -> tuple[bool, torch.Tensor | None, torch.Tensor]:
+    """Off the fused path (``fast`` false: per channel, CUDA), apply ``relu`` and take the range here,
+    eagerly; returns the ``relu`` / ``observed`` arguments left for the autograd function, and ``x``."""
+    if fast:
+        return relu, observed, x
+    if relu:
+        x = torch.relu(x)
+    if observed is not None:
+        _store_range(observed, x)
+    return False, None, x
 
 
 def lsq_grad_factor(x: torch.Tensor, quant_max: int, axis: int | None = None) -> float:
@@ -314,7 +387,8 @@ def lsq_grad_factor(x: torch.Tensor, quant_max: int, axis: int | None = None) ->
 
 
 def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
-                      quant_max: int, axis: int | None = None, grad_factor: float | None = None) -> torch.Tensor:
+                      quant_max: int, axis: int | None = None, grad_factor: float | None = None, *,
+                      relu: bool = False, observed: torch.Tensor | None = None) -> torch.Tensor:
     """Fake quantization with a learnable step size (LSQ, Esser et al. 2020).
 
     Forward is :func:`fake_quantize` (same values). Backward: ``d x_hat / d x`` is the same clipped STE;
@@ -322,9 +396,13 @@ def lsq_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     above it, summed over the elements sharing a scale and multiplied by ``grad_factor`` (default
     :func:`lsq_grad_factor`, ``1 / sqrt(N * qmax)``) so the step size learns at the rate of the weights. The
     zero point stays fixed (from calibration). Matches ``torch._fake_quantize_learnable_per_tensor_affine``.
+    ``relu`` and ``observed`` as in :func:`fake_quantize` (per tensor on the CPU, one forward pass and one
+    backward pass of :mod:`lit_quant.quant.kernels` when they are built).
     """
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x, quant_max, axis)
     s = _broadcast(scale.float(), x, axis)
     z = _broadcast(zero_point.detach().float(), x, axis)
-    return _in_float32(_FakeQuantizeLSQ.apply, x, s, z, quant_min, quant_max, grad_factor)
+    # the eager LSQ path (no kernels) has no fused relu or range
+    relu, observed, x = _off_fast_path(x, _per_tensor_cpu(x, s) and kernels_available(), relu, observed)
+    return _in_float32(_FakeQuantizeLSQ.apply, x, s, z, quant_min, quant_max, grad_factor, relu, observed)

@@ -354,6 +354,10 @@ class QuantOutput(nn.Module):
         return self.module
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if type(self.module) is nn.ReLU and len(args) == 1 and not kwargs:
+            # the quantizer applies the ReLU in its own pass (forward and backward): same values, two passes
+            # fewer each way; an in-place ReLU's input is then left as it was (nothing here reads it again)
+            return self.act_quant(args[0], relu=True)
         return self.act_quant(self.module(*args, **kwargs))
 
 
@@ -385,7 +389,7 @@ class QuantFunctional(nn.Module):
         return self.act_quant(torch.add(x, y))
 
     def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.act_quant(torch.relu(torch.add(x, y)))
+        return self.act_quant(torch.add(x, y), relu=True)
 
     def add_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:
         return self.act_quant(torch.add(x, y))

@@ -199,3 +199,117 @@ def test_without_a_compiler_the_eager_path_runs_after_one_warning(monkeypatch: p
     assert len(calls) == 1 and kernels.fused_fake_quantize(x, 1.0, 0.0, 1.0, 1.0) is None
     torch.testing.assert_close(first, torch.fake_quantize_per_tensor_affine(x, s, z, 0, 15), atol=0, rtol=0)
     torch.testing.assert_close(second, first, atol=0, rtol=0)
+
+
+def _no_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the kernels unavailable (the eager path), as without a compiler or with LIT_QUANT_NO_KERNELS=1."""
+    from lit_quant.quant import kernels
+
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", True)
+
+
+def _edge_values(scale: float) -> torch.Tensor:
+    """Random values, exact rounding ties, both signs of zero and values just either side of it."""
+    g = torch.Generator().manual_seed(1)
+    ties = (torch.arange(-40, 300, dtype=torch.float32) + 0.5) * scale
+    return torch.cat([torch.randn(70_001, generator=g) * 0.3, ties,
+                      torch.tensor([0.0, -0.0, 1e-30, -1e-30, scale / 2, -scale / 2])])
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "eager"])
+@pytest.mark.parametrize("zp,qmin,qmax", [(9, 0, 15), (0, 0, 255), (0, -128, 127), (3, -8, 7)])
+def test_fused_relu_and_range_equal_relu_then_torch_fake_quantize(monkeypatch: pytest.MonkeyPatch, kernels: bool,
+                                                                   zp: int, qmin: int, qmax: int) -> None:
+    """``fake_quantize(x, relu=True, observed=r)``: values and gradient as torch's fake quantize of
+    ``torch.relu(x)``, and ``r`` the min / max of ``relu(x)``; with the kernels and on the eager path."""
+    if not kernels:
+        _no_kernels(monkeypatch)
+    scale = 0.0173
+    s, z = torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32)
+    x = _edge_values(scale)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    observed = torch.empty(2)
+    ours = fake_quantize(a, s, z, qmin, qmax, relu=True, observed=observed)
+    ref = torch.fake_quantize_per_tensor_affine(torch.relu(b), s, z, qmin, qmax)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    g = torch.rand_like(x) + 0.5
+    (ours * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    assert observed.tolist() == [float(v) for v in torch.aminmax(torch.relu(x))]
+    plain = torch.empty(2)  # without relu: the range of x itself
+    fake_quantize(x, s, z, qmin, qmax, observed=plain)
+    assert plain.tolist() == [float(x.min()), float(x.max())]
+    nan = torch.empty(2)
+    fake_quantize(torch.tensor([1.0, float("nan"), -2.0] * 40), s, z, qmin, qmax, observed=nan)
+    assert torch.isnan(nan).all()
+
+
+def test_fused_relu_and_range_off_the_fast_path_per_channel() -> None:
+    """Per-channel qparams take the eager branch, where the wrapper applies relu and reads the range."""
+    x = _edge_values(0.02)[:70_000].reshape(7, -1)
+    s, z = torch.tensor([0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3]), torch.zeros(7, dtype=torch.int32)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    observed = torch.empty(2)
+    ours = fake_quantize(a, s, z, -128, 127, axis=0, relu=True, observed=observed)
+    ref = torch.fake_quantize_per_channel_affine(torch.relu(b), s, z, 0, -128, 127)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    assert observed.tolist() == [0.0, float(x.max())]
+
+
+def _lsq_pass(x: torch.Tensor, g: torch.Tensor, scale: float, z: torch.Tensor, qmin: int, qmax: int, relu: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output, input gradient, scale gradient and observed range of our LSQ on ``x`` against gradient ``g``."""
+    a, s = x.clone().requires_grad_(), torch.tensor([scale], requires_grad=True)
+    observed = torch.empty(2)
+    out = lsq_fake_quantize(a, s, z, qmin, qmax, relu=relu, observed=observed)
+    (out * g).sum().backward()
+    return out.detach(), a.grad, s.grad, observed
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("zp,qmin,qmax", [(9, 0, 15), (0, -4, 3), (0, 0, 255)])
+def test_lsq_fused_pass_equals_the_eager_path_and_torch(monkeypatch: pytest.MonkeyPatch, relu: bool, zp: int,
+                                                        qmin: int, qmax: int) -> None:
+    """LSQ per tensor with the kernels (one pass each way) against the eager ops, bit for bit (output,
+    input gradient, range), and against torch's learnable fake quantize of ``relu(x)`` / ``x``. The scale
+    gradient equals the float64 sum of the per-element terms; torch sums them in float32 (agrees to ~1e-5).
+    On exact rounding ties next to a bound torch's backward rounds ``x / s + z`` where its forward (and
+    ours, both ways) rounds ``x / s``, so there torch passes a gradient to a value its forward clamped:
+    ties are compared with the eager path only."""
+    scale = 0.0173
+    x = _edge_values(scale)
+    z = torch.tensor([zp], dtype=torch.int32)
+    g = torch.rand_like(x) + 0.5
+    fused = _lsq_pass(x, g, scale, z, qmin, qmax, relu)
+    with monkeypatch.context() as m:
+        _no_kernels(m)
+        eager = _lsq_pass(x, g, scale, z, qmin, qmax, relu)
+    for f, e in zip(fused[:2] + fused[3:], eager[:2] + eager[3:]):
+        torch.testing.assert_close(f, e, atol=0, rtol=0)
+    v = torch.relu(x) if relu else x
+    assert fused[3].tolist() == [float(t) for t in torch.aminmax(v)]
+    # the scale gradient: float64 sum of torch's float32 per-element terms
+    u = v * torch.reciprocal(torch.tensor(scale))
+    r = torch.round(u)
+    ds = torch.where(r < qmin - zp, float(qmin - zp), torch.where(r > qmax - zp, float(qmax - zp), r - u))
+    factor = 1.0 / (x.numel() * qmax) ** 0.5
+    exact = float((g * ds).double().sum()) * factor
+    assert abs(float(fused[2]) - exact) <= 1e-6 * abs(exact)
+    torch.testing.assert_close(eager[2], fused[2], atol=0, rtol=2e-5)
+    torch.testing.assert_close(fused[0], torch._fake_quantize_learnable_per_tensor_affine(
+        v, torch.tensor([scale]), z.float(), qmin, qmax, factor), atol=0, rtol=0)
+    # torch's gradients, away from exact ties
+    keep = (u - u.floor()) != 0.5
+    assert int((~keep).sum()) > 100
+    ours = _lsq_pass(x[keep], g[keep], scale, z, qmin, qmax, relu)
+    b, sb = x[keep].clone().requires_grad_(), torch.tensor([scale], requires_grad=True)
+    ref = torch._fake_quantize_learnable_per_tensor_affine(torch.relu(b) if relu else b, sb, z.float(), qmin, qmax,
+                                                           1.0 / (b.numel() * qmax) ** 0.5)
+    (ref * g[keep]).sum().backward()
+    torch.testing.assert_close(ours[1], b.grad, atol=0, rtol=0)
+    torch.testing.assert_close(ours[2], sb.grad, atol=0, rtol=2e-5)
