@@ -86,24 +86,29 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
         # A weight is observed only while it is used quantized (QAT, where it changes every step); with fake
         # quant off (PTQ calibration) it does not change, and start_calibration observed it once.
         observe = bool(self.observer_enabled) and (fake_quant or self.kind == "act")
-        if (observe and fake_quant and self.kind == "act" and self.axis is None and self.observer.RANGE_ONLY
-                and x.numel() > 0 and not self._needs_qparams()):
+        if not fake_quant:
+            if relu:
+                x = torch.relu(x)
+            if observe:
+                self._observe(x)
+            return x
+        if (observe and self.kind == "act" and self.axis is None and self.observer.RANGE_ONLY and x.numel() > 0
+                and not self._needs_qparams()):
             # QAT with qparams fixed for this step: the observer's min / max come out of the fake-quant pass
             observed = torch.empty(2, device=x.device)
             out = self._fake_quantize(x, relu, observed)
             self.observer.observe_range(observed[:1], observed[1:])
             return out
-        if observe:
-            if relu:
-                x, relu = torch.relu(x), False  # the observer sees what is quantized
-            if self.kind == "weight":
-                self.observer.reset()  # the range of the weight as it is now, not of every past weight (QAT)
-            self.observer(x.detach())
-        if not fake_quant:
-            return torch.relu(x) if relu else x
+        if observe:  # the observer sees what is quantized; the ReLU of the quantized value stays fused
+            self._observe(torch.relu(x.detach()) if relu else x)
         if self._needs_qparams():
             self.update_qparams()
         return self._fake_quantize(x, relu)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.kind == "weight":
+            self.observer.reset()  # the range of the weight as it is now, not of every past weight (QAT)
+        self.observer(x.detach())
 
     def _needs_qparams(self) -> bool:
         if not bool(self.qparams_valid):
