@@ -291,12 +291,12 @@ class _FakeQuantizeLSQ(torch.autograd.Function):
             inv, z = float(torch.reciprocal(scale)), float(zero_point)
             lo, hi = quant_min - z, quant_max - z
             out = fused_fake_quantize(x, inv, max(lo, 0.0) if relu else lo, hi, float(scale), observed)
-            if out is not None:
-                if observed is not None and relu:
-                    observed.clamp_min_(0.0)
-                ctx.save_for_backward(x)
-                ctx.fused = (inv, lo, hi, relu)
-                return out
+            assert out is not None  # kernels loaded, float32 CPU x: the kernel ran
+            if observed is not None and relu:
+                observed.clamp_min_(0.0)
+            ctx.save_for_backward(x)
+            ctx.fused = (inv, lo, hi, relu)
+            return out
         assert not relu and observed is None, "the wrapper applies relu and takes the range off the fast path"
         q, rounded, scaled = _round_clamp(x, scale, zero_point, quant_min, quant_max)
         unclamped = rounded + zero_point
