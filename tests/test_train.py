@@ -159,3 +159,44 @@ def test_readme_documents_every_flag() -> None:
              for a in parser._actions if a.option_strings and a.dest != "help"]
     missing = [f for f in flags if f"`{f}" not in readme]
     assert not missing, f"README does not document {missing}"
+
+
+def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) -> None:
+    """Lightning keeps the first maximum; best.ckpt keeps the tied model of lower val/loss (real Trainer)."""
+    import pytorch_lightning as pl
+
+    from lit_quant.training import BestCheckpoint
+
+    top1 = [0.5, 0.9, 0.8, 0.9, 0.9, 0.7]
+    loss = [2.0, 0.6, 0.5, 0.4, 0.45, 0.1]  # epoch 3: same top-1 as epoch 1, lower loss; epoch 4 does not beat it
+
+    class Scripted(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1).pow(2).sum()
+
+        def validation_step(self, batch, batch_idx) -> None:
+            self.log("val/top1", top1[self.current_epoch])
+            self.log("val/loss", loss[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
+
+        val_dataloader = train_dataloader
+
+    best = BestCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/top1", tie_break="val/loss",
+                          enable_version_counter=False)
+    pl.Trainer(max_epochs=len(top1), logger=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[best]).fit(Scripted())
+    saved = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert saved["epoch"] == 3 and best.best_tie_break == pytest.approx(0.4)
+    assert float(best.best_model_score) == pytest.approx(0.9)
+    # the kept tie-break travels with the callback state, so a resumed run keeps comparing against it
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("BestCheckpoint"))
+    assert state["best_tie_break"] == pytest.approx(0.4)
