@@ -73,8 +73,8 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] 
     for name in observers or []:
         if name not in OBSERVER_NAMES:
             raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
-    qat_only = ("epochs", "lr", "qat_method", "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level",
-                "resume")
+    qat_only = ("epochs", "lr", "qat_method", "distill", "distill_weight", "distill_temperature",
+                "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
     given = [name for name in qat_only if name in args]
     if given and cfg.mode != "qat":
         raise UserError(f"--{given[0].replace('_', '-')} is a QAT setting: add --mode qat")

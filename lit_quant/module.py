@@ -76,18 +76,30 @@ class LitClassifier(pl.LightningModule):
         weight_decay: L2 penalty (decoupled for AdamW).
         scheduler: ``cosine`` (per-step cosine decay to 0), ``onecycle``, or ``none``.
         label_smoothing: cross-entropy label smoothing.
+        teacher: a frozen network whose logits the training loss also matches (knowledge distillation, used
+            by QAT with the fp32 model as teacher); kept out of the state dict, the optimiser and DDP.
+        distill_weight: ``alpha`` of the training loss with a teacher (see :meth:`training_loss`).
+        distill_temperature: ``T`` of the training loss with a teacher.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, arch: dict[str, Any] | None = None,
                  optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 5e-4, scheduler: str = "cosine", label_smoothing: float = 0.0) -> None:
+                 weight_decay: float = 5e-4, scheduler: str = "cosine", label_smoothing: float = 0.0,
+                 teacher: nn.Module | None = None, distill_weight: float = 1.0,
+                 distill_temperature: float = 1.0) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got '{optimizer}'")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got '{scheduler}'")
-        self.save_hyperparameters(ignore=["model"])
+        if not 0.0 <= distill_weight <= 1.0 or distill_temperature <= 0:
+            raise ValueError(f"distill_weight must be in [0, 1] and distill_temperature positive, got "
+                             f"{distill_weight} and {distill_temperature}")
+        self.save_hyperparameters(ignore=["model", "teacher"])
         self.model = model
+        # Not a submodule: the teacher's weights stay out of checkpoints, optimiser and DDP's gradient
+        # buckets, and Lightning's train() never switches its BatchNorm to batch statistics.
+        self._teacher: tuple[nn.Module, ...] = () if teacher is None else (teacher.eval().requires_grad_(False),)
         # One metric object per stage (Lightning resets and syncs each at its stage's epoch end). Keys carry a
         # suffix because a ModuleDict key "train" would clash with nn.Module.train.
         self.metrics = nn.ModuleDict({f"{s}_": _stage_metrics(num_classes) for s in ("train", "val", "test")})
@@ -96,11 +108,44 @@ class LitClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The distillation teacher, or None."""
+        return self._teacher[0] if self._teacher else None
+
+    def on_fit_start(self) -> None:
+        """Put the teacher on this process's device (Lightning moves submodules only)."""
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def training_loss(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy, or with a teacher the distillation loss of Hinton et al. (2015):
+
+        ``(1 - alpha) CE(z, y) + alpha T^2 KL(softmax(t / T) || softmax(z / T))``
+
+        with student logits ``z``, teacher logits ``t`` (eval mode, no gradient), ``alpha`` =
+        ``distill_weight`` and ``T`` = ``distill_temperature`` (``T^2`` keeps the gradient's scale
+        independent of ``T``). ``alpha = 1`` trains the quantized model to reproduce the fp32 model's output
+        distribution, which the labels only approximate.
+        """
+        hp = self.hparams
+        loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
+        teacher = self.teacher
+        if teacher is None:
+            return loss
+        with torch.no_grad():
+            # the teacher's own dtype: O2 / O3 hand the student half inputs, the teacher stays fp32
+            target = teacher(x.to(next(teacher.parameters()).dtype)).float()
+        t = hp.distill_temperature
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(target / t, dim=1), reduction="batchmean",
+                      log_target=True)
+        return (1.0 - hp.distill_weight) * loss + hp.distill_weight * t * t * kl
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         # Loss and metrics in fp32 whatever the model's precision (O2/O3 give half logits).
         logits = self(x).float()
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0)
+        loss = self.training_loss(logits, x, y) if stage == "train" else F.cross_entropy(logits, y)
         loss_metric, metrics = self.losses[f"{stage}_"], self.metrics[f"{stage}_"]
         loss_metric.update(loss.detach(), weight=y.numel())
         metrics.update(logits.detach(), y)

@@ -101,6 +101,10 @@ class QuantizeConfig:
     lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: 1/100 of the fp32 run's)")
     qat_method: str = option("ste", "QAT: ste (fixed-range fake quant, observers, straight-through rounding) or "
                              "lsq (learned step sizes, for low bits)", choices=QAT_METHODS)
+    distill: bool = option(False, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
+                           "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student)")
+    distill_weight: float = option(1.0, "QAT with --distill: weight w of the distillation term, in [0, 1]")
+    distill_temperature: float = option(1.0, "QAT with --distill: softmax temperature T, positive")
     freeze_observers_epoch: int | None = option(None, "QAT: stop updating ranges from this epoch (0-based)")
     freeze_bn_epoch: int | None = option(None, "QAT: freeze BatchNorm statistics from this epoch (0-based)")
     precision: str | None = option(None, "QAT: Lightning precision (32-true, bf16-mixed, 16-mixed, ...)")
@@ -139,6 +143,12 @@ class QuantizeConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UserError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise UserError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if not self.distill and (self.distill_weight != 1.0 or self.distill_temperature != 1.0):
+            raise UserError("--distill-weight / --distill-temperature are settings of --distill: add --distill")
         for name in ("freeze_observers_epoch", "freeze_bn_epoch"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.epochs:
@@ -341,7 +351,8 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         qat = run_qat(cfg, classifier, arch, dm, run_dir)
         row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
             act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
-            note=f"our QAT ({cfg.qat_method}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; fake-quant simulation")
+            note=f"our QAT ({cfg.qat_method}{_distill_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; "
+                 "fake-quant simulation")
         if trainer.is_global_zero:
             save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, arch, data_settings, rows[-1],
                            kind="qat")
@@ -349,7 +360,8 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         if cfg.builtin_qat:
             model, fit_s = run_builtin_qat(cfg, classifier, arch, dm, run_dir, example)
             row("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
-                note=f"torch.ao prepare_qat_fx int8, {cfg.epochs} epochs in {fit_s:.0f} s, real integer kernels")
+                note=f"torch.ao prepare_qat_fx int8{_distill_note(cfg)}, {cfg.epochs} epochs in {fit_s:.0f} s, "
+                     "real integer kernels")
     elif cfg.mode == "dynamic":
         row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
             note="torch.ao dynamic: int8 Linear weights, activations quantized per batch; convs stay float")
@@ -405,12 +417,23 @@ def _qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any]) -> TrainConfig:
 
 def _qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch.nn.Module) -> LitClassifier:
     """A LitClassifier for fine-tuning ``model``: the fp32 run's optimiser settings, ``--lr`` (default 1/100
-    of the fp32 peak rate) with cosine decay over ``--epochs``."""
+    of the fp32 peak rate) with cosine decay over ``--epochs``; with ``--distill`` a frozen copy of the fp32
+    model is the teacher (ours and torch.ao's QAT get the same loss, so their rows differ in quantization
+    alone)."""
     hp = classifier.hparams
+    teacher = copy.deepcopy(classifier.model) if cfg.distill else None
     return LitClassifier(model, hp.arch["num_classes"], arch=hp.arch, optimizer=hp.optimizer,
                          lr=cfg.lr if cfg.lr is not None else hp.lr / 100.0, momentum=hp.momentum,
                          nesterov=hp.nesterov, weight_decay=hp.weight_decay, scheduler="cosine",
-                         label_smoothing=hp.label_smoothing)
+                         label_smoothing=hp.label_smoothing, teacher=teacher, distill_weight=cfg.distill_weight,
+                         distill_temperature=cfg.distill_temperature)
+
+
+def _distill_note(cfg: QuantizeConfig) -> str:
+    """How a QAT row was trained, for its note: '' without --distill."""
+    if not cfg.distill:
+        return ""
+    return f", distilled from fp32 w={cfg.distill_weight:g} T={cfg.distill_temperature:g}"
 
 
 def _sync_bn(cfg: QuantizeConfig) -> bool:

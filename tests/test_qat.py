@@ -184,7 +184,7 @@ def _fit_losses(precision: str) -> list[float]:
     losses: list[float] = []
 
     class Losses(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"]))
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False,
@@ -270,6 +270,10 @@ def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: 
     (["--epochs", "2"], "is a QAT setting: add --mode qat"),
     (["--mode", "qat", "--resume", "BEST"], "not a QAT checkpoint"),
     (["--mode", "qat", "--qat-method", "adaround"], "invalid --qat-method"),
+    (["--distill"], "is a QAT setting: add --mode qat"),
+    (["--mode", "qat", "--distill", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
+    (["--mode", "qat", "--distill", "--distill-temperature", "0"], "--distill-temperature must be positive"),
+    (["--mode", "qat", "--distill-temperature", "2"], "add --distill"),
 ])
 def test_qat_bad_input(trained: Path, argv: list[str], message: str, capsys) -> None:
     argv = [a if a != "BEST" else str(trained / "tiny" / "best.ckpt") for a in argv]
@@ -306,11 +310,12 @@ def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Pat
         (run / f).write_bytes((trained / "tiny" / f).read_bytes())
     proc = run_script("quantize.py", "--ckpt", str(run / "best.ckpt"), "--mode", "qat", "--bits", "4", "--epochs", "2",
                       "--accelerator", "cpu", "--devices", "2", "--no-builtin-qat", "--no-latency",
-                      "--calib-batches", "2", "--batch-size", "16")
+                      "--calib-batches", "2", "--batch-size", "16", "--distill")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("lit-quant: fp32 vs ours vs torch.ao") == 1
     rows = {r["variant"]: r for r in report_rows(run)}
     assert set(rows) == {"fp32", "ptq", "qat"}
+    assert "distilled from fp32 w=1 T=1" in rows["qat"]["note"]
     assert torch.load(run / "qat-w4a4" / "last.ckpt", weights_only=True)["epoch"] == 1
     from lit_quant.quantization import evaluate_quantized
 
@@ -326,3 +331,43 @@ def test_lsq_with_per_channel_activations_is_refused(trained: Path, tmp_path: Pa
                                    "--no-latency"], prog="quantize.py") == 2
     err = capsys.readouterr().err.strip()
     assert "LSQ with per-channel activations is not supported" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ distillation
+def test_distillation_loss_is_the_formula_and_the_teacher_stays_outside() -> None:
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet20", 3, 10), _bn_model()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    z = student.eval()(x)
+    t = teacher(x)
+    for w, temp in ((1.0, 1.0), (0.3, 4.0)):
+        lit = LitClassifier(student, 10, teacher=teacher, distill_weight=w, distill_temperature=temp)
+        # KL(p_t || p_s) = sum p_t (log p_t - log p_s), averaged over the batch, by hand
+        p_t = torch.softmax(t / temp, 1)
+        kl = (p_t * (torch.log(p_t) - torch.log_softmax(z / temp, 1))).sum(1).mean()
+        expected = (1 - w) * torch.nn.functional.cross_entropy(z, y) + w * temp ** 2 * kl
+        assert lit.training_loss(z, x, y).item() == pytest.approx(expected.item(), rel=1e-5)
+    # weight 0 is plain cross-entropy; no teacher is cross-entropy
+    assert LitClassifier(student, 10, teacher=teacher, distill_weight=0.0).training_loss(z, x, y).item() == \
+        pytest.approx(torch.nn.functional.cross_entropy(z, y).item(), rel=1e-6)
+    # a student equal to its teacher has zero distillation loss (and zero gradient through it)
+    twin = LitClassifier(copy.deepcopy(teacher), 10, teacher=teacher)
+    assert twin.training_loss(twin(x), x, y).item() == pytest.approx(0.0, abs=1e-6)
+    # the teacher is not part of the student's state dict, parameters or train mode, and stays frozen
+    lit = LitClassifier(student, 10, teacher=teacher)
+    lit.train()
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in lit.state_dict())
+    assert {id(p) for p in lit.parameters()} == {id(p) for p in student.parameters()}
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="distill_weight"):
+        LitClassifier(student, 10, teacher=teacher, distill_weight=1.5)
+
+
+def test_distillation_teacher_takes_half_inputs_in_fp32() -> None:
+    """O2 / O3 hand the student bf16 images; the fp32 teacher gets them in its own dtype."""
+    student = build_model("resnet20", 3, 10).eval().to(torch.bfloat16)
+    teacher = _bn_model()
+    lit = LitClassifier(student, 10, teacher=teacher)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    loss = lit.training_loss(student(x.bfloat16()).float(), x.bfloat16(), y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
