@@ -6,7 +6,9 @@ model ``prepare(model, plan, qat=True)`` gives (BatchNorm folded into the quanti
 fake quantization of weights and activations, moving-average activation observers) and the step includes
 what :class:`lit_quant.callbacks.QATCallback` does after each step (recompute activation qparams; the DDP
 sync is a no-op in one process). torch.ao's is ``prepare_qat_fx`` with the backend's default QAT qconfig
-(fused fake-quant + moving-average observers, ``ConvBn2d`` modules). All variants are timed in the same
+(fused fake-quant + moving-average observers, ``ConvBn2d`` modules). The ``--distill`` row is our STE step
+with ``quantize.py --distill``'s loss (:meth:`lit_quant.module.LitClassifier.training_loss`: one more
+forward of the frozen fp32 teacher in eval mode, and the KL term). All variants are timed in the same
 run, interleaved per repeat so machine load hits them alike; the median of ``--repeats`` runs of ``--steps``
 steps is reported.
 
@@ -16,6 +18,7 @@ Run:  python benchmarks/qat_step.py [--batch-size 128 --steps 10 --repeats 5 --t
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -32,18 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_quant.builtin import builtin_qat_prepare
 from lit_quant.models import build_model
+from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
 from lit_quant.quant.fake_quant import set_step_qparams
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              after: Callable[[], None] | None = None) -> Callable[[], None]:
-    """One SGD training step of ``model`` on ``(x, y)``; ``after`` runs once the step is done."""
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, after: Callable[[], None] | None = None,
+              loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[], None]:
+    """One SGD training step of ``model`` on ``(x, y)``; ``after`` runs once the step is done; ``loss`` maps
+    the logits to the loss (default: cross-entropy with ``y``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    loss = loss or (lambda logits: F.cross_entropy(logits, y))
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss(model(x)).backward()
         opt.step()
         if after is not None:
             after()
@@ -78,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ao = builtin_qat_prepare(fp32, args.backend, x[:1]).train()
-    ste, lsq = ours(fp32, args.bits, "ste", x), ours(fp32, args.bits, "lsq", x)
+    ste, lsq, ste_kd = (ours(fp32, args.bits, method, x) for method in ("ste", "lsq", "ste"))
+    distill = LitClassifier(ste_kd, 10, teacher=copy.deepcopy(fp32))
     steps = {
         "fp32": make_step(fp32, x, y),
         f"ours STE W{args.bits}A{args.bits}": make_step(ste, x, y, lambda: update_qparams(ste, kind="act")),
         f"ours LSQ W{args.bits}A{args.bits}": make_step(lsq, x, y, lambda: update_qparams(lsq, kind="act")),
+        f"ours STE W{args.bits}A{args.bits} --distill": make_step(
+            ste_kd, x, y, lambda: update_qparams(ste_kd, kind="act"), lambda z: distill.training_loss(z, x, y)),
         f"torch.ao prepare_qat_fx ({args.backend})": make_step(ao, x, y),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-20, batch {args.batch_size} of "
@@ -97,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                 step()
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["fp32"])
-    print(f"\n{'training step':<34}{'ms/step':>9}{'x fp32':>9}")
+    print(f"\n{'training step':<42}{'ms/step':>9}{'x fp32':>9}")
     for name, ts in times.items():
-        print(f"{name:<34}{1000 * statistics.median(ts):>9.1f}{statistics.median(ts) / base:>9.2f}")
+        print(f"{name:<42}{1000 * statistics.median(ts):>9.1f}{statistics.median(ts) / base:>9.2f}")
     print(f"load average {os.getloadavg()[0]:.2f} after timing")
     return 0
 
