@@ -70,7 +70,7 @@ class QATCallback(pl.Callback):
       fold as they train, see :class:`lit_quant.quant.modules.QuantConvBn2d`). This runs before Lightning
       restores a checkpoint, so ``fit(ckpt_path=...)``, ``test(ckpt_path=...)`` and ``load_from_checkpoint``
       find the quantized structure (qparams, LSQ scales, BN-freeze flags) their state dict was saved from.
-      A model prepared with another plan is refused.
+      A model prepared with another plan is refused. For ``fit`` the module is put in train mode.
     * training: fake quant on; each epoch, observers run until ``freeze_observers_epoch`` and BatchNorm
       statistics until ``freeze_bn_epoch`` (torchvision's QAT recipe). While observers run, activation
       statistics are merged across DDP ranks after every step and the qparams recomputed from them, so all
@@ -98,6 +98,11 @@ class QATCallback(pl.Callback):
         else:
             pl_module.model = prepare(model, self.plan, qat=True)
         set_step_qparams(pl_module.model, True)
+        if stage == "fit":
+            # Lightning (2.2+) keeps each module's train / eval mode at the start of fit, and the fp32 model
+            # arrives in eval mode (a loaded checkpoint): without this, BatchNorm would fold running statistics
+            # for the whole run and the --freeze-bn-epoch schedule would do nothing.
+            pl_module.train()
 
     def _observing(self, epoch: int) -> bool:
         return self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch

@@ -371,3 +371,31 @@ def test_distillation_teacher_takes_half_inputs_in_fp32() -> None:
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     loss = lit.training_loss(student(x.bfloat16()).float(), x.bfloat16(), y)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("freeze_bn_epoch", [None, 0])
+def test_qat_fit_trains_batch_norm_until_frozen(freeze_bn_epoch: int | None) -> None:
+    """The fp32 model arrives in eval mode (as from a checkpoint) and Lightning keeps module modes at fit
+    start: the callback must switch to train mode, so BatchNorm statistics move unless frozen."""
+    pl.seed_everything(0, verbose=False)
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=64, augment=False)
+    dm.calib_batches = 2
+    plan = QuantPlan.from_bits(8, 8, act_observer="ema")
+    lit = LitClassifier(prepare(_bn_model(), plan, qat=True), 10, lr=0.01, scheduler="none")
+    layers = [m for m in lit.model.modules() if isinstance(m, QuantConvBn2d)]
+    assert layers and not any(m.training for m in layers)
+    before = [m.bn.running_mean.clone() for m in layers]
+    modes: list[bool] = []
+
+    class Mode(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+            modes.append(all(m.training for m in pl_module.modules()))
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, max_epochs=1, inference_mode=False,
+                         callbacks=[PTQCalibration(), QATCallback(plan, freeze_bn_epoch=freeze_bn_epoch), Mode()])
+    trainer.predict(lit, datamodule=dm, return_predictions=False)
+    trainer.fit(lit, datamodule=dm)
+    assert modes and all(modes)
+    moved = [not torch.equal(m.bn.running_mean, b) for m, b in zip(layers, before, strict=True)]
+    assert all(moved) if freeze_bn_epoch is None else not any(moved)
