@@ -388,7 +388,7 @@ def test_qat_fit_trains_batch_norm_until_frozen(freeze_bn_epoch: int | None) -> 
     modes: list[bool] = []
 
     class Mode(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             modes.append(all(m.training for m in pl_module.modules()))
 
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
