@@ -95,6 +95,12 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_tie_break = None if tie is None else float(tie)
         super()._update_best_and_save(current, trainer, monitor_candidates)
 
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's own key, so a run checkpointed before this class existed resumes its best-model
+        tracking (without a tie-break value: the next tie is decided by ``monitor`` alone, as before)."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "best_tie_break": self.best_tie_break}
 

@@ -164,6 +164,7 @@ def test_readme_documents_every_flag() -> None:
 def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) -> None:
     """Lightning keeps the first maximum; best.ckpt keeps the tied model of lower val/loss (real Trainer)."""
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     from lit_quant.training import BestCheckpoint
 
@@ -198,5 +199,9 @@ def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) ->
     assert saved["epoch"] == 3 and best.best_tie_break == pytest.approx(0.4)
     assert float(best.best_model_score) == pytest.approx(0.9)
     # the kept tie-break travels with the callback state, so a resumed run keeps comparing against it
-    state = next(v for k, v in saved["callbacks"].items() if k.startswith("BestCheckpoint"))
-    assert state["best_tie_break"] == pytest.approx(0.4)
+    # under ModelCheckpoint's key, so runs checkpointed by a plain ModelCheckpoint resume into it too
+    key = ModelCheckpoint(monitor="val/top1", mode="max").state_key
+    assert saved["callbacks"][key]["best_tie_break"] == pytest.approx(0.4)
+    resumed = BestCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/top1", tie_break="val/loss")
+    resumed.load_state_dict(saved["callbacks"][key])
+    assert resumed.best_tie_break == pytest.approx(0.4) and float(resumed.best_model_score) == pytest.approx(0.9)
