@@ -129,17 +129,19 @@ class LitClassifier(pl.LightningModule):
         distribution, which the labels only approximate.
         """
         hp = self.hparams
-        loss = F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
         teacher = self.teacher
         if teacher is None:
-            return loss
+            return F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
         with torch.no_grad():
             # the teacher's own dtype: O2 / O3 hand the student half inputs, the teacher stays fp32
             target = teacher(x.to(next(teacher.parameters()).dtype)).float()
         t = hp.distill_temperature
         kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(target / t, dim=1), reduction="batchmean",
                       log_target=True)
-        return (1.0 - hp.distill_weight) * loss + hp.distill_weight * t * t * kl
+        loss = hp.distill_weight * t * t * kl
+        if hp.distill_weight < 1.0:  # w = 1 (the default) needs no label term
+            loss = loss + (1.0 - hp.distill_weight) * F.cross_entropy(logits, y, label_smoothing=hp.label_smoothing)
+        return loss
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

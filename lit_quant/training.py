@@ -109,7 +109,6 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_tie_break = state_dict.get("best_tie_break")
 
 
-
 def resolve_image_size(cfg: TrainConfig) -> int:
     """The image side the model sees: ``--image-size``, else the data set's, raised to the model's need."""
     info, minfo = dataset_info(cfg.data), model_info(cfg.model)
