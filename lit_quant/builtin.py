@@ -47,11 +47,14 @@ from lit_quant.errors import UserError
 with warnings.catch_warnings():
     # Importing is enough to trigger the deprecation notice on some versions; keep it local to this import.
     warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.nn.intrinsic.qat import freeze_bn_stats, update_bn_stats
     from torch.ao.nn.quantized import FloatFunctional
     from torch.ao.quantization import (
         DeQuantStub,
         QuantStub,
         convert,
+        disable_observer,
+        enable_observer,
         get_default_qat_qconfig_mapping,
         get_default_qconfig,
         get_default_qconfig_mapping,
@@ -295,6 +298,18 @@ def builtin_qat_prepare(model: nn.Module, backend: str, example_input: torch.Ten
                                   (example_input.cpu(),))
     prepared.meta[_META_BACKEND] = backend
     return prepared
+
+
+def builtin_qat_switches(model: nn.Module, observing: bool, bn_training: bool | None = None) -> None:
+    """Set a :func:`builtin_qat_prepare` model's observers and (unless ``bn_training`` is None) BatchNorm
+    statistics on or off, with torch.ao's own ``enable_observer`` / ``disable_observer`` and
+    ``update_bn_stats`` / ``freeze_bn_stats`` (the calls torchvision's QAT reference recipe makes at its
+    ``--num-observer-update-epochs`` and ``--num-batch-norm-update-epochs``). Frozen observers keep their
+    last qparams; frozen BatchNorm folds its running statistics. ``update_bn_stats`` also puts the
+    BatchNorm in train mode, so call it for training only."""
+    model.apply(enable_observer if observing else disable_observer)
+    if bn_training is not None:
+        model.apply(update_bn_stats if bn_training else freeze_bn_stats)
 
 
 def builtin_qat_convert(model: nn.Module, backend: str | None = None) -> nn.Module:

@@ -11,6 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
+from lit_quant.builtin import builtin_qat_switches
 from lit_quant.quant import (
     QuantizedModel,
     QuantPlan,
@@ -63,6 +64,11 @@ class PTQCalibration(pl.Callback):
             raise CalibrationError("PTQ calibration saw no batches: the calibration set is empty")
 
 
+def _frozen(epoch: int, freeze_epoch: int | None) -> bool:
+    """Whether a schedule that freezes at ``freeze_epoch`` (None: never) has frozen by ``epoch``."""
+    return freeze_epoch is not None and epoch >= freeze_epoch
+
+
 class QATCallback(pl.Callback):
     """Quantization-aware training of ``pl_module.model`` with the plan ``plan``.
 
@@ -105,12 +111,12 @@ class QATCallback(pl.Callback):
             pl_module.train()
 
     def _observing(self, epoch: int) -> bool:
-        return self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
+        return not _frozen(epoch, self.freeze_observers_epoch)
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         enable_observer(pl_module, self._observing(epoch))
-        freeze_bn_stats(pl_module, self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch)
+        freeze_bn_stats(pl_module, _frozen(epoch, self.freeze_bn_epoch))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         missing = [n for n, fq in iter_quantizers(pl_module) if not bool(fq.qparams_valid) and fq.kind == "act"]
@@ -160,3 +166,30 @@ class QATCallback(pl.Callback):
             raise QuantConfigError("the checkpoint was trained with another quantization plan than this run's")
         self.freeze_observers_epoch = state_dict["freeze_observers_epoch"]
         self.freeze_bn_epoch = state_dict["freeze_bn_epoch"]
+
+
+class BuiltinQATSchedule(pl.Callback):
+    """The :class:`QATCallback` schedule for torch.ao's QAT model (``builtin_qat_prepare``), so the two QAT
+    rows of a report follow the same recipe: observers run until ``freeze_observers_epoch`` and BatchNorm
+    statistics update until ``freeze_bn_epoch`` (None: never), as torchvision's QAT reference script does
+    to its torch.ao model. Observers are off during validation, as in ours: torch.ao's fake-quantize modules
+    observe whenever their observer is enabled, eval mode included, so validation batches would otherwise
+    move the ranges the model is trained and converted with."""
+
+    def __init__(self, freeze_observers_epoch: int | None = None, freeze_bn_epoch: int | None = None) -> None:
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+
+    def _observing(self, trainer: pl.Trainer) -> bool:
+        return not _frozen(trainer.current_epoch, self.freeze_observers_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        builtin_qat_switches(pl_module.model, self._observing(trainer),
+                             bn_training=not _frozen(trainer.current_epoch, self.freeze_bn_epoch))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        builtin_qat_switches(pl_module.model, observing=False)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            builtin_qat_switches(pl_module.model, self._observing(trainer))

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.ao.quantization import FakeQuantizeBase
 from conftest import kill_after_checkpoint, report_rows, run_script
 from qat_script import run as run_qat_script
 
 import quantize
-from lit_quant.callbacks import PTQCalibration, QATCallback
+from lit_quant.builtin import available_backends, builtin_qat_prepare
+from lit_quant.callbacks import BuiltinQATSchedule, PTQCalibration, QATCallback
 from lit_quant.cli import run_cli
 from lit_quant.data import ClassificationDataModule
 from lit_quant.models import build_model
@@ -238,8 +240,9 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
 
 
 def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: Path) -> None:
+    # BatchNorm trains for two epochs and freezes at the third: the resumed run crosses the schedule change
     common = ["--mode", "qat", "--bits", "4", "--epochs", "4", "--deterministic", "--no-builtin-qat",
-              "--no-latency", "--calib-batches", "2", "--batch-size", "16", "--lr", "0.01"]
+              "--no-latency", "--calib-batches", "2", "--batch-size", "16", "--lr", "0.01", "--freeze-bn-epoch", "2"]
     runs = {}
     for name in ("ref", "killed"):
         run = tmp_path / name / "tiny"
@@ -266,7 +269,7 @@ def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--mode", "qat", "--epochs", "2", "--freeze-bn-epoch", "2"], "outside the run"),
+    (["--mode", "qat", "--epochs", "2", "--freeze-bn-epoch", "-1"], "must be a non-negative epoch"),
     (["--epochs", "2"], "is a QAT setting: add --mode qat"),
     (["--mode", "qat", "--resume", "BEST"], "not a QAT checkpoint"),
     (["--mode", "qat", "--qat-method", "adaround"], "invalid --qat-method"),
@@ -399,3 +402,41 @@ def test_qat_fit_trains_batch_norm_until_frozen(freeze_bn_epoch: int | None) -> 
     assert modes and all(modes)
     moved = [not torch.equal(m.bn.running_mean, b) for m, b in zip(layers, before, strict=True)]
     assert all(moved) if freeze_bn_epoch is None else not any(moved)
+
+
+def test_builtin_qat_follows_the_same_freeze_schedule() -> None:
+    """torch.ao's QAT model through the real Trainer with BuiltinQATSchedule (freeze at epoch 1 of 2): its
+    BatchNorm statistics and observer ranges move in epoch 0 only, and validation never moves a range."""
+    pl.seed_everything(0, verbose=False)
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=64, augment=False)
+    prepared = builtin_qat_prepare(_bn_model(), available_backends()[0], torch.randn(2, 3, 8, 8))
+    lit = LitClassifier(prepared, 10, lr=0.01, scheduler="none")
+    bns = [m for m in prepared.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    observers = [m.activation_post_process for m in prepared.modules() if isinstance(m, FakeQuantizeBase)]
+    assert bns and observers
+
+    def snapshot() -> list[torch.Tensor]:
+        return [t.clone() for t in [b.running_mean for b in bns] + [o.min_val for o in observers]]
+
+    seen: dict[str, list[torch.Tensor]] = {"start": snapshot()}
+
+    class Record(pl.Callback):
+        def on_validation_start(self, trainer, pl_module) -> None:
+            seen[f"val_start{trainer.current_epoch}"] = snapshot()
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            seen[f"val_end{trainer.current_epoch}"] = snapshot()
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, max_epochs=2, inference_mode=False,
+                         num_sanity_val_steps=0, callbacks=[BuiltinQATSchedule(1, 1), Record()])
+    trainer.fit(lit, datamodule=dm)
+    n = len(bns)
+
+    def same(a: str, b: str) -> list[bool]:
+        return [torch.equal(x, y) for x, y in zip(seen[a], seen[b], strict=True)]
+
+    assert not any(same("start", "val_start0")[:n])  # epoch 0: every BatchNorm trains
+    assert not all(same("start", "val_start0")[n:])  # ...and the observers move
+    assert all(same("val_start0", "val_end0"))  # validation moves nothing
+    assert all(same("val_end0", "val_start1"))  # epoch 1: BatchNorm and observers frozen
