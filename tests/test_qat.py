@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.ao.quantization import FakeQuantizeBase
 from conftest import kill_after_checkpoint, report_rows, run_script
 from qat_script import run as run_qat_script
+from torch.ao.quantization import FakeQuantizeBase
 
 import quantize
 from lit_quant.builtin import available_backends, builtin_qat_prepare
