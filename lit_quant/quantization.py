@@ -84,6 +84,8 @@ class QuantizeConfig:
     percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
     n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
     first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")
+    io_bits: int | None = option(None, "bits of the model input (the image) and output (the logits) only, e.g. 8 "
+                                 "with low --bits; every weight keeps --weight-bits")
     no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
     plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
     stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
@@ -132,7 +134,7 @@ class QuantizeConfig:
 
     def validate(self) -> None:
         """Range checks with one-line messages."""
-        for name in ("weight_bits", "act_bits", "first_last_bits"):
+        for name in ("weight_bits", "act_bits", "first_last_bits", "io_bits"):
             value = getattr(self, name)
             if value is not None and not 2 <= value <= 16:
                 raise UserError(f"--{name.replace('_', '-')} must be in 2..16, got {value}")
@@ -345,7 +347,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             calib_s = _calibrate(trainer, lit, dm, cfg.stats_file if len(sweep) == 1 else None, source)
             row("ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits,
                 act_bits=plan.act.bits, observer=plan.act.observer, calib_s=calib_s,
-                note="fake-quant simulation in float: no integer size or latency to report")
+                note="fake-quant simulation in float: no integer size or latency to report" + _overrides_note(plan))
             suffix = f"-{plan.act.observer}" if observers and len(observers) > 1 else ""
             if trainer.is_global_zero:
                 save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
@@ -356,7 +358,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
             act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
             note=f"our QAT ({cfg.qat_method}{_distill_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; "
-                 "fake-quant simulation")
+                 "fake-quant simulation" + _overrides_note(qat.plan))
         if trainer.is_global_zero:
             save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, arch, data_settings, rows[-1],
                            kind="qat")
@@ -431,6 +433,14 @@ def _qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch
                          nesterov=hp.nesterov, weight_decay=hp.weight_decay, scheduler="cosine",
                          label_smoothing=hp.label_smoothing, teacher=teacher, distill_weight=cfg.distill_weight,
                          distill_temperature=cfg.distill_temperature)
+
+
+def _overrides_note(plan: QuantPlan) -> str:
+    """The plan's per-layer overrides for a row's note ('; overrides: input a8, @last a8'); '' without any, so
+    a row whose W/A bits column says 4/4 still tells which tensors were kept wider."""
+    if not plan.overrides:
+        return ""
+    return "; overrides: " + ", ".join(o.describe() for o in plan.overrides)
 
 
 def _distill_note(cfg: QuantizeConfig) -> str:
@@ -571,7 +581,7 @@ def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | Non
     return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
-                               first_last_bits=cfg.first_last_bits, skip=cfg.no_quant_layers,
+                               first_last_bits=cfg.first_last_bits, io_bits=cfg.io_bits, skip=cfg.no_quant_layers,
                                quantizer=cfg.qat_method if qat else "ste",
                                observer_args={"percentile": {"percentile": cfg.percentile},
                                               "nstd": {"n_std": cfg.n_std}})

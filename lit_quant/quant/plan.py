@@ -104,6 +104,20 @@ class LayerOverride:
             return True
         return bool(_GLOB_CHARS & set(self.pattern)) and fnmatch.fnmatchcase(name, self.pattern)
 
+    def describe(self) -> str:
+        """One line for reports: ``input a8``, ``@first w8 a8``, ``fc float``, ``conv1 act observer=mse``."""
+        parts = [self.pattern]
+        for prefix, name, fields in (("w", "weight", dict(self.weight)), ("a", "act", dict(self.act))):
+            if set(fields) == {"bits"}:
+                parts.append(f"{prefix}{fields['bits']}")
+            elif fields:
+                parts.append(f"{name} " + ",".join(f"{k}={v}" for k, v in fields.items()))
+        if self.skip:
+            parts.append("float")
+        if self.accum_bits is not None:
+            parts.append(f"accum {self.accum_bits}")
+        return " ".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
         """YAML form."""
         out: dict[str, Any] = {"pattern": self.pattern}
@@ -172,12 +186,15 @@ class QuantPlan:
     def from_bits(cls, weight_bits: int | None = 8, act_bits: int | None = 8, *, weight_scheme: str = "sym",
                   act_scheme: str = "asym_u", weight_observer: str = "minmax", act_observer: str = "minmax",
                   per_channel: bool = True, narrow_range: bool = False, quantizer: str = "ste",
-                  first_last_bits: int | None = None, skip: Iterable[str] = (), accum_bits: int = 32,
-                  fold_bn: bool = True, observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
+                  first_last_bits: int | None = None, io_bits: int | None = None, skip: Iterable[str] = (),
+                  accum_bits: int = 32, fold_bn: bool = True,
+                  observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags.
 
         ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) and the model input (the
-        first layer's input) at that width;
+        first layer's input) at that width; ``io_bits`` puts only the model input (the image) and the last
+        layer's output (the logits) at that width, every weight keeping ``weight_bits`` (it comes after
+        ``first_last_bits``, so it wins for those two tensors);
         ``skip`` lists layer names (or globs) left in float; ``observer_args`` maps an observer name to its
         options (``{"percentile": {"percentile": 99.9}}``), given to the weight or activation spec using it.
         """
@@ -189,6 +206,7 @@ class QuantPlan:
                         observer_args=args.get(act_observer, ()))
         overrides = [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
                      for p in (INPUT, FIRST, LAST) if first_last_bits]
+        overrides += [LayerOverride(p, act={"bits": io_bits}) for p in (INPUT, LAST) if io_bits]
         overrides += [LayerOverride(name, skip=True) for name in skip]
         return cls(weight, act, tuple(overrides), accum_bits, fold_bn)
 

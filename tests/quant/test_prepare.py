@@ -136,6 +136,8 @@ overrides:
 """)
     plan = QuantPlan.from_yaml(path)
     assert QuantPlan.from_dict(plan.to_dict()) == plan
+    assert [o.describe() for o in plan.overrides] == ["@first w8 a8", "@last w8", "layers.4.conv2 float",
+                                                      "layers.8.* act observer=mse accum 16"]
     q = prepare(resnet, plan).model
     assert q.conv1.weight_quant.spec.bits == 8 and q.relu.act_quant.spec.bits == 8  # conv1's fused output
     assert q.fc.weight_quant.spec.bits == 8 and q.fc.act_quant.spec.bits == 4
@@ -211,6 +213,17 @@ def test_first_last_bits_cover_first_layer_input_and_last_layer(resnet: nn.Modul
     assert q.model.layers[3].relu1.act_quant.spec.bits == 4
     plain = prepare(resnet, QuantPlan.from_bits(4, 4))
     assert plain.input_quant.spec.bits == 4 and plain.model.conv1.weight_quant.spec.bits == 4
+
+
+def test_io_bits_cover_the_model_input_and_logits_only(resnet: nn.Module) -> None:
+    q = prepare(resnet, QuantPlan.from_bits(4, 4, io_bits=8))
+    assert q.input_quant.spec.bits == 8 and q.model.fc.act_quant.spec.bits == 8  # the image and the logits
+    assert q.model.conv1.weight_quant.spec.bits == q.model.fc.weight_quant.spec.bits == 4
+    assert q.model.relu.act_quant.spec.bits == 4  # the first layer's output is a hidden activation
+    assert [o.describe() for o in q.plan.overrides] == ["input a8", "@last a8"]
+    both = prepare(resnet, QuantPlan.from_bits(4, 4, first_last_bits=8, io_bits=6))
+    assert both.input_quant.spec.bits == both.model.fc.act_quant.spec.bits == 6
+    assert both.model.conv1.weight_quant.spec.bits == both.model.fc.weight_quant.spec.bits == 8
 
 
 def test_calibration_observes_each_weight_once_as_it_is_now(resnet: nn.Module) -> None:
