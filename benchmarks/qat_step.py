@@ -8,11 +8,14 @@ what :class:`lit_quant.callbacks.QATCallback` does after each step (recompute ac
 sync is a no-op in one process). torch.ao's is ``prepare_qat_fx`` with the backend's default QAT qconfig
 (fused fake-quant + moving-average observers, ``ConvBn2d`` modules). The ``--distill`` row is our STE step
 with ``quantize.py --distill``'s loss (:meth:`lit_quant.module.LitClassifier.training_loss`: one more
-forward of the frozen fp32 teacher in eval mode, and the KL term). All variants are timed in the same
+forward of the frozen fp32 teacher in eval mode, and the KL term). ``--frozen-bn`` times every QAT variant
+with BatchNorm statistics frozen (``quantize.py``'s default ``--freeze-bn-epoch 0``, applied to torch.ao's
+model with its own ``freeze_bn_stats``): the folded weight uses running statistics, no batch statistics
+are computed. Without it BatchNorm trains on batch statistics. All variants are timed in the same
 run, interleaved per repeat so machine load hits them alike; the median of ``--repeats`` runs of ``--steps``
 steps is reported.
 
-Run:  python benchmarks/qat_step.py [--batch-size 128 --steps 10 --repeats 5 --threads 2 --bits 8]
+Run:  python benchmarks/qat_step.py [--batch-size 128 --steps 10 --repeats 5 --threads 2 --bits 8 --frozen-bn]
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_quant.builtin import builtin_qat_prepare
+from lit_quant.builtin import builtin_qat_prepare, builtin_qat_switches
 from lit_quant.models import build_model
 from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
 from lit_quant.quant.fake_quant import set_step_qparams
+from lit_quant.quant.modules import freeze_bn_stats
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, after: Callable[[], None] | None = None,
@@ -56,13 +60,15 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, after: Callabl
     return step
 
 
-def ours(model: nn.Module, bits: int, method: str, x: torch.Tensor) -> nn.Module:
-    """Our QAT model, calibrated on ``x`` and switched to training: fake quant on, observers on."""
+def ours(model: nn.Module, bits: int, method: str, x: torch.Tensor, frozen_bn: bool) -> nn.Module:
+    """Our QAT model, calibrated on ``x`` and switched to training: fake quant on, observers on, BatchNorm
+    statistics frozen or not."""
     q = prepare(model, QuantPlan.from_bits(bits, bits, act_observer="ema", quantizer=method), qat=True)
     calibrate(q, [x])
     set_step_qparams(q, True)
     enable_observer(q, True)
     enable_fake_quant(q, True)
+    freeze_bn_stats(q, frozen_bn)
     return q.train()
 
 
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=8, help="weight and activation bits of our QAT")
     parser.add_argument("--backend", default="x86", help="torch.ao backend of the QAT qconfig")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frozen-bn", action="store_true",
+                        help="BatchNorm statistics frozen in every QAT variant (quantize.py's default schedule)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ao = builtin_qat_prepare(fp32, args.backend, x[:1]).train()
-    ste, lsq, ste_kd = (ours(fp32, args.bits, method, x) for method in ("ste", "lsq", "ste"))
+        builtin_qat_switches(ao, observing=True, bn_training=not args.frozen_bn)
+    ste, lsq, ste_kd = (ours(fp32, args.bits, method, x, args.frozen_bn) for method in ("ste", "lsq", "ste"))
     distill = LitClassifier(ste_kd, 10, teacher=copy.deepcopy(fp32))
     steps = {
         "fp32": make_step(fp32, x, y),
@@ -95,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch.ao prepare_qat_fx ({args.backend})": make_step(ao, x, y),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-20, batch {args.batch_size} of "
-          f"1x28x28, {args.steps} steps x {args.repeats} repeats (median), load average {os.getloadavg()[0]:.2f}")
+          f"1x28x28, {args.steps} steps x {args.repeats} repeats (median), BatchNorm "
+          f"{'frozen' if args.frozen_bn else 'on batch statistics'}, load average {os.getloadavg()[0]:.2f}")
     for step in steps.values():  # warm-up (allocator, first-call dispatch)
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
