@@ -30,6 +30,7 @@ from lit_quant.quant import (
     prepare,
     save_stats,
 )
+from lit_quant.quant.functional import SCALE_EPS
 from tests.quant.test_fuse import _randomise_bn
 
 
@@ -121,6 +122,23 @@ def test_lsq_scales_receive_gradients(resnet: nn.Module) -> None:
     lsq = [fq for _, fq in iter_quantizers(q) if isinstance(fq, LSQFakeQuantize)]
     assert lsq and all(fq.scale.grad is not None for fq in lsq)
     assert sum(float(fq.scale.grad.abs().sum()) > 0 for fq in lsq) >= len(lsq) - 2
+
+
+def test_lsq_step_size_below_eps_is_projected_back_and_keeps_a_gradient() -> None:
+    """torch.ao's _LearnableFakeQuantize projection: a step size that an optimizer step pushed below eps is
+    clamped back to eps in the next forward and still gets a gradient, so it can grow again (with the clamp
+    inside the graph its gradient was 0 for good and the channel's weights stayed quantized to ~0)."""
+    fq = LSQFakeQuantize(QuantSpec(bits=3, scheme="sym", per_channel=True, axis=0, quantizer="lsq"), "weight")
+    w = torch.randn(4, 9)
+    fq.observer(w)
+    fq.update_qparams()
+    fq.observer_enabled.fill_(False)
+    fq.fake_quant_enabled.fill_(True)
+    with torch.no_grad():
+        fq.scale[1] = -0.05  # what an overshooting optimizer step left behind
+    fq(w).pow(2).sum().backward()
+    assert float(fq.scale[1]) == pytest.approx(SCALE_EPS) and (fq.scale > 0).all()
+    assert float(fq.scale.grad[1]) != 0.0
 
 
 def test_plan_yaml_overrides_take_effect(resnet: nn.Module, tmp_path: Path) -> None:
