@@ -108,7 +108,7 @@ class QuantizeConfig:
     distill_weight: float = option(1.0, "QAT with --distill: weight w of the distillation term, in [0, 1]")
     distill_temperature: float = option(1.0, "QAT with --distill: softmax temperature T, positive")
     freeze_observers_epoch: int | None = option(None, "QAT: stop updating ranges from this epoch (0-based; "
-                                                "default: never)")
+                                                "unset: never)")
     # Default 0: fine-tuning a converged fp32 model, BatchNorm folds its running statistics from the first
     # step; on digits below 8 bits that beat training BatchNorm in every paired seed (docs/RESULTS.md).
     freeze_bn_epoch: int = option(0, "QAT: freeze BatchNorm statistics from this epoch (0-based; 0: fold the fp32 "
