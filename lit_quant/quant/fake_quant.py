@@ -187,7 +187,7 @@ class LSQFakeQuantize(FakeQuantize):
         # .data so autograd does not see it (a quantizer used twice in one forward stays valid), and the
         # forward uses the parameter itself. Clamping inside the graph instead (max(scale, eps)) gives a scale
         # that crossed eps a zero gradient for good: its channel's weights quantize to ~0 for the rest of the
-        # run (16 of 64 channels of one layer in a Fashion-MNIST all-3-bit run that collapsed to 10 %).
+        # run (16 of 64 channels of one layer after a Fashion-MNIST 3-bit run diverged at lr 0.01).
         self.scale.data.clamp_(min=SCALE_EPS)
         return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max,
                                  self.axis, relu=relu, observed=observed)
