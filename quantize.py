@@ -73,7 +73,7 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] 
     for name in observers or []:
         if name not in OBSERVER_NAMES:
             raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
-    qat_only = ("epochs", "lr", "qat_method", "distill", "distill_weight", "distill_temperature",
+    qat_only = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_weight", "distill_temperature",
                 "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
     given = [name for name in qat_only if name in args]
     if given and cfg.mode != "qat":

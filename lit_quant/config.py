@@ -64,6 +64,8 @@ class TrainConfig:
     weight_decay: float = option(5e-4, "weight decay")
     scheduler: str = option("cosine", "learning-rate schedule, stepped every batch", choices=("cosine", "onecycle", "none"))
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up from 1/100 of --lr over this many epochs "
+                                  "(fractions allowed; 0: none), with --scheduler cosine or none")
     seed: int = option(42, "random seed of initialisation, shuffling and augmentation")
     deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
     # hardware
@@ -96,10 +98,19 @@ class TrainConfig:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        check_warmup(self.warmup_epochs, self.epochs, self.scheduler)
         check_choices(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_warmup(warmup_epochs: float, epochs: int, scheduler: str = "cosine") -> None:
+    """``--warmup-epochs``: in ``[0, --epochs)``, and not with the ``onecycle`` schedule (its own warm-up)."""
+    if not 0 <= warmup_epochs < epochs:
+        raise UserError(f"--warmup-epochs must be in [0, --epochs) = [0, {epochs}), got {warmup_epochs:g}")
+    if warmup_epochs > 0 and scheduler == "onecycle":
+        raise UserError("--warmup-epochs does not combine with --scheduler onecycle, which warms up by itself")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:

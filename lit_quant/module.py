@@ -27,6 +27,8 @@ from lit_quant.quant.fake_quant import FakeQuantize
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "onecycle", "none")
+#: Learning-rate factor of the first warm-up step (torchvision's reference scripts' ``--lr-warmup-decay``).
+WARMUP_START_FACTOR = 0.01
 
 
 def _stage_metrics(num_classes: int) -> torchmetrics.MetricCollection:
@@ -80,13 +82,15 @@ class LitClassifier(pl.LightningModule):
             by QAT with the fp32 model as teacher); kept out of the state dict, the optimiser and DDP.
         distill_weight: ``alpha`` of the training loss with a teacher (see :meth:`training_loss`).
         distill_temperature: ``T`` of the training loss with a teacher.
+        warmup_epochs: linear learning-rate warm-up over this many epochs (fractions allowed; 0: none), with
+            ``cosine`` or ``none`` (see :meth:`configure_optimizers`).
     """
 
     def __init__(self, model: nn.Module, num_classes: int, arch: dict[str, Any] | None = None,
                  optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
                  weight_decay: float = 5e-4, scheduler: str = "cosine", label_smoothing: float = 0.0,
                  teacher: nn.Module | None = None, distill_weight: float = 1.0,
-                 distill_temperature: float = 1.0) -> None:
+                 distill_temperature: float = 1.0, warmup_epochs: float = 0.0) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got '{optimizer}'")
@@ -95,6 +99,10 @@ class LitClassifier(pl.LightningModule):
         if not 0.0 <= distill_weight <= 1.0 or distill_temperature <= 0:
             raise ValueError(f"distill_weight must be in [0, 1] and distill_temperature positive, got "
                              f"{distill_weight} and {distill_temperature}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if warmup_epochs > 0 and scheduler == "onecycle":
+            raise ValueError("warmup_epochs does not combine with the onecycle schedule, which warms up by itself")
         self.save_hyperparameters(ignore=["model", "teacher"])
         self.model = model
         # Not a submodule: the teacher's weights stay out of checkpoints, optimiser and DDP's gradient
@@ -171,8 +179,25 @@ class LitClassifier(pl.LightningModule):
         """Logits of the batch's images (used for PTQ calibration passes, with ``return_predictions=False``)."""
         return self(batch[0])
 
+    def warmup_steps(self, total: int) -> int:
+        """Optimizer steps of the warm-up: ``warmup_epochs`` of the run's ``total`` steps, at most ``total - 1``
+        (the epoch length is ``total / max_epochs``; a fraction of an epoch rounds to the nearest step, at least 1)."""
+        epochs = self.hparams.warmup_epochs
+        if epochs <= 0:
+            return 0
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        return min(total - 1, max(1, round(epochs * total / max_epochs)))
+
     def configure_optimizers(self) -> dict[str, Any]:
         """SGD/AdamW over all parameters, with a per-step schedule over the whole run.
+
+        Over the ``T`` optimizer steps of the run (step ``t = 0 .. T-1``), ``cosine`` gives
+        ``lr(t) = lr * (1 + cos(pi t / T)) / 2`` and ``none`` a constant ``lr``. With ``W`` warm-up steps
+        (``warmup_epochs``) that is multiplied by the linear ramp ``s + (1 - s) min(t, W) / W``, ``s`` =
+        :data:`WARMUP_START_FACTOR`: the first steps after calibration, whose gradients are several times an
+        fp32 model's at 3 bits, take a small fraction of the rate (``lr`` 0.01 diverged there without it;
+        docs/RESULTS.md). Warm-up and cosine are torch's ``LinearLR`` and ``CosineAnnealingLR``, chained, so
+        a run without warm-up is the plain ``CosineAnnealingLR`` it always was.
 
         Learned quantizer scales (LSQ) get no weight decay: decay would shrink every step size towards 0.
         """
@@ -188,13 +213,19 @@ class LitClassifier(pl.LightningModule):
                                                          weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return {"optimizer": opt}
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.warmup_steps(total)
+        schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         if hp.scheduler == "cosine":
-            sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-        else:
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total)
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, total))
+        elif hp.scheduler == "onecycle":
+            schedulers.append(torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total))
+        if warmup:
+            # both are multiplicative per step, so chained they give the product in the docstring
+            schedulers.append(torch.optim.lr_scheduler.LinearLR(opt, WARMUP_START_FACTOR, 1.0, total_iters=warmup))
+        if not schedulers:
+            return {"optimizer": opt}
+        sched = schedulers[0] if len(schedulers) == 1 else torch.optim.lr_scheduler.ChainedScheduler(schedulers, opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------ checkpoint hooks

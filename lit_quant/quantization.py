@@ -36,7 +36,7 @@ from lit_quant.builtin import (
 )
 from lit_quant.callbacks import BuiltinQATSchedule, PTQCalibration, QATCallback
 from lit_quant.cli import console
-from lit_quant.config import TrainConfig, check_choices, option
+from lit_quant.config import TrainConfig, check_choices, check_warmup, option
 from lit_quant.deploy.graph import agreement
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import DEFAULT_SCALE_APPROX_BITS, IntegerEngine, check_engine_widths, check_layer_name
@@ -101,6 +101,9 @@ class QuantizeConfig:
     # QAT
     epochs: int = option(5, "QAT: fine-tuning epochs (ours and torch.ao's)")
     lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: 1/100 of the fp32 run's)")
+    warmup_epochs: float = option(0.0, "QAT: linear learning-rate warm-up from 1/100 of --lr over this many epochs "
+                                  "(fractions allowed; 0: none); keeps low-bit LSQ at a large --lr from diverging "
+                                  "in its first steps")
     qat_method: str = option("ste", "QAT: ste (fixed-range fake quant, observers, straight-through rounding) or "
                              "lsq (learned step sizes, for low bits)", choices=QAT_METHODS)
     distill: bool = option(False, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
@@ -149,6 +152,7 @@ class QuantizeConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        check_warmup(self.warmup_epochs, self.epochs)
         if not 0.0 <= self.distill_weight <= 1.0:
             raise UserError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
         if self.distill_temperature <= 0:
@@ -423,7 +427,7 @@ def _qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any]) -> TrainConfig:
 
 def _qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch.nn.Module) -> LitClassifier:
     """A LitClassifier for fine-tuning ``model``: the fp32 run's optimiser settings, ``--lr`` (default 1/100
-    of the fp32 peak rate) with cosine decay over ``--epochs``; with ``--distill`` a frozen copy of the fp32
+    of the fp32 peak rate) with cosine decay over ``--epochs`` after ``--warmup-epochs``; with ``--distill`` a frozen copy of the fp32
     model is the teacher (ours and torch.ao's QAT get the same loss, so their rows differ in quantization
     alone)."""
     hp = classifier.hparams
@@ -432,7 +436,7 @@ def _qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch
                          lr=cfg.lr if cfg.lr is not None else hp.lr / 100.0, momentum=hp.momentum,
                          nesterov=hp.nesterov, weight_decay=hp.weight_decay, scheduler="cosine",
                          label_smoothing=hp.label_smoothing, teacher=teacher, distill_weight=cfg.distill_weight,
-                         distill_temperature=cfg.distill_temperature)
+                         distill_temperature=cfg.distill_temperature, warmup_epochs=cfg.warmup_epochs)
 
 
 def _overrides_note(plan: QuantPlan) -> str:

@@ -151,7 +151,8 @@ def build_classifier(cfg: TrainConfig, arch: dict[str, Any]) -> LitClassifier:
     """A fresh LitClassifier around the model ``arch`` describes, with ``cfg``'s optimisation settings."""
     return LitClassifier(model_from_arch(arch), arch["num_classes"], arch=arch, optimizer=cfg.optimizer,
                          lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                         scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing)
+                         scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
+                         warmup_epochs=cfg.warmup_epochs)
 
 
 def _parse_devices(devices: str) -> int | str | list[int]:

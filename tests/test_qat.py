@@ -240,9 +240,11 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
 
 
 def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: Path) -> None:
-    # BatchNorm trains for two epochs and freezes at the third: the resumed run crosses the schedule change
+    # BatchNorm trains for two epochs and freezes at the third, the learning rate warms up over the first two:
+    # the resumed run crosses both schedule changes (the warm-up is a chained scheduler whose state must load)
     common = ["--mode", "qat", "--bits", "4", "--epochs", "4", "--deterministic", "--no-builtin-qat",
-              "--no-latency", "--calib-batches", "2", "--batch-size", "16", "--lr", "0.01", "--freeze-bn-epoch", "2"]
+              "--no-latency", "--calib-batches", "2", "--batch-size", "16", "--lr", "0.01", "--freeze-bn-epoch", "2",
+              "--warmup-epochs", "1.5"]
     runs = {}
     for name in ("ref", "killed"):
         run = tmp_path / name / "tiny"
@@ -277,6 +279,8 @@ def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: 
     (["--mode", "qat", "--distill", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
     (["--mode", "qat", "--distill", "--distill-temperature", "0"], "--distill-temperature must be positive"),
     (["--mode", "qat", "--distill-temperature", "2"], "add --distill"),
+    (["--mode", "qat", "--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs must be in [0, --epochs) = [0, 2)"),
+    (["--warmup-epochs", "1"], "is a QAT setting: add --mode qat"),
 ])
 def test_qat_bad_input(trained: Path, argv: list[str], message: str, capsys) -> None:
     argv = [a if a != "BEST" else str(trained / "tiny" / "best.ckpt") for a in argv]

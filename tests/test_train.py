@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 from conftest import run_script, tiny_args
@@ -98,6 +99,9 @@ def _bad(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     (["--optimizer", "adam"], "invalid --optimizer 'adam'"),
     (["--devices", "two"], "invalid --devices 'two'"),
     (["--model", "lenet5", "--image-size", "28"], "lenet5 needs 32x32"),
+    (["--warmup-epochs", "2"], "--warmup-epochs must be in [0, --epochs) = [0, 2)"),
+    (["--warmup-epochs", "-0.5"], "--warmup-epochs must be in [0, --epochs)"),
+    (["--warmup-epochs", "1", "--scheduler", "onecycle"], "does not combine with --scheduler onecycle"),
 ])
 def test_bad_flags_are_one_line(ckpt_dir: Path, extra: list[str], message: str, capsys) -> None:
     assert message in _bad(tiny_args(ckpt_dir, *extra), capsys)
@@ -205,3 +209,38 @@ def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) ->
     resumed = BestCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/top1", tie_break="val/loss")
     resumed.load_state_dict(saved["callbacks"][key])
     assert resumed.best_tie_break == pytest.approx(0.4) and float(resumed.best_model_score) == pytest.approx(0.9)
+
+
+class _LearningRates(pl.Callback):
+    """The learning rate each optimizer step of a fit runs with."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("scheduler,warmup_epochs", [("cosine", 1.0), ("cosine", 0.5), ("none", 2.0), ("cosine", 0.0)])
+def test_warmup_schedule_is_the_documented_formula(scheduler: str, warmup_epochs: float) -> None:
+    import math
+
+    from lit_quant.data import ClassificationDataModule
+    from lit_quant.models import build_model
+    from lit_quant.module import WARMUP_START_FACTOR, LitClassifier
+
+    dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=128)
+    lit = LitClassifier(build_model("resnet20", 3, 10), 10, lr=0.05, scheduler=scheduler, warmup_epochs=warmup_epochs)
+    record = _LearningRates()
+    pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               enable_model_summary=False, callbacks=[record]).fit(lit, datamodule=dm)
+    total = len(record.lrs)
+    per_epoch = total // 3
+    assert total == 3 * per_epoch and per_epoch >= 6
+    w = round(warmup_epochs * per_epoch)
+    for t, lr in enumerate(record.lrs):
+        ramp = 1.0 if w == 0 else WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * min(t, w) / w
+        decay = 0.5 * (1 + math.cos(math.pi * t / total)) if scheduler == "cosine" else 1.0
+        assert lr == pytest.approx(0.05 * ramp * decay, rel=1e-9), (t, record.lrs)
+    if w:
+        assert record.lrs[0] == pytest.approx(0.05 * WARMUP_START_FACTOR) and max(record.lrs) <= 0.05
