@@ -87,19 +87,35 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _versus_fp32(r: dict[str, Any]) -> str:
+    """'+fixed/-broken' test images against fp32, '*' when the exact McNemar test rejects equal accuracy at 5 %."""
+    if r.get("fixed_vs_fp32") is None:
+        return "-"
+    return f"+{r['fixed_vs_fp32']}/-{r['broken_vs_fp32']}" + ("*" if r["p_vs_fp32"] < 0.05 else "")
+
+
+def pair_line(pair: dict[str, Any]) -> str:
+    """One sentence for an ours-against-torch.ao pair of :func:`lit_quant.quantization.paired_rows`."""
+    verdict = "a real difference" if pair["p_value"] < 0.05 else "not distinguishable on this test set"
+    return (f"{pair['ours']} vs {pair['theirs']}, image by image: only ours right on {pair['ours_only']}, only "
+            f"torch.ao's on {pair['theirs_only']} (exact McNemar p = {pair['p_value']:.3g}: {verdict} at 5 %)")
+
+
 def report_table(rows: list[dict[str, Any]]) -> Table:
-    """The comparison table: accuracy, delta to fp32, size, latency, calibration time."""
+    """The comparison table: accuracy, delta to fp32 and the images behind it, size, latency, calibration time."""
     fp32 = next((r["top1"] for r in rows if r["variant"] == "fp32"), None)
-    table = Table(title="lit-quant: fp32 vs ours vs torch.ao")
-    for name in ("variant", "backend", "W/A bits", "observer", "top-1 %", "top-5 %", "Δ top-1", "size KiB",
-                 "ms bs1", "ms bs64", "calib s"):
+    table = Table(title="lit-quant: fp32 vs ours vs torch.ao",
+                  caption="vs fp32: test images fixed / broken against fp32; * the exact McNemar test says the "
+                          "accuracies differ (p < 0.05)")
+    for name in ("variant", "backend", "W/A bits", "observer", "top-1 %", "top-5 %", "Δ top-1", "vs fp32",
+                 "size KiB", "ms bs1", "ms bs64", "calib s"):
         table.add_column(name, justify="left" if name in ("variant", "backend", "observer") else "right")
     for r in rows:
         bits = f"{r['weight_bits']}/{r['act_bits']}"
         delta = None if fp32 is None or r["top1"] is None or r["variant"] == "fp32" else r["top1"] - fp32
         variant = f"{r['variant']} ({r['source']})" if r.get("source") else r["variant"]
         table.add_row(variant, r["backend"] or "-", bits, r["observer"] or "-", _fmt(r["top1"], ".2f"),
-                      _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"),
+                      _fmt(r["top5"], ".2f"), _fmt(delta, "+.2f"), _versus_fp32(r),
                       _fmt(None if r["size_bytes"] is None else r["size_bytes"] / 1024, ".1f"),
                       _fmt(r["latency_ms_bs1"], ".2f"), _fmt(r["latency_ms_bs64"], ".1f"), _fmt(r["calib_s"], ".2f"))
     return table
@@ -129,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.eval is not None:
         console.print(report_table([evaluate_quantized(cfg.eval, cfg.batch_size)]))
         return 0
-    rows, run_dir, rank_zero = run_quantize(cfg, sweep, observers)
-    if not rank_zero:  # DDP: the other processes computed the same rows; one table is enough
+    result = run_quantize(cfg, sweep, observers)
+    if not result.is_global_zero:  # DDP: the other processes computed the same rows; one table is enough
         return 0
+    rows = result.rows
     console.print(report_table(rows))
     sweep_summary = sweep_table(rows)
     if sweep_summary is not None:
@@ -142,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.get("source") and r["note"]:
             console.print(f"{r['variant']} of {r['source']} ({r['backend']}): {r['note']}", markup=False,
                           highlight=False)
-    console.print(f"Report: {run_dir / 'report.json'}")
+    for pair in result.pairs:
+        console.print(pair_line(pair), markup=False, highlight=False)
+    console.print(f"Report: {result.run_dir / 'report.json'}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Model size on disk and CPU latency: the "size" and "latency at batch 1 / 64" columns of the results table.
+"""Model size on disk, CPU latency and paired accuracy: the "size", "latency at batch 1 / 64" and "vs fp32"
+columns of the results table.
 
 Pure PyTorch, so it measures our own quantized models, torch.ao's and float models the same way. The
 numbers are for reports and benchmark scripts; tests assert properties (positive, smaller), never timings.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import io
 import statistics
 import time
+from dataclasses import dataclass
+from fractions import Fraction
+from math import comb
 
 import torch
 from torch import nn
@@ -68,3 +72,44 @@ def latency_ms(model: nn.Module, example: torch.Tensor, warmup: int = 3, repeats
     finally:
         torch.set_num_threads(previous_threads)
     return statistics.median(times) * 1000.0
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models' predictions on the same test images, image by image.
+
+    Attributes:
+        only_a: images model ``a`` classifies correctly and model ``b`` does not.
+        only_b: images ``b`` classifies correctly and ``a`` does not.
+        p_value: two-sided exact McNemar test of "equal accuracy" (see :func:`paired_comparison`).
+    """
+
+    only_a: int
+    only_b: int
+    p_value: float
+
+
+def paired_comparison(correct_a: torch.Tensor, correct_b: torch.Tensor) -> PairedComparison:
+    """Compare two models evaluated on the same images in the same order (per-image correctness, bool).
+
+    Top-1 of the two differs by ``(only_b - only_a) / N``; whether that difference is more than chance is
+    decided by the ``n = only_a + only_b`` discordant images alone, the images both get right or both get
+    wrong say nothing about it. Under "equal accuracy" each discordant image is equally likely to fall
+    either way, ``only_a ~ Binomial(n, 1/2)``, so the exact (binomial) McNemar test gives
+
+        ``p = min(1, 2 * sum_{k=0}^{min(only_a, only_b)} C(n, k) / 2^n)``,  ``p = 1`` for ``n = 0``,
+
+    computed in exact integer arithmetic (no underflow at ``n`` in the thousands). ``p >= 0.05`` means the
+    two accuracies are not distinguishable on this test set at the 5 % level, whatever the sign of the
+    difference: on 10,000 images a difference of 3 images with 40 discordant ones has ``p = 0.75``.
+
+    Raises:
+        ValueError: the two vectors differ in length (not the same test images).
+    """
+    a, b = correct_a.reshape(-1).bool(), correct_b.reshape(-1).bool()
+    if a.numel() != b.numel():
+        raise ValueError(f"paired comparison needs the same images: {a.numel()} against {b.numel()} outcomes")
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    n, low = only_a + only_b, min(only_a, only_b)
+    tail = Fraction(sum(comb(n, k) for k in range(low + 1)), 2**n)
+    return PairedComparison(only_a, only_b, float(min(Fraction(1), 2 * tail)))

@@ -112,6 +112,11 @@ class LitClassifier(pl.LightningModule):
         # suffix because a ModuleDict key "train" would clash with nn.Module.train.
         self.metrics = nn.ModuleDict({f"{s}_": _stage_metrics(num_classes) for s in ("train", "val", "test")})
         self.losses = nn.ModuleDict({f"{s}_": torchmetrics.MeanMetric() for s in ("train", "val", "test")})
+        # Per-image top-1 outcome of the last test run, in the test loader's order (under DDP: rank 0's
+        # shard, then rank 1's, ... the same order for every model evaluated on the same ranks), for paired
+        # comparisons of two models (lit_quant.measure.paired_comparison).
+        self.test_outcomes = torchmetrics.CatMetric()
+        self.test_correct: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -159,6 +164,9 @@ class LitClassifier(pl.LightningModule):
         loss_metric, metrics = self.losses[f"{stage}_"], self.metrics[f"{stage}_"]
         loss_metric.update(loss.detach(), weight=y.numel())
         metrics.update(logits.detach(), y)
+        if stage == "test":
+            # argmax as MulticlassAccuracy's top-1 takes it, so the outcomes add up to test/top1
+            self.test_outcomes.update((logits.detach().argmax(dim=1) == y).float())
         self.log(f"{stage}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=stage != "test",
                  batch_size=y.numel())
         for name, metric in metrics.items():
@@ -174,6 +182,11 @@ class LitClassifier(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Gather the per-image outcomes of every rank into :attr:`test_correct` (bool, one per test image)."""
+        self.test_correct = self.test_outcomes.compute().bool().cpu()
+        self.test_outcomes.reset()
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logits of the batch's images (used for PTQ calibration passes, with ``return_predictions=False``)."""

@@ -44,7 +44,7 @@ from lit_quant.deploy.onnx_export import DEFAULT_OPSET, OnnxModel, check_opset, 
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
-from lit_quant.measure import latency_ms, model_size_bytes
+from lit_quant.measure import latency_ms, model_size_bytes, paired_comparison
 from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, save_stats
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
@@ -58,8 +58,8 @@ from lit_quant.training import (
 )
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
-ROW_KEYS = ("variant", "source", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "size_bytes",
-            "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
+ROW_KEYS = ("variant", "source", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "fixed_vs_fp32",
+            "broken_vs_fp32", "p_vs_fp32", "size_bytes", "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
 EXPORTS = ("int8", "integer", "onnx")
 QAT_METHODS = ("ste", "lsq")
@@ -216,9 +216,46 @@ def _trainer(cfg: QuantizeConfig | None = None) -> pl.Trainer:
         raise UserError(f"invalid trainer settings: {exc}") from exc
 
 
-def _evaluate(trainer: pl.Trainer, model: torch.nn.Module, num_classes: int, dm: Any) -> dict[str, float]:
-    result = trainer.test(LitClassifier(model, num_classes), datamodule=dm, verbose=False)[0]
-    return {"top1": 100.0 * result["test/top1"], "top5": 100.0 * result.get("test/top5", float("nan"))}
+def _evaluate(trainer: pl.Trainer, model: torch.nn.Module, num_classes: int,
+              dm: Any) -> tuple[dict[str, float], torch.Tensor]:
+    """Top-1 / top-5 (percent) on the test split, and the per-image top-1 outcomes (bool) for paired tests."""
+    lit = LitClassifier(model, num_classes)
+    result = trainer.test(lit, datamodule=dm, verbose=False)[0]
+    assert lit.test_correct is not None
+    return {"top1": 100.0 * result["test/top1"], "top5": 100.0 * result.get("test/top5", float("nan"))}, \
+        lit.test_correct
+
+
+def paired_rows(rows: list[dict[str, Any]], outcomes: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+    """Image-by-image comparisons of the report: every row against fp32 (its ``fixed_vs_fp32`` /
+    ``broken_vs_fp32`` / ``p_vs_fp32`` keys, filled in place) and each torch.ao row against ours.
+
+    ``outcomes`` maps a row's index to its per-image top-1 outcomes (rows not evaluated have none). Ours
+    against torch.ao: ``builtin-qat`` against ``qat``, each ``builtin-ptq`` against the PTQ row when there
+    is exactly one. Returns those pairs as ``{"ours", "theirs", "ours_only", "theirs_only", "p_value"}``,
+    ``ours_only`` counting the images only our model gets right (``p_value``: exact McNemar,
+    :func:`lit_quant.measure.paired_comparison`).
+    """
+    fp32 = next((i for i, r in enumerate(rows) if r["variant"] == "fp32"), None)
+    for i, correct in outcomes.items():
+        if fp32 is None or i == fp32 or fp32 not in outcomes:
+            continue
+        cmp = paired_comparison(outcomes[fp32], correct)
+        rows[i] |= {"fixed_vs_fp32": cmp.only_b, "broken_vs_fp32": cmp.only_a, "p_vs_fp32": cmp.p_value}
+
+    by_variant: dict[str, list[int]] = {}
+    for i in outcomes:
+        by_variant.setdefault(rows[i]["variant"], []).append(i)
+    pairs = []
+    for ours, theirs in (("qat", "builtin-qat"), ("ptq", "builtin-ptq")):
+        if len(by_variant.get(ours, [])) != 1:  # a sweep has several PTQ rows: no single one to pair
+            continue
+        i = by_variant[ours][0]
+        for j in by_variant.get(theirs, []):
+            cmp = paired_comparison(outcomes[i], outcomes[j])
+            pairs.append({"ours": ours, "theirs": f"{theirs} ({rows[j]['backend']})", "ours_only": cmp.only_a,
+                          "theirs_only": cmp.only_b, "p_value": cmp.p_value})
+    return pairs
 
 
 def _measure(model: torch.nn.Module, example: torch.Tensor, enabled: bool) -> dict[str, float | None]:
@@ -231,10 +268,19 @@ def _measure(model: torch.nn.Module, example: torch.Tensor, enabled: bool) -> di
             "latency_ms_bs64": latency_ms(model, batch64, threads=1)}
 
 
+@dataclass
+class QuantizeResult:
+    """What :func:`run_quantize` hands back."""
+
+    rows: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]  # ours against torch.ao, image by image (:func:`paired_rows`)
+    run_dir: Path  # where the report was written
+    is_global_zero: bool  # rank 0, the process that writes files (under DDP every process runs the work)
+
+
 def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
-                 observers: list[str] | None = None) -> tuple[list[dict[str, Any]], Path, bool]:
-    """Run ``cfg.mode`` on the checkpoint; returns the report rows, the run folder they were written to, and
-    whether this process is rank 0 (the one that writes files; under DDP every process runs this function).
+                 observers: list[str] | None = None) -> QuantizeResult:
+    """Run ``cfg.mode`` on the checkpoint: the report rows, ours-against-torch.ao pairs and where they went.
 
     ``sweep_bits`` (ptq mode) quantizes weights and activations at each width in turn, with each activation
     observer of ``observers`` (default: ``cfg.act_observer``), and plots top-1 against bits.
@@ -272,6 +318,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     num_classes = arch["num_classes"]
     trainer = _trainer(cfg)
     rows: list[dict[str, Any]] = []
+    outcomes: dict[int, torch.Tensor] = {}  # row index -> per-image top-1 outcomes
 
     def row(variant: str, model: torch.nn.Module, real: bool = True, size: int | None = None, timed: bool = True,
             **info: Any) -> None:
@@ -280,8 +327,8 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         ``size``: bytes of the file the model ships as (default: its state dict); ``timed``: measure latency."""
         # every rank evaluates its shard (metrics are reduced over ranks); only rank 0 times the model, so
         # the processes do not slow each other's clocks
-        rows.append({k: None for k in ROW_KEYS} | info | {"variant": variant}
-                    | _evaluate(trainer, model, num_classes, dm)
+        metrics, outcomes[len(rows)] = _evaluate(trainer, model, num_classes, dm)
+        rows.append({k: None for k in ROW_KEYS} | info | {"variant": variant} | metrics
                     | {"size_bytes": (size or model_size_bytes(model)) if real else None}
                     | _measure(model, example, real and timed and cfg.latency and trainer.is_global_zero))
 
@@ -385,11 +432,12 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             result = builtin_ptq(float_model, dm.full_calibration_dataloader(), backend, example)
             row("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8, observer="histogram",
                 calib_s=result.calib_s, note=f"torch.ao {result.method} int8, real integer kernels")
+    pairs = paired_rows(rows, outcomes)
     if trainer.is_global_zero:
-        write_report(rows, run_dir)
+        write_report(rows, run_dir, pairs)
         if sweep_bits and len(sweep_bits) > 1:
             plot_sweep(rows, run_dir / "accuracy_vs_bits.png")
-    return rows, run_dir, trainer.is_global_zero
+    return QuantizeResult(rows, pairs, run_dir, trainer.is_global_zero)
 
 
 def _file_size(path: Path) -> int | None:
@@ -630,13 +678,14 @@ def evaluate_quantized(path: str | Path, batch_size: int) -> dict[str, Any]:
     """Top-1 / top-5 of a saved quantized checkpoint on its data set's test split (no calibration)."""
     model, payload = load_quantized(path)
     dm = build_datamodule(TrainConfig(**payload["data"], batch_size=batch_size, progress=False))
-    return payload["row"] | {"variant": f"{payload['lit_quant']} (reloaded)"} | _evaluate(_trainer(), model,
-                                                                       payload["arch"]["num_classes"], dm)
+    metrics, _ = _evaluate(_trainer(), model, payload["arch"]["num_classes"], dm)
+    return payload["row"] | {"variant": f"{payload['lit_quant']} (reloaded)"} | metrics
 
 
-def write_report(rows: list[dict[str, Any]], run_dir: Path) -> None:
-    """``report.json`` (``{"rows": [...]}``) and ``report.csv`` in the run folder, each written atomically."""
-    atomic_write_text(run_dir / "report.json", json.dumps({"rows": rows}, indent=2) + "\n")
+def write_report(rows: list[dict[str, Any]], run_dir: Path, pairs: list[dict[str, Any]] | None = None) -> None:
+    """``report.json`` (``{"rows": [...], "pairs": [...]}``) and ``report.csv`` (the rows) in the run folder,
+    each written atomically."""
+    atomic_write_text(run_dir / "report.json", json.dumps({"rows": rows, "pairs": pairs or []}, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS)
     writer.writeheader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,16 @@ def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
     assert rows["builtin-ptq"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]  # real int8 weights
     csv_header = (trained / "tiny" / "report.csv").read_text().splitlines()[0]
     assert csv_header.split(",") == list(ROW_KEYS)
+    # image by image: fixed - broken is the top-1 difference in images (fake test split: a quarter of 256)
+    images = 64
+    for variant in ("ptq", "builtin-ptq"):
+        r = rows[variant]
+        assert r["fixed_vs_fp32"] - r["broken_vs_fp32"] == pytest.approx((r["top1"] - rows["fp32"]["top1"]) * images / 100)
+        assert 0.0 < r["p_vs_fp32"] <= 1.0
+    [pair] = _pairs(trained / "tiny")
+    assert pair["ours"] == "ptq" and pair["theirs"] == "builtin-ptq (x86)"
+    assert pair["ours_only"] - pair["theirs_only"] == pytest.approx(
+        (rows["ptq"]["top1"] - rows["builtin-ptq"]["top1"]) * images / 100)
 
 
 def test_low_bits_lose_accuracy_honestly(trained: Path) -> None:
@@ -231,6 +242,10 @@ def test_mismatched_checkpoints_are_refused(trained: Path, tmp_path: Path, capsy
     assert "quantize.py --eval" in capsys.readouterr().err
 
 
+def _pairs(run: Path) -> list[dict]:
+    return json.loads((run / "report.json").read_text())["pairs"]
+
+
 def test_two_processes_give_the_single_process_report(trained: Path, tmp_path: Path) -> None:
     reports = {}
     for devices in ("1", "2"):
@@ -248,5 +263,8 @@ def test_two_processes_give_the_single_process_report(trained: Path, tmp_path: P
     assert [r["variant"] for r in two_rows] == ["fp32", "ptq", "builtin-ptq"]
     for a, b in zip(one_rows, two_rows, strict=True):
         assert b["top1"] == pytest.approx(a["top1"], abs=1e-6) and b["top5"] == pytest.approx(a["top5"], abs=1e-6)
+        # per-image outcomes gathered from both ranks pair up with fp32's as one process's do
+        assert all(b[k] == a[k] for k in ("fixed_vs_fp32", "broken_vs_fp32", "p_vs_fp32"))
+    assert _pairs(tmp_path / "dev2" / "tiny") == _pairs(tmp_path / "dev1" / "tiny")
     quant_keys = [k for k in one_state if k.endswith((".scale", ".zero_point"))]
     assert quant_keys and all(torch.equal(one_state[k], two_state[k]) for k in quant_keys)
