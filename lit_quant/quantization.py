@@ -408,7 +408,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         qat = run_qat(cfg, classifier, arch, dm, run_dir)
         row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
             act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
-            note=f"our QAT ({cfg.qat_method}{_distill_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; "
+            note=f"our QAT ({cfg.qat_method}{_recipe_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; "
                  "fake-quant simulation" + _overrides_note(qat.plan))
         if trainer.is_global_zero:
             save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, arch, data_settings, rows[-1],
@@ -417,7 +417,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         if cfg.builtin_qat:
             model, fit_s = run_builtin_qat(cfg, classifier, arch, dm, run_dir, example)
             row("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
-                note=f"torch.ao prepare_qat_fx int8{_distill_note(cfg)}, {cfg.epochs} epochs in {fit_s:.0f} s, "
+                note=f"torch.ao prepare_qat_fx int8{_recipe_note(cfg)}, {cfg.epochs} epochs in {fit_s:.0f} s, "
                      "real integer kernels")
     elif cfg.mode == "dynamic":
         row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
@@ -495,11 +495,10 @@ def _overrides_note(plan: QuantPlan) -> str:
     return "; overrides: " + ", ".join(o.describe() for o in plan.overrides)
 
 
-def _distill_note(cfg: QuantizeConfig) -> str:
-    """How a QAT row was trained, for its note: '' without --distill."""
-    if not cfg.distill:
-        return ""
-    return f", distilled from fp32 w={cfg.distill_weight:g} T={cfg.distill_temperature:g}"
+def _recipe_note(cfg: QuantizeConfig) -> str:
+    """How a QAT row was trained beyond plain fine-tuning, for its note: '' without --distill / --warmup-epochs."""
+    note = f", distilled from fp32 w={cfg.distill_weight:g} T={cfg.distill_temperature:g}" if cfg.distill else ""
+    return note + (f", lr warm-up {cfg.warmup_epochs:g} epochs" if cfg.warmup_epochs else "")
 
 
 def _sync_bn(cfg: QuantizeConfig) -> bool:

@@ -317,12 +317,12 @@ def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Pat
         (run / f).write_bytes((trained / "tiny" / f).read_bytes())
     proc = run_script("quantize.py", "--ckpt", str(run / "best.ckpt"), "--mode", "qat", "--bits", "4", "--epochs", "2",
                       "--accelerator", "cpu", "--devices", "2", "--no-builtin-qat", "--no-latency",
-                      "--calib-batches", "2", "--batch-size", "16", "--distill")
+                      "--calib-batches", "2", "--batch-size", "16", "--distill", "--warmup-epochs", "0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("lit-quant: fp32 vs ours vs torch.ao") == 1
     rows = {r["variant"]: r for r in report_rows(run)}
     assert set(rows) == {"fp32", "ptq", "qat"}
-    assert "distilled from fp32 w=1 T=1" in rows["qat"]["note"]
+    assert "distilled from fp32 w=1 T=1, lr warm-up 0.5 epochs" in rows["qat"]["note"]
     assert torch.load(run / "qat-w4a4" / "last.ckpt", weights_only=True)["epoch"] == 1
     from lit_quant.quantization import evaluate_quantized
 
