@@ -57,7 +57,7 @@ from lit_quant.training import (
     read_checkpoint,
 )
 
-#: Keys every report row carries (``report.json`` ``{"rows": [...]}`` and ``report.csv``).
+#: Keys every report row carries (``report.json`` ``{"rows": [...], "pairs": [...]}`` and ``report.csv``).
 ROW_KEYS = ("variant", "source", "backend", "weight_bits", "act_bits", "observer", "top1", "top5", "fixed_vs_fp32",
             "broken_vs_fp32", "p_vs_fp32", "size_bytes", "latency_ms_bs1", "latency_ms_bs64", "calib_s", "note")
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
@@ -236,12 +236,11 @@ def paired_rows(rows: list[dict[str, Any]], outcomes: dict[int, torch.Tensor]) -
     ``ours_only`` counting the images only our model gets right (``p_value``: exact McNemar,
     :func:`lit_quant.measure.paired_comparison`).
     """
-    fp32 = next((i for i, r in enumerate(rows) if r["variant"] == "fp32"), None)
+    fp32 = next((i for i, r in enumerate(rows) if r["variant"] == "fp32" and i in outcomes), None)
     for i, correct in outcomes.items():
-        if fp32 is None or i == fp32 or fp32 not in outcomes:
-            continue
-        cmp = paired_comparison(outcomes[fp32], correct)
-        rows[i] |= {"fixed_vs_fp32": cmp.only_b, "broken_vs_fp32": cmp.only_a, "p_vs_fp32": cmp.p_value}
+        if fp32 is not None and i != fp32:
+            cmp = paired_comparison(outcomes[fp32], correct)
+            rows[i] |= {"fixed_vs_fp32": cmp.only_b, "broken_vs_fp32": cmp.only_a, "p_vs_fp32": cmp.p_value}
 
     by_variant: dict[str, list[int]] = {}
     for i in outcomes:
