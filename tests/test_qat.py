@@ -444,3 +444,15 @@ def test_builtin_qat_follows_the_same_freeze_schedule() -> None:
     assert not all(same("start", "val_start0")[n:])  # ...and the observers move
     assert all(same("val_start0", "val_end0"))  # validation moves nothing
     assert all(same("val_end0", "val_start1"))  # epoch 1: BatchNorm and observers frozen
+
+
+def test_float_control_plan_quantizes_only_the_input() -> None:
+    from train import __file__ as train_file
+
+    plan = QuantPlan.from_yaml(Path(train_file).parent / "configs" / "plans" / "float-control.yaml")
+    model, x = _bn_model(), torch.rand(8, 3, 8, 8)
+    q = prepare(model, plan, qat=True)
+    assert [name for name, _ in iter_quantizers(q)] == ["input_quant"]
+    calibrate(q, [x])
+    with torch.no_grad():  # the folded float model, seen through a 16-bit input quantizer
+        assert torch.allclose(q.eval()(x), model.eval()(x), atol=1e-3)
