@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from conftest import run_script, tiny_args
 import train
 from lit_quant.cli import run_cli
 from lit_quant.config import TrainConfig
+from lit_quant.data import ClassificationDataModule
+from lit_quant.models import build_model
+from lit_quant.module import WARMUP_START_FACTOR, LitClassifier
 from lit_quant.training import build_datamodule, load_classifier
 
 
@@ -167,7 +171,6 @@ def test_readme_documents_every_flag() -> None:
 
 def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) -> None:
     """Lightning keeps the first maximum; best.ckpt keeps the tied model of lower val/loss (real Trainer)."""
-    import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from lit_quant.training import BestCheckpoint
@@ -223,12 +226,6 @@ class _LearningRates(pl.Callback):
 
 @pytest.mark.parametrize("scheduler,warmup_epochs", [("cosine", 1.0), ("cosine", 0.5), ("none", 2.0), ("cosine", 0.0)])
 def test_warmup_schedule_is_the_documented_formula(scheduler: str, warmup_epochs: float) -> None:
-    import math
-
-    from lit_quant.data import ClassificationDataModule
-    from lit_quant.models import build_model
-    from lit_quant.module import WARMUP_START_FACTOR, LitClassifier
-
     dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=128)
     lit = LitClassifier(build_model("resnet20", 3, 10), 10, lr=0.05, scheduler=scheduler, warmup_epochs=warmup_epochs)
     record = _LearningRates()
