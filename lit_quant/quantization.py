@@ -125,7 +125,8 @@ class QuantizeConfig:
     # deployment
     export: tuple[str, ...] = option((), "deploy each PTQ / QAT result: int8 (torch.ao kernels with our qparams), "
                                      "integer (integer-only reference engine), onnx (QDQ model run by onnxruntime)")
-    accum_bits: int | None = option(None, "--export integer: accumulator bits of every layer (default: the plan's, 32); "
+    accum_bits: int | None = option(None, "--export integer: accumulator bits of every layer (default: the plan's; 32 "
+                                    "where a layer's weight and input have <= 8 bits, else 64); "
                                     "overflows are counted and reported")
     scale_approx_bits: int = option(DEFAULT_SCALE_APPROX_BITS, "--export integer: bits of the fixed-point "
                                     "requantization multiplier M0 (M ~ M0 / 2^n; 31 = gemmlowp / TFLite's Q31)")

@@ -5,8 +5,10 @@ dequantization, following :func:`lit_quant.deploy.graph.deploy_graph`:
 
 * activations: ``n``-bit integers ``q`` with ``x = s (q - z)`` (the plan's activation specs);
 * weights: ``n``-bit integers (BatchNorm folded), zero point ``z_w`` (0 for ``sym``);
-* convolution / linear: ``acc = sum (q_x - z_x)(q_w - z_w) + q_b`` in an ``--accum-bits`` accumulator,
-  with the bias in int32 at the accumulator's scale, ``q_b = round(b / (s_x s_w))``;
+* convolution / linear: ``acc = sum (q_x - z_x)(q_w - z_w) + q_b`` in an ``--accum-bits`` accumulator
+  (default: each layer's, 32 bits for operands of at most 8 bits, else 64), with the bias at the
+  accumulator's scale, ``q_b = round(b / (s_x s_w))``, in an int32 register (the accumulator's width when
+  wider: :func:`lit_quant.quant.modules.bias_range`);
 * requantization to the output scale by a fixed-point multiplier and a right shift:
   ``M = s_x s_w / s_y ~ M0 / 2^n`` with ``M0`` an integer of ``--scale-approx-bits`` bits (Distiller's
   ``--qe-scale-approx-bits``), ``q_y = clamp(((acc M0 + 2^(n-1)) >> n) + z_y, q_min, q_max)``;
@@ -34,7 +36,7 @@ from torch import nn
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.nn import Add
 from lit_quant.quant.functional import QParams, quantize
-from lit_quant.quant.modules import _QuantWeightLayer
+from lit_quant.quant.modules import _QuantWeightLayer, bias_range
 from lit_quant.quant.prepare import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.
@@ -219,7 +221,7 @@ class IntegerEngine(nn.Module):
         acc_scale = x.scale * layer.w_scale  # (C_out,)
         if layer.bias is not None:
             q_b = torch.round(layer.bias / acc_scale).long()
-            q_b = q_b.clamp(-(2 ** 31), 2 ** 31 - 1)  # int32 bias register
+            q_b = q_b.clamp(*bias_range(layer.stats.accum_bits))
             acc = acc + q_b.reshape([1, -1] + [1] * (acc.dim() - 2))
         st, lim = layer.stats, 2 ** (layer.stats.accum_bits - 1)
         st.max_abs_acc = max(st.max_abs_acc, int(acc.abs().max()))

@@ -16,7 +16,7 @@ Per step kind (see :mod:`lit_quant.deploy.graph`):
 
 ===============  ==========================================================================================
 ``input``        graph input ``input`` (float32, dynamic batch) -> fake-quantize with the input quantizer
-``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the bias on its int32 grid;
+``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the bias on its accumulator grid;
                  fake-quantized with the layer's ``act_quant``, or left as the accumulator a ReLU requantizes
 ``requant``      ``Relu`` / ``Clip(0, 6)`` / ``Add`` / ``AveragePool`` / ``GlobalAveragePool``, then fake-quantize
 ``add``          ``Add`` (the sum a following ReLU requantizes)
@@ -216,7 +216,7 @@ class _Builder:
 def _emit_layer(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
     layer = step.module
     w = b.weight(step)
-    bias = layer.deployed_bias()  # the int32-grid bias the fake-quant layer adds
+    bias = layer.deployed_bias()  # the accumulator-grid bias the fake-quant layer adds
     bias = torch.zeros(layer.weight.shape[0]) if bias is None else bias.detach()
     bias_name = b.const(f"{step.name}.bias", bias.cpu().float().numpy())
     acc = out if layer.act_quant is None else f"{step.name}.acc"

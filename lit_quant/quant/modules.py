@@ -2,7 +2,7 @@
 
 * :class:`QuantConv2d`, :class:`QuantLinear` — subclasses of the float layers (same parameters, same
   ``isinstance``), with an optional weight quantizer, an optional output quantizer, and the accumulator
-  width recorded for the integer engine;
+  width (:func:`default_accum_bits` unless the plan sets one) that bounds its bias and the integer engine;
 * :class:`QuantOutput` — any module whose output is an integer tensor on a real backend (ReLU after a
   fused producer, residual ``Add``, average pooling, an unfolded BatchNorm, a ``QuantStub``) wrapped with
   an output quantizer;
@@ -26,6 +26,33 @@ from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize, build_fake
 from lit_quant.quant.functional import SCALE_EPS, fake_quantize
 from lit_quant.quant.fuse import bn_factor, fold_bn_weights
 from lit_quant.quant.spec import QuantSpec
+
+
+#: Accumulator width of a layer whose weight and input are both at most 8 bits: int32, as in gemmlowp,
+#: fbgemm, QNNPACK and TFLite's int8 kernels.
+NARROW_ACCUM_BITS = 32
+#: Accumulator width of a layer with a wider weight or input: int64, as TFLite's 16x8 kernels (int16
+#: activations, int8 weights) accumulate and store their biases.
+WIDE_ACCUM_BITS = 64
+
+
+def default_accum_bits(weight_bits: int | None, input_bits: int | None) -> int:
+    """The accumulator a deployment gives a layer with ``weight_bits`` weights and ``input_bits`` inputs
+    (None: float), when the plan names none: 32 bits if both are at most 8, else 64.
+
+    A product of a ``b_w``-bit and a ``b_x``-bit integer needs ``b_w + b_x - 1`` bits, a sum of ``K`` of them
+    ``log2 K`` more: 8-bit operands leave int32 room for ``K = 2^16`` products; 16-bit ones overflow it at
+    ``K = 1``. The bias shares the accumulator's grid ``s_x s_w``, so at 16-bit scales a 32-bit register
+    also saturates ordinary biases (``|b| > 2^31 s_x s_w``, about 0.1-0.5 on a ResNet-20).
+    """
+    return WIDE_ACCUM_BITS if max(weight_bits or 0, input_bits or 0) > 8 else NARROW_ACCUM_BITS
+
+
+def bias_range(accum_bits: int) -> tuple[int, int]:
+    """Integer range of a bias on the accumulator grid: an int32 register, or the accumulator's width when
+    that is wider (a narrower accumulator still adds an int32 bias and saturates the sum)."""
+    bits = max(NARROW_ACCUM_BITS, accum_bits)
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def _maybe_quantizer(spec: QuantSpec | None, kind: str) -> FakeQuantize | None:
@@ -55,7 +82,7 @@ class _QuantWeightLayer:
     bias: nn.Parameter | None
     weight_quant: FakeQuantize | None
     act_quant: FakeQuantize | None
-    accum_bits: int
+    accum_bits_setting: int | None  # the plan's width; None: default_accum_bits of the operands
 
     @staticmethod
     def _float_args(mod: nn.Module) -> dict[str, Any]:
@@ -63,7 +90,7 @@ class _QuantWeightLayer:
 
     @classmethod
     def from_float(cls, mod: nn.Module, weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None,
-                   accum_bits: int = 32, **extra: Any) -> Any:
+                   accum_bits: int | None = None, **extra: Any) -> Any:
         """Quantized layer sharing ``mod``'s parameters.
 
         Args:
@@ -71,7 +98,8 @@ class _QuantWeightLayer:
             weight_spec: weight quantization (per channel along axis 0 for output channels); None = float.
             act_spec: output quantization; None when the output is not an integer tensor (a fused ReLU or an
                 unfolded BatchNorm follows and quantizes instead).
-            accum_bits: accumulator width for the integer engine (recorded, not simulated).
+            accum_bits: accumulator width (the integer engine's; the bias saturates at it, see
+                :func:`bias_range`); None: :func:`default_accum_bits` of the weight and input widths.
             extra: modules the subclass folds in (``bn=`` for :class:`QuantConvBn2d`).
         """
         new = cls(**cls._float_args(mod), bias=mod.bias is not None, device="meta")
@@ -79,13 +107,21 @@ class _QuantWeightLayer:
         new._attach(**extra)
         new.weight_quant = _maybe_quantizer(weight_spec, "weight")
         new.act_quant = _maybe_quantizer(act_spec, "act")
-        new.accum_bits = int(accum_bits)
+        new.accum_bits_setting = None if accum_bits is None else int(accum_bits)
         if new.weight_quant is not None:
             w = new.float_weight().detach()
             new.weight_quant.observer(w)  # weights are known now: qparams never lack data
             _lsq_weight_init(new.weight_quant, w)
         new.train(mod.training)
         return new
+
+    @property
+    def accum_bits(self) -> int:
+        """Accumulator width: the plan's, else :func:`default_accum_bits` of the weight and the linked input."""
+        if self.accum_bits_setting is not None:
+            return self.accum_bits_setting
+        fx, fw = self.input_quantizer(), self.weight_quant
+        return default_accum_bits(fw.spec.bits if fw is not None else None, fx.spec.bits if fx is not None else None)
 
     def _attach(self) -> None:
         """Extra modules a subclass takes in :meth:`from_float` (keyword arguments after ``accum_bits``)."""
@@ -110,9 +146,10 @@ class _QuantWeightLayer:
         return linked[0] if linked else None
 
     def deployed_bias(self) -> torch.Tensor | None:
-        """The bias as an integer deployment adds it: int32 on the accumulator's grid ``s_x s_w``,
+        """The bias as an integer deployment adds it: an integer on the accumulator's grid ``s_x s_w``,
 
-            b_hat = round(b / (s_x s_w)) * s_x s_w        (per output channel with per-channel weights)
+            b_hat = clamp(round(b / (s_x s_w)), bias_range(accum_bits)) * s_x s_w    (per output channel
+                                                                                   with per-channel weights)
 
         (Jacob et al. 2018, sec. 2.4; the integer engine's ``q_b``), once both the input and the weight are
         fake-quantized; otherwise the float bias. Straight-through gradient to ``b``. The rounding moves a
@@ -130,7 +167,7 @@ class _QuantWeightLayer:
                 and bool(fw.qparams_valid)):
             return b
         acc_scale = (fx.scale.detach() * fw.scale.detach()).reshape(-1)
-        return fake_quantize(b, acc_scale, torch.zeros_like(acc_scale, dtype=torch.int32), -(2 ** 31), 2 ** 31 - 1,
+        return fake_quantize(b, acc_scale, torch.zeros_like(acc_scale, dtype=torch.int32), *bias_range(self.accum_bits),
                              0 if acc_scale.numel() > 1 else None)
 
     def quantized_weight(self) -> torch.Tensor:

@@ -4,7 +4,7 @@ Example YAML (every key optional)::
 
     weight: {bits: 4, scheme: sym, per_channel: true, observer: minmax}
     act: {bits: 4, scheme: asym_u, observer: mse}
-    accum_bits: 32
+    accum_bits: 32          # default: 32 where a layer's weight and input have <= 8 bits, else 64
     fold_bn: true
     quantize_input: true
     overrides:
@@ -138,7 +138,7 @@ class LayerQuant:
 
     weight: QuantSpec | None
     act: QuantSpec | None
-    accum_bits: int
+    accum_bits: int | None
 
 
 def _check_act_spec(spec: QuantSpec, where: str) -> None:
@@ -157,7 +157,9 @@ class QuantPlan:
         weight: spec for Conv2d / Linear weights (``bits=None`` keeps weights float).
         act: spec for activations (``bits=None`` keeps activations float: weight-only quantization).
         overrides: :class:`LayerOverride` tuple, applied in order.
-        accum_bits: accumulator width recorded on every quantized layer (for the integer engine).
+        accum_bits: accumulator width of every quantized layer (the integer engine's; the bias saturates at
+            it); None: 32 bits where a layer's weight and input have at most 8 bits, else 64
+            (:func:`lit_quant.quant.modules.default_accum_bits`).
         fold_bn: fold BatchNorm into the preceding Conv/Linear (inference / PTQ). QAT keeps it False.
         quantize_input: quantize the model input (where a real backend's ``QuantStub`` sits).
     """
@@ -165,7 +167,7 @@ class QuantPlan:
     weight: QuantSpec = DEFAULT_WEIGHT_SPEC
     act: QuantSpec = DEFAULT_ACT_SPEC
     overrides: tuple[LayerOverride, ...] = field(default=())
-    accum_bits: int = 32
+    accum_bits: int | None = None
     fold_bn: bool = True
     quantize_input: bool = True
 
@@ -175,7 +177,8 @@ class QuantPlan:
                 raise QuantConfigError(f"plan.{name} must be a QuantSpec, got {getattr(self, name)!r}")
         overrides = tuple(o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides)
         object.__setattr__(self, "overrides", overrides)
-        check_choice(self.accum_bits, ACCUM_BITS, "accum_bits")
+        if self.accum_bits is not None:
+            check_choice(self.accum_bits, ACCUM_BITS, "accum_bits")
         _check_act_spec(self.act, "plan.act")
         for o in overrides:  # fail now, not halfway through prepare, on a bad override field or value
             self.weight.replace(**dict(o.weight))
@@ -187,7 +190,7 @@ class QuantPlan:
                   act_scheme: str = "asym_u", weight_observer: str = "minmax", act_observer: str = "minmax",
                   per_channel: bool = True, narrow_range: bool = False, quantizer: str = "ste",
                   first_last_bits: int | None = None, io_bits: int | None = None, skip: Iterable[str] = (),
-                  accum_bits: int = 32, fold_bn: bool = True,
+                  accum_bits: int | None = None, fold_bn: bool = True,
                   observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags.
 

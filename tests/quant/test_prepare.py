@@ -275,3 +275,29 @@ def test_bias_is_on_the_int32_accumulator_grid_once_quantized(resnet: nn.Module)
     loss = fc(torch.randn(3, 64)).sum()
     loss.backward()
     assert torch.equal(fc.bias.grad, torch.full_like(fc.bias, 3.0))  # straight-through gradient
+
+
+def test_accumulator_width_follows_the_operands_and_bounds_the_bias(resnet: nn.Module) -> None:
+    """32-bit accumulators (and int32 biases) for operands of at most 8 bits, 64-bit ones above, layer by
+    layer: at 16-bit scales the int32 bias grid s_x s_w spans only about +-2^31 s_x s_w, so a 32-bit
+    register saturates ordinary biases (docs/RESULTS.md, stop 15); a plan's explicit width still wins."""
+    calib = [_x(), _x(seed=1)]
+    narrow = prepare(resnet, QuantPlan.from_bits(8, 8))
+    assert {m.accum_bits for m in narrow.model.modules() if hasattr(m, "accum_bits_setting")} == {32}
+    mixed = prepare(resnet, QuantPlan.from_bits(8, 8, first_last_bits=16))
+    assert mixed.model.conv1.accum_bits == 64 and mixed.model.fc.accum_bits == 64  # 16-bit weights
+    assert mixed.model.layers[0].conv1.accum_bits == 64  # 8-bit weights, but conv1's 16-bit output as input
+    assert mixed.model.layers[1].conv1.accum_bits == 32
+    wide, pinned = (prepare(resnet, QuantPlan.from_bits(16, 16, accum_bits=a)) for a in (None, 32))
+    assert wide.model.layers[3].conv1.accum_bits == 64 and pinned.model.layers[3].conv1.accum_bits == 32
+    for q in (wide, pinned):
+        calibrate(q, calib)
+    layer_w, layer_p = wide.model.layers[3].conv1, pinned.model.layers[3].conv1
+    acc_scale = layer_w.input_quantizer().scale * layer_w.weight_quant.scale
+    with torch.no_grad():  # a bias far beyond the int32 grid (what 16-bit scales make of a bias of ~0.5)
+        layer_w.bias.add_(2.0 ** 33 * float(acc_scale.max()))
+        layer_p.bias.copy_(layer_w.bias)
+    b = layer_w.float_bias().detach()
+    assert torch.allclose(layer_w.deployed_bias(), b, rtol=1e-6, atol=0.0)  # on the int64 grid: kept
+    saturated = layer_p.deployed_bias()
+    assert torch.allclose(saturated, (2 ** 31 - 1) * acc_scale.reshape(-1), rtol=1e-6)  # int32 register full
