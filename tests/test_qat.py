@@ -446,13 +446,16 @@ def test_builtin_qat_follows_the_same_freeze_schedule() -> None:
     assert all(same("val_end0", "val_start1"))  # epoch 1: BatchNorm and observers frozen
 
 
-def test_float_control_plan_quantizes_only_the_input() -> None:
+@pytest.mark.parametrize("name,bits", [("float-control", 16), ("input4-control", 4)])
+def test_control_plans_quantize_only_the_input(name: str, bits: int) -> None:
     from train import __file__ as train_file
 
-    plan = QuantPlan.from_yaml(Path(train_file).parent / "configs" / "plans" / "float-control.yaml")
+    plan = QuantPlan.from_yaml(Path(train_file).parent / "configs" / "plans" / f"{name}.yaml")
     model, x = _bn_model(), torch.rand(8, 3, 8, 8)
     q = prepare(model, plan, qat=True)
-    assert [name for name, _ in iter_quantizers(q)] == ["input_quant"]
+    assert [name for name, _ in iter_quantizers(q)] == ["input_quant"] and q.input_quant.spec.bits == bits
     calibrate(q, [x])
-    with torch.no_grad():  # the folded float model, seen through a 16-bit input quantizer
-        assert torch.allclose(q.eval()(x), model.eval()(x), atol=1e-3)
+    with torch.no_grad():  # the folded float model, fed the input quantizer's image
+        assert torch.allclose(q.eval()(x), model.eval()(q.input_quant(x)), atol=1e-4)
+        moved = float((q.input_quant(x) - x).abs().max())
+    assert moved < 1e-4 if bits == 16 else moved > 1e-2  # 16 bits: below the data's step; 4: 16 levels
