@@ -16,7 +16,7 @@ from conftest import report_rows, run_script
 from lit_quant.config import TrainConfig
 from lit_quant.deploy.graph import ExportError, agreement, deploy_graph
 from lit_quant.deploy.int8 import cpu_has_vnni, export_int8, int8_blockers, reduce_range_note
-from lit_quant.deploy.integer import IntegerEngine, fixed_point, shift_round
+from lit_quant.deploy.integer import IntegerEngine, fixed_point, mul_shift_round, shift_round
 from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
 from lit_quant.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare
@@ -99,6 +99,21 @@ def test_fixed_point_multiplier() -> None:
     assert torch.equal(shift_round(x, torch.full_like(x, -2)), x * 4)
 
 
+def test_mul_shift_round_is_exact_past_64_bit_products() -> None:
+    """``round(x M0 / 2^n)`` for 64-bit accumulators times Q31 multipliers, whose products pass int64,
+    against Python's unbounded integers; products that fit take the direct path and agree as well."""
+    g = torch.Generator().manual_seed(0)
+    for x_bits in (20, 46):  # 20: x M0 fits int64; 46: it does not (the 16-bit model's case)
+        x = torch.randint(-2 ** x_bits, 2 ** x_bits + 1, (3000,), generator=g)
+        m0 = torch.randint(2 ** 30, 2 ** 31, (3000,), generator=g)
+        n = torch.randint(16, 62, (3000,), generator=g)
+        x[0], n[0] = -2 ** x_bits, 61  # the extremes
+        expected = [(a * b + (1 << (k - 1))) >> k for a, b, k in zip(x.tolist(), m0.tolist(), n.tolist())]
+        assert mul_shift_round(x, m0, n).tolist() == expected
+    with pytest.raises(ExportError, match="overflows 64 bits"):
+        mul_shift_round(torch.tensor([2 ** 50]), torch.tensor([2 ** 30]), torch.tensor([40]))
+
+
 def _layerwise_steps(engine: IntegerEngine, qmodel: torch.nn.Module, x: torch.Tensor) -> float:
     """Largest difference, in output steps, between each integer layer and the fake-quant module fed the
     same (dequantized) integer input: the per-layer 'within one quantization step' property."""
@@ -121,13 +136,14 @@ def _layerwise_steps(engine: IntegerEngine, qmodel: torch.nn.Module, x: torch.Te
     return worst
 
 
-@pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (16, 16)])
 def test_integer_engine_matches_fake_quant(setup: dict, bits: tuple[int, int]) -> None:
     qmodel = _ptq(setup, *bits)
     engine = IntegerEngine(qmodel)
     x = setup["x"]
-    # every integer layer is within one step of the float simulation of that layer on the same input
-    assert _layerwise_steps(engine, qmodel, x) <= 1.0 + 1e-4
+    # every integer layer is within one step of the float simulation of that layer on the same input (plus,
+    # at 16 bits, float32's own rounding: 2^-24 of a value is 2^-8 of a 16-bit step)
+    assert _layerwise_steps(engine, qmodel, x) <= 1.0 + (1e-4 if max(bits) <= 8 else 1e-2)
     # end to end: with the bias on its int32 grid in both and a Q31 multiplier the rare one-step ties do not
     # compound (a 16-bit M0 and float biases in the fake-quant model gave 2 steps at 8 bits, 10 at 4 bits);
     # a prediction may differ only where the fake-quant model's top two logits are that close
@@ -135,7 +151,9 @@ def test_integer_engine_matches_fake_quant(setup: dict, bits: tuple[int, int]) -
     with torch.no_grad():
         ints, fake = engine(x), qmodel(x)
     assert (ints - fake).abs().max() <= (1.01 if bits == (8, 8) else 2.01) * step
-    assert ((ints - fake).abs() > 0.5 * step).float().mean() <= 0.02  # and only a few logits differ at all
+    if max(bits) <= 8:  # and only a few logits differ at all (at 16 bits float32's rounding in the simulation
+        # decides many hidden-layer ties: a quarter of the logits are one step apart, none more than two)
+        assert ((ints - fake).abs() > 0.5 * step).float().mean() <= 0.02
     top2 = fake.topk(2, dim=1).values
     flipped = ints.argmax(1) != fake.argmax(1)
     assert ((top2[:, 0] - top2[:, 1])[flipped] <= 4.01 * step).all()

@@ -88,6 +88,32 @@ def shift_round(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, right, left)
 
 
+#: Bits of the low half of ``M0`` in :func:`mul_shift_round`'s split product.
+_SPLIT = 16
+
+
+def mul_shift_round(x: torch.Tensor, m0: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``shift_round(x M0, n)``, exactly in int64 even where the product ``x M0`` passes 64 bits (a 16-bit
+    model's 64-bit accumulator times a 31-bit ``M0``), as a wide multiplier unit computes it.
+
+    With ``M0 = h 2^k + l`` (``k = 16``, ``0 <= l < 2^k``) and ``n >= k``::
+
+        floor((x M0 + 2^(n-1)) / 2^n) = floor((x h + floor((x l + 2^(n-1)) / 2^k)) / 2^(n-k))
+
+    (floors of divisions by powers of two compose), so no intermediate exceeds ``|x| 2^16 + 2^(n-1)``.
+    Raises :class:`ExportError` when even that does not fit (``|x| > 2^46``, a shift outside ``[k, 61]``).
+    """
+    big = x.abs().max().item() if x.numel() else 0
+    if big * float(m0.max()) < 2 ** 63:
+        return shift_round(x * m0, n)
+    # |x l| <= 2^62 and 2^(n-1) <= 2^60 keep the low half's sum inside int64
+    if big > 2 ** (62 - _SPLIT) or bool((n < _SPLIT).any()) or bool((n > 61).any()):
+        raise ExportError("requantization product overflows 64 bits: lower --scale-approx-bits or --accum-bits")
+    h, low = m0 >> _SPLIT, m0 & (2 ** _SPLIT - 1)
+    carry = (x * low + (torch.ones_like(n) << (n - 1))) >> _SPLIT
+    return (x * h + carry) >> (n - _SPLIT)
+
+
 @dataclass
 class IntValue:
     """A tensor of integers and the affine map back to reals, ``x = scale (q - zero_point)``.
@@ -223,31 +249,32 @@ class IntegerEngine(nn.Module):
             q_b = torch.round(layer.bias / acc_scale).long()
             q_b = q_b.clamp(*bias_range(layer.stats.accum_bits))
             acc = acc + q_b.reshape([1, -1] + [1] * (acc.dim() - 2))
-        st, lim = layer.stats, 2 ** (layer.stats.accum_bits - 1)
+        # the bounds as int64 values: 2^63 itself does not fit one, and a 64-bit accumulator compared with it
+        # would count every value as an overflow
+        st = layer.stats
+        lo, hi = -(2 ** (st.accum_bits - 1)), 2 ** (st.accum_bits - 1) - 1
         st.max_abs_acc = max(st.max_abs_acc, int(acc.abs().max()))
-        st.overflows += int(((acc >= lim) | (acc < -lim)).sum())
+        st.overflows += int(((acc > hi) | (acc < lo)).sum())
         st.values += acc.numel()
-        acc = acc.clamp(-lim, lim - 1)
+        acc = acc.clamp(lo, hi)
         return IntValue(acc, acc_scale)
 
     def requantize(self, v: IntValue, out: QParams, clamp_low: float | None = None,
                    clamp_high: float | None = None) -> IntValue:
-        """``q_y = clamp(shift_round((q - z) M0, n) + z_y)`` with ``M0 / 2^n ~ s / s_y``; ``clamp_low`` /
+        """``q_y = clamp(shift_round((q - z) M0, n) + z_y)`` (:func:`mul_shift_round`) with ``M0 / 2^n ~ s / s_y``; ``clamp_low`` /
         ``clamp_high`` (reals, e.g. 0 and 6 for ReLU6) tighten the integer bounds."""
         s_out = out.scale.double().reshape(())
         m0, n = fixed_point(v.scale / s_out, self.scale_bits)
         shape = [1, -1] + [1] * (v.q.dim() - 2) if v.scale.dim() else []
         m0, n = (m0.reshape(shape), n.reshape(shape)) if shape else (m0, n)
         centred = v.centred()
-        if centred.abs().max().item() * float(m0.max()) >= 2 ** 63:
-            raise ExportError("requantization product overflows 64 bits: lower --scale-approx-bits or --accum-bits")
         zp = int(out.zero_point)
         low, high = out.quant_min, out.quant_max
         if clamp_low is not None:
             low = max(low, zp + round(clamp_low / float(s_out)))
         if clamp_high is not None:
             high = min(high, zp + round(clamp_high / float(s_out)))
-        q = (shift_round(centred * m0, n) + zp).clamp(low, high)
+        q = (mul_shift_round(centred, m0, n) + zp).clamp(low, high)
         return IntValue(q, s_out, zp, out.quant_min, out.quant_max)
 
     def add(self, a: IntValue, b: IntValue) -> IntValue:
@@ -259,7 +286,7 @@ class IntegerEngine(nn.Module):
             m0, n = fixed_point(v.scale / s_c, self.scale_bits)
             shape = [1, -1] + [1] * (v.q.dim() - 2) if v.scale.dim() else []
             m0, n = (m0.reshape(shape), n.reshape(shape)) if shape else (m0, n)
-            terms.append(shift_round(v.centred() * m0, n))
+            terms.append(mul_shift_round(v.centred(), m0, n))
         return IntValue(terms[0] + terms[1], s_c)
 
     def pool_sum(self, pool: nn.Module, v: IntValue, name: str) -> IntValue:
