@@ -27,7 +27,6 @@ from lit_quant.quant.functional import SCALE_EPS, fake_quantize
 from lit_quant.quant.fuse import bn_factor, fold_bn_weights
 from lit_quant.quant.spec import QuantSpec
 
-
 #: Accumulator width of a layer whose weight and input are both at most 8 bits: int32, as in gemmlowp,
 #: fbgemm, QNNPACK and TFLite's int8 kernels.
 NARROW_ACCUM_BITS = 32
