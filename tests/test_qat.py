@@ -453,7 +453,7 @@ def test_control_plans_quantize_only_the_input(name: str, bits: int) -> None:
     plan = QuantPlan.from_yaml(Path(train_file).parent / "configs" / "plans" / f"{name}.yaml")
     model, x = _bn_model(), torch.rand(8, 3, 8, 8)
     q = prepare(model, plan, qat=True)
-    assert [name for name, _ in iter_quantizers(q)] == ["input_quant"] and q.input_quant.spec.bits == bits
+    assert [n for n, _ in iter_quantizers(q)] == ["input_quant"] and q.input_quant.spec.bits == bits
     calibrate(q, [x])
     with torch.no_grad():  # the folded float model, fed the input quantizer's image
         assert torch.allclose(q.eval()(x), model.eval()(q.input_quant(x)), atol=1e-4)

@@ -36,7 +36,7 @@ from torch import nn
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.nn import Add
 from lit_quant.quant.functional import QParams, quantize
-from lit_quant.quant.modules import _QuantWeightLayer, bias_range
+from lit_quant.quant.modules import _QuantWeightLayer, bias_range, signed_range
 from lit_quant.quant.prepare import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.
@@ -249,10 +249,10 @@ class IntegerEngine(nn.Module):
             q_b = torch.round(layer.bias / acc_scale).long()
             q_b = q_b.clamp(*bias_range(layer.stats.accum_bits))
             acc = acc + q_b.reshape([1, -1] + [1] * (acc.dim() - 2))
-        # the bounds as int64 values: 2^63 itself does not fit one, and a 64-bit accumulator compared with it
-        # would count every value as an overflow
+        # inclusive bounds, both int64 values: 2^63 does not fit one, and a 64-bit accumulator compared with
+        # it would count every value as an overflow
         st = layer.stats
-        lo, hi = -(2 ** (st.accum_bits - 1)), 2 ** (st.accum_bits - 1) - 1
+        lo, hi = signed_range(st.accum_bits)
         st.max_abs_acc = max(st.max_abs_acc, int(acc.abs().max()))
         st.overflows += int(((acc > hi) | (acc < lo)).sum())
         st.values += acc.numel()
@@ -437,4 +437,4 @@ def check_layer_name(model_or_names: nn.Module | list[str], target: str) -> None
 
 
 __all__ = ["IntegerEngine", "IntValue", "LayerStats", "check_engine_widths", "check_layer_name", "fixed_point",
-           "shift_round"]
+           "mul_shift_round", "shift_round"]

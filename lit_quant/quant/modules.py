@@ -47,11 +47,15 @@ def default_accum_bits(weight_bits: int | None, input_bits: int | None) -> int:
     return WIDE_ACCUM_BITS if max(weight_bits or 0, input_bits or 0) > 8 else NARROW_ACCUM_BITS
 
 
+def signed_range(bits: int) -> tuple[int, int]:
+    """``[-2^(bits-1), 2^(bits-1) - 1]``: a ``bits``-wide two's-complement register (an accumulator)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def bias_range(accum_bits: int) -> tuple[int, int]:
     """Integer range of a bias on the accumulator grid: an int32 register, or the accumulator's width when
     that is wider (a narrower accumulator still adds an int32 bias and saturates the sum)."""
-    bits = max(NARROW_ACCUM_BITS, accum_bits)
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return signed_range(max(NARROW_ACCUM_BITS, accum_bits))
 
 
 def _maybe_quantizer(spec: QuantSpec | None, kind: str) -> FakeQuantize | None:
