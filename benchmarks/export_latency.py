@@ -5,26 +5,42 @@ Both are real int8 models on the same quantized engine (fbgemm / x86 / qnnpack k
 ``convert_fx`` with its default qconfig. Timings are interleaved (fp32, torch.ao, ours, repeated) on one
 thread, medians reported, and the ratios printed are measured side by side in this one run.
 
+``--random-weights`` times a random-weight ResNet-20 on random 1x28x28 images instead of a checkpoint and
+its data set (latency does not depend on the values). ``--smoke`` shrinks every size to seconds and implies
+``--random-weights`` (a check that the benchmark runs and its figures are sane, not a measurement);
+``--json PATH`` also writes every figure printed, for scripts and tests.
+
     python benchmarks/export_latency.py --ckpt checkpoints/digits-resnet20/best.ckpt
+    python benchmarks/export_latency.py --smoke --json /tmp/export_latency.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_quant.builtin import available_backends, builtin_ptq  # noqa: E402
-from lit_quant.config import TrainConfig  # noqa: E402
-from lit_quant.deploy.int8 import export_int8  # noqa: E402
-from lit_quant.quant import QuantPlan, calibrate, prepare  # noqa: E402
-from lit_quant.training import build_datamodule, load_classifier  # noqa: E402
+from lit_quant.builtin import available_backends, builtin_ptq
+from lit_quant.config import TrainConfig
+from lit_quant.deploy.int8 import export_int8
+from lit_quant.models import build_model
+from lit_quant.quant import QuantPlan, calibrate, prepare
+from lit_quant.training import build_datamodule, load_classifier
+
+#: Sizes of ``--smoke``: seconds on one core (one calibration batch, a few timed forwards, batches 1 and 4, and
+#: only the first available backend unless ``--backends`` names some).
+SMOKE_SIZES: dict[str, Any] = {"random_weights": True, "rounds": 1, "repeats": 2, "calib_batches": 1,
+                               "batches": [1, 4]}
+#: Images per calibration batch and the largest batch timed.
+BATCH = 64
 
 
 def _time(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
@@ -37,32 +53,69 @@ def _time(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
     return out
 
 
-def main() -> None:
+def checkpoint_setup(path: str, calib_batches: int) -> tuple[torch.nn.Module, list[Any], torch.Tensor, str]:
+    """The fp32 model of checkpoint ``path``, ``calib_batches`` training batches, 64 test images, a title."""
+    classifier = load_classifier(path)
+    model, arch = classifier.model.eval(), classifier.hparams.arch
+    dm = build_datamodule(TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
+                                      small_input=arch["small_input"], batch_size=BATCH, progress=False))
+    dm.setup()
+    calib = [b for _, b in zip(range(calib_batches), dm.train_dataloader())]
+    x64 = next(iter(dm.test_dataloader()))[0][:BATCH]
+    return model, calib, x64, f"{arch['model']} on {arch['data']}"
+
+
+def random_setup(calib_batches: int, seed: int) -> tuple[torch.nn.Module, list[Any], torch.Tensor, str]:
+    """A random-weight ResNet-20 for 1x28x28 inputs, ``calib_batches`` batches of random images, 64 more."""
+    torch.manual_seed(seed)
+    model = build_model("resnet20", 1, 10).eval()
+    calib = [torch.randn(BATCH, 1, 28, 28) for _ in range(calib_batches)]
+    return model, calib, torch.randn(BATCH, 1, 28, 28), "random-weight resnet20 on random images"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="checkpoints/digits-resnet20/best.ckpt", help="fp32 checkpoint")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random-weight ResNet-20 on random 1x28x28 images instead of --ckpt")
     parser.add_argument("--backends", nargs="+", default=None, help="quantized engines (default: all that run here)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds")
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per model per round")
-    parser.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64")
-    args = parser.parse_args()
+    parser.add_argument("--calib-batches", type=int, default=8, help=f"calibration batches of {BATCH}")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, BATCH], help=f"batch sizes timed (<= {BATCH})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny sizes ({', '.join(f'{k}={v}' for k, v in SMOKE_SIZES.items())}) unless given: "
+                             "checks that the benchmark runs, measures nothing")
+    parser.add_argument("--json", metavar="PATH", help="also write every printed figure to PATH as JSON")
+    args = parser.parse_args(argv)
+    if args.smoke:  # smoke sizes replace the defaults, so sizes given on the command line still win
+        parser.set_defaults(**SMOKE_SIZES)
+        args = parser.parse_args(argv)
+    if not all(1 <= b <= BATCH for b in args.batches):
+        parser.error(f"--batches must lie in 1..{BATCH}; got {args.batches}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(1)
-    classifier = load_classifier(args.ckpt)
-    model, arch = classifier.model.eval(), classifier.hparams.arch
-    dm = build_datamodule(TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
-                                      small_input=arch["small_input"], batch_size=64, progress=False))
-    dm.setup()
-    calib = [b for _, b in zip(range(args.calib_batches), dm.train_dataloader())]
-    x64 = next(iter(dm.test_dataloader()))[0][:64]
+    model, calib, x64, title = (random_setup(args.calib_batches, args.seed) if args.random_weights
+                                else checkpoint_setup(args.ckpt, args.calib_batches))
     qmodel = prepare(model, QuantPlan.from_bits(8, 8, act_observer="mse"))
     calibrate(qmodel, calib)
-    print(f"{arch['model']} on {arch['data']}, input {tuple(x64.shape[1:])}, 1 thread, median of "
-          f"{args.rounds} x {args.repeats} interleaved forwards")
+    print(f"{title}, input {tuple(x64.shape[1:])}, 1 thread, median of {args.rounds} x {args.repeats} "
+          "interleaved forwards")
     print(f"{'backend':8} {'batch':>5} {'fp32 ms':>8} {'torch.ao ms':>11} {'ours ms':>8} {'ao speedup':>10} "
           f"{'ours speedup':>12} {'ours/ao time':>12}")
-    for backend in args.backends or available_backends():
+    rows: list[dict[str, Any]] = []
+    backends = args.backends or available_backends()
+    if args.smoke and not args.backends:
+        backends = backends[:1]  # one engine shows the export and both timings run
+    for backend in backends:
         ao = builtin_ptq(model, calib, backend, x64).model
         ours = export_int8(qmodel, backend)
-        for batch in (1, 64):
+        for batch in args.batches:
             x = x64[:batch]
             times: dict[str, list[float]] = {"fp32": [], "ao": [], "ours": []}
             for m in (model, ao, ours):  # warm-up: packing, allocation, kernel selection
@@ -71,9 +124,18 @@ def main() -> None:
                 for key, m in (("fp32", model), ("ao", ao), ("ours", ours)):
                     times[key] += _time(m, x, args.repeats)
             med = {k: statistics.median(v) for k, v in times.items()}
-            print(f"{backend:8} {batch:5d} {med['fp32']:8.2f} {med['ao']:11.2f} {med['ours']:8.2f} "
-                  f"{med['fp32'] / med['ao']:9.2f}x {med['fp32'] / med['ours']:11.2f}x {med['ours'] / med['ao']:11.2f}x")
+            row = {"backend": backend, "batch": batch, "fp32_ms": med["fp32"], "ao_ms": med["ao"],
+                   "ours_ms": med["ours"], "ao_speedup": med["fp32"] / med["ao"],
+                   "ours_speedup": med["fp32"] / med["ours"], "ours_over_ao": med["ours"] / med["ao"]}
+            rows.append(row)
+            print(f"{backend:8} {batch:5d} {row['fp32_ms']:8.2f} {row['ao_ms']:11.2f} {row['ours_ms']:8.2f} "
+                  f"{row['ao_speedup']:9.2f}x {row['ours_speedup']:11.2f}x {row['ours_over_ao']:11.2f}x")
+    if args.json:
+        report = {"benchmark": "export_latency", "torch": torch.__version__, "model": title, "args": vars(args),
+                  "timing": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,13 +15,18 @@ are computed. Without it BatchNorm trains on batch statistics. All variants are 
 run, interleaved per repeat so machine load hits them alike; the median of ``--repeats`` runs of ``--steps``
 steps is reported.
 
+``--smoke`` shrinks every size to seconds (a check that the benchmark runs and its figures are sane, not a
+measurement); ``--json PATH`` also writes every figure printed, for scripts and tests.
+
 Run:  python benchmarks/qat_step.py [--batch-size 128 --steps 10 --repeats 5 --threads 2 --bits 8 --frozen-bn]
+      python benchmarks/qat_step.py --smoke --json /tmp/qat_step.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -29,6 +34,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +48,9 @@ from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
 from lit_quant.quant.fake_quant import set_step_qparams
 from lit_quant.quant.modules import freeze_bn_stats
+
+#: Sizes of ``--smoke``: seconds on one core; two repeats so the median is taken over more than one run.
+SMOKE_SIZES: dict[str, Any] = {"batch_size": 8, "steps": 1, "repeats": 2, "threads": 1}
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, after: Callable[[], None] | None = None,
@@ -72,7 +81,7 @@ def ours(model: nn.Module, bits: int, method: str, x: torch.Tensor, frozen_bn: b
     return q.train()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
@@ -83,7 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frozen-bn", action="store_true",
                         help="BatchNorm statistics frozen in every QAT variant (quantize.py's default schedule)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"tiny sizes ({', '.join(f'{k}={v}' for k, v in SMOKE_SIZES.items())}) unless given: "
+                             "checks that the benchmark runs, measures nothing")
+    parser.add_argument("--json", metavar="PATH", help="also write every printed figure to PATH as JSON")
     args = parser.parse_args(argv)
+    if args.smoke:  # smoke sizes replace the defaults, so sizes given on the command line still win
+        parser.set_defaults(**SMOKE_SIZES)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     x = torch.randn(args.batch_size, 1, 28, 28)
@@ -116,10 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                 step()
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["fp32"])
+    rows = {name: {"ms_per_step": 1000 * statistics.median(ts), "ratio": statistics.median(ts) / base}
+            for name, ts in times.items()}
     print(f"\n{'training step':<42}{'ms/step':>9}{'x fp32':>9}")
-    for name, ts in times.items():
-        print(f"{name:<42}{1000 * statistics.median(ts):>9.1f}{statistics.median(ts) / base:>9.2f}")
+    for name, row in rows.items():
+        print(f"{name:<42}{row['ms_per_step']:>9.1f}{row['ratio']:>9.2f}")
     print(f"load average {os.getloadavg()[0]:.2f} after timing")
+    if args.json:
+        report = {"benchmark": "qat_step", "torch": torch.__version__, "args": vars(args), "timing": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
