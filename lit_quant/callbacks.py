@@ -20,6 +20,7 @@ from lit_quant.quant import (
     finish_calibration,
     iter_quantizers,
     prepare,
+    set_batch_index,
     start_calibration,
     sync_observers,
     update_qparams,
@@ -33,9 +34,14 @@ class PTQCalibration(pl.Callback):
     """Post-training calibration during ``trainer.predict`` over the calibration batches.
 
     ``on_predict_start``: observers on, fake quant off, so the passes record statistics of the float
-    model's tensors. ``on_predict_end``: observer statistics are merged across DDP ranks (every rank then
-    computes the same qparams as one process on all the data), qparams computed, observers off and fake
-    quant on: the module is ready for ``trainer.validate`` / ``trainer.test``.
+    model's tensors. Each batch is observed as global batch ``batch_idx * world_size + global_rank``
+    (:func:`lit_quant.quant.set_batch_index`). ``on_predict_end``: observer statistics are merged across DDP
+    ranks, qparams computed, observers off and fake quant on: the module is ready for ``trainer.validate`` /
+    ``trainer.test``.
+
+    When rank ``r`` gets batches ``r, r + W, r + 2W, ...`` of one process's batching, as the data module's
+    ``predict_dataloader`` serves them, every rank computes bit for bit the qparams one process computes on
+    all the calibration batches, with every observer (see :mod:`lit_quant.quant.observers`).
 
     Use ``trainer.predict(module, datamodule=dm, return_predictions=False)``; the data module's
     ``predict_dataloader`` serves the deterministic calibration images.
@@ -51,13 +57,21 @@ class PTQCalibration(pl.Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not any(True for _ in iter_quantizers(pl_module)):
             raise CalibrationError("PTQ calibration: the model has no quantizers (prepare() it first)")
+        set_batch_index(pl_module, None)  # the weights observed here belong to no batch
         start_calibration(pl_module)
 
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                               batch_idx: int, dataloader_idx: int = 0) -> None:
+        set_batch_index(pl_module, batch_idx * trainer.world_size + trainer.global_rank)
+
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_batch_index(pl_module, None)
         finish_calibration(pl_module)
         self._calibrated = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":
+            set_batch_index(pl_module, None)  # also after a failed pass: later observations belong to no batch
         # Lightning skips the whole predict loop, hooks included, when the dataloader is empty: without this
         # check an empty calibration set would leave the model silently uncalibrated.
         if stage == "predict" and not self._calibrated:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from lit_quant.errors import UserError
+from lit_quant.io import describe_os_error
 
 #: Exit status for bad input (argparse uses 2 as well).
 EXIT_USAGE = 2
@@ -19,7 +20,12 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (``prog: error: ...``) instead of usage plus message."""
+    """argparse with a one-line error (``prog: error: ...``) instead of usage plus message, and no
+    abbreviated flags: ``--epoch 3`` is an error, not a silent ``--epochs 3``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -32,6 +38,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return main(argv)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a write that failed midway (disk full, folder removed): one line, not a traceback
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

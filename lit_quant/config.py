@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import UnionType
@@ -113,6 +114,47 @@ def check_warmup(warmup_epochs: float, epochs: int, scheduler: str = "cosine") -
         raise UserError("--warmup-epochs does not combine with --scheduler onecycle, which warms up by itself")
 
 
+def _type_name(hint: Any) -> str:
+    """'an integer', 'a number', ... for a field's annotation (``X | None`` adds 'or null')."""
+    members = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    words = [names.get(t, "a list of strings") for t in members if t is not type(None)]
+    return " or ".join(words) + (" (or null)" if type(None) in members else "")
+
+
+def _value_fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from YAML or a flag) has the type ``hint`` asks for: ``bool`` is not an integer,
+    an integer is a number, a list of strings fills ``tuple[str, ...]``."""
+    if get_origin(hint) in (Union, UnionType):
+        return any(_value_fits(value, member) for member in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if get_origin(hint) in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return True
+
+
+def check_types(values: dict[str, Any], cls: type) -> None:
+    """Raise :class:`UserError` for a value whose type is not its field's (``epochs: three`` in a YAML file,
+    ``batch_size: 2.5``, a ``fold_bn: "no"`` string for a boolean) or a number that is NaN or infinite."""
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints[name]
+        flag = name.replace("_", "-")
+        if not _value_fits(value, hint):
+            raise UserError(f"invalid value for {flag}: {value!r} (expected {_type_name(hint)})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"invalid value for {flag}: {value} (expected a finite number)")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """Add one flag per field of ``cls``; unset flags stay absent from the namespace (``SUPPRESS``).
 
@@ -157,6 +199,7 @@ def resolve_config(overrides: dict[str, Any], yaml_defaults: dict[str, Any] | No
     unknown = sorted(set(merged) - known)
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}")
+    check_types(merged, cls)
     try:
         config = cls(**merged)
     except TypeError as exc:

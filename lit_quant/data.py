@@ -19,8 +19,8 @@ on the same images.
 from __future__ import annotations
 
 import gzip
-import pickle
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +29,20 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    SequentialSampler,
+    Subset,
+    default_collate,
+)
 from torchvision.transforms import v2
 
 from lit_quant.errors import UserError
+from lit_quant.safe_load import load_cifar_batch
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -157,7 +167,7 @@ def load_mnist_tensors(name: str, data_dir: Path) -> dict[str, torch.Tensor]:
                 f"expected {', '.join(_MNIST_FILES.values())} (pass --data-dir, or --download when online)")
         try:
             out[key] = read_idx(path).long() if "labels" in key else read_idx(path)
-        except (ValueError, OSError, struct.error) as exc:
+        except (ValueError, OSError, EOFError, zlib.error, struct.error) as exc:  # EOFError: truncated .gz
             raise UserError(f"{name}: cannot read {path} as an IDX file: {exc}") from exc
     for split in ("train", "test"):
         if len(out[f"{split}_images"]) != len(out[f"{split}_labels"]):
@@ -183,10 +193,12 @@ def load_cifar_tensors(name: str, data_dir: Path) -> dict[str, torch.Tensor]:
                                 f"{', '.join(train_files + test_files)} (pass --data-dir, or --download when online)")
             try:
                 with open(path, "rb") as fh:
-                    # latin1, as torchvision: the original files are Python 2 pickles with byte-string keys
-                    entry = pickle.load(fh, encoding="latin1")
+                    # a restricted unpickler: a batch that names any global but numpy's array rebuilders is refused
+                    entry = load_cifar_batch(fh)
                 images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(entry[label_key])
+            except UserError:  # a refused global: its own line names the file already
+                raise
             except Exception as exc:  # pickle and reshape raise assorted errors on bad files
                 raise UserError(f"{name}: cannot read {path} as a CIFAR batch: {exc}") from exc
         out[f"{split}_images"] = torch.from_numpy(np.concatenate(images))
@@ -247,6 +259,53 @@ def _seeded_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = int(round(n * fraction))
     return sorted(perm[k:]), sorted(perm[:k])
+
+
+class RankBatchSampler(BatchSampler):
+    """One process's batches of ``sampler`` dealt out whole: rank ``rank`` of ``num_replicas`` gets batches
+    ``rank, rank + num_replicas, rank + 2 num_replicas, ...``.
+
+    The batch boundaries are one process's, so global batch ``b`` is the same tensor on any number of ranks:
+    what bit-for-bit distributed calibration needs (see :class:`lit_quant.callbacks.PTQCalibration`). Ranks
+    may get one batch more than others. A rank left without a batch (fewer batches than ranks) gets one empty
+    batch, so that it still runs the calibration hooks whose merge every rank joins (observers ignore empty
+    tensors); with no batches at all, no rank gets one.
+    """
+
+    def __init__(self, sampler: Sampler | list[int], batch_size: int, drop_last: bool = False, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def __iter__(self):  # type: ignore[override]
+        batches = list(super().__iter__())
+        mine = batches[self.rank::self.num_replicas]
+        yield from (mine if mine or not batches else [[]])
+
+    def __len__(self) -> int:
+        total = super().__len__()
+        return len(range(self.rank, total, self.num_replicas)) or min(total, 1)
+
+
+def _cut_to_empty(batch: object) -> object:
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_cut_to_empty(b) for b in batch)
+    return batch
+
+
+class CollateOrEmpty:
+    """``default_collate``; an empty batch (:class:`RankBatchSampler`'s stand-in) becomes ``dataset[0]``
+    collated and cut to length 0: tensors of the right types and shapes, holding no sample."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __call__(self, samples: list) -> object:
+        return default_collate(samples) if samples else _cut_to_empty(default_collate([self.dataset[0]]))
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -332,6 +391,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.train_set, self.val_set, self.test_set = (
                 TensorImageDataset(*split, transform=tf) for split, tf in zip(splits, (train_tf, eval_tf, eval_tf)))
             self.calib_set = TensorImageDataset(*splits[0], transform=eval_tf)
+            self._check_splits(splits[0][1], splits[1][1], splits[2][1])
             return
         if self.name == "digits":
             images, labels = load_digits_tensors()
@@ -348,10 +408,32 @@ class ClassificationDataModule(pl.LightningDataModule):
         train_idx, val_idx = _seeded_split(len(train_labels), self.val_fraction, self.split_seed + 1)
         train_images, train_labels, held_images, held_labels = (
             train_images[train_idx], train_labels[train_idx], train_images[val_idx], train_labels[val_idx])
+        self._check_splits(train_labels, held_labels, test_labels)
         self.train_set = TensorImageDataset(train_images, train_labels, train_tf)
         self.calib_set = TensorImageDataset(train_images, train_labels, eval_tf)  # same tensors, no copy
         self.val_set = TensorImageDataset(held_images, held_labels, eval_tf)
         self.test_set = TensorImageDataset(test_images, test_labels, eval_tf)
+
+    def _check_splits(self, train: torch.Tensor, val: torch.Tensor, test: torch.Tensor) -> None:
+        """Refuse data that cannot train before any work: an empty split (a ``--val-fraction`` too small for
+        the training set leaves validation, and so ``best.ckpt``, empty) or a label outside ``0..classes-1``
+        (the loss would fail on it mid-epoch)."""
+        where = f"{self.name} ({self.resolved_data_dir()})" if self.name not in ("digits", "fake") else self.name
+        if len(train) == 0:
+            raise UserError(f"{where}: the training set is empty")
+        if len(val) == 0:
+            total = len(train) + len(val)
+            raise UserError(f"{where}: --val-fraction {self.val_fraction:g} of {total} training images leaves no "
+                            f"validation images; use at least {1 / total:.2g}")
+        if len(test) == 0:
+            raise UserError(f"{where}: the test set is empty")
+        classes = self.info.num_classes
+        for split, labels in (("training", train), ("validation", val), ("test", test)):
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= classes:
+                bad = lo if lo < 0 else hi
+                raise UserError(f"{where}: {split} label {bad} is outside 0..{classes - 1} ({self.name} has "
+                                f"{classes} classes)")
 
     def _setup_imagenet(self, size: int) -> None:
         from torchvision.datasets import ImageFolder
@@ -409,10 +491,19 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Calibration data: the first ``calib_batches * batch_size`` training images, evaluation transforms.
 
         Deterministic (no shuffling, no augmentation), so every variant of a comparison calibrates on the
-        same images; under DDP the images are split between ranks without padding, so all ranks together
-        see each image exactly once, as one process would.
+        same images. Under DDP the batches of one process are dealt out whole (:class:`RankBatchSampler`):
+        rank ``r`` of ``W`` gets batches ``r, r + W, ...``, the same tensors one process sees, so all ranks
+        together see each image once, in the same batches, and calibrate bit for bit as one process.
         """
-        return self._loader(self._calib_subset(), train=False)
+        subset = self._calib_subset()
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return self._loader(subset, train=False)
+        batches = RankBatchSampler(SequentialSampler(subset), self.batch_size, drop_last=False,
+                                   num_replicas=trainer.world_size, rank=trainer.global_rank)
+        return DataLoader(subset, batch_sampler=batches, collate_fn=CollateOrEmpty(subset),
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=False)
 
     def full_calibration_dataloader(self) -> DataLoader:
         """The same calibration images, all of them in this process even under DDP: for calibrators that

@@ -5,11 +5,68 @@ Pure Python (no torch, no Lightning), so every layer, the quantization core incl
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+
+#: Name pattern of :func:`atomic_write`'s temporary files (``.<name>.<random>.tmp``).
+TEMP_GLOB = ".*.tmp"
+
+
+def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
+    """``<path>: <reason>`` for a failed file operation, naming a full disk, a read-only file system, a
+    missing permission or a file standing where a folder should be."""
+    where = path if path is not None else (exc.filename or "")
+    reason = {
+        errno.ENOSPC: "no space left on the device (the disk is full)",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENOTDIR: "a file stands where a folder is needed",
+        errno.EEXIST: "a file stands where a folder is needed",
+        errno.ENOENT: "no such file or folder (or it cannot be created there)",
+        errno.EISDIR: "it is a folder, not a file",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"{where}: {reason}" if where else reason
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and write, fsync and remove a small probe file in it, so that a folder
+    that cannot take the run's outputs (a file in its place, a read-only or full file system) fails before
+    any work. Raises ``OSError``; :func:`describe_os_error` words it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    # 64 KiB and an fsync: on a full disk a one-byte write can still land in the page cache and succeed.
+    probe = folder / f".write-probe-{os.getpid()}"  # one per process: DDP ranks probe the same folder
+    atomic_write(probe, lambda fh: fh.write(b"\0" * 65536))
+    probe.unlink()
+    return folder
+
+
+def remove_stale_temp_files(folder: str | Path, older_than_s: float = 0.0) -> list[Path]:
+    """Delete :func:`atomic_write` temporary files left in ``folder`` by a process that was killed while
+    saving (the rename never happened); returns what was removed. Only files at least ``older_than_s``
+    seconds old are touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    now, removed = time.time(), []
+    for path in folder.glob(TEMP_GLOB):
+        try:
+            if path.is_file() and now - path.stat().st_mtime >= older_than_s:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # removed meanwhile
+            continue
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:

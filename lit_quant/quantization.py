@@ -21,7 +21,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
@@ -36,7 +35,7 @@ from lit_quant.builtin import (
 )
 from lit_quant.callbacks import BuiltinQATSchedule, PTQCalibration, QATCallback
 from lit_quant.cli import console
-from lit_quant.config import TrainConfig, check_choices, check_warmup, option
+from lit_quant.config import TrainConfig, check_choices, check_warmup, load_yaml, option, resolve_config
 from lit_quant.deploy.graph import agreement
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import DEFAULT_SCALE_APPROX_BITS, IntegerEngine, check_engine_widths, check_layer_name
@@ -46,15 +45,19 @@ from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.measure import latency_ms, model_size_bytes, paired_comparison
 from lit_quant.module import LitClassifier
-from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, save_stats
+from lit_quant.precision import resolve_precision
+from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, read_stats, save_stats
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
+from lit_quant.safe_load import load_checkpoint
 from lit_quant.training import (
     build_datamodule,
     build_trainer,
     hardware_settings,
     load_classifier,
     model_from_arch,
+    prepare_output_dir,
     read_checkpoint,
+    state_dict_mismatch,
 )
 
 #: Keys every report row carries (``report.json`` ``{"rows": [...], "pairs": [...]}`` and ``report.csv``).
@@ -179,6 +182,7 @@ class QuantizeConfig:
         if "onnx" in self.export:
             check_opset(self.onnx_opset)
         check_choices(self)
+        resolve_precision(self.precision, self.opt_level, on_cuda=False)  # both given, or an unknown value
 
 
 def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
@@ -291,6 +295,7 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     float_model, arch = classifier.model.eval(), classifier.hparams.arch
     if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
+    build_plan(cfg, qat=cfg.mode == "qat")  # a bad --plan file fails before any work
     if cfg.explain:  # a wrong layer name fails before any work
         check_layer_name(prepare(float_model, build_plan(cfg)), cfg.explain)
     if cfg.mode == "qat":  # a bad --resume fails before any work is done or any file written
@@ -300,14 +305,24 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     run_dir = ckpt_path.parent
     saved = run_dir / "config.yaml"
     if saved.is_file():  # same data location and split as the training run
-        recorded = yaml.safe_load(saved.read_text()) or {}
+        recorded = load_yaml(saved)
         differ = [k for k in ("data", "model") if k in recorded and recorded[k] != arch[k]]
         if differ:
             raise UserError(f"{ckpt_path} holds a {arch['model']} trained on {arch['data']}, but its run folder's "
                             f"config.yaml says {recorded.get('model')} on {recorded.get('data')}: the checkpoint "
                             "was copied from another run; move it to its own folder")
         data_keys = ("data_dir", "split_seed", "val_fraction", "fake_size")  # what decides the test images
-        train_cfg = TrainConfig(**{**train_cfg.to_dict(), **{k: v for k, v in recorded.items() if k in data_keys}})
+        try:
+            train_cfg = resolve_config({**train_cfg.to_dict(), **{k: v for k, v in recorded.items() if k in data_keys}})
+        except UserError as exc:
+            raise UserError(f"{saved}: {exc}") from None
+    prepare_output_dir(run_dir, "the checkpoint's run folder")
+    if cfg.stats_file is not None:  # a file to reuse is checked now, a file to write goes where files can go
+        stats = Path(cfg.stats_file)
+        if stats.exists():
+            read_stats(stats)
+        else:
+            prepare_output_dir(stats.parent, "--stats-file")
     data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
                                                         "model", "image_size", "small_input")}
     source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(float_model)}
@@ -394,16 +409,22 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         sweep = [(bits, observer) for bits in sweep_bits or [None] for observer in observers or [cfg.act_observer]]
         for bits, observer in sweep:
             plan = build_plan(cfg, bits, observer)
-            lit = LitClassifier(prepare(float_model, plan), num_classes)
-            calib_s = _calibrate(trainer, lit, dm, cfg.stats_file if len(sweep) == 1 else None, source)
+            suffix = f"-{plan.act.observer}" if observers and len(observers) > 1 else ""
+            stem = f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}"
+            # a resumed QAT run keeps the PTQ model its first run calibrated, when it is of this plan and model
+            reused = reusable_ptq(run_dir / f"{stem}.ckpt", plan, source) if cfg.mode == "qat" and cfg.resume else None
+            if reused is not None:
+                lit, calib_s = LitClassifier(reused[0], num_classes), reused[1]["row"].get("calib_s")
+            else:
+                lit = LitClassifier(prepare(float_model, plan), num_classes)
+                calib_s = _calibrate(trainer, lit, dm, cfg.stats_file if len(sweep) == 1 else None, source)
             row("ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits,
                 act_bits=plan.act.bits, observer=plan.act.observer, calib_s=calib_s,
-                note="fake-quant simulation in float: no integer size or latency to report" + _overrides_note(plan))
-            suffix = f"-{plan.act.observer}" if observers and len(observers) > 1 else ""
-            if trainer.is_global_zero:
-                save_quantized(run_dir / f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}.ckpt", lit.model, plan, arch,
-                           data_settings, rows[-1])
-            deploy(lit.model, f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}")
+                note="fake-quant simulation in float: no integer size or latency to report" + _overrides_note(plan)
+                     + (f"; calibrated qparams reused from {stem}.ckpt" if reused is not None else ""))
+            if trainer.is_global_zero and reused is None:
+                save_quantized(run_dir / f"{stem}.ckpt", lit.model, plan, arch, data_settings, rows[-1], source=source)
+            deploy(lit.model, stem)
     if cfg.mode == "qat":
         qat = run_qat(cfg, classifier, arch, dm, run_dir)
         row("qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
@@ -412,13 +433,21 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
                  "fake-quant simulation" + _overrides_note(qat.plan))
         if trainer.is_global_zero:
             save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, arch, data_settings, rows[-1],
-                           kind="qat")
+                           kind="qat", source=source)
         deploy(qat.model, qat.run_dir.name)
         if cfg.builtin_qat:
-            model, fit_s = run_builtin_qat(cfg, classifier, arch, dm, run_dir, example)
-            row("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
-                note=f"torch.ao prepare_qat_fx int8{_recipe_note(cfg)}, {cfg.epochs} epochs in {fit_s:.0f} s, "
-                     "real integer kernels")
+            key = builtin_qat_key(cfg, source, data_settings, trainer.world_size)
+            saved = read_builtin_qat_result(run_dir, key) if cfg.resume else None
+            if saved is not None:  # a resumed run keeps torch.ao's row of its first run: same settings, same model
+                rows.append(saved[0] | {"note": saved[0]["note"] + f"; reused from {BUILTIN_QAT_RESULT}"})
+                outcomes[len(rows) - 1] = saved[1]
+            else:
+                model, fit_s = run_builtin_qat(cfg, classifier, arch, dm, run_dir, example)
+                row("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
+                    note=f"torch.ao prepare_qat_fx int8{_recipe_note(cfg)}, {cfg.epochs} epochs in {fit_s:.0f} s, "
+                         "real integer kernels")
+                if trainer.is_global_zero:
+                    write_builtin_qat_result(run_dir, key, rows[-1], outcomes[len(rows) - 1])
     elif cfg.mode == "dynamic":
         row("builtin-dynamic", builtin_dynamic(float_model), backend="dynamic", weight_bits=8, act_bits=32,
             note="torch.ao dynamic: int8 Linear weights, activations quantized per batch; convs stay float")
@@ -544,6 +573,7 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     # taking its shape, an observer reset) would otherwise be inference tensors that training cannot update.
     trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, last_cb],
                             sync_batchnorm=_sync_bn(cfg), inference_mode=False)
+    prepare_output_dir(qat_dir, "the QAT run folder")
     calib_s = None
     if resume is None:  # a fresh run starts from calibrated qparams; a resumed one loads them
         lit = _qat_classifier(cfg, classifier, prepare(classifier.model, plan, qat=True))
@@ -639,27 +669,23 @@ def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | Non
 
 
 def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],
-                   data: dict[str, Any], row: dict[str, Any], kind: str = "ptq") -> None:
-    """Write a self-contained quantized checkpoint: architecture, data settings, plan, calibrated state dict
-    and its report row.
+                   data: dict[str, Any], row: dict[str, Any], kind: str = "ptq",
+                   source: dict[str, Any] | None = None) -> None:
+    """Write a self-contained quantized checkpoint: architecture, data settings, plan, calibrated state dict,
+    its report row and ``source`` (model, data set and fp32 weights fingerprint it was made from).
 
     The plan and the qparams (buffers of the quantizers) travel in the file, so :func:`evaluate_quantized`
     rebuilds the model without the fp32 checkpoint and without calibrating again.
     """
     payload = {"lit_quant": kind, "arch": dict(arch), "data": data, "plan": plan.to_dict(),
-               "state_dict": model.state_dict(), "row": row}
+               "state_dict": model.state_dict(), "row": row, "source": dict(source or {})}
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_quantized(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_quantized`; :class:`UserError` when it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"quantized checkpoint {path} not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types for corrupt files
-        raise UserError(f"cannot read quantized checkpoint {path}: {type(exc).__name__}") from exc
+    payload = load_checkpoint(path, "quantized checkpoint")  # weights-only: a file from elsewhere runs no code
     if not isinstance(payload, dict) or payload.get("lit_quant") not in ("ptq", "qat"):
         raise UserError(f"{path} is not a quantized checkpoint written by quantize.py (an fp32 one goes to --ckpt)")
     arch = payload["arch"]
@@ -667,10 +693,60 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: state dict does not match its plan: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"{path}: state dict does not match its plan: {state_dict_mismatch(exc)}") from None
     enable_observer(model, False)
     enable_fake_quant(model, True)
     return model.eval(), payload
+
+
+def reusable_ptq(path: Path, plan: QuantPlan, source: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+    """The calibrated model and payload of the quantized checkpoint ``path`` when it was made from the same
+    fp32 weights (``source``) with the same plan; else None (missing, another plan or model, unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        model, payload = load_quantized(path)
+    except UserError:
+        return None
+    if payload.get("lit_quant") != "ptq" or payload.get("source") != source or payload.get("plan") != plan.to_dict():
+        return None
+    return model, payload
+
+
+#: File in a run folder holding torch.ao's QAT row and its per-image outcomes, reused by a resumed QAT run.
+BUILTIN_QAT_RESULT = "builtin-qat-result.json"
+
+
+def builtin_qat_key(cfg: QuantizeConfig, source: dict[str, Any], data: dict[str, Any],
+                    world_size: int) -> dict[str, Any]:
+    """Everything that decides torch.ao's QAT model: the fp32 weights, the data, the recipe and the hardware
+    layout. A saved result is reused only under an equal key."""
+    recipe = ("backend", "epochs", "lr", "warmup_epochs", "distill", "distill_weight", "distill_temperature",
+              "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "seed", "deterministic",
+              "batch_size", "accelerator")
+    return {"source": dict(source), "data": dict(data), "world_size": world_size,
+            **{k: getattr(cfg, k) for k in recipe}}
+
+
+def write_builtin_qat_result(run_dir: Path, key: dict[str, Any], row: dict[str, Any], correct: torch.Tensor) -> None:
+    """Save torch.ao's QAT row and its per-image top-1 outcomes (as a 0/1 string) under ``key``."""
+    payload = {"key": key, "row": row, "correct": "".join("1" if c else "0" for c in correct.tolist())}
+    atomic_write_text(run_dir / BUILTIN_QAT_RESULT, json.dumps(payload, indent=1) + "\n")
+
+
+def read_builtin_qat_result(run_dir: Path, key: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor] | None:
+    """The saved torch.ao QAT row and outcomes when saved under an equal ``key``; else None."""
+    path = run_dir / BUILTIN_QAT_RESULT
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("key") != json.loads(json.dumps(key)):  # compare in JSON form (tuples become lists)
+            return None
+        row, correct = dict(payload["row"]), str(payload["correct"])
+        if set(correct) - {"0", "1"} or not set(ROW_KEYS) <= set(row):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return row, torch.tensor([c == "1" for c in correct])
 
 
 def evaluate_quantized(path: str | Path, batch_size: int) -> dict[str, Any]:

@@ -20,16 +20,18 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
 from lit_quant.config import TrainConfig, save_config
 from lit_quant.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
-from lit_quant.io import atomic_write, atomic_write_text
+from lit_quant.io import atomic_write, atomic_write_text, check_writable, describe_os_error, remove_stale_temp_files
 from lit_quant.models import build_model, model_info
 from lit_quant.module import LitClassifier
 from lit_quant.precision import resolve_precision
+from lit_quant.safe_load import load_checkpoint
 
 #: Keys of ``hparams.arch`` that must agree between a checkpoint and the run resuming from it.
 ARCH_KEYS = ("model", "data", "in_channels", "num_classes", "image_size", "small_input")
@@ -52,10 +54,12 @@ class TrainResult:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O whose saves go through :func:`atomic_write`.
+    """Lightning checkpoint I/O whose saves go through :func:`atomic_write` and whose loads go through
+    :func:`lit_quant.safe_load.load_checkpoint`.
 
     Lightning's default writes through an fsspec transaction whose temporary file may sit on another file
-    system (``/tmp``), where the final move is a copy that a kill can cut short.
+    system (``/tmp``), where the final move is a copy that a kill can cut short; its default load unpickles
+    whatever the file names when asked for ``weights_only=False``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
@@ -64,15 +68,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         atomic_write(path, lambda fh: torch.save(checkpoint, fh))
 
+    def load_checkpoint(self, path: str | Path, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Load ``path`` with :func:`lit_quant.safe_load.load_checkpoint`, so that ``fit(ckpt_path=...)`` and
+        ``test(ckpt_path=...)`` never unpickle arbitrary objects either.
+
+        Always onto the CPU (Lightning moves model and optimizer state to the device afterwards) and always
+        weights-only: ``map_location`` and ``weights_only`` are accepted for the parent's signature and unused.
+        """
+        return load_checkpoint(path)
+
 
 class BestCheckpoint(ModelCheckpoint):
     """``best.ckpt``: the model of highest ``monitor``; among equal values, the one of lowest ``tie_break``.
 
     Lightning's ModelCheckpoint keeps the *first* maximum (its test is a strict ``>``). Top-1 on a small
     validation set moves in coarse steps (digits: 144 images, 0.69 points an image) and plateaus mid-run, so
-    the first model of the plateau, still at a high learning rate, was kept: on digits an epoch-7 model of
-    95.26 % test top-1, while the same run's epoch-14 model ties it on validation top-1 at a quarter of the
-    validation loss. Order: ``(monitor, -tie_break)`` lexicographically, mode ``max`` then ``min``.
+    the first model of a plateau, still at a high learning rate, would be kept over a later one that ties it
+    on top-1 at a fraction of the validation loss. Order: ``(monitor, -tie_break)`` lexicographically, mode
+    ``max`` then ``min``.
     """
 
     def __init__(self, *, monitor: str, tie_break: str, **kwargs: Any) -> None:
@@ -107,6 +121,28 @@ class BestCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best_tie_break = state_dict.get("best_tie_break")
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stop training with one line at the first step whose loss is NaN or infinite.
+
+    Raised before the epoch's checkpoints are written, so ``best.ckpt`` and ``last.ckpt`` keep the last
+    model that trained on finite losses. Under DDP the ranks decide together (any rank's bad loss stops
+    all), so no rank waits in a collective for one that has stopped.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        bad = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float("nan")
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+            raise UserError(f"the training loss is {value} at epoch {trainer.current_epoch}, step "
+                            f"{trainer.global_step}: training stopped, checkpoints keep the last finite model; "
+                            f"the learning rate there was {lr:.3g}, try a lower --lr")
 
 
 def resolve_image_size(cfg: TrainConfig) -> int:
@@ -217,7 +253,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
     if not isinstance(precision, str):
         plugins.append(precision)
         precision = None  # the plugin decides
-    callbacks = list(callbacks or [])
+    callbacks = [*(callbacks or []), StopOnNonFiniteLoss()]
     if cfg.progress:
         callbacks.append(RichProgressBar())
     limits = {k: v for k, v in (("limit_train_batches", cfg.limit_train_batches),
@@ -240,12 +276,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file on the CPU; :class:`UserError` when missing, unreadable or not ours."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises many types for corrupt or truncated files
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    ckpt = load_checkpoint(path)  # weights-only: a checkpoint from elsewhere cannot run code here
     if isinstance(ckpt, dict) and ckpt.get("lit_quant") == "ptq":
         raise UserError(f"{path} is a quantized checkpoint written by quantize.py; re-evaluate it with "
                         "quantize.py --eval, or pass the fp32 best.ckpt it came from")
@@ -262,8 +293,29 @@ def load_classifier(path: str | Path) -> LitClassifier:
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not match its architecture: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"checkpoint {path} does not match its architecture ({hp['arch'].get('model')}): "
+                        f"{state_dict_mismatch(exc)}") from None
     return module
+
+
+def state_dict_mismatch(exc: RuntimeError, limit: int = 3) -> str:
+    """The details of a failed ``load_state_dict`` on one line: each kind of mismatch (missing, unexpected
+    keys, size mismatches) with its first ``limit`` names, instead of torch's bare first line."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    parts = []
+    for line in lines:
+        if line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            head, _, names = line.partition(":")
+            keys = [k.strip().strip('"') for k in names.rstrip(". ").split(",") if k.strip()]
+            more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+            parts.append(f"{head.strip().lower()} {', '.join(keys[:limit])}{more}")
+        elif line.startswith("size mismatch"):
+            parts.append(line.rstrip("."))
+    sizes = [p for p in parts if p.startswith("size mismatch")]
+    if len(sizes) > limit:
+        parts = [p for p in parts if not p.startswith("size mismatch")] + sizes[:limit] + [
+            f"{len(sizes) - limit} more size mismatches"]
+    return "; ".join(parts) or str(exc).splitlines()[0]
 
 
 def find_resume_checkpoint(resume: str, checkpoint_dir: str | Path, run_name: str | None) -> Path:
@@ -296,6 +348,18 @@ def check_resume_compatible(ckpt: dict[str, Any], arch: dict[str, Any], path: Pa
 # ---------------------------------------------------------------------------------------------- running
 
 
+def prepare_output_dir(folder: Path, flag: str) -> None:
+    """Check that ``folder`` takes files before any work (:func:`check_writable`), and on rank 0 remove
+    temporary files that a killed save left there. Other DDP ranks start while rank 0 waits for them, after
+    its own check, so they only check."""
+    try:
+        check_writable(folder)
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot write to {describe_os_error(exc, folder)}") from None
+    if rank_zero_only.rank == 0:
+        remove_stale_temp_files(folder)
+
+
 def run_dir_for(cfg: TrainConfig) -> Path:
     """``<checkpoint_dir>/<run_name or data-model>``."""
     return Path(cfg.checkpoint_dir) / (cfg.run_name or f"{cfg.data}-{cfg.model}")
@@ -317,6 +381,8 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
     """
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_datamodule(cfg)
+    if not cfg.download:  # data that cannot train fails here, before anything is written (downloads come later)
+        dm.setup()
     arch = build_arch(cfg)
     if resume_path is not None:  # fail with one line before Lightning starts; Lightning then loads it itself
         check_resume_compatible(read_checkpoint(resume_path), arch, resume_path)
@@ -327,6 +393,7 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
                                    auto_insert_metric_name=False, enable_version_counter=False)
     last_cb = ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=1, enable_version_counter=False)
     trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, last_cb])
+    prepare_output_dir(run_dir, "--checkpoint-dir")
     config_path = run_dir / "config.yaml"
     if trainer.is_global_zero:
         save_config(cfg, config_path)

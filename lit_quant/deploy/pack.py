@@ -21,11 +21,13 @@ from typing import Any
 import torch
 
 from lit_quant.deploy.graph import ExportError, layer_weight
+from lit_quant.errors import UserError
 from lit_quant.io import atomic_write
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.functional import QuantizedTensor, dequantize
 from lit_quant.quant.modules import _QuantWeightLayer
 from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.safe_load import load_checkpoint
 
 FORMAT = "lit_quant-deploy-1"
 
@@ -118,9 +120,9 @@ def load_deployed(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
     if not path.is_file():
         raise ExportError(f"deployed model {path} not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt / not a torch file
-        raise ExportError(f"cannot read deployed model {path}: {type(exc).__name__}") from exc
+        payload = load_checkpoint(path, "deployed model")
+    except UserError as exc:  # corrupt, not a torch file, or an object that could run code
+        raise ExportError(str(exc)) from None
     if not isinstance(payload, dict) or payload.get("lit_quant") != FORMAT:
         raise ExportError(f"{path} is not a deployed model written by quantize.py --export")
     qmodel = prepare(model_from_arch(payload["arch"]).eval(), QuantPlan.from_dict(payload["plan"]))

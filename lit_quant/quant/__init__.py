@@ -18,6 +18,7 @@ from lit_quant.quant.fake_quant import (
                                         iter_quantizers,
                                         model_qparams,
                                         reset_observers,
+                                        set_batch_index,
                                         sync_observers,
                                         update_qparams,
 )
@@ -44,7 +45,7 @@ from lit_quant.quant.spec import (
                                         QuantConfigError,
                                         QuantSpec,
 )
-from lit_quant.quant.stats import load_stats, save_stats
+from lit_quant.quant.stats import load_stats, read_stats, save_stats
 
 __all__ = [
                                         "DEFAULT_ACT_SPEC",
@@ -87,8 +88,10 @@ __all__ = [
                                         "module_graph",
                                         "prepare", "start_calibration",
                                         "quantize",
+                                        "read_stats",
                                         "reset_observers",
                                         "save_stats",
+                                        "set_batch_index",
                                         "sync_observers",
                                         "update_qparams",
 ]

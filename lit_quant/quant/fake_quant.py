@@ -186,8 +186,8 @@ class LSQFakeQuantize(FakeQuantize):
         # Projected gradient descent: an optimizer step that took a step size below eps is undone here, through
         # .data so autograd does not see it (a quantizer used twice in one forward stays valid), and the
         # forward uses the parameter itself. Clamping inside the graph instead (max(scale, eps)) gives a scale
-        # that crossed eps a zero gradient for good: its channel's weights quantize to ~0 for the rest of the
-        # run (16 of 64 channels of one layer after a Fashion-MNIST 3-bit run diverged at lr 0.01).
+        # that crossed eps a zero gradient for good: its channel's weights would quantize to ~0 for the rest of
+        # the run.
         self.scale.data.clamp_(min=SCALE_EPS)
         return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec.quant_min, self.spec.quant_max,
                                  self.axis, relu=relu, observed=observed)
@@ -210,6 +210,19 @@ def enable_observer(model: nn.Module, enabled: bool = True) -> None:
     """Switch every observer of ``model`` on or off."""
     for _, fq in iter_quantizers(model):
         fq.observer_enabled.fill_(bool(enabled))
+
+
+def set_batch_index(model: nn.Module, index: int | None) -> None:
+    """Tell every observer of ``model`` the global number of the batch about to be observed (``None``: none).
+
+    Calibration numbers its batches so that the same batch has the same number however the batches are
+    spread over ranks (rank ``r`` of ``W`` observing batches ``r, r + W, ...`` numbers its ``i``-th one
+    ``i * W + r``): then :func:`sync_observers` gives every rank bit for bit the qparams one process gets on
+    all the batches (see :attr:`lit_quant.quant.observers.Observer.batch_index`). Clear it (``None``) when
+    the calibration pass ends.
+    """
+    for _, fq in iter_quantizers(model):
+        fq.observer.batch_index = None if index is None else int(index)
 
 
 def enable_fake_quant(model: nn.Module, enabled: bool = True) -> None:

@@ -11,13 +11,29 @@ Contract (shared by every class, enforced in :class:`Observer`):
 * ``reset()`` forgets everything; ``sync()`` merges statistics across ``torch.distributed`` ranks so every
   rank computes identical qparams (no-op when not initialised).
 
+Distributed calibration. While :attr:`Observer.batch_index` holds the global number of the batch being
+observed (:func:`lit_quant.quant.fake_quant.set_batch_index`; ``PTQCalibration`` and ``calibrate`` set it),
+``sync()`` gives every rank bit for bit the state one process reaches observing all ranks' batches in
+index order, for every observer: ``minmax`` and the histograms merge exactly in any order (min, max and
+integer counts), and ``ema``, ``avg`` and ``nstd``, whose merge depends on order or on the association of
+float sums, keep each batch's statistics and replay them all in index order. This holds when the same
+global batch is the same tensor however many ranks there are (whole batches dealt out to ranks). Without a
+batch index on every batch of every rank (QAT's per-step merge) all ranks still end in the same state, but
+not necessarily one process's: ``ema`` averages the ranks' running values, ``avg`` / ``nstd`` add their sums
+(equal up to float64 rounding), and a subsampling histogram places each batch's sample by its own rank's
+batch count.
+
 Histogram observers (``percentile``, ``mse``, ``entropy``) keep a fixed number of bins over a range
-``[0, 2^e]`` or ``[-2^e, 2^e]``: a power of two, so growing the range merges whole bins exactly and
-histograms from different batches or ranks can be re-binned to a common range and summed without error.
+``[0, 2^e]`` or ``[-2^e, 2^e]``. A value ``v`` falls in bin ``floor(v * k)`` (plus ``bins / 2`` for a signed
+range), ``k = bins / 2^e`` (``bins / 2^(e+1)`` signed), with the product computed exactly; growing the range
+multiplies ``k`` by a power of two, and ``floor(floor(y) / 2^d) == floor(y / 2^d)``, so a histogram built at a
+narrower range and re-binned to a wider one equals the histogram built at the wider range directly:
+histograms of any batches, seen in any order and on any rank, re-bin to a common range and add up exactly.
 To stay cheap they bin a deterministic subsample of at most ``max_samples`` elements per batch: blocks of
 16 consecutive elements (one 64-byte cache line each) spread evenly over the tensor, at a spacing that
-shares no factor with image sizes and an offset that moves every batch. Min and max remain exact; the range
-search runs once, vectorised over the histogram, in ``calculate_range()``.
+shares no factor with image sizes and an offset that moves every batch (with the batch index, the same
+positions of the same batch on any number of ranks). Min and max remain exact; the range search runs once,
+vectorised over the histogram, in ``calculate_range()``.
 """
 
 from __future__ import annotations
@@ -79,6 +95,13 @@ class Observer(ResizingBuffersMixin, nn.Module):
     #: True when the statistic of a per-tensor batch is its min and max only: such an observer can take them
     #: from the fake-quant pass itself (:meth:`observe_range`) instead of reading the tensor once more.
     RANGE_ONLY: ClassVar[bool] = False
+    #: True when merging ranks' states is not exact (it depends on the order of batches or on how float sums
+    #: associate): such an observer folds each batch in through :meth:`_add_batch`, which keeps the batch's
+    #: statistics while :attr:`batch_index` is set, and :meth:`sync` replays every rank's batches in index order.
+    REPLAY: ClassVar[bool] = False
+    #: Global number of the batch being observed (the same batch has the same number on any number of ranks),
+    #: or ``None``; set on every observer of a model by :func:`lit_quant.quant.fake_quant.set_batch_index`.
+    batch_index: int | None = None
 
     def __init__(self, spec: QuantSpec, **options: Any) -> None:
         super().__init__()
@@ -96,6 +119,9 @@ class Observer(ResizingBuffersMixin, nn.Module):
         self._validate_options()
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
         self._init_state(torch.device("cpu"))
+        # (batch index, order of arrival, statistics) of every batch since reset, or None when some batch had
+        # no index or the state did not come from reset (merged, or loaded): then sync cannot replay
+        self._records: list[tuple[int, int, tuple[torch.Tensor, ...]]] | None = []
 
     @property
     def axis(self) -> int | None:
@@ -146,19 +172,65 @@ class Observer(ResizingBuffersMixin, nn.Module):
         """Forget all statistics (buffers back to their initial values, on the same device)."""
         self.num_batches.zero_()
         self._init_state(self.num_batches.device)
+        self._records = []
 
     def sync(self, group: Any = None) -> None:
-        """Merge statistics across ranks of ``group`` so all ranks compute the same qparams; no-op if not DDP."""
+        """Merge statistics across ranks of ``group`` so all ranks compute the same qparams; no-op if not DDP.
+
+        With a :attr:`batch_index` on every batch since :meth:`reset` on every rank, the merged state is bit
+        for bit the state of one process observing all the batches in index order (module docstring).
+        """
+        records, self._records = self._records, None  # a merged state is not a sequence of this rank's batches
         if not _distributed():
             return
-        self._sync(group)
+        if self.REPLAY and self._all_recorded(records, group):
+            self._replay(records, group)
+        else:
+            self._sync(group)
         self.num_batches.copy_(_all_reduce(self.num_batches, dist.ReduceOp.SUM, group))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._records = [] if int(self.num_batches) == 0 else None  # loaded statistics have no batch records
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return f"bits={self.spec.bits}, scheme={self.spec.scheme}, axis={self.axis}" + (f", {opts}" if opts else "")
 
     # --- helpers for subclasses -------------------------------------------------------------------------
+    def _add_batch(self, *stats: torch.Tensor) -> None:
+        """Fold one batch's statistics into the state (:meth:`_accumulate`, for :attr:`REPLAY` observers),
+        keeping a copy for :meth:`sync` while every batch since reset came with a :attr:`batch_index` under
+        ``torch.distributed`` (one process has nothing to merge, and keeps nothing)."""
+        if self._records is not None:
+            if self.batch_index is None or not _distributed():
+                self._records = None
+            else:
+                self._records.append((int(self.batch_index), len(self._records),
+                                      tuple(s.detach().to("cpu", copy=True) for s in stats)))
+        self._accumulate(*stats)
+
+    def _accumulate(self, *stats: torch.Tensor) -> None:
+        """Update the state from one batch's statistics (those passed to :meth:`_add_batch`)."""
+        raise NotImplementedError
+
+    def _all_recorded(self, records: list | None, group: Any) -> bool:
+        """Whether every rank kept the statistics of every batch it observed (one collective decision)."""
+        kept = torch.tensor(int(records is not None), device=self.num_batches.device)
+        return bool(_all_reduce(kept, dist.ReduceOp.MIN, group))
+
+    def _replay(self, records: list, group: Any) -> None:
+        """Rebuild the state from reset by folding in every rank's batches in the order of their index (then
+        rank, then arrival: a module called twice in one batch keeps its order), as one process would."""
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, records, group=group)
+        batches = sorted(((index, rank, seq, stats) for rank, rank_records in enumerate(gathered)
+                          for index, seq, stats in rank_records), key=lambda r: r[:3])
+        device = self.num_batches.device
+        self._init_state(device)
+        for *_, stats in batches:
+            self._accumulate(*(s.to(device) for s in stats))
+
     def _validate_options(self) -> None:
         """Check option values; subclasses override."""
 
@@ -226,7 +298,8 @@ class Observer(ResizingBuffersMixin, nn.Module):
     def _sync_buffers(self, group: Any, mins: tuple[str, ...] = (), maxs: tuple[str, ...] = (),
                       sums: tuple[str, ...] = ()) -> None:
         """All-reduce buffers with MIN / MAX / SUM; ranks without data join with neutral values."""
-        size = _all_reduce(torch.tensor(self.min_val.numel()), dist.ReduceOp.MAX, group).item()
+        size = _all_reduce(torch.tensor(self.min_val.numel(), device=self.num_batches.device), dist.ReduceOp.MAX,
+                           group).item()
         for names, op, fill in ((mins, dist.ReduceOp.MIN, _INF), (maxs, dist.ReduceOp.MAX, -_INF),
                                 (sums, dist.ReduceOp.SUM, 0.0)):
             for name in names:
@@ -251,19 +324,25 @@ class EMAMinMaxObserver(Observer):
     """Exponential moving average of per-batch min / max: ``m <- m + c * (batch_min - m)``, first batch as is.
 
     Same as torch.ao's ``MovingAverageMinMaxObserver`` (and its per-channel variant); ``c`` is the option
-    ``averaging_constant`` (default 0.01). ``sync()`` averages the ranks' running values: identical on all
-    ranks, though (like any EMA) not equal to one process seeing the batches in some order.
+    ``averaging_constant`` (default 0.01). An EMA depends on the order of the batches: with a batch index on
+    every batch, ``sync()`` replays all ranks' per-batch min / max in index order, bit for bit the EMA of one
+    process seeing the batches in that order; without one it averages the ranks' running values (the same on
+    every rank, not the EMA of any one sequence).
     """
 
     name = "ema"
     DEFAULTS = {"averaging_constant": 0.01}
     RANGE_ONLY = True
+    REPLAY = True
 
     def _validate_options(self) -> None:
         if not 0.0 < self.options["averaging_constant"] <= 1.0:
             raise QuantConfigError(f"averaging_constant must be in (0, 1], got {self.options['averaging_constant']}")
 
     def _observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self._add_batch(lo, hi)
+
+    def _accumulate(self, lo: torch.Tensor, hi: torch.Tensor) -> None:  # type: ignore[override]
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo.clone(), hi.clone()
             return
@@ -273,7 +352,7 @@ class EMAMinMaxObserver(Observer):
         self.max_val = self.max_val + c * (hi - self.max_val)
 
     def _sync(self, group: Any) -> None:
-        has = torch.tensor(float(self.min_val.numel() > 0), dtype=torch.float64)
+        has = torch.tensor(float(self.min_val.numel() > 0), dtype=torch.float64, device=self.num_batches.device)
         ranks = _all_reduce(has, dist.ReduceOp.SUM, group)
         self._sync_buffers(group, sums=("min_val", "max_val"))
         self.min_val = (self.min_val.double() / ranks).float()
@@ -283,12 +362,14 @@ class EMAMinMaxObserver(Observer):
 class AvgMinMaxObserver(Observer):
     """Distiller's ``avg`` clipping: the mean over batches of each batch's min and max.
 
-    Cuts the occasional extreme batch that a running min / max keeps forever. ``sync()`` sums the per-batch
-    extremes and batch counts over ranks (the mean over every batch seen anywhere).
+    Cuts the occasional extreme batch that a running min / max keeps forever. ``sync()`` gives the mean over
+    every batch seen anywhere: with a batch index on every batch, by replaying all ranks' per-batch extremes
+    in index order (the float64 sums one process forms, bit for bit); without, by adding the ranks' sums.
     """
 
     name = "avg"
     RANGE_ONLY = True
+    REPLAY = True
 
     def _init_state(self, device: torch.device) -> None:
         super()._init_state(device)
@@ -296,6 +377,9 @@ class AvgMinMaxObserver(Observer):
         self.register_buffer("sum_max", torch.empty(0, dtype=torch.float64, device=device))
 
     def _observe_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self._add_batch(lo, hi)
+
+    def _accumulate(self, lo: torch.Tensor, hi: torch.Tensor) -> None:  # type: ignore[override]
         if self.sum_min.numel() == 0:
             self.sum_min, self.sum_max = torch.zeros_like(lo, dtype=torch.float64), torch.zeros_like(
                 hi, dtype=torch.float64)
@@ -315,12 +399,15 @@ class NStdObserver(Observer):
     """Distiller's ``n_std`` clipping: ``[mean - n * std, mean + n * std]`` clamped to the observed min / max.
 
     Mean and (population) standard deviation are over every element seen, from float64 running sums of
-    ``x`` and ``x^2`` (per channel with ``spec.per_channel``). Option ``n_std`` (default 3). ``sync()`` sums
-    the running sums and counts over ranks — the same statistics as one process on all the data.
+    ``x`` and ``x^2`` (per channel with ``spec.per_channel``). Option ``n_std`` (default 3). ``sync()`` gives
+    the statistics of all the data: with a batch index on every batch, by replaying all ranks' per-batch sums
+    in index order (the float64 sums one process forms, bit for bit); without, by adding the ranks' sums
+    (equal up to the rounding of float64 additions).
     """
 
     name = "nstd"
     DEFAULTS = {"n_std": 3.0}
+    REPLAY = True
 
     def _validate_options(self) -> None:
         if self.options["n_std"] <= 0:
@@ -333,13 +420,18 @@ class NStdObserver(Observer):
 
     def _observe(self, x: torch.Tensor) -> None:
         lo, hi = self._batch_minmax(x)
-        self._update_running_minmax(lo, hi)
         y = self._channels(x)
+        self._add_batch(lo, hi, torch.full_like(lo, y.shape[1], dtype=torch.float64),
+                        y.sum(dim=1, dtype=torch.float64), (y * y).sum(dim=1, dtype=torch.float64))
+
+    def _accumulate(self, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor,  # type: ignore[override]
+                    total: torch.Tensor, total_sq: torch.Tensor) -> None:
+        self._update_running_minmax(lo, hi)
         if self.sum.numel() == 0:
             self.count, self.sum, self.sum_sq = (torch.zeros_like(lo, dtype=torch.float64) for _ in range(3))
-        self.count += y.shape[1]
-        self.sum += y.sum(dim=1, dtype=torch.float64)
-        self.sum_sq += (y * y).sum(dim=1, dtype=torch.float64)
+        self.count += count
+        self.sum += total
+        self.sum_sq += total_sq
 
     def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.sum / self.count
@@ -409,22 +501,27 @@ class HistogramObserverBase(Observer):
             return flat, False
         blocks = max(1, limit // _BLOCK)
         spacing = _coprime_stride(max(_BLOCK, -(-numel // blocks)))  # ceil: the blocks span all of x
-        # A different offset each batch so repeated calibration batches cover every position.
-        offset = (int(self.num_batches) * _BLOCK) % (spacing - _BLOCK + 1)
+        # A different offset each batch so repeated calibration batches cover every position; from the global
+        # batch index when there is one, so a batch is sampled alike however batches are spread over ranks.
+        batch = int(self.num_batches) if self.batch_index is None else int(self.batch_index)
+        offset = (batch * _BLOCK) % (spacing - _BLOCK + 1)
         count = min(blocks, (numel - offset - _BLOCK) // spacing + 1)
         view = flat.as_strided((count, _BLOCK), (spacing, 1), flat.storage_offset() + offset)
         return view.reshape(-1), True
 
     def _rebin(self, exp: int, signed: bool) -> None:
-        """Move counts to the (wider or equal) range ``exp`` / ``signed``; exact because edges nest."""
-        if exp == int(self.exp) and signed == bool(self.signed):
+        """Move counts to the (wider or equal) range ``exp`` / ``signed``, in integers: the bin width grows by
+        ``2^d``, so bin ``i`` (``j = i - offset`` from the bin starting at 0) moves to ``floor(j / 2^d) + offset'``,
+        exactly the bin :meth:`_bin_counts` gives its values at the new range."""
+        old_exp, old_signed = int(self.exp), bool(self.signed)
+        if exp == old_exp and signed == old_signed:
             return
         bins = self.options["bins"]
-        old_lo, old_hi = self._edges()
-        new_lo, new_hi = self._edges(exp, signed)
-        old_w, new_w = (old_hi - old_lo) / bins, (new_hi - new_lo) / bins
-        centers = old_lo + (torch.arange(bins, dtype=torch.float64, device=self.hist.device) + 0.5) * old_w
-        index = torch.floor((centers - new_lo) / new_w).long().clamp_(0, bins - 1)
+        shift = (exp + signed) - (old_exp + old_signed)
+        if shift < 0:
+            raise CalibrationError(f"histogram range can only grow (2^{old_exp} to 2^{exp})")
+        j = torch.arange(bins, dtype=torch.int64, device=self.hist.device) - (bins // 2 if old_signed else 0)
+        index = ((j >> shift) + (bins // 2 if signed else 0)).clamp_(0, bins - 1)  # >>: floor division by 2^d
         self.hist = torch.zeros_like(self.hist).index_add_(0, index, self.hist)
         self.exp.fill_(exp)
         self.signed.fill_(signed)
@@ -443,20 +540,29 @@ class HistogramObserverBase(Observer):
         self.hist += self._bin_counts(*self._sample(x))
 
     def _bin_counts(self, values: torch.Tensor, owned: bool = False) -> torch.Tensor:
-        """Counts of ``values`` per bin: ``floor((v - lo) / width)``, the top edge in the last bin.
+        """Counts of ``values`` per bin: bin ``floor(v * k)``, plus ``bins / 2`` for a signed range, with
+        ``k = bins / (hi - lo)``.
 
-        ``1 / width`` is a power of two, so the scaling is exact. ``bincount`` on int32 indices is several
-        times faster than ``torch.histc`` on CPU (and about twice as fast as on int64 ones). ``owned``:
-        ``values`` is a copy that may be overwritten.
+        The index is ``floor`` of the exact product, never a product rounded after shifting by ``lo`` (which
+        rounds differently at each range), so binning commutes with :meth:`_rebin`. With ``bins`` a power of
+        two, ``k`` is one too, and ``v * k`` is exact in float32 when ``1 <= k <= 2^127`` (``k`` representable,
+        ``|v * k| < bins``, and scaling up by a power of two never rounds, subnormal ``v`` included); otherwise
+        the product is formed in float64 (exact for float32 values and ``bins`` below ``2^29``), always so for
+        other ``bins``, so that every range uses the same arithmetic.
+        ``bincount`` on int32 indices is several times faster than ``torch.histc`` on CPU (and about twice as
+        fast as on int64 ones). ``owned``: ``values`` is a copy that may be overwritten.
         """
         bins = self.options["bins"]
-        edge_lo, edge_hi = self._edges()
-        k = bins / (edge_hi - edge_lo)
-        if edge_lo:
-            scaled = (values - edge_lo).mul_(k)
-        else:  # a non-negative range (ReLU outputs): no shift needed
+        signed = bool(self.signed)
+        k = math.ldexp(float(bins), -(int(self.exp) + signed))
+        if bins & (bins - 1) == 0 and 1.0 <= k <= 2.0 ** 127:
             scaled = values.mul_(k) if owned else values * k
-        return torch.bincount(scaled.to(torch.int32).clamp_(0, bins - 1), minlength=bins)
+        else:
+            scaled = values.double().mul_(k)
+        index = scaled.floor_().to(torch.int32)
+        if signed:
+            index += bins // 2
+        return torch.bincount(index.clamp_(0, bins - 1), minlength=bins)
 
     def _sync(self, group: Any) -> None:
         exp = int(_all_reduce(self.exp, dist.ReduceOp.MAX, group))

@@ -37,6 +37,7 @@ from lit_quant.quant.spec import (
     DEFAULT_WEIGHT_SPEC,
     QuantConfigError,
     QuantSpec,
+    check_bool,
     check_choice,
 )
 
@@ -172,6 +173,8 @@ class QuantPlan:
     quantize_input: bool = True
 
     def __post_init__(self) -> None:
+        check_bool(self.fold_bn, "plan fold_bn")
+        check_bool(self.quantize_input, "plan quantize_input")
         for name in ("weight", "act"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise QuantConfigError(f"plan.{name} must be a QuantSpec, got {getattr(self, name)!r}")

@@ -32,6 +32,7 @@ from lit_quant.quant.fake_quant import (
     build_fake_quantize,
     enable_fake_quant,
     enable_observer,
+    set_batch_index,
     sync_observers,
     update_qparams,
 )
@@ -260,6 +261,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: Any = None) -> in
     """PTQ calibration: run ``batches`` (tensors or ``(inputs, targets)`` pairs) with observers on and fake
     quant off, under ``no_grad`` in eval mode, then :func:`finish_calibration`.
 
+    The ``i``-th batch is observed as global batch ``i * W + r`` (:func:`set_batch_index`; ``W`` ranks in
+    ``group``, this one ``r``; ``i`` in one process): when rank ``r`` is given batches ``r, r + W, ...`` of one
+    process's batching (as the data module's ``predict_dataloader`` does under DDP), every rank ends with
+    bit for bit the qparams of one process calibrating on all the batches.
+
     Returns:
         Number of samples seen.
 
@@ -269,12 +275,19 @@ def calibrate(model: nn.Module, batches: Iterable[Any], group: Any = None) -> in
     was_training = model.training
     model.eval()
     start_calibration(model)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size(group) if distributed else 1
+    rank = torch.distributed.get_rank(group) if distributed else 0
     seen = 0
-    with torch.no_grad():
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x)
-            seen += len(x)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                set_batch_index(model, i * world + rank)
+                model(x)
+                seen += len(x)
+    finally:
+        set_batch_index(model, None)
     if seen == 0:
         model.train(was_training)
         raise CalibrationError("empty calibration: the calibration data produced no batches")

@@ -46,6 +46,13 @@ def check_bits(bits: int, what: str = "bits") -> None:
                                f"got {bits!r}")
 
 
+def check_bool(value: Any, what: str) -> None:
+    """Raise :class:`QuantConfigError` unless ``value`` is ``True`` or ``False``: a YAML ``"no"`` string is
+    truthy in Python and would silently mean yes."""
+    if not isinstance(value, bool):
+        raise QuantConfigError(f"{what} must be true or false, got {value!r}")
+
+
 def check_choice(value: Any, allowed: tuple, what: str) -> None:
     """Raise :class:`QuantConfigError` naming the allowed values unless ``value in allowed``."""
     if value not in allowed:
@@ -82,6 +89,8 @@ class QuantSpec:
             object.__setattr__(self, "bits", None)
         else:
             check_bits(self.bits)
+        check_bool(self.narrow_range, "narrow_range")
+        check_bool(self.per_channel, "per_channel")
         check_choice(self.scheme, SCHEMES, "scheme")
         check_choice(self.observer, OBSERVER_NAMES, "observer")
         check_choice(self.quantizer, QUANTIZERS, "quantizer")

@@ -16,6 +16,7 @@ identical scales and zero points without seeing data. Format (YAML)::
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,49 @@ def save_stats(model: nn.Module, path: str | Path, include_weights: bool = False
     return path
 
 
+def _numbers(value: Any) -> bool:
+    """A non-empty list of finite numbers (booleans are not numbers here)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+def read_stats(path: str | Path) -> dict[str, Any]:
+    """Read and check a stats file without a model: a version-1 mapping whose every quantizer entry has the
+    spec keys (``kind``, ``observer`` strings, ``bits`` an integer, ``scheme``) and ``min`` / ``max`` lists
+    of finite numbers of one length with ``min <= max``. Raises :class:`QuantConfigError` naming the file,
+    the entry and the key, so a bad file fails before calibration or evaluation starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise QuantConfigError(f"stats file {path} is a folder, not a file")
+    try:
+        data = read_yaml(path, "stats")
+    except UnicodeDecodeError:
+        raise QuantConfigError(f"stats file {path} is not text (a binary file?)") from None
+    if not isinstance(data, dict) or data.get("version") != STATS_VERSION or not isinstance(
+            data.get("quantizers"), dict):
+        raise QuantConfigError(f"{path} is not a version-{STATS_VERSION} lit-quant stats file")
+    if not isinstance(data.get("source", {}), (dict, type(None))):
+        raise QuantConfigError(f"stats file {path}: 'source' must be a mapping")
+    for name, entry in data["quantizers"].items():
+        where = f"stats file {path}: entry {name!r}"
+        if not isinstance(entry, dict):
+            raise QuantConfigError(f"{where} must be a mapping")
+        missing = [k for k in (*_SPEC_KEYS, "min", "max") if k not in entry]
+        if missing:
+            raise QuantConfigError(f"{where} lacks {', '.join(missing)}")
+        for key in ("kind", "observer", "scheme"):
+            if not isinstance(entry[key], str):
+                raise QuantConfigError(f"{where}: {key} must be a string, got {entry[key]!r}")
+        if isinstance(entry["bits"], bool) or not isinstance(entry["bits"], int):
+            raise QuantConfigError(f"{where}: bits must be an integer, got {entry['bits']!r}")
+        for key in ("min", "max"):
+            if not _numbers(entry[key]):
+                raise QuantConfigError(f"{where}: {key} must be a list of finite numbers, got {entry[key]!r}")
+        if len(entry["min"]) != len(entry["max"]) or any(lo > hi for lo, hi in zip(entry["min"], entry["max"])):
+            raise QuantConfigError(f"{where}: min and max must have one length and min <= max")
+    return data
+
+
 def load_stats(model: nn.Module, path: str | Path, source: Mapping[str, Any] | None = None) -> int:
     """Set qparams of ``model``'s quantizers from a stats file; returns how many were set.
 
@@ -68,10 +112,7 @@ def load_stats(model: nn.Module, path: str | Path, source: Mapping[str, Any] | N
     Raises:
         QuantConfigError: unreadable file, another source, unknown or missing quantizer names, spec mismatch.
     """
-    data = read_yaml(path, "stats")
-    if not isinstance(data, dict) or data.get("version") != STATS_VERSION or not isinstance(
-            data.get("quantizers"), dict):
-        raise QuantConfigError(f"{path} is not a version-{STATS_VERSION} lit-quant stats file")
+    data = read_stats(path)
     recorded = data.get("source") or {}
     differ = [k for k, v in (source or {}).items() if k in recorded and recorded[k] != v]
     if differ:

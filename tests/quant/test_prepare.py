@@ -280,7 +280,7 @@ def test_bias_is_on_the_int32_accumulator_grid_once_quantized(resnet: nn.Module)
 def test_accumulator_width_follows_the_operands_and_bounds_the_bias(resnet: nn.Module) -> None:
     """32-bit accumulators (and int32 biases) for operands of at most 8 bits, 64-bit ones above, layer by
     layer: at 16-bit scales the int32 bias grid s_x s_w spans only about +-2^31 s_x s_w, so a 32-bit
-    register saturates ordinary biases (docs/RESULTS.md, stop 15); a plan's explicit width still wins."""
+    register saturates ordinary biases; a plan's explicit width still wins."""
     calib = [_x(), _x(seed=1)]
     narrow = prepare(resnet, QuantPlan.from_bits(8, 8))
     assert {m.accum_bits for m in narrow.model.modules() if hasattr(m, "accum_bits_setting")} == {32}
