@@ -11,7 +11,6 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 
-from lit_quant.builtin import builtin_qat_switches
 from lit_quant.quant import (
     QuantizedModel,
     QuantPlan,
@@ -25,9 +24,10 @@ from lit_quant.quant import (
     sync_observers,
     update_qparams,
 )
+from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.fake_quant import set_step_qparams
-from lit_quant.quant.modules import freeze_bn_stats, refresh_weight_qparams
-from lit_quant.quant.spec import CalibrationError, QuantConfigError
+from lit_quant.quant.layers import freeze_bn_stats, refresh_weight_qparams
+from lit_quant.torchao_ref import builtin_qat_switches
 
 
 class PTQCalibration(pl.Callback):
@@ -87,7 +87,7 @@ class QATCallback(pl.Callback):
     """Quantization-aware training of ``pl_module.model`` with the plan ``plan``.
 
     * ``setup``: a float ``pl_module.model`` is replaced by ``prepare(model, plan, qat=True)`` (Conv-BN pairs
-      fold as they train, see :class:`lit_quant.quant.modules.QuantConvBn2d`). This runs before Lightning
+      fold as they train, see :class:`lit_quant.quant.layers.QuantConvBn2d`). This runs before Lightning
       restores a checkpoint, so ``fit(ckpt_path=...)``, ``test(ckpt_path=...)`` and ``load_from_checkpoint``
       find the quantized structure (qparams, LSQ scales, BN-freeze flags) their state dict was saved from.
       A model prepared with another plan is refused. For ``fit`` the module is put in train mode.

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from lit_quant.errors import UserError
 from lit_quant.io import describe_os_error
+from lit_quant.quant.errors import QuantError
 
 #: Exit status for bad input (argparse uses 2 as well).
 EXIT_USAGE = 2
@@ -33,10 +34,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prog: str = "lit-quant") -> int:
-    """Run ``main(argv)``; a :class:`UserError` prints one line on stderr and returns :data:`EXIT_USAGE`."""
+    """Run ``main(argv)``; a :class:`UserError` or the quantization core's :class:`QuantError` prints one
+    line on stderr and returns :data:`EXIT_USAGE`."""
     try:
         return main(argv)
-    except UserError as exc:
+    except (UserError, QuantError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a write that failed midway (disk full, folder removed): one line, not a traceback

@@ -1,6 +1,7 @@
 """Atomic file writes: a kill at any moment leaves either the old file or the complete new one.
 
-Pure Python (no torch, no Lightning), so every layer, the quantization core included, writes through it.
+Pure Python (no torch, no Lightning), so every layer above the quantization core writes through it (the core
+writes no files: it returns what to write, e.g. :func:`lit_quant.quant.dump_stats`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model zoo: classifiers by name, with input channels and classes following the data set.
 
 Every model is built from modules only (convolutions, BatchNorm, a separate ``nn.ReLU`` per use, residual
-joins as :class:`lit_quant.nn.Add`), so the quantization layer can swap modules with ``from_float`` and never
+joins as :class:`lit_quant.quant.ops.Add`), so the quantization layer can swap modules with ``from_float`` and never
 needs to patch ``forward``.
 
 Names:
@@ -27,7 +27,7 @@ import torchvision
 from torch import nn
 
 from lit_quant.errors import UserError
-from lit_quant.nn import Add
+from lit_quant.quant.ops import Add
 
 #: Models that need a fixed input size; the data module resizes to it.
 FIXED_INPUT_SIZE: dict[str, int] = {"lenet5": 32}

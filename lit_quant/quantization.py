@@ -24,16 +24,8 @@ import torch
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
-from lit_quant.builtin import (
-    available_backends,
-    builtin_dynamic,
-    builtin_half,
-    builtin_ptq,
-    builtin_qat_convert,
-    builtin_qat_prepare,
-    check_backend,
-)
 from lit_quant.callbacks import BuiltinQATSchedule, PTQCalibration, QATCallback
+from lit_quant.classifier import LitClassifier
 from lit_quant.cli import console
 from lit_quant.config import TrainConfig, check_choices, check_warmup, load_yaml, option, resolve_config
 from lit_quant.deploy.graph import agreement
@@ -44,11 +36,28 @@ from lit_quant.deploy.pack import save_deployed
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.measure import latency_ms, model_size_bytes, paired_comparison
-from lit_quant.module import LitClassifier
 from lit_quant.precision import resolve_precision
-from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, load_stats, prepare, read_stats, save_stats
+from lit_quant.quant import (
+    QuantError,
+    QuantPlan,
+    dump_stats,
+    enable_fake_quant,
+    enable_observer,
+    load_stats,
+    prepare,
+    read_stats,
+)
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
 from lit_quant.safe_load import load_checkpoint
+from lit_quant.torchao_ref import (
+    available_backends,
+    builtin_dynamic,
+    builtin_half,
+    builtin_ptq,
+    builtin_qat_convert,
+    builtin_qat_prepare,
+    check_backend,
+)
 from lit_quant.training import (
     build_datamodule,
     build_trainer,
@@ -621,7 +630,7 @@ def _calibrate(trainer: pl.Trainer, lit: LitClassifier, dm: Any, stats_file: str
     else:
         trainer.predict(lit, datamodule=dm, return_predictions=False)
         if stats is not None and trainer.is_global_zero:
-            save_stats(lit.model, stats, source=source)
+            atomic_write_text(stats, dump_stats(lit.model, source=source))
     return time.perf_counter() - start
 
 
@@ -706,7 +715,7 @@ def reusable_ptq(path: Path, plan: QuantPlan, source: dict[str, Any]) -> tuple[t
         return None
     try:
         model, payload = load_quantized(path)
-    except UserError:
+    except (UserError, QuantError):
         return None
     if payload.get("lit_quant") != "ptq" or payload.get("source") != source or payload.get("plan") != plan.to_dict():
         return None

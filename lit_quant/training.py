@@ -24,12 +24,12 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
+from lit_quant.classifier import LitClassifier
 from lit_quant.config import TrainConfig, save_config
 from lit_quant.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text, check_writable, describe_os_error, remove_stale_temp_files
 from lit_quant.models import build_model, model_info
-from lit_quant.module import LitClassifier
 from lit_quant.precision import resolve_precision
 from lit_quant.safe_load import load_checkpoint
 

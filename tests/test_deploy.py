@@ -20,7 +20,7 @@ from lit_quant.deploy.integer import IntegerEngine, fixed_point, mul_shift_round
 from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
 from lit_quant.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare
-from lit_quant.quant.modules import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
 from lit_quant.training import build_datamodule, load_classifier
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from lit_quant.errors import UserError
 from lit_quant.models import available_models, build_model, model_info
-from lit_quant.nn import Add
+from lit_quant.quant.ops import Add
 
 
 @pytest.mark.parametrize("name,in_ch,classes,size", [

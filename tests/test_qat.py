@@ -15,16 +15,16 @@ from qat_script import run as run_qat_script
 from torch.ao.quantization import FakeQuantizeBase
 
 import quantize
-from lit_quant.builtin import available_backends, builtin_qat_prepare
 from lit_quant.callbacks import BuiltinQATSchedule, PTQCalibration, QATCallback
+from lit_quant.classifier import LitClassifier
 from lit_quant.cli import run_cli
 from lit_quant.data import ClassificationDataModule
 from lit_quant.models import build_model
-from lit_quant.module import LitClassifier
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.fake_quant import FakeQuantize
-from lit_quant.quant.modules import QuantConvBn2d, freeze_bn_stats
+from lit_quant.quant.layers import QuantConvBn2d, freeze_bn_stats
 from lit_quant.quant.spec import QuantSpec
+from lit_quant.torchao_ref import available_backends, builtin_qat_prepare
 
 
 def _bn_model() -> torch.nn.Module:
@@ -66,7 +66,7 @@ def test_fused_relu_and_observer_step_equals_the_unfused_step(method: str, obser
     summation order (float64 in the kernel)."""
     from lit_quant.quant import update_qparams
     from lit_quant.quant.fake_quant import set_step_qparams
-    from lit_quant.quant.modules import QuantOutput
+    from lit_quant.quant.layers import QuantOutput
     from lit_quant.quant.observers import EMAMinMaxObserver
 
     model, x, y = _bn_model(), torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))

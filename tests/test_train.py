@@ -13,11 +13,11 @@ import yaml
 from conftest import run_script, tiny_args
 
 import train
+from lit_quant.classifier import WARMUP_START_FACTOR, LitClassifier
 from lit_quant.cli import run_cli
 from lit_quant.config import TrainConfig
 from lit_quant.data import ClassificationDataModule
 from lit_quant.models import build_model
-from lit_quant.module import WARMUP_START_FACTOR, LitClassifier
 from lit_quant.training import build_datamodule, load_classifier
 
 

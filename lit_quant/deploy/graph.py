@@ -12,7 +12,7 @@ kind             meaning
                  quantized by its own ``act_quant``, or (``act_quant is None``) it is an accumulator that
                  the single consumer (a ReLU) requantizes
 ``requant``      :class:`QuantOutput`: ``module`` (ReLU, ReLU6, Add, average pooling) then its quantizer
-``add``          a plain :class:`lit_quant.nn.Add` whose sum a following ReLU requantizes (add + relu fused)
+``add``          a plain :class:`lit_quant.quant.ops.Add` whose sum a following ReLU requantizes (add + relu fused)
 ``passthrough``  max pooling, flatten, identity, dropout: integers stay on the input's grid
 ``output``       the model output, dequantized
 ===============  ==========================================================================================
@@ -31,10 +31,10 @@ import torch.fx
 from torch import nn
 
 from lit_quant.errors import UserError
-from lit_quant.nn import Add
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
-from lit_quant.quant.modules import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.ops import Add
 from lit_quant.quant.prepare import (
     PASSTHROUGH_TYPES,
     SHAPE_FUNCTIONS,

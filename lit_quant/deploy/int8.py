@@ -29,12 +29,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from lit_quant.builtin import _quiet, check_backend, use_engine
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
-from lit_quant.nn import Add
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.functional import QParams
+from lit_quant.quant.ops import Add
 from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.torchao_ref import _quiet, check_backend, use_engine
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -8,7 +8,7 @@ dequantization, following :func:`lit_quant.deploy.graph.deploy_graph`:
 * convolution / linear: ``acc = sum (q_x - z_x)(q_w - z_w) + q_b`` in an ``--accum-bits`` accumulator
   (default: each layer's, 32 bits for operands of at most 8 bits, else 64), with the bias at the
   accumulator's scale, ``q_b = round(b / (s_x s_w))``, in an int32 register (the accumulator's width when
-  wider: :func:`lit_quant.quant.modules.bias_range`);
+  wider: :func:`lit_quant.quant.layers.bias_range`);
 * requantization to the output scale by a fixed-point multiplier and a right shift:
   ``M = s_x s_w / s_y ~ M0 / 2^n`` with ``M0`` an integer of ``--scale-approx-bits`` bits (Distiller's
   ``--qe-scale-approx-bits``), ``q_y = clamp(((acc M0 + 2^(n-1)) >> n) + z_y, q_min, q_max)``;
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
-from lit_quant.nn import Add
 from lit_quant.quant.functional import QParams, quantize
-from lit_quant.quant.modules import _QuantWeightLayer, bias_range, signed_range
+from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
+from lit_quant.quant.ops import Add
 from lit_quant.quant.prepare import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.

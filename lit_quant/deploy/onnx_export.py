@@ -47,9 +47,9 @@ from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.io import atomic_write
-from lit_quant.nn import Add
 from lit_quant.quant.fake_quant import enable_observer
 from lit_quant.quant.functional import QParams
+from lit_quant.quant.ops import Add
 from lit_quant.quant.prepare import QuantizedModel
 
 DEFAULT_OPSET = 17

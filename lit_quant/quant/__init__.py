@@ -1,14 +1,15 @@
-"""Pure-PyTorch quantization core (never imports Lightning): specs, qparams math, fake quantization,
-observers, fusion, model preparation and calibration statistics files.
+"""Pure-PyTorch quantization core (imports only torch, yaml and itself; never Lightning nor torch.ao): specs,
+qparams math, fake quantization, observers, fusion, model preparation and calibration statistics.
 
 Typical PTQ::
 
     plan = QuantPlan.from_bits(weight_bits=4, act_bits=8, act_observer="mse", first_last_bits=8)
     qmodel = prepare(float_model, plan)      # a copy; observers on, fake quant off
     calibrate(qmodel, loader)                # observe, sync across ranks, compute qparams, fake quant on
-    save_stats(qmodel, "stats.yaml")         # next run: load_stats(prepare(model, plan), "stats.yaml")
+    Path("stats.yaml").write_text(dump_stats(qmodel))  # next run: load_stats(prepare(model, plan), "stats.yaml")
 """
 
+from lit_quant.quant.errors import CalibrationError, QuantConfigError, QuantError
 from lit_quant.quant.fake_quant import (
                                         FakeQuantize,
                                         LSQFakeQuantize,
@@ -32,7 +33,7 @@ from lit_quant.quant.functional import (
                                         quantize,
 )
 from lit_quant.quant.fuse import fold_bn, fold_bn_weights, fuse_conv_bn, module_graph
-from lit_quant.quant.modules import QuantConv2d, QuantFunctional, QuantLinear, QuantOutput
+from lit_quant.quant.layers import QuantConv2d, QuantFunctional, QuantLinear, QuantOutput
 from lit_quant.quant.observers import OBSERVERS, Observer, build_observer
 from lit_quant.quant.plan import LayerOverride, LayerQuant, QuantPlan
 from lit_quant.quant.prepare import QuantizedModel, calibrate, finish_calibration, prepare, start_calibration
@@ -41,11 +42,9 @@ from lit_quant.quant.spec import (
                                         DEFAULT_WEIGHT_SPEC,
                                         OBSERVER_NAMES,
                                         SCHEMES,
-                                        CalibrationError,
-                                        QuantConfigError,
                                         QuantSpec,
 )
-from lit_quant.quant.stats import load_stats, read_stats, save_stats
+from lit_quant.quant.stats import dump_stats, load_stats, read_stats
 
 __all__ = [
                                         "DEFAULT_ACT_SPEC",
@@ -62,6 +61,7 @@ __all__ = [
                                         "QParams",
                                         "QuantConfigError",
                                         "QuantConv2d",
+                                        "QuantError",
                                         "QuantFunctional",
                                         "QuantLinear",
                                         "QuantOutput",
@@ -74,6 +74,7 @@ __all__ = [
                                         "calculate_qparams",
                                         "calibrate",
                                         "dequantize",
+                                        "dump_stats",
                                         "enable_fake_quant",
                                         "enable_observer",
                                         "fake_quantize",
@@ -90,7 +91,6 @@ __all__ = [
                                         "quantize",
                                         "read_stats",
                                         "reset_observers",
-                                        "save_stats",
                                         "set_batch_index",
                                         "sync_observers",
                                         "update_qparams",

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.functional import SCALE_EPS, QParams, calculate_qparams, fake_quantize, lsq_fake_quantize
 from lit_quant.quant.observers import Observer, ResizingBuffersMixin, build_observer
-from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
+from lit_quant.quant.spec import QuantSpec
 
 KINDS: tuple[str, ...] = ("weight", "act")
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.kernels import available as kernels_available
 from lit_quant.quant.kernels import fused_fake_quantize, fused_lsq_backward
-from lit_quant.quant.spec import CalibrationError, QuantConfigError, QuantSpec
+from lit_quant.quant.spec import QuantSpec
 
 #: Smallest scale: torch.ao's ``eps`` (float32 machine epsilon); keeps ``1 / scale`` finite.
 SCALE_EPS = torch.finfo(torch.float32).eps

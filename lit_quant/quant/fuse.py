@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from lit_quant.nn import Add
+from lit_quant.quant.ops import Add
 
 #: Modules whose output can absorb a following ReLU (conv+relu, add+relu are one integer op).
 RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -23,7 +23,7 @@ WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 class _Tracer(torch.fx.Tracer):
-    """Keeps :class:`lit_quant.nn.Add` a leaf so the residual join shows up as a module call."""
+    """Keeps :class:`lit_quant.quant.ops.Add` a leaf so the residual join shows up as a module call."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, Add) or super().is_leaf_module(m, qualname)

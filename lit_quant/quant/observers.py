@@ -45,8 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.functional import calculate_qparams
-from lit_quant.quant.spec import OBSERVER_NAMES, CalibrationError, QuantConfigError, QuantSpec
+from lit_quant.quant.spec import OBSERVER_NAMES, QuantSpec
 
 _INF = float("inf")
 

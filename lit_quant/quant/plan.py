@@ -31,11 +31,11 @@ from typing import Any
 
 import yaml
 
+from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.spec import (
     ACCUM_BITS,
     DEFAULT_ACT_SPEC,
     DEFAULT_WEIGHT_SPEC,
-    QuantConfigError,
     QuantSpec,
     check_bool,
     check_choice,
@@ -160,7 +160,7 @@ class QuantPlan:
         overrides: :class:`LayerOverride` tuple, applied in order.
         accum_bits: accumulator width of every quantized layer (the integer engine's; the bias saturates at
             it); None: 32 bits where a layer's weight and input have at most 8 bits, else 64
-            (:func:`lit_quant.quant.modules.default_accum_bits`).
+            (:func:`lit_quant.quant.layers.default_accum_bits`).
         fold_bn: fold BatchNorm into the preceding Conv/Linear (inference / PTQ). QAT keeps it False.
         quantize_input: quantize the model input (where a real backend's ``QuantStub`` sits).
     """

@@ -25,8 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from lit_quant.builtin import AO_FUNCTIONAL_TYPES, AO_STUB_TYPES
-from lit_quant.nn import Add
+from lit_quant.quant.errors import CalibrationError
 from lit_quant.quant.fake_quant import (
     FakeQuantize,
     build_fake_quantize,
@@ -46,9 +45,9 @@ from lit_quant.quant.fuse import (
     module_graph,
     set_submodule,
 )
-from lit_quant.quant.modules import WEIGHTED_QUANT, QuantConvBn2d, QuantFunctional, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantFunctional, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.ops import Add
 from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
-from lit_quant.quant.spec import CalibrationError
 
 #: Modules that keep an integer tensor on its input's grid (monotone or shape-only): not quantized again.
 PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -154,6 +153,29 @@ def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str
     return absorbed, owner
 
 
+
+#: torch.ao's marker modules in torchvision's quantizable models, as ``(module prefix, class name)``. The core
+#: recognises them by the name of their class (or of a base class) so that it never imports torch.ao.
+_AO_STUBS = (("torch.ao.quantization", "QuantStub"),)
+_AO_FUNCTIONALS = (("torch.ao.nn.quantized", "FloatFunctional"),)
+
+
+def _is_ao(module: nn.Module, names: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``module``'s class, or one of its bases, is one of torch.ao's ``names``."""
+    return any(cls.__module__.startswith(prefix) and cls.__qualname__ == name
+               for cls in type(module).__mro__ for prefix, name in names)
+
+
+def is_ao_stub(module: nn.Module) -> bool:
+    """A torch.ao ``QuantStub``: where the model input is quantized."""
+    return _is_ao(module, _AO_STUBS)
+
+
+def is_ao_functional(module: nn.Module) -> bool:
+    """A torch.ao ``FloatFunctional``: the add / mul / cat of a quantizable model, one quantizer per instance."""
+    return _is_ao(module, _AO_FUNCTIONALS)
+
+
 def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) -> QuantizedModel:
     """A quantized copy of ``model`` (``model`` itself is not modified).
 
@@ -171,7 +193,6 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
     """
     plan = plan or QuantPlan()
     model = copy.deepcopy(model)
-    stub_types, functional_types = AO_STUB_TYPES, AO_FUNCTIONAL_TYPES
     graph = module_graph(model)
     modules = dict(model.named_modules())
     folded: set[str] = set()
@@ -189,7 +210,7 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
 
     weighted = [n for n in graph.order if isinstance(modules[n], WEIGHTED_TYPES)]
     outputs = [n for n in graph.order if isinstance(modules[n], (*OUTPUT_TYPES, *BN_TYPES)) and n not in absorbed]
-    special = [n for n, m in modules.items() if isinstance(m, stub_types + functional_types)]
+    special = [n for n, m in modules.items() if is_ao_stub(m) or is_ao_functional(m)]
     plan.check_names([INPUT, *weighted, *outputs, *special])
 
     def resolve(name: str) -> Any:
@@ -222,11 +243,11 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
     for name in special:
         spec = resolve(name).act
         if spec is not None:
-            cls = QuantFunctional if isinstance(modules[name], functional_types) else QuantOutput
+            cls = QuantFunctional if is_ao_functional(modules[name]) else QuantOutput
             set_submodule(model, name, cls.from_float(modules[name], spec))
 
     input_quant = None
-    has_stub = any(isinstance(modules[n], stub_types) for n in special)
+    has_stub = any(is_ao_stub(modules[n]) for n in special)
     if plan.quantize_input and not has_stub:
         spec = plan.resolve(INPUT).act
         input_quant = build_fake_quantize(spec, "act") if spec is not None else None

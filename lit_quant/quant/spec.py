@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lit_quant.errors import UserError
+from lit_quant.quant.errors import QuantConfigError
 
 SCHEMES: tuple[str, ...] = ("sym", "asym_u", "asym_s")
 #: Observer names; :mod:`lit_quant.quant.observers` registers one class per name (checked at import).
@@ -29,14 +29,6 @@ PER_CHANNEL_OBSERVERS: tuple[str, ...] = ("minmax", "ema", "nstd", "avg")
 QUANTIZERS: tuple[str, ...] = ("ste", "lsq")
 MIN_BITS, MAX_BITS = 2, 16
 ACCUM_BITS: tuple[int, ...] = (16, 24, 32, 64)
-
-
-class QuantConfigError(UserError, ValueError):
-    """Invalid quantization configuration (spec, plan, stats file): the CLI prints it as one line."""
-
-
-class CalibrationError(UserError, RuntimeError):
-    """Bad calibration data or state: NaN/Inf observed, qparams asked for before any data, empty calibration."""
 
 
 def check_bits(bits: int, what: str = "bits") -> None:

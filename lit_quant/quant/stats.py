@@ -25,10 +25,9 @@ import torch
 import yaml
 from torch import nn
 
-from lit_quant.io import atomic_write_text
+from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.plan import read_yaml
-from lit_quant.quant.spec import QuantConfigError
 
 STATS_VERSION = 1
 _SPEC_KEYS = ("kind", "observer", "bits", "scheme")
@@ -41,22 +40,20 @@ def _entry(fq: Any) -> dict[str, Any]:
             "min": lo.tolist(), "max": hi.tolist(), "scale": fq.scale.tolist(), "zero_point": fq.zero_point.tolist()}
 
 
-def save_stats(model: nn.Module, path: str | Path, include_weights: bool = False,
-               source: Mapping[str, Any] | None = None) -> Path:
-    """Write the calibrated ranges of ``model``'s activation quantizers (and weights if asked) to ``path``.
+def dump_stats(model: nn.Module, include_weights: bool = False, source: Mapping[str, Any] | None = None) -> str:
+    """The calibrated ranges of ``model``'s activation quantizers (and weights if asked) as stats-file YAML.
 
     ``source`` (plain values, e.g. model name, data set, a fingerprint of the float weights) is stored so
-    that :func:`load_stats` can refuse the file for another model. Written atomically (temporary file +
-    rename). Raises :class:`CalibrationError` if a quantizer saw no data.
+    that :func:`load_stats` can refuse the file for another model. Returns the text and writes nothing: the
+    caller chooses how to write it (the pipeline writes atomically). Raises :class:`CalibrationError` if a
+    quantizer saw no data.
     """
     kind = None if include_weights else "act"
     data: dict[str, Any] = {"version": STATS_VERSION}
     if source:
         data["source"] = dict(source)
     data["quantizers"] = {name: _entry(fq) for name, fq in iter_quantizers(model, kind)}
-    path = Path(path)
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120))
-    return path
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
 
 
 def _numbers(value: Any) -> bool:

@@ -48,7 +48,6 @@ with warnings.catch_warnings():
     # Importing is enough to trigger the deprecation notice on some versions; keep it local to this import.
     warnings.simplefilter("ignore", DeprecationWarning)
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats, update_bn_stats
-    from torch.ao.nn.quantized import FloatFunctional
     from torch.ao.quantization import (
         DeQuantStub,
         QuantStub,
@@ -62,11 +61,6 @@ with warnings.catch_warnings():
         quantize_dynamic,
     )
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
-
-#: torch.ao's marker modules that torchvision's quantizable models contain; the quantization core
-#: (:mod:`lit_quant.quant.prepare`) recognises them through these names so torch.ao is imported only here.
-AO_STUB_TYPES: tuple[type[nn.Module], ...] = (QuantStub,)
-AO_FUNCTIONAL_TYPES: tuple[type[nn.Module], ...] = (FloatFunctional,)
 
 #: Every quantized engine the built-in side knows; :func:`available_backends` says which run here.
 BACKENDS: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")

@@ -1,4 +1,4 @@
-"""torch.ao reference (lit_quant.builtin) and size / latency measurement (lit_quant.measure), on real torch.ao."""
+"""torch.ao reference (lit_quant.torchao_ref) and size / latency measurement (lit_quant.measure), on real torch.ao."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_quant.builtin import (
+from lit_quant.errors import UserError
+from lit_quant.measure import latency_ms, model_size_bytes
+from lit_quant.models import build_model
+from lit_quant.torchao_ref import (
     BACKENDS,
     HalfPrecision,
     available_backends,
@@ -21,9 +24,6 @@ from lit_quant.builtin import (
     builtin_qat_prepare,
     use_engine,
 )
-from lit_quant.errors import UserError
-from lit_quant.measure import latency_ms, model_size_bytes
-from lit_quant.models import build_model
 
 AVAILABLE = available_backends()
 
