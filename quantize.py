@@ -9,7 +9,8 @@
     python quantize.py --mode qat --bits 2 --qat-method lsq --first-last-bits 8
     python quantize.py --eval checkpoints/digits-resnet20/ptq-w8a8.ckpt
 
-Writes report.json and report.csv to the checkpoint's run folder and prints the table.
+Writes report.json and report.csv to <run>/quantize/<name>/ (copies of the newest beside the checkpoint) and
+prints the table.
 """
 
 from __future__ import annotations
@@ -22,13 +23,8 @@ from typing import Any
 from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
-from lit_quant.config import add_config_arguments, resolve_config
-from lit_quant.errors import UserError
-from lit_quant.quant.spec import OBSERVER_NAMES
-from lit_quant.quantization import QuantizeConfig, evaluate_quantized, run_quantize
-
-#: ``--sweep``: seed 001's widths.
-SWEEP_BITS = (16, 8, 6, 4, 3, 2)
+from lit_quant.config import add_config_arguments
+from lit_quant.pipeline.config import OBSERVER_NAMES, SCHEMES, SWEEP_BITS, QuantizeConfig, resolve_request
 
 
 def build_parser() -> ArgumentParser:
@@ -37,9 +33,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--bits", type=int, nargs="+", metavar="N",
                         help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
     parser.add_argument("--sweep", action="store_true", help=f"sweep --bits {' '.join(map(str, SWEEP_BITS))}")
-    parser.add_argument("--observers", nargs="+", metavar="NAME",
+    parser.add_argument("--observers", nargs="+", choices=OBSERVER_NAMES,
                         help="activation observers compared side by side, one row each (default: --act-observer)")
-    parser.add_argument("--scheme", metavar="SCHEME", help="sets both --weight-scheme and --act-scheme")
+    parser.add_argument("--scheme", choices=SCHEMES, help="sets both --weight-scheme and --act-scheme")
     add_config_arguments(parser, QuantizeConfig)
     parser.add_argument("--per-tensor", dest="per_channel", action="store_false", default=argparse.SUPPRESS,
                         help="one scale per weight tensor (same as --no-per-channel)")
@@ -47,40 +43,20 @@ def build_parser() -> ArgumentParser:
 
 
 def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] | None, list[str] | None]:
-    """Parse ``argv`` into the config, the sweep's bit widths and its observers (``None`` when not sweeping).
+    """Parse ``argv`` into the config, the sweep's bit widths and its observers (``None`` when not sweeping);
+    the rules between flags are :func:`lit_quant.pipeline.config.resolve_request`'s."""
+    request = resolve_request(vars(build_parser().parse_args(argv)))
+    return request.config, request.sweep_bits, request.observers
 
-    ``--bits N`` / ``--scheme S`` fill whichever of the weight / activation flags is not given.
-    """
-    args = vars(build_parser().parse_args(argv))
-    sweep = list(SWEEP_BITS) if args.pop("sweep", False) else None
-    observers = args.pop("observers", None)
-    bits = args.pop("bits", None)
-    if bits is not None and len(bits) > 1:
-        sweep, bits = bits, None
-    if bits is not None:
-        args["bits"] = bits[0]
-    for shorthand, targets in (("bits", ("weight_bits", "act_bits")), ("scheme", ("weight_scheme", "act_scheme"))):
-        value = args.pop(shorthand, None)
-        if value is not None:
-            for target in targets:
-                args.setdefault(target, value)
-    if args.get("mode") == "qat":  # QAT tracks ranges as they move: a moving average, as torch.ao's QAT does
-        args.setdefault("act_observer", "ema")
-    cfg = resolve_config(args, cls=QuantizeConfig)
-    for value in sweep or []:
-        if not 2 <= value <= 16:
-            raise UserError(f"--bits must be in 2..16, got {value}")
-    for name in observers or []:
-        if name not in OBSERVER_NAMES:
-            raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
-    qat_only = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_weight", "distill_temperature",
-                "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
-    given = [name for name in qat_only if name in args]
-    if given and cfg.mode != "qat":
-        raise UserError(f"--{given[0].replace('_', '-')} is a QAT setting: add --mode qat")
-    if (sweep or observers) and cfg.mode not in ("ptq", "compare"):
-        raise UserError("--sweep / several --bits / --observers need --mode ptq or compare")
-    return cfg, sweep, observers
+
+def build_kernels() -> None:
+    """Compile the fused fake-quant kernel now, saying so, when this machine has not built it yet (about a
+    minute, once); otherwise the first calibration would seem to hang."""
+    from lit_quant.quant import kernels
+
+    if not kernels.ready():
+        print("compiling the fused fake-quant kernel (once, about a minute)...", file=sys.stderr, flush=True)
+        kernels.available()
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -95,7 +71,7 @@ def _versus_fp32(r: dict[str, Any]) -> str:
 
 
 def pair_line(pair: dict[str, Any]) -> str:
-    """One sentence for an ours-against-torch.ao pair of :func:`lit_quant.quantization.paired_rows`."""
+    """One sentence for an ours-against-torch.ao pair of :func:`lit_quant.pipeline.rows.paired_rows`."""
     verdict = "a real difference" if pair["p_value"] < 0.05 else "not distinguishable on this test set"
     return (f"{pair['ours']} vs {pair['theirs']}, image by image: only ours right on {pair['ours_only']}, only "
             f"torch.ao's on {pair['theirs_only']} (exact McNemar p = {pair['p_value']:.3g}: {verdict} at 5 %)")
@@ -142,6 +118,12 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, quantize, print the table; returns the exit status."""
     cfg, sweep, observers = resolve_args(argv)
+    # imported here, after parsing: torch and Lightning take seconds to load, --help and flag errors need neither
+    from lit_quant.pipeline.checkpoint import evaluate_quantized
+    from lit_quant.pipeline.run import run_quantize
+
+    if cfg.mode in ("ptq", "compare", "qat") or cfg.eval is not None:
+        build_kernels()
     if cfg.eval is not None:
         console.print(report_table([evaluate_quantized(cfg.eval, cfg.batch_size)]))
         return 0
@@ -161,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           highlight=False)
     for pair in result.pairs:
         console.print(pair_line(pair), markup=False, highlight=False)
-    console.print(f"Report: {result.run_dir / 'report.json'}")
+    console.print(f"Report: {result.report_dir / 'report.json'}")
     return 0
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import TrainConfig, add_config_arguments, load_yaml, resolve_config
-from lit_quant.training import TrainResult, find_resume_checkpoint, run_training
+
+if TYPE_CHECKING:
+    from lit_quant.training import TrainResult
 
 
 def build_parser() -> ArgumentParser:
@@ -36,6 +39,8 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[TrainConfig, object]:
     run continues with its own settings; ``--config`` and flags still override it.
     """
     args = vars(build_parser().parse_args(argv))
+    from lit_quant.training import find_resume_checkpoint  # after parsing: --help needs no torch
+
     config_file = args.pop("config", None)
     yaml_defaults = load_yaml(config_file) if config_file else {}
     resume_path = None
@@ -74,6 +79,8 @@ def summary_table(result: TrainResult) -> Table:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, train, print the summary; returns the exit status."""
     cfg, resume_path = resolve_args(argv)
+    from lit_quant.training import run_training  # after parsing: --help and flag errors need no torch
+
     result = run_training(cfg, resume_path)
     if result.is_global_zero:
         console.print(summary_table(result))

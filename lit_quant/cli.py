@@ -11,7 +11,6 @@ from rich.console import Console
 
 from lit_quant.errors import UserError
 from lit_quant.io import describe_os_error
-from lit_quant.quant.errors import QuantError
 
 #: Exit status for bad input (argparse uses 2 as well).
 EXIT_USAGE = 2
@@ -28,6 +27,14 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """A value outside a flag's ``choices``: a :class:`UserError` ``invalid --flag 'value'; choose from a, b``
+        (the wording of :func:`lit_quant.config.check_choices`, so a flag and a YAML key are refused alike,
+        and :func:`run_cli` prints it as one line with exit status 2)."""
+        if action.choices is not None and value not in action.choices:
+            flag = action.option_strings[-1] if action.option_strings else action.dest
+            raise UserError(f"invalid {flag} '{value}'; choose from {', '.join(map(str, action.choices))}")
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -38,12 +45,20 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     line on stderr and returns :data:`EXIT_USAGE`."""
     try:
         return main(argv)
-    except (UserError, QuantError) as exc:
+    except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # a write that failed midway (disk full, folder removed): one line, not a traceback
-        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as exc:
+        # Looked up, not imported: importing the core loads torch, which --help must not wait for; a
+        # QuantError can only come from a core that is loaded already.
+        core_errors = sys.modules.get("lit_quant.quant.errors")
+        if core_errors is not None and isinstance(exc, core_errors.QuantError):
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, OSError):  # a write that failed midway (disk full, folder removed): one line
+            print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -34,8 +34,9 @@ def check_choices(config: Any) -> None:
     for f in fields(config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
-        if choices and value is not None and value not in choices:
-            raise UserError(f"invalid --{f.name.replace('_', '-')} '{value}'; choose from {', '.join(choices)}")
+        for item in value if isinstance(value, (list, tuple)) else [value]:  # a list flag: each of its values
+            if choices and item is not None and item not in choices:
+                raise UserError(f"invalid --{f.name.replace('_', '-')} '{item}'; choose from {', '.join(choices)}")
 
 
 @dataclass
@@ -163,18 +164,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
     hints = get_type_hints(cls)
     for f in fields(cls):
         flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]  # a help that explains its default itself (one depending on the mode)
+        help_text += "" if "default:" in help_text else f" (default: {f.default})"
         base = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if f.metadata.get("choices"):  # argparse lists them in the help ({a,b}) and refuses others with one line
+            kwargs["choices"] = f.metadata["choices"]
         members = get_args(base) if get_origin(base) in (Union, UnionType) else (base,)  # unwrap "X | None"
         inner = next((t for t in members if t is not type(None)), str)
         if inner is bool:  # --flag / --no-flag (a "bool | None" field stays None, i.e. automatic, when unset)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if get_origin(inner) in (list, tuple):  # tuple[str, ...]: one or more values after the flag
-            parser.add_argument(flag, type=get_args(inner)[0], nargs="+", metavar=f.name.upper(), **kwargs)
+            parser.add_argument(flag, type=get_args(inner)[0], nargs="+", **_metavar(f.name, kwargs), **kwargs)
             continue
-        parser.add_argument(flag, type=inner, metavar=f.name.upper(), **kwargs)
+        parser.add_argument(flag, type=inner, **_metavar(f.name, kwargs), **kwargs)
+
+
+def _metavar(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The field's name as the value placeholder; none for a choice flag, whose ``{a,b}`` says more."""
+    return {} if "choices" in kwargs else {"metavar": name.upper()}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -226,7 +226,7 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
     assert (trained / "tiny" / "qat-w4a4" / "last.ckpt").is_file()
     assert quantize.main(["--eval", str(saved)]) == 0
     assert "qat (reloaded)" in capsys.readouterr().out
-    from lit_quant.quantization import evaluate_quantized
+    from lit_quant.pipeline.checkpoint import evaluate_quantized
 
     assert evaluate_quantized(saved, batch_size=50)["top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-9)
     # the Lightning checkpoint restores through Trainer.test(ckpt_path=...) with the callback re-preparing
@@ -324,7 +324,7 @@ def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Pat
     assert set(rows) == {"fp32", "ptq", "qat"}
     assert "distilled from fp32 w=1 T=1, lr warm-up 0.5 epochs" in rows["qat"]["note"]
     assert torch.load(run / "qat-w4a4" / "last.ckpt", weights_only=True)["epoch"] == 1
-    from lit_quant.quantization import evaluate_quantized
+    from lit_quant.pipeline.checkpoint import evaluate_quantized
 
     # the saved model (rank 0's) reproduces the accuracy both ranks evaluated together
     assert evaluate_quantized(run / "qat-w4a4.ckpt", batch_size=32)["top1"] == pytest.approx(rows["qat"]["top1"],

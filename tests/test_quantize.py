@@ -12,7 +12,7 @@ from conftest import report_rows, run_script, tiny_args
 import quantize
 import train
 from lit_quant.cli import run_cli
-from lit_quant.quantization import ROW_KEYS
+from lit_quant.pipeline.rows import ROW_KEYS
 
 
 def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
@@ -58,7 +58,7 @@ def test_compare_runs_every_backend(trained: Path) -> None:
 @pytest.mark.parametrize("argv,message", [
     (["--bits", "1"], "must be in 2..16"),
     (["--bits", "17"], "must be in 2..16"),
-    (["--backend", "tensorrt"], "unknown quantized backend 'tensorrt'"),
+    (["--backend", "tensorrt"], "invalid --backend 'tensorrt'; choose from fbgemm"),
     (["--act-observer", "kl"], "invalid --act-observer 'kl'"),
     (["--ckpt", "/nonexistent.ckpt"], "not found"),
 ])
@@ -74,7 +74,7 @@ def test_no_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> None:
-    from lit_quant.quantization import evaluate_quantized
+    from lit_quant.pipeline.checkpoint import evaluate_quantized
 
     assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "4", "--act-bits", "6",
                           "--calib-batches", "4", "--no-latency"]) == 0
@@ -142,7 +142,7 @@ def test_dynamic_and_half_modes(trained: Path) -> None:
 
 def test_bit_sweep_table_and_plot(trained: Path, capsys) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "4", "2", "--observers", "minmax", "mse",
-                          "--calib-batches", "2", "--no-latency"]) == 0
+                          "--calib-batches", "2", "--no-latency", "--name", "sweep", "--save-checkpoints"]) == 0
     out = capsys.readouterr().out
     assert "top-1 % against bits" in out  # seed 001's layout: a line per width, a column per observer
     rows = report_rows(trained / "tiny")
@@ -153,7 +153,8 @@ def test_bit_sweep_table_and_plot(trained: Path, capsys) -> None:
     fp32 = next(r["top1"] for r in rows if r["variant"] == "fp32")
     for observer in ("minmax", "mse"):
         assert abs(ptq[(8, observer)] - fp32) <= 2.0 and ptq[(2, observer)] < ptq[(8, observer)]
-    png = (trained / "tiny" / "accuracy_vs_bits.png").read_bytes()
+    assert report_rows(trained / "tiny" / "quantize" / "sweep") == rows  # the run's own report, copied beside the run
+    png = (trained / "tiny" / "quantize" / "sweep" / "accuracy_vs_bits.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (trained / "tiny" / "ptq-w4a4-mse.ckpt").is_file()
 
@@ -161,7 +162,7 @@ def test_bit_sweep_table_and_plot(trained: Path, capsys) -> None:
 @pytest.mark.parametrize("argv,message", [
     (["--sweep", "--mode", "builtin"], "need --mode ptq"),
     (["--bits", "8", "1"], "must be in 2..16"),
-    (["--bits", "8", "4", "--observers", "kl"], "invalid observer 'kl'"),
+    (["--bits", "8", "4", "--observers", "kl"], "invalid --observers 'kl'"),
 ])
 def test_bad_sweep_flags(trained: Path, argv: list[str], message: str, capsys) -> None:
     assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), *argv], prog="quantize.py") == 2
@@ -260,7 +261,8 @@ def test_two_processes_give_the_single_process_report(trained: Path, tmp_path: P
         for name in ("best.ckpt", "config.yaml"):
             (run / name).write_bytes((trained / "tiny" / name).read_bytes())
         args = ["--ckpt", str(run / "best.ckpt"), "--accelerator", "cpu", "--devices", devices, "--mode", "ptq",
-                "--bits", "4", "--observers", *OBSERVERS, "--calib-batches", "3", "--batch-size", "80", "--no-latency"]
+                "--bits", "4", "--observers", *OBSERVERS, "--calib-batches", "3", "--batch-size", "80", "--no-latency",
+                "--save-checkpoints"]
         if devices == "1":
             assert quantize.main(args) == 0
         else:

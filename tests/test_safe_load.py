@@ -21,7 +21,7 @@ import quantize
 import train
 from lit_quant.data import ClassificationDataModule
 from lit_quant.errors import UserError
-from lit_quant.quantization import load_quantized
+from lit_quant.pipeline.checkpoint import load_quantized
 from lit_quant.safe_load import load_checkpoint, load_cifar_batch
 from lit_quant.training import AtomicCheckpointIO, load_classifier
 

@@ -271,7 +271,7 @@ def _load() -> Any:
                 # per element would be slower than eager torch); the build is named after this CPU and source,
                 # so a shared cache never hands it to another CPU or version. -ffp-contract=off: no fused
                 # multiply-add, so each product rounds as torch's does.
-                _module = load_inline(f"lit_quant_fake_quant_{_build_tag()}", cpp_sources=_SOURCE,
+                _module = load_inline(_name(), cpp_sources=_SOURCE,
                                       functions=list(_FUNCTIONS),
                                       extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno"],
                                       verbose=False)
@@ -282,6 +282,26 @@ def _load() -> Any:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager path",
                               RuntimeWarning, stacklevel=3)
     return _module
+
+
+def _name() -> str:
+    return f"lit_quant_fake_quant_{_build_tag()}"
+
+
+def ready() -> bool:
+    """Whether :func:`available` would return without compiling: the kernels are loaded, were refused or
+    disabled, or this CPU's build is already in the extension cache. A front end uses it to tell the user
+    about the one-time compilation (about a minute) before it starts; the core itself prints nothing."""
+    if _module is not None or _failed or os.environ.get("LIT_QUANT_NO_KERNELS", "") not in ("", "0"):
+        return True
+    try:
+        # importing cpp_extension logs a CUDA_HOME notice on CPU-only machines: not ours to show
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(_name(), verbose=False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 - an unknown cache layout: say it may compile
+        return False
 
 
 def available() -> bool:

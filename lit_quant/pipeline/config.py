@@ -1,0 +1,239 @@
+"""``quantize.py``'s settings and every rule about them, in one place: the :class:`QuantizeConfig` fields
+(flag, help, allowed values), their validation, and the rules between flags (the ``--bits`` / ``--scheme``
+shorthands, QAT-only flags, sweeps, the mode-dependent activation observer).
+
+Light on purpose: no torch, no Lightning at module level, so building the parser (``quantize.py --help``)
+costs a fraction of a second. The allowed values the quantization core and the exporters define are
+repeated here as plain tuples (``tests/pipeline/test_config.py`` checks they agree); checks that need the
+heavy modules import them inside :meth:`QuantizeConfig.validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lit_quant.config import check_choices, check_warmup, option, resolve_config
+from lit_quant.errors import UserError
+
+MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
+EXPORTS = ("int8", "integer", "onnx")
+QAT_METHODS = ("ste", "lsq")
+#: Same as :data:`lit_quant.quant.spec.SCHEMES` / ``OBSERVER_NAMES``.
+SCHEMES = ("sym", "asym_u", "asym_s")
+OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy", "nstd", "avg")
+#: Same as :data:`lit_quant.torchao_ref.BACKENDS`.
+BACKENDS = ("fbgemm", "x86", "qnnpack", "onednn")
+#: Same as :data:`lit_quant.deploy.integer.DEFAULT_SCALE_APPROX_BITS` / :data:`lit_quant.deploy.onnx_export.DEFAULT_OPSET`.
+DEFAULT_SCALE_APPROX_BITS = 31
+DEFAULT_OPSET = 17
+#: ``--sweep``: the widths of the accuracy-against-bits figure.
+SWEEP_BITS = (16, 8, 6, 4, 3, 2)
+#: Flags that only mean something for ``--mode qat``.
+QAT_ONLY = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_weight", "distill_temperature",
+            "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
+
+
+def default_act_observer(mode: str) -> str:
+    """The activation observer when ``--act-observer`` is not given: ``ema`` for QAT (ranges move as the
+    weights train, so a moving average tracks them, as torch.ao's QAT does), ``mse`` otherwise (the
+    clipping range that minimises the quantization error of the calibration data)."""
+    return "ema" if mode == "qat" else "mse"
+
+
+@dataclass
+class QuantizeConfig:
+    """Everything ``quantize.py`` needs; see the README for each flag."""
+
+    ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
+    eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
+    checkpoint_dir: str = option("checkpoints", "root folder of runs; reports go to the checkpoint's run folder")
+    name: str | None = option(None, "name of this run's report folder <run>/quantize/<name>/ (default: the UTC "
+                              "time, e.g. 20261203-093000)")
+    save_checkpoints: bool = option(False, "with --sweep / several --bits / --observers: also keep each "
+                                    "point's ptq-w*a*.ckpt (a single-width run always keeps its own)")
+    mode: str = option("ptq", "ptq (fp32, ours, torch.ao --backend), qat (fp32, PTQ, our QAT, torch.ao QAT), builtin (torch.ao only), compare (fp32, ours, "
+                       "torch.ao on every backend of this CPU), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
+    weight_bits: int = option(8, "weight bits, 2..16")
+    act_bits: int = option(8, "activation bits, 2..16")
+    weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
+    act_scheme: str = option("asym_u", "activation scheme", choices=SCHEMES)
+    per_channel: bool = option(True, "per-channel weight quantization (--no-per-channel: per tensor)")
+    weight_observer: str = option("minmax", "weight observer", choices=OBSERVER_NAMES)
+    act_observer: str | None = option(None, "activation observer (default: mse for --mode ptq / compare, ema for "
+                                      "--mode qat)", choices=OBSERVER_NAMES)
+    percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
+    n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
+    first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")
+    io_bits: int | None = option(None, "bits of the model input (the image) and output (the logits) only, e.g. 8 "
+                                 "with low --bits; every weight keeps --weight-bits")
+    no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
+    plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
+    stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
+    calib_batches: int = option(32, "training batches used for calibration")
+    # Larger than train.py's 64: no gradients are kept, so evaluation and calibration batches can be bigger.
+    batch_size: int = option(128, "batch size per process of calibration and evaluation (larger than train.py's: "
+                             "no gradients to keep)")
+    backend: str = option("x86", "torch.ao backend of the built-in row", choices=BACKENDS)
+    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    devices: str = option("1", "Lightning devices: a count, a list like 0,1, or auto; calibration statistics are "
+                          "merged across processes, evaluation is split between them")
+    gpus: int | None = option(None, "calibrate and evaluate on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
+    num_nodes: int = option(1, "number of nodes for multi-node DDP")
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
+    # QAT
+    epochs: int = option(5, "QAT: fine-tuning epochs (ours and torch.ao's)")
+    lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: 1/100 of the fp32 run's)")
+    warmup_epochs: float = option(0.0, "QAT: linear learning-rate warm-up from 1/100 of --lr over this many epochs "
+                                  "(fractions allowed; 0: none); keeps low-bit LSQ at a large --lr from diverging "
+                                  "in its first steps")
+    qat_method: str = option("ste", "QAT: ste (fixed-range fake quant, observers, straight-through rounding) or "
+                             "lsq (learned step sizes, for low bits)", choices=QAT_METHODS)
+    distill: bool = option(False, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
+                           "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student)")
+    distill_weight: float = option(1.0, "QAT with --distill: weight w of the distillation term, in [0, 1]")
+    distill_temperature: float = option(1.0, "QAT with --distill: softmax temperature T, positive")
+    freeze_observers_epoch: int | None = option(None, "QAT: stop updating ranges from this epoch (0-based; "
+                                                "unset: never)")
+    # Default 0: fine-tuning a converged fp32 model, BatchNorm folds its running statistics from the first
+    # step; on digits below 8 bits that beat training BatchNorm in every paired seed (docs/RESULTS.md).
+    freeze_bn_epoch: int = option(0, "QAT: freeze BatchNorm statistics from this epoch (0-based; 0: fold the fp32 "
+                                  "running statistics from the start; >= --epochs: BatchNorm trains all run)")
+    precision: str | None = option(None, "QAT: Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, "
+                                   "bf16-true, 64-true")
+    opt_level: str | None = option(None, "QAT: apex-style mixed precision level (see README)",
+                                   choices=("O0", "O1", "O2", "O3"))
+    resume: str | None = option(None, "QAT: continue from 'last' (the run's qat-w<W>a<A>/last.ckpt) or a path")
+    seed: int = option(42, "QAT: random seed of shuffling and augmentation")
+    deterministic: bool = option(False, "QAT: deterministic algorithms (bit-identical reruns and resumes)")
+    builtin_qat: bool = option(True, "QAT: also train torch.ao's prepare_qat_fx model (same epochs and data)")
+    # deployment
+    export: tuple[str, ...] = option((), "deploy each PTQ / QAT result: int8 (torch.ao kernels with our qparams), "
+                                     "integer (integer-only reference engine), onnx (QDQ model run by onnxruntime)",
+                                     choices=EXPORTS)
+    accum_bits: int | None = option(None, "--export integer: accumulator bits of every layer (default: the plan's; 32 "
+                                    "where a layer's weight and input have <= 8 bits, else 64); "
+                                    "overflows are counted and reported")
+    scale_approx_bits: int = option(DEFAULT_SCALE_APPROX_BITS, "--export integer: bits of the fixed-point "
+                                    "requantization multiplier M0 (M ~ M0 / 2^n; 31 = gemmlowp / TFLite's Q31)")
+    explain: str | None = option(None, "print the integer dataflow of this layer (bit widths, scales, multiplier)")
+    onnx_opset: int = option(DEFAULT_OPSET, "--export onnx: ONNX opset (13 or newer: per-channel QuantizeLinear)")
+    latency: bool = option(True, "measure CPU latency at batch 1 and 64 (1 thread, rank 0 only)")
+    progress: bool | None = option(None, "rich progress bars for calibration, QAT and evaluation; unset (None): "
+                                   "on when stderr is a terminal")
+
+    def __post_init__(self) -> None:
+        # The mode's observer is part of the resolved config: reports, notes and a saved config show it.
+        if self.act_observer is None:
+            self.act_observer = default_act_observer(self.mode)
+
+    def validate(self) -> None:
+        """Range checks with one-line messages."""
+        for name in ("weight_bits", "act_bits", "first_last_bits", "io_bits"):
+            value = getattr(self, name)
+            if value is not None and not 2 <= value <= 16:
+                raise UserError(f"--{name.replace('_', '-')} must be in 2..16, got {value}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.n_std <= 0:
+            raise UserError(f"--n-std must be positive, got {self.n_std}")
+        for name in ("calib_batches", "batch_size", "num_nodes"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        check_warmup(self.warmup_epochs, self.epochs)
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UserError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise UserError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if not self.distill and (self.distill_weight != 1.0 or self.distill_temperature != 1.0):
+            raise UserError("--distill-weight / --distill-temperature are settings of --distill: add --distill")
+        for name in ("freeze_observers_epoch", "freeze_bn_epoch"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a non-negative epoch, got {value}")
+        if self.gpus is not None and self.gpus <= 0:
+            raise UserError(f"--gpus must be positive, got {self.gpus}")
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name):
+            raise UserError(f"--name must be a plain folder name, got {self.name!r}")
+        unknown = [e for e in self.export if e not in EXPORTS]
+        if unknown:
+            raise UserError(f"invalid --export '{unknown[0]}'; choose from {', '.join(EXPORTS)}")
+        if (self.export or self.explain) and self.mode not in ("ptq", "compare", "qat"):
+            raise UserError("--export / --explain deploy our quantized model: use --mode ptq, compare or qat")
+        if "integer" not in self.export and (self.accum_bits is not None or self.scale_approx_bits != DEFAULT_SCALE_APPROX_BITS):
+            raise UserError("--accum-bits / --scale-approx-bits are settings of the integer engine: add --export integer")
+        if "onnx" not in self.export and self.onnx_opset != DEFAULT_OPSET:
+            raise UserError("--onnx-opset is a setting of --export onnx")
+        check_choices(self)
+        self._validate_heavy()
+
+    def _validate_heavy(self) -> None:
+        """The checks that need the exporters and the precision plugin (torch, Lightning): imported here so
+        that building the parser stays light."""
+        from lit_quant.deploy.integer import check_engine_widths
+        from lit_quant.deploy.onnx_export import check_opset
+        from lit_quant.precision import resolve_precision
+
+        check_engine_widths(self.accum_bits, self.scale_approx_bits)
+        if "onnx" in self.export:
+            check_opset(self.onnx_opset)
+        resolve_precision(self.precision, self.opt_level, on_cuda=False)  # both given, or an unknown value
+
+
+@dataclass
+class QuantizeRequest:
+    """A resolved command line: the config, and the sweep's widths and observers (None when not sweeping)."""
+
+    config: QuantizeConfig
+    sweep_bits: list[int] | None
+    observers: list[str] | None
+
+
+def resolve_request(args: Mapping[str, Any]) -> QuantizeRequest:
+    """Apply the rules between flags to parsed flags (given ones only, as ``add_config_arguments`` leaves
+    them) and build the validated config.
+
+    ``sweep`` (bool) sweeps :data:`SWEEP_BITS`; ``bits`` (a list) sets both weight and activation widths,
+    several values run a sweep; ``scheme`` sets both schemes; each shorthand fills only the flags not given.
+    QAT-only flags need ``--mode qat``; a sweep or ``observers`` needs ``--mode ptq`` or ``compare``.
+    """
+    args = dict(args)
+    sweep = list(SWEEP_BITS) if args.pop("sweep", False) else None
+    observers = args.pop("observers", None)
+    bits = args.pop("bits", None)
+    if bits is not None and len(bits) > 1:
+        sweep, bits = list(bits), None
+    if bits is not None:
+        args["bits"] = bits[0]
+    for shorthand, targets in (("bits", ("weight_bits", "act_bits")), ("scheme", ("weight_scheme", "act_scheme"))):
+        value = args.pop(shorthand, None)
+        if value is not None:
+            for target in targets:
+                args.setdefault(target, value)
+    cfg = resolve_config(args, cls=QuantizeConfig)
+    for value in sweep or []:
+        if not 2 <= value <= 16:
+            raise UserError(f"--bits must be in 2..16, got {value}")
+    for name in observers or []:
+        if name not in OBSERVER_NAMES:
+            raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")
+    given = [name for name in QAT_ONLY if name in args]
+    if given and cfg.mode != "qat":
+        raise UserError(f"--{given[0].replace('_', '-')} is a QAT setting: add --mode qat")
+    if (sweep or observers) and cfg.mode not in ("ptq", "compare"):
+        raise UserError("--sweep / several --bits / --observers need --mode ptq or compare")
+    if cfg.save_checkpoints and not (sweep or observers):
+        raise UserError("--save-checkpoints is a setting of --sweep / several --bits / --observers (a single-width "
+                        "run always keeps its checkpoint)")
+    return QuantizeRequest(cfg, sweep, observers)
+
+
+def is_sweep(sweep_bits: Sequence[int] | None, observers: Sequence[str] | None) -> bool:
+    """Several PTQ points in one run (several widths or several observers)."""
+    return bool(sweep_bits and len(sweep_bits) > 1) or bool(observers and len(observers) > 1)

@@ -1,0 +1,93 @@
+"""Export rows of one fake-quant result (``--export int8 / integer / onnx``) and ``--explain``: each
+deployed model is evaluated on the same test split and its note says how far it is from the fake-quant row
+it came from."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_quant.cli import console
+from lit_quant.deploy.graph import agreement
+from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
+from lit_quant.deploy.integer import IntegerEngine
+from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
+from lit_quant.deploy.pack import save_deployed
+from lit_quant.pipeline.context import RunContext, file_size
+from lit_quant.pipeline.reference import ptq_backends
+from lit_quant.pipeline.rows import Report, Row
+
+
+def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, stem: str) -> None:
+    """Add the ``--export`` rows of ``qmodel`` (whose own row is ``base``) to ``report``; print ``--explain``."""
+    cfg = ctx.cfg
+    if not (cfg.export or cfg.explain):
+        return
+    engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits) \
+        if cfg.explain or "integer" in cfg.export else None
+    if cfg.explain and ctx.is_global_zero:
+        console.print(engine.explain(cfg.explain, ctx.example), markup=False, highlight=False, soft_wrap=True)
+        engine.reset_stats()  # the overflow report covers the evaluation only
+    bits = {"weight_bits": base.weight_bits, "act_bits": base.act_bits, "observer": base.observer}
+    deployed = ctx.run_dir / f"{stem}-deploy.pt"
+    if cfg.export and ctx.is_global_zero:
+        save_deployed(deployed, qmodel, ctx.arch, ctx.data_settings)
+    if "int8" in cfg.export:
+        _int8_rows(ctx, report, base, qmodel, bits)
+    if "integer" in cfg.export:
+        _integer_row(ctx, report, base, engine, qmodel, bits, file_size(deployed))
+    if "onnx" in cfg.export:
+        _onnx_row(ctx, report, base, qmodel, bits, stem)
+
+
+def _int8_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict) -> None:
+    """Our qparams on torch.ao's int8 kernels, per backend; a row with the reason where they cannot run it."""
+    blockers = int8_blockers(qmodel)
+    for backend in ptq_backends(ctx.cfg):
+        if blockers:  # said in the table, not silently changed
+            report.add(Row("int8-export", source=base.variant, backend=backend, **bits,
+                           note=f"not expressible on {backend} int8 kernels: {blockers[0]}"
+                                + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else "")))
+            continue
+        row, correct = ctx.evaluate("int8-export", export_int8(qmodel, backend), source=base.variant,
+                                    backend=backend, **bits)
+        caveat = reduce_range_note(qmodel, backend)
+        row.note = (f"our qparams on torch.ao {backend} int8 kernels; fake-quant top-1 {base.top1:.2f} "
+                    f"({row.top1 - base.top1:+.2f})" + (f"; {caveat}" if caveat else ""))
+        report.add(row, correct)
+
+
+def _integer_row(ctx: RunContext, report: Report, base: Row, engine: IntegerEngine, qmodel: torch.nn.Module,
+                 bits: dict, size: int | None) -> None:
+    """The integer-only reference engine, with its agreement with fake-quant and any accumulator overflow."""
+    row, correct = ctx.evaluate("integer", engine, source=base.variant, backend="integer", size=size, timed=False,
+                                **bits)
+    check = agreement(engine, qmodel, ctx.dm.test_dataloader())
+    over = engine.overflow_layers()
+    overflow = "" if not over else (
+        f"; ACCUMULATOR OVERFLOW (saturated) in {len(over)} layer(s): "
+        + ", ".join(f"{n} needs {st.bits_needed} bits, {st.overflows} values" for n, st in list(over.items())[:3]))
+    row.note = (f"integer-only engine, {engine.scale_bits}-bit multipliers; predictions differ from "
+                f"fake-quant on {check['disagree']} of {check['images']} images, logits within "
+                f"{check['max_logit_diff_steps']:.0f} output steps; size = packed deploy file; "
+                "latency not timed (a reference, float64 integer containers)" + overflow)
+    report.add(row, correct)
+    if over and ctx.is_global_zero:
+        console.print(f"[yellow]warning:[/] accumulator overflow with --accum-bits "
+                      f"{next(iter(over.values())).accum_bits}: " + ", ".join(
+                          f"{n} (needs {st.bits_needed} bits)" for n, st in over.items()))
+
+
+def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:
+    """The QDQ ONNX model run by onnxruntime, with its agreement with PyTorch fake-quant."""
+    path = ctx.run_dir / f"{stem}.onnx"
+    if ctx.is_global_zero:
+        export_onnx(qmodel, path, ctx.example, ctx.cfg.onnx_opset)
+    if ctx.trainer.world_size > 1:
+        torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
+    onnx_model = OnnxModel(path)
+    row, correct = ctx.evaluate("onnx", onnx_model, source=base.variant, backend="onnxruntime",
+                                size=file_size(path), **bits)
+    check = agreement(onnx_model, qmodel, ctx.dm.test_dataloader())
+    row.note = (f"ONNX QDQ opset {ctx.cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
+                f"PyTorch fake-quant on {check['disagree']} image(s)")
+    report.add(row, correct)

@@ -1,0 +1,115 @@
+"""Our post-training quantization rows: the plan behind the flags, calibration (or a stats file instead of
+it) and one fake-quant row per point of a run (one width, or every width x observer of a sweep)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lit_quant.classifier import LitClassifier
+from lit_quant.io import atomic_write_text
+from lit_quant.pipeline.checkpoint import reusable_ptq
+from lit_quant.pipeline.config import QuantizeConfig
+from lit_quant.pipeline.context import RunContext
+from lit_quant.pipeline.rows import Row
+from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
+
+
+def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
+               qat: bool = False) -> QuantPlan:
+    """``--plan`` YAML, else the plan behind the bit / scheme / observer flags (``bits`` / ``observer``
+    override them for one point of a sweep). ``qat``: quantizers of ``--qat-method``; PTQ rows use plain
+    fake quantization (STE), so a QAT report's PTQ row is the usual PTQ baseline."""
+    if cfg.plan is not None:
+        return QuantPlan.from_yaml(cfg.plan)
+    return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
+                               act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
+                               act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
+                               first_last_bits=cfg.first_last_bits, io_bits=cfg.io_bits, skip=cfg.no_quant_layers,
+                               quantizer=cfg.qat_method if qat else "ste",
+                               observer_args={"percentile": {"percentile": cfg.percentile},
+                                              "nstd": {"n_std": cfg.n_std}})
+
+
+def overrides_note(plan: QuantPlan) -> str:
+    """The plan's per-layer overrides for a row's note ('; overrides: input a8, @last a8'); '' without any, so
+    a row whose W/A bits column says 4/4 still tells which tensors were kept wider."""
+    if not plan.overrides:
+        return ""
+    return "; overrides: " + ", ".join(o.describe() for o in plan.overrides)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """First 16 hex digits of SHA-256 over the state dict's names and bytes: identifies fp32 weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def calibrate(trainer: pl.Trainer, lit: LitClassifier, dm: Any, stats_file: str | None,
+              source: dict[str, Any]) -> float:
+    """Calibrate ``lit`` (PTQCalibration during ``trainer.predict``) or load ``stats_file``; returns seconds.
+
+    An existing stats file replaces calibration (Distiller's ``--qe-stats-file``) when its ``source``
+    (model, data set, fp32 weights fingerprint) is this one; a missing file is written (atomically).
+    """
+    start = time.perf_counter()
+    stats = Path(stats_file) if stats_file else None
+    if stats is not None and stats.is_file():
+        load_stats(lit.model, stats, source)
+        enable_observer(lit.model, False)
+        enable_fake_quant(lit.model, True)
+    else:
+        trainer.predict(lit, datamodule=dm, return_predictions=False)
+        if stats is not None and trainer.is_global_zero:
+            atomic_write_text(stats, dump_stats(lit.model, source=source))
+    return time.perf_counter() - start
+
+
+@dataclass
+class PTQPoint:
+    """One PTQ row to make: its plan and the stem of its files (``ptq-w<W>a<A>[-<observer>]``)."""
+
+    plan: QuantPlan
+    stem: str
+
+
+def ptq_points(cfg: QuantizeConfig, sweep_bits: list[int] | None, observers: list[str] | None) -> list[PTQPoint]:
+    """Every width x activation observer of the run (one point without a sweep)."""
+    points = []
+    for bits in sweep_bits or [None]:
+        for observer in observers or [cfg.act_observer]:
+            plan = build_plan(cfg, bits, observer)
+            suffix = f"-{plan.act.observer}" if observers and len(observers) > 1 else ""
+            points.append(PTQPoint(plan, f"ptq-w{plan.weight.bits}a{plan.act.bits}{suffix}"))
+    return points
+
+
+def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[Row, torch.Tensor, torch.nn.Module, bool]:
+    """Calibrate (or reuse) and evaluate one PTQ point: its row, per-image outcomes, the fake-quant model and
+    whether the model was reused from the point's checkpoint.
+
+    A resumed QAT run keeps the PTQ model its first run calibrated, when it is of this plan and model.
+    """
+    cfg, plan = ctx.cfg, point.plan
+    reused = reusable_ptq(ctx.run_dir / f"{point.stem}.ckpt", plan, ctx.source) \
+        if cfg.mode == "qat" and cfg.resume else None
+    if reused is not None:
+        lit, calib_s = LitClassifier(reused[0], ctx.num_classes), reused[1]["row"].get("calib_s")
+    else:
+        lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
+        calib_s = calibrate(ctx.trainer, lit, ctx.dm, stats_file, ctx.source)
+    row, correct = ctx.evaluate(
+        "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
+        observer=plan.act.observer, calib_s=calib_s,
+        note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan)
+             + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else ""))
+    return row, correct, lit.model, reused is not None

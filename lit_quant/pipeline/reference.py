@@ -1,0 +1,130 @@
+"""torch.ao's rows, the reference every row of ours is compared with: static int8 PTQ (``builtin-ptq``, per
+backend), QAT (``builtin-qat``, trained with our QAT recipe; its result is saved so a resumed run reuses it),
+dynamic int8 and the half-precision copy. The torch.ao calls themselves live in :mod:`lit_quant.torchao_ref`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from lit_quant.callbacks import BuiltinQATSchedule
+from lit_quant.io import atomic_write_text
+from lit_quant.pipeline.config import QuantizeConfig
+from lit_quant.pipeline.context import RunContext
+from lit_quant.pipeline.qat import qat_classifier, qat_train_config, recipe_note, sync_bn
+from lit_quant.pipeline.rows import ROW_KEYS, Row
+from lit_quant.torchao_ref import (
+    available_backends,
+    builtin_dynamic,
+    builtin_half,
+    builtin_ptq,
+    builtin_qat_convert,
+    builtin_qat_prepare,
+)
+from lit_quant.training import build_trainer
+
+#: File in a run folder holding torch.ao's QAT row and its per-image outcomes, reused by a resumed QAT run.
+BUILTIN_QAT_RESULT = "builtin-qat-result.json"
+
+
+def ptq_backends(cfg: QuantizeConfig) -> list[str]:
+    """``--backend``, or with ``--mode compare`` every backend that runs on this CPU."""
+    return available_backends() if cfg.mode == "compare" else [cfg.backend]
+
+
+def builtin_ptq_rows(ctx: RunContext) -> list[tuple[Row, torch.Tensor]]:
+    """torch.ao static int8 on each of :func:`ptq_backends`."""
+    rows = []
+    for backend in ptq_backends(ctx.cfg):
+        # all calibration images in every process: torch.ao's observers cannot merge ranks' statistics
+        result = builtin_ptq(ctx.float_model, ctx.dm.full_calibration_dataloader(), backend, ctx.example)
+        rows.append(ctx.evaluate("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8,
+                                 observer="histogram", calib_s=result.calib_s,
+                                 note=f"torch.ao {result.method} int8, real integer kernels"))
+    return rows
+
+
+def dynamic_row(ctx: RunContext) -> tuple[Row, torch.Tensor]:
+    """torch.ao dynamic int8: Linear weights int8, activations quantized per batch."""
+    return ctx.evaluate("builtin-dynamic", builtin_dynamic(ctx.float_model), backend="dynamic", weight_bits=8,
+                        act_bits=32, note="torch.ao dynamic: int8 Linear weights, activations quantized per batch; "
+                                          "convs stay float")
+
+
+def half_row(ctx: RunContext) -> tuple[Row, torch.Tensor]:
+    """A 16-bit copy of the fp32 model (bfloat16 where float16 does not run)."""
+    half = builtin_half(ctx.float_model, ctx.example)
+    return ctx.evaluate("half", half, backend=str(half.dtype).removeprefix("torch."), weight_bits=16, act_bits=16,
+                        note="16-bit weights and activations")
+
+
+def run_builtin_qat(cfg: QuantizeConfig, classifier: Any, arch: dict[str, Any], dm: Any,
+                    run_dir: Path, example: torch.Tensor) -> tuple[torch.nn.Module, float]:
+    """torch.ao's QAT on the same fp32 model, data, epochs, optimiser and freeze schedule: ``prepare_qat_fx``
+    with the backend's default QAT qconfig, trained by the same Lightning Trainer settings, then ``convert_fx``.
+    No checkpoints (an FX GraphModule is not what --resume restores); returns the int8 model and fit time."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    lit = qat_classifier(cfg, classifier, builtin_qat_prepare(classifier.model, cfg.backend, example))
+    schedule = BuiltinQATSchedule(cfg.freeze_observers_epoch, cfg.freeze_bn_epoch)
+    trainer = build_trainer(qat_train_config(cfg, arch), run_dir / "builtin-qat", callbacks=[schedule],
+                            sync_batchnorm=sync_bn(cfg), enable_checkpointing=False, inference_mode=False)
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    return builtin_qat_convert(lit.model.cpu()), time.perf_counter() - start
+
+
+def builtin_qat_key(cfg: QuantizeConfig, source: dict[str, Any], data: dict[str, Any],
+                    world_size: int) -> dict[str, Any]:
+    """Everything that decides torch.ao's QAT model: the fp32 weights, the data, the recipe and the hardware
+    layout. A saved result is reused only under an equal key."""
+    recipe = ("backend", "epochs", "lr", "warmup_epochs", "distill", "distill_weight", "distill_temperature",
+              "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "seed", "deterministic",
+              "batch_size", "accelerator")
+    return {"source": dict(source), "data": dict(data), "world_size": world_size,
+            **{k: getattr(cfg, k) for k in recipe}}
+
+
+def write_builtin_qat_result(run_dir: Path, key: dict[str, Any], row: Row, correct: torch.Tensor) -> None:
+    """Save torch.ao's QAT row and its per-image top-1 outcomes (as a 0/1 string) under ``key``."""
+    payload = {"key": key, "row": row.to_dict(), "correct": "".join("1" if c else "0" for c in correct.tolist())}
+    atomic_write_text(run_dir / BUILTIN_QAT_RESULT, json.dumps(payload, indent=1) + "\n")
+
+
+def read_builtin_qat_result(run_dir: Path, key: dict[str, Any]) -> tuple[Row, torch.Tensor] | None:
+    """The saved torch.ao QAT row and outcomes when saved under an equal ``key``; else None."""
+    path = run_dir / BUILTIN_QAT_RESULT
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("key") != json.loads(json.dumps(key)):  # compare in JSON form (tuples become lists)
+            return None
+        row, correct = dict(payload["row"]), str(payload["correct"])
+        if set(correct) - {"0", "1"} or not set(ROW_KEYS) <= set(row):
+            return None
+        return Row.from_dict(row), torch.tensor([c == "1" for c in correct])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def builtin_qat_row(ctx: RunContext) -> tuple[Row, torch.Tensor]:
+    """torch.ao's QAT row: reused from :data:`BUILTIN_QAT_RESULT` by a resumed run with the same key (same
+    settings, same model), else trained and saved."""
+    cfg = ctx.cfg
+    key = builtin_qat_key(cfg, ctx.source, ctx.data_settings, ctx.trainer.world_size)
+    saved = read_builtin_qat_result(ctx.run_dir, key) if cfg.resume else None
+    if saved is not None:
+        row, correct = saved
+        row.note = f"{row.note}; reused from {BUILTIN_QAT_RESULT}"
+        return row, correct
+    model, fit_s = run_builtin_qat(cfg, ctx.classifier, ctx.arch, ctx.dm, ctx.run_dir, ctx.example)
+    row, correct = ctx.evaluate("builtin-qat", model, backend=cfg.backend, weight_bits=8, act_bits=8, observer="ema",
+                                note=f"torch.ao prepare_qat_fx int8{recipe_note(cfg)}, {cfg.epochs} epochs in "
+                                     f"{fit_s:.0f} s, real integer kernels")
+    if ctx.is_global_zero:
+        write_builtin_qat_result(ctx.run_dir, key, row, correct)
+    return row, correct

@@ -1,0 +1,198 @@
+"""``run_quantize``: post-training quantization of a trained checkpoint, side by side with torch.ao.
+
+Every variant starts from a fresh load of the same fp32 checkpoint, calibrates on the same deterministic
+calibration batches (the data module's ``predict_dataloader``) and is evaluated through the same Lightning
+``trainer.test`` on the same test split, so the rows of a report differ only in how they quantize.
+
+Each run writes its report to its own folder ``<run>/quantize/<name>/``; ``<run>/report.json`` and
+``<run>/report.csv`` are copies of the newest report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lit_quant.config import TrainConfig, load_yaml, resolve_config
+from lit_quant.deploy.integer import check_layer_name
+from lit_quant.errors import UserError
+from lit_quant.io import atomic_write_text
+from lit_quant.pipeline.checkpoint import save_quantized
+from lit_quant.pipeline.config import QuantizeConfig, is_sweep
+from lit_quant.pipeline.context import RunContext, build_eval_trainer
+from lit_quant.pipeline.deploy import add_deploy_rows
+from lit_quant.pipeline.ptq import build_plan, ptq_points, ptq_row, weights_fingerprint
+from lit_quant.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qat
+from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
+from lit_quant.pipeline.rows import Report, plot_sweep, write_report
+from lit_quant.quant import prepare, read_stats
+from lit_quant.torchao_ref import check_backend
+from lit_quant.training import build_datamodule, load_classifier, prepare_output_dir
+
+#: Keys of the training run's config.yaml that decide which images are the test split.
+DATA_KEYS = ("data_dir", "split_seed", "val_fraction", "fake_size")
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`run_quantize` hands back."""
+
+    rows: list[dict[str, Any]]  # the report rows as written (:meth:`Row.to_dict`)
+    pairs: list[dict[str, Any]]  # ours against torch.ao, image by image (:func:`paired_rows`)
+    run_dir: Path  # the fp32 checkpoint's run folder (holds copies of the newest report)
+    report_dir: Path  # this run's own report folder, <run>/quantize/<name>/
+    is_global_zero: bool  # rank 0, the process that writes files (under DDP every process runs the work)
+
+
+def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
+    """``--ckpt``, or the newest ``*/best.ckpt`` under ``checkpoint_dir``."""
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} not found")
+        return path
+    candidates = sorted(Path(checkpoint_dir).glob("*/best.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no fp32 checkpoint (*/best.ckpt) under {checkpoint_dir}/; train one with train.py "
+                        "or pass --ckpt")
+    return candidates[-1]
+
+
+def report_name(cfg: QuantizeConfig) -> str:
+    """``--name``, else the UTC time (``20261203-093000``): reports sort by when they were made."""
+    return cfg.name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _data_config(ckpt_path: Path, arch: dict[str, Any], batch_size: int) -> TrainConfig:
+    """The data settings of the training run: the architecture's data set, with the data location and split
+    recorded in the run folder's config.yaml, so that the test split is the training run's."""
+    train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
+                            small_input=arch["small_input"], batch_size=batch_size, progress=False)
+    saved = ckpt_path.parent / "config.yaml"
+    if not saved.is_file():
+        return train_cfg
+    recorded = load_yaml(saved)
+    differ = [k for k in ("data", "model") if k in recorded and recorded[k] != arch[k]]
+    if differ:
+        raise UserError(f"{ckpt_path} holds a {arch['model']} trained on {arch['data']}, but its run folder's "
+                        f"config.yaml says {recorded.get('model')} on {recorded.get('data')}: the checkpoint "
+                        "was copied from another run; move it to its own folder")
+    try:
+        return resolve_config({**train_cfg.to_dict(), **{k: v for k, v in recorded.items() if k in DATA_KEYS}})
+    except UserError as exc:
+        raise UserError(f"{saved}: {exc}") from None
+
+
+def _check_before_work(cfg: QuantizeConfig, ckpt_path: Path, float_model: Any) -> None:
+    """Fail on a bad backend, plan, ``--explain`` layer or ``--resume`` before any work is done or any file
+    written."""
+    if cfg.mode in ("ptq", "builtin", "compare", "qat"):
+        check_backend(cfg.backend)
+    build_plan(cfg, qat=cfg.mode == "qat")
+    if cfg.explain:
+        check_layer_name(prepare(float_model, build_plan(cfg)), cfg.explain)
+    if cfg.mode == "qat":
+        find_qat_resume(cfg, qat_dir_for(ckpt_path.parent, build_plan(cfg, qat=True)))
+
+
+def _check_stats_file(cfg: QuantizeConfig) -> None:
+    """A stats file to reuse is read now, a stats file to write must be able to go where it is asked to."""
+    if cfg.stats_file is not None:
+        stats = Path(cfg.stats_file)
+        if stats.exists():
+            read_stats(stats)
+        else:
+            prepare_output_dir(stats.parent, "--stats-file")
+
+
+def _context(cfg: QuantizeConfig, ckpt_path: Path) -> RunContext:
+    """Load the fp32 checkpoint once and set up data, Trainer and folders."""
+    # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
+    classifier = load_classifier(ckpt_path)
+    classifier.model.eval()
+    arch = classifier.hparams.arch
+    _check_before_work(cfg, ckpt_path, classifier.model)
+    train_cfg = _data_config(ckpt_path, arch, cfg.batch_size)
+    run_dir = ckpt_path.parent
+    out_dir = run_dir / "quantize" / report_name(cfg)
+    prepare_output_dir(run_dir, "the checkpoint's run folder")
+    _check_stats_file(cfg)
+    data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
+                                                        "model", "image_size", "small_input")}
+    source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(classifier.model)}
+    dm = build_datamodule(train_cfg)
+    dm.calib_batches = cfg.calib_batches
+    dm.setup()
+    example = next(iter(dm.test_dataloader()))[0]
+    return RunContext(cfg, classifier, arch, data_settings, source, dm, example, build_eval_trainer(cfg), run_dir,
+                      out_dir)
+
+
+def add_ptq_rows(ctx: RunContext, report: Report, sweep_bits: list[int] | None, observers: list[str] | None) -> None:
+    """Our PTQ rows (one per point of the sweep) with their export rows; each point's quantized checkpoint is
+    kept for a single-point run (``--eval`` and QAT resume read it), and for a sweep with ``--save-checkpoints``."""
+    cfg = ctx.cfg
+    points = ptq_points(cfg, sweep_bits, observers)
+    keep = not is_sweep(sweep_bits, observers) or cfg.save_checkpoints
+    for point in points:
+        row, correct, model, reused = ptq_row(ctx, point, cfg.stats_file if len(points) == 1 else None)
+        report.add(row, correct)
+        if keep and ctx.is_global_zero and not reused:
+            save_quantized(ctx.run_dir / f"{point.stem}.ckpt", model, point.plan, ctx.arch, ctx.data_settings,
+                           row.to_dict(), source=ctx.source)
+        add_deploy_rows(ctx, report, row, model, point.stem)
+
+
+def add_qat_rows(ctx: RunContext, report: Report) -> None:
+    """Our QAT row (saved as ``qat-w<W>a<A>.ckpt``) with its export rows, then torch.ao's QAT row."""
+    cfg = ctx.cfg
+    qat = run_qat(cfg, ctx.classifier, ctx.arch, ctx.dm, ctx.run_dir)
+    row, correct = qat_row(ctx, qat)
+    report.add(row, correct)
+    if ctx.is_global_zero:
+        save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, ctx.arch, ctx.data_settings,
+                       row.to_dict(), kind="qat", source=ctx.source)
+    add_deploy_rows(ctx, report, row, qat.model, qat.run_dir.name)
+    if cfg.builtin_qat:
+        report.add(*builtin_qat_row(ctx))
+
+
+def write_outputs(ctx: RunContext, report: Report, pairs: list[dict[str, Any]], sweep_bits: list[int] | None) -> None:
+    """The report in the run's own folder, copied to ``<run>/report.json`` / ``report.csv`` (the newest),
+    and the sweep's plot."""
+    rows = report.dicts()
+    write_report(rows, ctx.out_dir, pairs)
+    for name in ("report.json", "report.csv"):
+        atomic_write_text(ctx.run_dir / name, (ctx.out_dir / name).read_text())
+    if sweep_bits and len(sweep_bits) > 1:
+        plot_sweep(rows, ctx.out_dir / "accuracy_vs_bits.png")
+
+
+def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
+                 observers: list[str] | None = None) -> QuantizeResult:
+    """Run ``cfg.mode`` on the checkpoint: the report rows, ours-against-torch.ao pairs and where they went.
+
+    ``sweep_bits`` (ptq mode) quantizes weights and activations at each width in turn, with each activation
+    observer of ``observers`` (default: ``cfg.act_observer``), and plots top-1 against bits.
+    """
+    ctx = _context(cfg, find_checkpoint(cfg.ckpt, cfg.checkpoint_dir))
+    report = Report()
+    report.add(*ctx.evaluate("fp32", ctx.float_model, backend="float", weight_bits=32, act_bits=32,
+                             note="fp32 checkpoint"))
+    if cfg.mode in ("ptq", "compare", "qat"):
+        add_ptq_rows(ctx, report, sweep_bits, observers)
+    if cfg.mode == "qat":
+        add_qat_rows(ctx, report)
+    elif cfg.mode == "dynamic":
+        report.add(*dynamic_row(ctx))
+    elif cfg.mode == "half":
+        report.add(*half_row(ctx))
+    else:  # torch.ao static int8: --backend, or with compare every backend that runs on this CPU
+        for row, correct in builtin_ptq_rows(ctx):
+            report.add(row, correct)
+    pairs = report.pairs()
+    if ctx.is_global_zero:
+        write_outputs(ctx, report, pairs, sweep_bits)
+    return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero)

@@ -1,0 +1,76 @@
+"""The rules between quantize.py's flags, without Lightning: shorthands, QAT-only flags, sweeps, the
+mode-dependent activation observer, choice flags; and the parsers build without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import quantize
+from lit_quant.cli import run_cli
+from lit_quant.errors import UserError
+from lit_quant.pipeline.config import QuantizeConfig, default_act_observer, resolve_request
+
+
+def _request(*argv: str):
+    return resolve_request(vars(quantize.build_parser().parse_args(list(argv))))
+
+
+def test_bits_and_scheme_shorthands_fill_only_what_is_not_given() -> None:
+    cfg = _request("--bits", "4", "--act-bits", "8", "--scheme", "asym_s").config
+    assert (cfg.weight_bits, cfg.act_bits) == (4, 8)
+    assert cfg.weight_scheme == cfg.act_scheme == "asym_s"
+
+
+def test_several_bits_or_sweep_make_a_sweep() -> None:
+    request = _request("--bits", "8", "4")
+    assert request.sweep_bits == [8, 4] and request.observers is None
+    assert _request("--sweep").sweep_bits == [16, 8, 6, 4, 3, 2]
+
+
+def test_act_observer_default_depends_on_the_mode_and_is_resolved() -> None:
+    assert _request().config.act_observer == "mse" == default_act_observer("ptq")
+    assert _request("--mode", "qat").config.act_observer == "ema"
+    assert _request("--mode", "qat", "--act-observer", "minmax").config.act_observer == "minmax"
+    assert QuantizeConfig(mode="qat").act_observer == "ema"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "3"], "--epochs is a QAT setting: add --mode qat"),
+    (["--sweep", "--mode", "qat"], "need --mode ptq or compare"),
+    (["--save-checkpoints"], "--save-checkpoints is a setting of --sweep"),
+    (["--name", "a/b"], "--name must be a plain folder name"),
+])
+def test_flag_rules(argv: list[str], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        _request(*argv)
+
+
+def test_choice_flags_refuse_other_values_with_one_line(capsys) -> None:
+    assert run_cli(quantize.main, ["--mode", "int4"], prog="quantize.py") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid --mode 'int4'; choose from ptq, qat, builtin" in err
+
+
+def test_light_constants_agree_with_the_modules_that_define_them() -> None:
+    from lit_quant.deploy.integer import DEFAULT_SCALE_APPROX_BITS
+    from lit_quant.deploy.onnx_export import DEFAULT_OPSET
+    from lit_quant.pipeline import config
+    from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
+    from lit_quant.torchao_ref import BACKENDS
+
+    assert (config.SCHEMES, config.OBSERVER_NAMES, config.BACKENDS) == (SCHEMES, OBSERVER_NAMES, BACKENDS)
+    assert (config.DEFAULT_SCALE_APPROX_BITS, config.DEFAULT_OPSET) == (DEFAULT_SCALE_APPROX_BITS, DEFAULT_OPSET)
+
+
+@pytest.mark.parametrize("script", ["train", "quantize"])
+def test_parsers_build_without_torch_or_lightning(script: str) -> None:
+    code = (f"import sys, {script}; {script}.build_parser().format_help(); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'pytorch_lightning', 'lightning', 'lightning_fabric')); print(heavy[:5]); "
+            "sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
