@@ -50,7 +50,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
 from lit_quant.models import build_model
 from lit_quant.quant import (
     OBSERVER_NAMES,
@@ -326,14 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="option given to every observer of the error comparison that has it "
                              "(max_samples=0, percentile=99.999, ...)")
     parser.add_argument("--ckpt", help="trained Fashion-MNIST checkpoint instead of the random-weight ResNet-20")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny sizes ({', '.join(f'{k}={v}' for k, v in SMOKE_SIZES.items())}) unless given: "
-                             "checks that the benchmark runs, measures nothing")
-    parser.add_argument("--json", metavar="PATH", help="also write every printed figure to PATH as JSON")
-    args = parser.parse_args(argv)
-    if args.smoke:  # smoke sizes replace the defaults, so sizes given on the command line still win
-        parser.set_defaults(**SMOKE_SIZES)
-        args = parser.parse_args(argv)
+    add_smoke_arguments(parser, SMOKE_SIZES)
+    args = parse_with_smoke(parser, argv, SMOKE_SIZES)
     return args
 
 

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
 from lit_quant.config import TrainConfig
 from lit_quant.deploy.int8 import export_int8
 from lit_quant.models import build_model
@@ -84,14 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calib-batches", type=int, default=8, help=f"calibration batches of {BATCH}")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, BATCH], help=f"batch sizes timed (<= {BATCH})")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny sizes ({', '.join(f'{k}={v}' for k, v in SMOKE_SIZES.items())}) unless given: "
-                             "checks that the benchmark runs, measures nothing")
-    parser.add_argument("--json", metavar="PATH", help="also write every printed figure to PATH as JSON")
-    args = parser.parse_args(argv)
-    if args.smoke:  # smoke sizes replace the defaults, so sizes given on the command line still win
-        parser.set_defaults(**SMOKE_SIZES)
-        args = parser.parse_args(argv)
+    add_smoke_arguments(parser, SMOKE_SIZES)
+    args = parse_with_smoke(parser, argv, SMOKE_SIZES)
     if not all(1 <= b <= BATCH for b in args.batches):
         parser.error(f"--batches must lie in 1..{BATCH}; got {args.batches}")
     return args

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
 from lit_quant.classifier import LitClassifier
 from lit_quant.models import build_model
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
@@ -92,14 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frozen-bn", action="store_true",
                         help="BatchNorm statistics frozen in every QAT variant (quantize.py's default schedule)")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"tiny sizes ({', '.join(f'{k}={v}' for k, v in SMOKE_SIZES.items())}) unless given: "
-                             "checks that the benchmark runs, measures nothing")
-    parser.add_argument("--json", metavar="PATH", help="also write every printed figure to PATH as JSON")
-    args = parser.parse_args(argv)
-    if args.smoke:  # smoke sizes replace the defaults, so sizes given on the command line still win
-        parser.set_defaults(**SMOKE_SIZES)
-        args = parser.parse_args(argv)
+    add_smoke_arguments(parser, SMOKE_SIZES)
+    args = parse_with_smoke(parser, argv, SMOKE_SIZES)
     return args
 
 
