@@ -159,16 +159,6 @@ def test_corrupt_checkpoint_no_traceback_from_the_script(tmp_path: Path) -> None
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot read checkpoint" in proc.stderr
 
 
-def test_readme_documents_every_flag() -> None:
-    import quantize
-
-    readme = (Path(train.__file__).parent / "README.md").read_text()
-    flags = [a.option_strings[0] for parser in (train.build_parser(), quantize.build_parser())
-             for a in parser._actions if a.option_strings and a.dest != "help"]
-    missing = [f for f in flags if f"`{f}" not in readme]
-    assert not missing, f"README does not document {missing}"
-
-
 def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) -> None:
     """Lightning keeps the first maximum; best.ckpt keeps the tied model of lower val/loss (real Trainer)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
