@@ -49,14 +49,13 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] 
     return request.config, request.sweep_bits, request.observers
 
 
-def build_kernels() -> None:
-    """Compile the fused fake-quant kernel now, saying so, when this machine has not built it yet (about a
-    minute, once); otherwise the first calibration would seem to hang."""
+def announce_kernel_build() -> None:
+    """Say so when the fused fake-quant kernel compiles (about a minute, once per machine): the core calls this
+    right before the build, which happens at the first fake quantization, after every input was checked."""
     from lit_quant.quant import kernels
 
-    if not kernels.ready():
-        print("compiling the fused fake-quant kernel (once, about a minute)...", file=sys.stderr, flush=True)
-        kernels.available()
+    kernels.set_build_notice(lambda: print("compiling the fused fake-quant kernel (once, about a minute)...",
+                                           file=sys.stderr, flush=True))
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -122,8 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lit_quant.pipeline.checkpoint import evaluate_quantized
     from lit_quant.pipeline.run import run_quantize
 
-    if cfg.mode in ("ptq", "compare", "qat") or cfg.eval is not None:
-        build_kernels()
+    announce_kernel_build()
     if cfg.eval is not None:
         console.print(report_table([evaluate_quantized(cfg.eval, cfg.batch_size)]))
         return 0

@@ -24,6 +24,15 @@ from lit_quant.errors import UserError
 from lit_quant.io import atomic_write_text
 
 
+#: Allowed values of the flags whose lists live in heavy modules, copied here so that building the parsers
+#: imports neither torch nor Lightning (a test checks each against its source): the data sets of
+#: :data:`lit_quant.data.DATASETS`, Lightning's accelerators and :data:`lit_quant.precision.PRECISIONS`.
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "fake")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PRECISIONS = ("64-true", "64", "32-true", "32", "16-true", "16-mixed", "16", "bf16-true", "bf16-mixed", "bf16",
+              "transformer-engine", "transformer-engine-float16")
+
+
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:
     """A config field with its flag's help text and allowed values (read by :func:`add_config_arguments`)."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
@@ -44,7 +53,7 @@ class TrainConfig:
     """Everything ``train.py`` needs; see the README for each flag."""
 
     # data
-    data: str = option("digits", "data set: digits, fashion-mnist, mnist, cifar10, cifar100, imagenet, fake")
+    data: str = option("digits", "data set", choices=DATASETS)
     data_dir: str | None = option(None, "folder with the data set's files (default: Debian's Fashion-MNIST, else ./data)")
     download: bool = option(False, "download the data set with torchvision when missing (needs internet)")
     image_size: int | None = option(None, "image side the model sees (default: the data set's, raised to the model's need)")
@@ -71,12 +80,12 @@ class TrainConfig:
     seed: int = option(42, "random seed of initialisation, shuffling and augmentation")
     deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
     # hardware
-    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu, cuda, mps")
+    accelerator: str = option("auto", "Lightning accelerator", choices=ACCELERATORS)
     devices: str = option("auto", "Lightning devices: a count, a list like 0,1, or auto")
     gpus: int | None = option(None, "train on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
     num_nodes: int = option(1, "number of nodes for multi-node DDP")
     strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
-    precision: str | None = option(None, "Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true")
+    precision: str | None = option(None, "Lightning precision (default: 32-true)", choices=PRECISIONS)
     opt_level: str | None = option(None, "apex-style mixed precision level (see README)", choices=("O0", "O1", "O2", "O3"))
     # outputs
     checkpoint_dir: str = option("checkpoints", "root folder of runs; a run writes to <checkpoint-dir>/<run-name>/")

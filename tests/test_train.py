@@ -94,10 +94,10 @@ def _bad(argv: list[str], capsys: pytest.CaptureFixture) -> str:
 
 @pytest.mark.parametrize("extra,message", [
     (["--model", "resnet21"], "unknown model 'resnet21'"),
-    (["--data", "svhn"], "unknown data set 'svhn'"),
+    (["--data", "svhn"], "invalid --data 'svhn'; choose from digits"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--batch-size", "-4"], "--batch-size must be positive"),
-    (["--precision", "fp8"], "invalid precision 'fp8'"),
+    (["--precision", "fp8"], "invalid --precision 'fp8'; choose from"),
     (["--opt-level", "O4"], "invalid --opt-level 'O4'"),
     (["--precision", "bf16-mixed", "--opt-level", "O1"], "either --precision or --opt-level"),
     (["--optimizer", "adam"], "invalid --optimizer 'adam'"),

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_quant.config import check_choices, check_warmup, option, resolve_config
+from lit_quant.config import ACCELERATORS, PRECISIONS, check_choices, check_warmup, option, resolve_config
 from lit_quant.errors import UserError
 
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
@@ -76,9 +76,9 @@ class QuantizeConfig:
     batch_size: int = option(128, "batch size per process of calibration and evaluation (larger than train.py's: "
                              "no gradients to keep)")
     backend: str = option("x86", "torch.ao backend of the built-in row", choices=BACKENDS)
-    accelerator: str = option("auto", "Lightning accelerator: auto, cpu, gpu, cuda, mps")
-    devices: str = option("1", "Lightning devices: a count, a list like 0,1, or auto; calibration statistics are "
-                          "merged across processes, evaluation is split between them")
+    accelerator: str = option("auto", "Lightning accelerator", choices=ACCELERATORS)
+    devices: str = option("auto", "Lightning devices: a count, a list like 0,1, or auto; calibration statistics "
+                          "are merged across processes, evaluation is split between them")
     gpus: int | None = option(None, "calibrate and evaluate on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
     num_nodes: int = option(1, "number of nodes for multi-node DDP")
     strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
@@ -100,8 +100,7 @@ class QuantizeConfig:
     # step; on digits below 8 bits that beat training BatchNorm in every paired seed (docs/RESULTS.md).
     freeze_bn_epoch: int = option(0, "QAT: freeze BatchNorm statistics from this epoch (0-based; 0: fold the fp32 "
                                   "running statistics from the start; >= --epochs: BatchNorm trains all run)")
-    precision: str | None = option(None, "QAT: Lightning precision: 32-true, 16-mixed, bf16-mixed, 16-true, "
-                                   "bf16-true, 64-true")
+    precision: str | None = option(None, "QAT: Lightning precision (default: 32-true)", choices=PRECISIONS)
     opt_level: str | None = option(None, "QAT: apex-style mixed precision level (see README)",
                                    choices=("O0", "O1", "O2", "O3"))
     resume: str | None = option(None, "QAT: continue from 'last' (the run's qat-w<W>a<A>/last.ckpt) or a path")

@@ -26,6 +26,7 @@ import platform
 import subprocess
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,15 @@ _FUNCTIONS = ("fake_quantize_per_tensor", "fake_quantize_per_tensor_range", "lsq
 _lock = threading.Lock()
 _module: Any = None
 _failed = False
+#: Called once, just before a build that is not in the extension cache starts (see :func:`set_build_notice`).
+_build_notice: Callable[[], None] | None = None
+
+
+def set_build_notice(notice: Callable[[], None] | None) -> None:
+    """Have ``notice()`` called right before the one-time compilation (about a minute) starts, so a front end
+    can tell its user why the first calibration pauses; the core itself prints nothing. ``None`` removes it."""
+    global _build_notice
+    _build_notice = notice
 
 
 def _build_tag() -> str:
@@ -267,6 +277,8 @@ def _load() -> Any:
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
                 from torch.utils.cpp_extension import load_inline
 
+                if _build_notice is not None and not _cached():
+                    _build_notice()
                 # -march=native: vector rounding instructions (x86-64's SSE2 baseline has none, and a libm call
                 # per element would be slower than eager torch); the build is named after this CPU and source,
                 # so a shared cache never hands it to another CPU or version. -ffp-contract=off: no fused
@@ -294,6 +306,11 @@ def ready() -> bool:
     about the one-time compilation (about a minute) before it starts; the core itself prints nothing."""
     if _module is not None or _failed or os.environ.get("LIT_QUANT_NO_KERNELS", "") not in ("", "0"):
         return True
+    return _cached()
+
+
+def _cached() -> bool:
+    """Whether this CPU's build of the current source is in torch's extension cache."""
     try:
         # importing cpp_extension logs a CUDA_HOME notice on CPU-only machines: not ours to show
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

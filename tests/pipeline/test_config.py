@@ -64,6 +64,11 @@ def test_light_constants_agree_with_the_modules_that_define_them() -> None:
 
     assert (config.SCHEMES, config.OBSERVER_NAMES, config.BACKENDS) == (SCHEMES, OBSERVER_NAMES, BACKENDS)
     assert (config.DEFAULT_SCALE_APPROX_BITS, config.DEFAULT_OPSET) == (DEFAULT_SCALE_APPROX_BITS, DEFAULT_OPSET)
+    import lit_quant.config as train_config
+    from lit_quant.data import DATASETS
+    from lit_quant.precision import PRECISIONS
+
+    assert train_config.DATASETS == tuple(DATASETS) and train_config.PRECISIONS == PRECISIONS
 
 
 @pytest.mark.parametrize("script", ["train", "quantize"])

@@ -313,3 +313,25 @@ def test_lsq_fused_pass_equals_the_eager_path_and_torch(monkeypatch: pytest.Monk
     (ref * g[keep]).sum().backward()
     torch.testing.assert_close(ours[1], b.grad, atol=0, rtol=0)
     torch.testing.assert_close(ours[2], sb.grad, atol=0, rtol=2e-5)
+
+
+def test_build_notice_is_called_once_just_before_an_uncached_build(monkeypatch) -> None:
+    """The front end's notice runs right before a build the extension cache does not hold, never otherwise."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from lit_quant.quant import kernels
+
+    calls: list[str] = []
+    monkeypatch.setattr(kernels, "_module", None)
+    monkeypatch.setattr(kernels, "_failed", False)
+    monkeypatch.delenv("LIT_QUANT_NO_KERNELS", raising=False)
+    monkeypatch.setattr(cpp_extension, "load_inline", lambda *a, **k: calls.append("build") or object())
+    kernels.set_build_notice(lambda: calls.append("notice"))
+    try:
+        monkeypatch.setattr(kernels, "_cached", lambda: False)
+        assert kernels.available() and calls == ["notice", "build"]
+        monkeypatch.setattr(kernels, "_module", None)
+        monkeypatch.setattr(kernels, "_cached", lambda: True)
+        assert kernels.available() and calls == ["notice", "build", "build"]  # cached: no notice
+    finally:
+        kernels.set_build_notice(None)
