@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -52,22 +51,11 @@ def check_writable(folder: str | Path) -> Path:
     return folder
 
 
-def remove_stale_temp_files(folder: str | Path, older_than_s: float = 0.0) -> list[Path]:
+def remove_stale_temp_files(folder: str | Path) -> None:
     """Delete :func:`atomic_write` temporary files left in ``folder`` by a process that was killed while
-    saving (the rename never happened); returns what was removed. Only files at least ``older_than_s``
-    seconds old are touched."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    now, removed = time.time(), []
-    for path in folder.glob(TEMP_GLOB):
-        try:
-            if path.is_file() and now - path.stat().st_mtime >= older_than_s:
-                path.unlink()
-                removed.append(path)
-        except FileNotFoundError:  # removed meanwhile
-            continue
-    return removed
+    saving (the rename never happened). Call it before this process saves anything there."""
+    for path in Path(folder).glob(TEMP_GLOB):
+        path.unlink(missing_ok=True)  # missing: another process removed it meanwhile
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
