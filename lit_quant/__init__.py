@@ -1,17 +1,102 @@
 """lit-quant: fp32 training and quantization of image classifiers on PyTorch Lightning.
 
+The public API imports from the package root::
+
+    from lit_quant import PTQCalibration, QATCallback, QuantPlan, calibrate, prepare
+
+    plan = QuantPlan.from_bits(weight_bits=8, act_bits=8)
+    trainer = pl.Trainer(callbacks=[QATCallback(plan)])   # prepares, calibrates, fine-tunes
+    trainer.fit(my_lightning_module, train_loader)
+
 The package is layered so imports only go one way:
 
 * :mod:`lit_quant.quant` — pure PyTorch quantization core (imports only torch, yaml and itself), with
   :mod:`lit_quant.quant.ops` the ``nn.Module`` operations our models are built from;
 * :mod:`lit_quant.models`, :mod:`lit_quant.torchao_ref` (torch.ao's quantization, the reference) and
   :mod:`lit_quant.deploy` — plain PyTorch around the core;
-* :mod:`lit_quant.data`, :mod:`lit_quant.classifier`, :mod:`lit_quant.training`, :mod:`lit_quant.pipeline`
-  — the Lightning layer;
+* :mod:`lit_quant.callbacks`, :mod:`lit_quant.data`, :mod:`lit_quant.classifier`, :mod:`lit_quant.training`,
+  :mod:`lit_quant.pipeline` — the Lightning layer;
 * ``train.py`` / ``quantize.py`` — thin command-line entry points (their parsers, in
   :mod:`lit_quant.config` and :mod:`lit_quant.pipeline.config`, import no torch).
 
-Importing the package itself is cheap and side-effect free.
+Importing the package itself is cheap and side-effect free: the names below are resolved on first use
+(PEP 562 module ``__getattr__``), so ``import lit_quant`` loads neither torch nor Lightning, and a script's
+``--help`` stays fast.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it, imported when the name is first used.
+_EXPORTS: dict[str, str] = {
+    **{name: "lit_quant.callbacks" for name in ("PTQCalibration", "QATCallback")},
+    **{name: "lit_quant.quant" for name in (
+        "CalibrationError", "LayerOverride", "QuantConfigError", "QuantError", "QuantPlan", "QuantSpec",
+        "QuantizedModel", "calibrate", "dump_stats", "enable_fake_quant", "enable_observer", "finish_calibration",
+        "iter_quantizers", "load_stats", "model_qparams", "prepare", "set_batch_index", "start_calibration")},
+}
+
+__all__ = [
+    "CalibrationError",
+    "LayerOverride",
+    "PTQCalibration",
+    "QATCallback",
+    "QuantConfigError",
+    "QuantError",
+    "QuantPlan",
+    "QuantSpec",
+    "QuantizedModel",
+    "__version__",
+    "calibrate",
+    "dump_stats",
+    "enable_fake_quant",
+    "enable_observer",
+    "finish_calibration",
+    "iter_quantizers",
+    "load_stats",
+    "model_qparams",
+    "prepare",
+    "set_batch_index",
+    "start_calibration",
+]
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real objects
+    from lit_quant.callbacks import PTQCalibration, QATCallback
+    from lit_quant.quant import (
+        CalibrationError,
+        LayerOverride,
+        QuantConfigError,
+        QuantError,
+        QuantizedModel,
+        QuantPlan,
+        QuantSpec,
+        calibrate,
+        dump_stats,
+        enable_fake_quant,
+        enable_observer,
+        finish_calibration,
+        iter_quantizers,
+        load_stats,
+        model_qparams,
+        prepare,
+        set_batch_index,
+        start_calibration,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module behind a public name on first use and cache the object in this module."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lit_quant' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups no longer reach __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
