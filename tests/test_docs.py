@@ -10,7 +10,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 
-import gen_cli_docs  # noqa: E402
+import gen_cli_docs
 
 #: Words about how the project was built, not about what it does: work-item and work-period numbers, and
 #: narration of runs. onnxruntime's ``InferenceSession`` / ``SessionOptions`` / ``session.run`` are its API,
@@ -76,11 +76,12 @@ def test_readme_lightning_example_runs_as_written(tmp_path, monkeypatch) -> None
     """The README's own-project example, executed verbatim: PTQ then QAT in a user's LightningModule."""
     monkeypatch.chdir(tmp_path)  # Lightning writes nothing here (logger=False), but keep the repository clean
     namespace: dict = {}
-    exec(compile(_snippet("## Use in your own Lightning project"), "README.md", "exec"), namespace)
+    exec(compile(_snippet("## Use in your own Lightning project"), "README.md", "exec"), namespace)  # noqa: S102
     trainer, net = namespace["trainer"], namespace["net"]
     assert trainer.state.finished and trainer.current_epoch == 2
-    from lit_quant.quant import iter_quantizers
+    from lit_quant.quant import QuantizedModel, iter_quantizers
 
+    assert isinstance(net.net, QuantizedModel)  # the network at self.net, found and prepared by the callback
     quantizers = dict(iter_quantizers(net))
     assert quantizers and all(bool(fq.qparams_valid) for fq in quantizers.values())
     assert {fq.spec.bits for fq in quantizers.values()} == {4}

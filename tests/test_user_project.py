@@ -320,18 +320,25 @@ def test_ptq_calibrates_on_the_datamodule_train_data(kind: str) -> None:
         assert torch.allclose(out, float_net(x), atol=0.1)  # 8 bits: close to the float network
 
 
-def test_ptq_after_fit_calibrates_on_the_training_loader() -> None:
-    """fit the float network, then test it quantized: the same Trainer, the same callback."""
+def test_ptq_after_fit_calibrates_on_the_training_loader(tmp_path) -> None:
+    """fit the float network, then test its best checkpoint quantized: the same Trainer, the same callback;
+    the float checkpoint restores before the network is prepared."""
     pl.seed_everything(0, verbose=False)
     net = NetModule()
-    trainer = _trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0,
-                       callbacks=[PTQCalibration(QuantPlan.from_bits(8, 8), calibration_batches=2)])
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path,
+                         callbacks=[PTQCalibration(QuantPlan.from_bits(8, 8), calibration_batches=2)])
     trainer.fit(net, _loader(64, 0))
     assert not isinstance(net.net, QuantizedModel)  # fit trains the float network
     trained = copy.deepcopy(net)
-    got = trainer.test(net, _loader(32, 2), verbose=False)[0]["test_acc"]
+    with torch.no_grad():
+        net.net[0].weight.zero_()  # only the checkpoint holds the trained weights now
+    got = trainer.test(net, _loader(32, 2), ckpt_path="best", verbose=False)[0]["test_acc"]
     reference = _reference_ptq(trained, QuantPlan.from_bits(8, 8), list(itertools.islice(_loader(64, 0), 2)))
     assert got == _trainer().test(reference, _loader(32, 2), verbose=False)[0]["test_acc"]
+    x = _loader(32, 2).dataset.tensors[0]
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), reference.eval()(x))
 
 
 def test_ptq_without_calibration_data_is_one_clear_error() -> None:
