@@ -246,6 +246,21 @@ def test_qat_checkpoint_restores_without_recalibrating(tmp_path) -> None:
         assert torch.equal(restored.eval()(x), net.eval()(x))
 
 
+def test_qat_keeps_the_calibration_a_network_comes_with() -> None:
+    """A network prepared and calibrated beforehand (here on other data) is trained from its own qparams."""
+    pl.seed_everything(0, verbose=False)
+    plan = QuantPlan.from_bits(8, 8)
+    net = NetModule()
+    net.net = prepare(net.net, plan, qat=True)
+    calibrate(net.net, _loader(32, 5))
+    before = {k: v.scale.clone() for k, v in model_qparams(net).items()}
+    record = Record()
+    _trainer(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
+             callbacks=[QATCallback(plan), record]).fit(net, _loader(64, 0))
+    assert record.first_step_qparams is not None and record.first_step_qparams.keys() == before.keys()
+    assert all(torch.equal(record.first_step_qparams[k][0], scale) for k, scale in before.items())
+
+
 def test_qat_evaluation_of_an_uncalibrated_network_is_an_error() -> None:
     with pytest.raises(CalibrationError, match="fit it with this callback first"):
         _trainer(callbacks=[QATCallback(QuantPlan.from_bits(8, 8))]).test(NetModule(), _loader(16, 2))
