@@ -1,8 +1,8 @@
 """Model zoo: classifiers by name, with input channels and classes following the data set.
 
-Every model is built from modules only (convolutions, BatchNorm, a separate ``nn.ReLU`` per use, residual
-joins as :class:`lit_quant.quant.ops.Add`), so the quantization layer can swap modules with ``from_float`` and never
-needs to patch ``forward``.
+lit_quant's own models are built from modules only (convolutions, BatchNorm, a separate ``nn.ReLU`` per use,
+residual joins as :class:`lit_quant.quant.ops.Add`), so their quantized modules carry the names their
+``forward`` uses.
 
 Names:
 
@@ -11,9 +11,9 @@ Names:
   ``6n + 2`` layers, 16/32/64 channels; downsampling shortcuts are 1x1 conv + BN projections (option B),
   which quantize like any other conv;
 * ``resnet18``, ``resnet50``, ``mobilenet_v2`` and every other torchvision classification model by its
-  torchvision name. Where torchvision ships a quantizable variant (``torchvision.models.quantization``:
-  skip-adds as ``FloatFunctional``, one ReLU per use) that variant is used. ``small_input=True`` swaps the
-  ImageNet stem for a CIFAR-style one (3x3 stride-1 conv, no max-pool) so 32x32 images keep their detail.
+  torchvision name: the plain torchvision class, as a user has it (its functional ops are quantized from
+  the traced graph, see :mod:`lit_quant.quant.graph`). ``small_input=True`` swaps the ImageNet stem for a
+  CIFAR-style one (3x3 stride-1 conv, no max-pool) so 32x32 images keep their detail.
 """
 
 from __future__ import annotations
@@ -170,15 +170,10 @@ def _replace_first_conv(model: nn.Module, in_channels: int, small_input: bool) -
 
 
 def _torchvision_model(name: str, in_channels: int, num_classes: int, small_input: bool) -> nn.Module:
-    quantizable = set(torchvision.models.list_models(module=torchvision.models.quantization))
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
-    if f"quantized_{name}" in quantizable:
-        # quantize=False gives the float model with FloatFunctional adds and per-use ReLUs.
-        model = torchvision.models.get_model(f"quantized_{name}", quantize=False, **kwargs)
-    else:
-        model = torchvision.models.get_model(name, **kwargs)
+    model = torchvision.models.get_model(name, **kwargs)
     _replace_first_conv(model, in_channels, small_input)
     if small_input and hasattr(model, "maxpool"):
         model.maxpool = nn.Identity()

@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from lit_quant.errors import UserError
@@ -164,15 +165,15 @@ def test_ptq_falls_back_to_eager_when_fx_cannot_trace() -> None:
 def test_ptq_forced_eager_on_torchvision_quantizable_model() -> None:
     torch.manual_seed(0)
     # ImageNet stem (stride 2 + max-pool): 32x32 inputs are 8x8 after it, which keeps the test cheap.
-    model = build_model("resnet18", 1, 10).eval()
-    batches = _batches(2, 4, shape=(1, 32, 32))
+    model = torchvision.models.get_model("quantized_resnet18", quantize=False, weights=None, num_classes=10).eval()
+    batches = _batches(2, 4, shape=(3, 32, 32))
     result = builtin_ptq(model, batches, AVAILABLE[0], batches[0][0], method="eager")
     assert result.method == "eager"
     # fuse_model() folded every BatchNorm; the model's own QuantStub was used (no extra wrapper).
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
     assert type(result.model).__name__ == "QuantizableResNet"
     assert len([m for m in _quantized_modules(result.model) if "Conv" in type(m).__name__]) == 20
-    x = _batches(1, 4, shape=(1, 32, 32), seed=3)[0][0]
+    x = _batches(1, 4, shape=(3, 32, 32), seed=3)[0][0]
     with torch.no_grad():
         assert _cosine(model(x), result.model(x)) > 0.98
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # caller's model not fused

@@ -1,7 +1,7 @@
 """The dataflow of a prepared (calibrated or QAT-trained) model, as every exporter reads it.
 
-:func:`deploy_graph` traces ``QuantizedModel.model`` with torch.fx, keeping our quantized modules as leaves,
-and classifies each node into one :class:`Step`. The three exporters (real torch.ao int8 modules, the
+:func:`deploy_graph` reads the graph ``prepare`` traced (``QuantizedModel.model`` is a ``torch.fx``
+graph module) and classifies each node into one :class:`Step`. The three exporters (real torch.ao int8 modules, the
 integer-only reference engine, ONNX QDQ) walk the same steps, so they agree on what is quantized where:
 
 ===============  ==========================================================================================
@@ -33,15 +33,10 @@ from torch import nn
 from lit_quant.errors import UserError
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
+from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
 from lit_quant.quant.ops import Add
-from lit_quant.quant.prepare import (
-    PASSTHROUGH_TYPES,
-    SHAPE_FUNCTIONS,
-    SHAPE_METHODS,
-    QuantizedModel,
-    QuantTracer,
-)
+from lit_quant.quant.prepare import QuantizedModel
 
 #: What a :class:`QuantOutput` may wrap for export.
 REQUANT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
@@ -93,14 +88,9 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         raise ExportError("export needs the model input quantized by our input quantizer: models with their own "
                           "QuantStub (torchvision's quantizable variants) are not exportable yet; use a lit_quant model "
                           "(resnet20/32/56, lenet5) or plan quantize_input: true")
-    try:
-        graph = QuantTracer().trace(qmodel.model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported the same way
-        raise ExportError(f"torch.fx cannot trace {type(qmodel.model).__name__} for export "
-                          f"({type(exc).__name__}: {exc})") from exc
     modules = dict(qmodel.model.named_modules())
     steps: list[Step] = []
-    for node in graph.nodes:
+    for node in qmodel.model.graph.nodes:
         inputs = _node_inputs(node)
         if node.op == "placeholder":
             steps.append(Step(node.name, "input", node.target))

@@ -32,8 +32,9 @@ from lit_quant.quant.functional import (
                                         lsq_fake_quantize,
                                         quantize,
 )
-from lit_quant.quant.fuse import fold_bn, fold_bn_weights, fuse_conv_bn, module_graph
-from lit_quant.quant.layers import QuantConv2d, QuantFunctional, QuantLinear, QuantOutput
+from lit_quant.quant.fuse import fold_bn, fold_bn_weights
+from lit_quant.quant.graph import fuse_conv_bn, module_graph, trace
+from lit_quant.quant.layers import QuantConv2d, QuantLinear, QuantOutput
 from lit_quant.quant.observers import OBSERVERS, Observer, build_observer
 from lit_quant.quant.plan import LayerOverride, LayerQuant, QuantPlan
 from lit_quant.quant.prepare import QuantizedModel, calibrate, finish_calibration, prepare, start_calibration
@@ -62,7 +63,6 @@ __all__ = [
                                         "QuantConfigError",
                                         "QuantConv2d",
                                         "QuantError",
-                                        "QuantFunctional",
                                         "QuantLinear",
                                         "QuantOutput",
                                         "QuantPlan",
@@ -87,11 +87,13 @@ __all__ = [
                                         "lsq_fake_quantize",
                                         "model_qparams",
                                         "module_graph",
-                                        "prepare", "start_calibration",
+                                        "prepare",
                                         "quantize",
                                         "read_stats",
                                         "reset_observers",
                                         "set_batch_index",
+                                        "start_calibration",
                                         "sync_observers",
+                                        "trace",
                                         "update_qparams",
 ]

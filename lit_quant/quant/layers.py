@@ -3,11 +3,8 @@
 * :class:`QuantConv2d`, :class:`QuantLinear` — subclasses of the float layers (same parameters, same
   ``isinstance``), with an optional weight quantizer, an optional output quantizer, and the accumulator
   width (:func:`default_accum_bits` unless the plan sets one) that bounds its bias and the integer engine;
-* :class:`QuantOutput` — any module whose output is an integer tensor on a real backend (ReLU after a
-  fused producer, residual ``Add``, average pooling, an unfolded BatchNorm, a ``QuantStub``) wrapped with
-  an output quantizer;
-* :class:`QuantFunctional` — torch.ao ``FloatFunctional`` (torchvision's quantizable models) with its
-  output quantized.
+* :class:`QuantOutput` — any module whose output is an integer tensor on a real backend (an activation,
+  a residual ``Add``, pooling, an unfolded BatchNorm, a ``QuantStub``) wrapped with an output quantizer.
 
 Parameters are shared with the module passed to ``from_float`` (``prepare`` works on a copy), so a
 prepared layer trains the same tensors.
@@ -399,52 +396,6 @@ class QuantOutput(nn.Module):
             # fewer each way; an in-place ReLU's input is then left as it was (nothing here reads it again)
             return self.act_quant(args[0], relu=True)
         return self.act_quant(self.module(*args, **kwargs))
-
-
-class QuantFunctional(nn.Module):
-    """Drop-in for torch.ao's ``FloatFunctional`` whose results are quantized by ``act_quant``.
-
-    Implements the methods torchvision's quantizable models call: ``add``, ``add_relu``, ``add_scalar``,
-    ``mul``, ``mul_scalar``, ``cat``, ``matmul``.
-    """
-
-    def __init__(self, act_quant: FakeQuantize, float_cls: type[nn.Module]) -> None:
-        super().__init__()
-        self.act_quant = act_quant
-        self._float_cls = float_cls
-
-    @classmethod
-    def from_float(cls, mod: nn.Module, act_spec: QuantSpec) -> QuantFunctional:
-        """Replacement for the ``FloatFunctional`` ``mod`` (which holds no state)."""
-        return cls(build_fake_quantize(act_spec, "act"), type(mod))
-
-    def to_float(self) -> nn.Module:
-        """A fresh ``FloatFunctional``."""
-        return self._float_cls()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("QuantFunctional is called through add / add_relu / mul / cat ..., not forward")
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.act_quant(torch.add(x, y))
-
-    def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.act_quant(torch.add(x, y), relu=True)
-
-    def add_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:
-        return self.act_quant(torch.add(x, y))
-
-    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.act_quant(torch.mul(x, y))
-
-    def mul_scalar(self, x: torch.Tensor, y: float) -> torch.Tensor:
-        return self.act_quant(torch.mul(x, y))
-
-    def cat(self, x: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-        return self.act_quant(torch.cat(x, dim=dim))
-
-    def matmul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.act_quant(torch.matmul(x, y))
 
 
 #: Float type -> quantized type for weighted layers (exact types; subclasses of these are swapped too).

@@ -1,22 +1,24 @@
 """``prepare(model, plan)``: a quantized copy of a float model; calibration helpers.
 
-Which tensors get a quantizer — every tensor that is an integer tensor on a real int8 backend:
+The model is traced once (:func:`lit_quant.quant.graph.trace`): functional ops become module calls, so
+``F.relu``, ``x + y`` and ``torch.cat`` are quantized like their modules. Which tensors get a quantizer —
+every tensor that is an integer tensor on a real int8 backend:
 
 * the model input (or each torch.ao ``QuantStub``);
 * the weight of every ``Conv2d`` / ``Linear``;
-* the output of every ``Conv2d`` / ``Linear`` / unfolded ``BatchNorm`` / residual ``Add`` — unless a ReLU
-  (or, for a layer, an unfolded BatchNorm) is its only consumer, in which case the tensor after that
-  consumer is quantized instead (conv+bn+relu and add+relu are single integer ops);
-* the output of every ReLU / ReLU6, average pooling and ``FloatFunctional`` op.
+* the output of every ``Conv2d`` / ``Linear`` / unfolded ``BatchNorm`` / ``add`` — unless a ReLU (or, for a
+  layer, an unfolded BatchNorm) is its only consumer, in which case the tensor after that consumer is
+  quantized instead (conv+bn+relu and add+relu are single integer ops);
+* the output of every activation (ReLU, ReLU6, Hardswish, Hardsigmoid, SiLU, Sigmoid, GELU), average
+  pooling, ``mul``, ``cat``, ``matmul``, LayerNorm and softmax.
 
-Max pooling, flatten, dropout and identity are left alone: their outputs stay on the input's grid.
-BatchNorm following a Conv/Linear is folded first when ``plan.fold_bn`` (inference / PTQ).
+Max pooling, flatten, reshapes, dropout and identity are left alone: their outputs stay on the input's
+grid. BatchNorm following a Conv/Linear is folded first when ``plan.fold_bn`` (inference / PTQ).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from lit_quant.quant.errors import CalibrationError
+from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.fake_quant import (
     FakeQuantize,
     build_fake_quantize,
@@ -39,24 +41,27 @@ from lit_quant.quant.fuse import (
     BN_TYPES,
     RELU_TYPES,
     WEIGHTED_TYPES,
-    ModuleGraph,
-    bn_pairs,
     fold_bn,
-    module_graph,
     set_submodule,
 )
-from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantFunctional, QuantOutput, _QuantWeightLayer
-from lit_quant.quant.ops import Add
+from lit_quant.quant.graph import (
+    PASSTHROUGH_TYPES,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+    ModuleGraph,
+    bn_pairs,
+    module_graph,
+    trace,
+)
+from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
 from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
 
-#: Modules that keep an integer tensor on its input's grid (monotone or shape-only): not quantized again.
-PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-#: ``call_function`` / ``call_method`` targets that only move integers around.
-SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, operator.getitem)
-SHAPE_METHODS = ("flatten", "reshape", "view", "contiguous")
 #: Modules whose output is quantized by wrapping them in :class:`QuantOutput`.
-OUTPUT_TYPES: tuple[type[nn.Module], ...] = (*RELU_TYPES, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput, QuantFunctional)
+OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
+    *RELU_TYPES, Add, Mul, MatMul, Cat, Mean, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
+    nn.Sigmoid, nn.GELU, nn.LayerNorm, nn.Softmax)
+QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput)
 
 
 class QuantizedModel(nn.Module):
@@ -88,13 +93,6 @@ class QuantizedModel(nn.Module):
         return model
 
 
-class QuantTracer(torch.fx.Tracer):
-    """FX tracer that keeps quantized modules (whose buffers drive control flow) and ``Add`` as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*QUANTIZED_TYPES, FakeQuantize, Add)) or super().is_leaf_module(m, qualname)
-
-
 def _input_quantizer(node: torch.fx.Node, modules: dict[str, nn.Module],
                      input_quant: FakeQuantize | None) -> FakeQuantize | None:
     """The quantizer whose grid the tensor of ``node`` is on, looking back through pass-through ops."""
@@ -115,15 +113,10 @@ def link_input_quantizers(qmodel: QuantizedModel) -> None:
     """Tell every quantized Conv2d / Linear which quantizer produces its input, so that its bias can be
     rounded to the accumulator grid ``s_x s_w`` as a deployment does (:meth:`deployed_bias`).
 
-    The link is a plain attribute (not a submodule: the quantizer stays owned by its producer). Models FX
-    cannot trace keep float biases, as before.
+    The link is a plain attribute (not a submodule: the quantizer stays owned by its producer).
     """
-    try:
-        graph = QuantTracer().trace(qmodel.model)
-    except Exception:  # noqa: BLE001 - an untraceable model only loses the bias rounding
-        return
     modules = dict(qmodel.model.named_modules())
-    for node in graph.nodes:
+    for node in qmodel.model.graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(module, _QuantWeightLayer) and node.args and isinstance(node.args[0], torch.fx.Node):
             fq = _input_quantizer(node.args[0], modules, qmodel.input_quant)
@@ -157,7 +150,6 @@ def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str
 #: torch.ao's marker modules in torchvision's quantizable models, as ``(module prefix, class name)``. The core
 #: recognises them by the name of their class (or of a base class) so that it never imports torch.ao.
 _AO_STUBS = (("torch.ao.quantization", "QuantStub"),)
-_AO_FUNCTIONALS = (("torch.ao.nn.quantized", "FloatFunctional"),)
 
 
 def _is_ao(module: nn.Module, names: tuple[tuple[str, str], ...]) -> bool:
@@ -171,28 +163,26 @@ def is_ao_stub(module: nn.Module) -> bool:
     return _is_ao(module, _AO_STUBS)
 
 
-def is_ao_functional(module: nn.Module) -> bool:
-    """A torch.ao ``FloatFunctional``: the add / mul / cat of a quantizable model, one quantizer per instance."""
-    return _is_ao(module, _AO_FUNCTIONALS)
-
-
-def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) -> QuantizedModel:
+def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
+            leaf_types: Iterable[type[nn.Module]] = ()) -> QuantizedModel:
     """A quantized copy of ``model`` (``model`` itself is not modified).
 
-    Steps: deep copy; trace module-to-module edges (FX, read only); fold Conv/Linear-BN pairs if
-    ``plan.fold_bn`` (with ``qat``, a quantized Conv-BN pair becomes a :class:`QuantConvBn2d` that folds as
-    it trains, so BatchNorm keeps learning statistics); swap Conv2d / Linear for :class:`QuantConv2d` / :class:`QuantLinear` and wrap the
-    output-producing modules listed in the module docstring, each with the specs
-    ``plan.resolve(name)`` gives; last, every quantized layer is linked to the quantizer of its input
-    (:func:`link_input_quantizers`, for its int32-grid bias). Quantizers start in calibration mode
-    (observers on, fake quant off), so the prepared model computes exactly what the (folded) float model
-    does until :func:`enable_fake_quant` is called.
+    Steps: deep copy; trace it once into a graph module (:func:`lit_quant.quant.graph.trace`, with
+    ``leaf_types`` kept whole and float); fold Conv/Linear-BN pairs if ``plan.fold_bn`` (with ``qat``, a
+    quantized Conv-BN pair becomes a :class:`QuantConvBn2d` that folds as it trains, so BatchNorm keeps
+    learning statistics); swap Conv2d / Linear for :class:`QuantConv2d` / :class:`QuantLinear` and wrap the
+    output-producing modules listed in the module docstring, each with the specs ``plan.resolve(name)``
+    gives; last, every quantized layer is linked to the quantizer of its input (:func:`link_input_quantizers`,
+    for its int32-grid bias). Quantizers start in calibration mode (observers on, fake quant off), so the
+    prepared model computes exactly what the (folded) float model does until :func:`enable_fake_quant` is
+    called. Modules the traced ``forward`` never calls are left as they are.
 
     Raises:
-        QuantConfigError: a plan override that matches no layer (with the closest names).
+        QuantConfigError: the model cannot be traced, has nothing to quantize, or a plan override matches no
+            layer (with the closest names).
     """
     plan = plan or QuantPlan()
-    model = copy.deepcopy(model)
+    model = trace(copy.deepcopy(model), leaf_types)
     graph = module_graph(model)
     modules = dict(model.named_modules())
     folded: set[str] = set()
@@ -210,8 +200,11 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
 
     weighted = [n for n in graph.order if isinstance(modules[n], WEIGHTED_TYPES)]
     outputs = [n for n in graph.order if isinstance(modules[n], (*OUTPUT_TYPES, *BN_TYPES)) and n not in absorbed]
-    special = [n for n, m in modules.items() if is_ao_stub(m) or is_ao_functional(m)]
-    plan.check_names([INPUT, *weighted, *outputs, *special])
+    stubs = [n for n in graph.order if is_ao_stub(modules[n])]
+    if not weighted and not outputs:
+        raise QuantConfigError(f"{type(model).__name__} has nothing to quantize: its traced forward calls no "
+                               "Conv2d / Linear, activation, pooling or arithmetic op")
+    plan.check_names([INPUT, *weighted, *outputs, *stubs])
 
     def resolve(name: str) -> Any:
         governing = owner.get(name, name)
@@ -236,19 +229,13 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False) 
     if shared:
         warnings.warn(f"module(s) {', '.join(shared)} are called more than once; each shares one output quantizer "
                       "(give every use its own module instance to quantize each tensor separately)", stacklevel=2)
-    for name in outputs:
+    for name in (*outputs, *stubs):
         spec = resolve(name).act
         if spec is not None:
             set_submodule(model, name, QuantOutput.from_float(modules[name], spec))
-    for name in special:
-        spec = resolve(name).act
-        if spec is not None:
-            cls = QuantFunctional if is_ao_functional(modules[name]) else QuantOutput
-            set_submodule(model, name, cls.from_float(modules[name], spec))
 
     input_quant = None
-    has_stub = any(is_ao_stub(modules[n]) for n in special)
-    if plan.quantize_input and not has_stub:
+    if plan.quantize_input and not stubs:
         spec = plan.resolve(INPUT).act
         input_quant = build_fake_quantize(spec, "act") if spec is not None else None
     qmodel = QuantizedModel(model, input_quant, plan)
