@@ -62,8 +62,8 @@ class Steps(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def _block() -> list[nn.Module]:
-    return [nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+def _block(conv_bias: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(1, 8, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(8), nn.ReLU(),
             nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
             nn.Flatten()]
 
@@ -95,11 +95,12 @@ class FlatModule(Steps):
 
 
 class BackboneHeadModule(Steps):
-    """A feature extractor and a classifier in two attributes."""
+    """A feature extractor and a classifier in two attributes (``conv_bias``: the first conv has a bias before
+    its BatchNorm, as PyTorch's default ``Conv2d`` does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conv_bias: bool = False) -> None:
         super().__init__()
-        self.backbone = nn.Sequential(*_block())
+        self.backbone = nn.Sequential(*_block(conv_bias))
         self.head = nn.Linear(8, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -299,6 +299,13 @@ class QuantConvBn2d(QuantConv2d):
         if bn is None:
             raise ValueError("QuantConvBn2d needs the BatchNorm that follows the convolution (bn=...)")
         self.bn = bn
+        if self.bias is not None:
+            # A conv bias before BatchNorm cancels in the batch mean: it would get no gradient (an unused
+            # parameter under DDP). It moves into the running mean, m' = m - b, which leaves the folded bias
+            # (b - m) f + beta = (0 - m') f + beta, and so eval and deployment, unchanged.
+            with torch.no_grad():
+                bn.running_mean.sub_(self.bias.detach().to(bn.running_mean.dtype))
+            self.bias = None
         self.register_buffer("bn_frozen", torch.tensor(False, device=bn.running_var.device))
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
