@@ -114,6 +114,25 @@ def sweep_table(rows: list[dict[str, Any]]) -> Table | None:
     return table
 
 
+def layers_table(layers: list[dict[str, Any]]) -> Table | None:
+    """What our model quantizes: ops grouped by kind, status and widths, each float op named."""
+    if not layers:
+        return None
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for op in layers:
+        bits = f"{op['weight_bits'] or '-'}/{op['act_bits'] or '-'}"
+        groups.setdefault((op["op"], op["status"], bits), []).append(op["name"])
+    floats = sum(len(names) for (_, status, _), names in groups.items() if status == "float")
+    table = Table(title=f"what is quantized: {len(layers)} ops, {floats} float (report.json \"layers\": each op)")
+    for name in ("op", "status", "W/A bits", "count", "layers"):
+        table.add_column(name, justify="right" if name == "count" else "left")
+    for (op, status, bits), names in groups.items():
+        shown = names if status == "float" else names[:2] + (["..."] if len(names) > 2 else [])
+        table.add_row(op, f"[red]{status}[/]" if status == "float" else status, bits, str(len(names)),
+                      ", ".join(shown))
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, quantize, print the table; returns the exit status."""
     cfg, sweep, observers = resolve_args(argv)
@@ -129,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not result.is_global_zero:  # DDP: the other processes computed the same rows; one table is enough
         return 0
     rows = result.rows
+    layers = layers_table(result.layers)
+    if layers is not None:
+        console.print(layers)
     console.print(report_table(rows))
     sweep_summary = sweep_table(rows)
     if sweep_summary is not None:

@@ -184,6 +184,12 @@ def test_clipping_flags_and_float_layers(trained: Path) -> None:
     names = set(payload["state_dict"])
     assert not any(k.startswith(("model.fc.", "model.layers.0.")) and "quant" in k for k in names)  # left in float
     assert any(k.startswith("model.layers.1.") and "quant" in k for k in names)
+    # the report lists every op, and the layers the flags left float as float
+    layers = {op["name"]: op for op in json.loads((run / "report.json").read_text())["layers"]}
+    assert layers["fc"]["status"] == "float" and layers["layers.0.conv1"]["status"] == "float"
+    assert layers["layers.1.conv2"] == {"name": "layers.1.conv2", "op": "Conv2d", "weight_bits": 4, "act_bits": 4,
+                                        "status": "quantized"}
+    assert layers["layers.1.add"]["status"] == "fused" and layers["input"]["act_bits"] == 4
     # the percentile really clips: a lower percentile gives smaller activation ranges than 100 (the max)
     scales = {}
     for p in ("100", "90"):

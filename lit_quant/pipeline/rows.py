@@ -98,6 +98,15 @@ class Report:
 
     rows: list[Row] = field(default_factory=list)
     outcomes: dict[int, torch.Tensor] = field(default_factory=dict)  # row index -> per-image top-1 (bool)
+    layers: list[dict[str, Any]] = field(default_factory=list)  # ops of our first quantized model (summarize)
+
+    def describe(self, qmodel: Any) -> None:
+        """Record what ``qmodel`` quantizes, op by op, unless a model was recorded already (the first of a run
+        stands for the others: a sweep changes widths, not which ops are quantized)."""
+        if not self.layers:
+            from lit_quant.quant.summary import summarize
+
+            self.layers = [op.to_dict() for op in summarize(qmodel)]
 
     def add(self, row: Row, correct: torch.Tensor | None = None) -> Row:
         """Append ``row`` (with its per-image outcomes when it was evaluated); returns it."""
@@ -115,10 +124,13 @@ class Report:
         return [r.to_dict() for r in self.rows]
 
 
-def write_report(rows: list[dict[str, Any]], folder: Path, pairs: list[dict[str, Any]] | None = None) -> None:
-    """``report.json`` (``{"rows": [...], "pairs": [...]}``) and ``report.csv`` (the rows) in ``folder``,
+def write_report(rows: list[dict[str, Any]], folder: Path, pairs: list[dict[str, Any]] | None = None,
+                 layers: list[dict[str, Any]] | None = None) -> None:
+    """``report.json`` (``{"rows": [...], "pairs": [...], "layers": [...]}``, ``layers`` the quantized model's
+    ops as :func:`lit_quant.quant.summary.summarize` lists them) and ``report.csv`` (the rows) in ``folder``,
     each written atomically."""
-    atomic_write_text(folder / "report.json", json.dumps({"rows": rows, "pairs": pairs or []}, indent=2) + "\n")
+    data = {"rows": rows, "pairs": pairs or [], "layers": layers or []}
+    atomic_write_text(folder / "report.json", json.dumps(data, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS)
     writer.writeheader()

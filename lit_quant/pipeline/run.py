@@ -44,6 +44,7 @@ class QuantizeResult:
     run_dir: Path  # the fp32 checkpoint's run folder (holds copies of the newest report)
     report_dir: Path  # this run's own report folder, <run>/quantize/<name>/
     is_global_zero: bool  # rank 0, the process that writes files (under DDP every process runs the work)
+    layers: list[dict[str, Any]]  # what our quantized model quantizes, op by op (report.json "layers")
 
 
 def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
@@ -139,6 +140,7 @@ def add_ptq_rows(ctx: RunContext, report: Report, sweep_bits: list[int] | None, 
     for point in points:
         row, correct, model, reused = ptq_row(ctx, point, cfg.stats_file if len(points) == 1 else None)
         report.add(row, correct)
+        report.describe(model)
         if keep and ctx.is_global_zero and not reused:
             save_quantized(ctx.run_dir / f"{point.stem}.ckpt", model, point.plan, ctx.arch, ctx.data_settings,
                            row.to_dict(), source=ctx.source)
@@ -151,6 +153,7 @@ def add_qat_rows(ctx: RunContext, report: Report) -> None:
     qat = run_qat(cfg, ctx.classifier, ctx.arch, ctx.dm, ctx.run_dir)
     row, correct = qat_row(ctx, qat)
     report.add(row, correct)
+    report.describe(qat.model)
     if ctx.is_global_zero:
         save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, ctx.arch, ctx.data_settings,
                        row.to_dict(), kind="qat", source=ctx.source)
@@ -163,7 +166,7 @@ def write_outputs(ctx: RunContext, report: Report, pairs: list[dict[str, Any]], 
     """The report in the run's own folder, copied to ``<run>/report.json`` / ``report.csv`` (the newest),
     and the sweep's plot."""
     rows = report.dicts()
-    write_report(rows, ctx.out_dir, pairs)
+    write_report(rows, ctx.out_dir, pairs, report.layers)
     for name in ("report.json", "report.csv"):
         atomic_write_text(ctx.run_dir / name, (ctx.out_dir / name).read_text())
     if sweep_bits and len(sweep_bits) > 1:
@@ -195,4 +198,4 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     pairs = report.pairs()
     if ctx.is_global_zero:
         write_outputs(ctx, report, pairs, sweep_bits)
-    return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero)
+    return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers)

@@ -83,7 +83,7 @@ def _untraceable(model: nn.Module, exc: Exception) -> QuantConfigError:
         "prepare(..., leaf_types=(ThatModule,)) so that it stays float")
 
 
-def _tensor_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+def tensor_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Nodes whose value is a tensor, inferred without data: inputs, attributes and module outputs are;
     ``x.shape``, ``x.size()`` and what is computed from them only are not."""
     tensors: set[torch.fx.Node] = set()
@@ -269,7 +269,7 @@ def _stateless(module: nn.Module) -> bool:
 def modularize(gm: torch.fx.GraphModule) -> None:
     """Rewrite ``gm`` in place so every quantizable op is a module call (see the module docstring)."""
     graph = gm.graph
-    tensors = _tensor_nodes(graph)
+    tensors = tensor_nodes(graph)
     seen: set[str] = set()
     for node in list(graph.nodes):
         if node.op == "call_module":

@@ -11,6 +11,7 @@ from lit_quant.quant import QuantConfigError, QuantPlan, calibrate, enable_fake_
 from lit_quant.quant.attention import DecomposedMultiheadAttention
 from lit_quant.quant.layers import QuantConv2d, QuantOutput
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean
+from lit_quant.quant.summary import summarize
 
 
 class FunctionalNet(nn.Module):
@@ -160,6 +161,10 @@ def test_leaf_types_keep_an_untraceable_block_float() -> None:
     q = prepare(model, leaf_types=(Branch,))
     assert isinstance(q.model.get_submodule("1"), Branch)
     calibrate(q, [torch.randn(2, 1, 8, 8)])
+    # what stays float is listed as float; flatten keeps its input's grid and is not an op of its own
+    assert [(op.name, op.op, op.weight_bits, op.act_bits, op.status) for op in summarize(q)] == [
+        ("input", "input", None, 8, "quantized"), ("0", "Conv2d", 8, 8, "quantized"),
+        ("1", "Branch", None, None, "float"), ("3", "Linear", 8, 8, "quantized")]
 
 
 def test_model_with_nothing_to_quantize_is_an_error() -> None:
