@@ -65,3 +65,38 @@ def test_torchvision_classifier_prepare_calibrate_qat_step_and_eval(name: str) -
     assert any("weight" in n for n in moved)
     with torch.no_grad():
         assert torch.isfinite(qat.eval()(x)).all()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf"])
+def test_onnx_qdq_export_agrees_with_fake_quant(name: str, tmp_path) -> None:
+    """Conv / Linear, residual adds with the ReLU after them and pooling export as QDQ
+    ONNX; onnxruntime's predictions equal the fake-quant model's on at least 99 % of a batch. (The logits
+    can differ by a few output steps: ONNX divides by the scale where PyTorch multiplies by its inverse, and
+    a value on a rounding tie that moves one step early in a deep random network moves later ones.)"""
+    from lit_quant.deploy.graph import agreement
+    from lit_quant.deploy.onnx_export import export_onnx, run_onnx
+
+    model = _model(name)
+    x = torch.randn(200, 3, 32, 32)
+    q = prepare(model, QuantPlan.from_bits(8, 8))
+    calibrate(q, [x[:32]])
+    path = export_onnx(q, tmp_path / f"{name}.onnx", x[:1])
+
+    class OnnxRuntime(nn.Module):
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            return run_onnx(path, batch)
+
+    result = agreement(OnnxRuntime(), q, [x])
+    assert result["images"] == len(x) and result["disagree"] <= len(x) // 100
+
+
+@pytest.mark.parametrize("name,op", [("mobilenet_v3_small", "Hardswish"), ("shufflenet_v2_x0_5", "Cat")])
+def test_export_refuses_an_op_it_cannot_express_and_names_it(name: str, op: str, tmp_path) -> None:
+    from lit_quant.deploy.graph import ExportError
+    from lit_quant.deploy.onnx_export import export_onnx
+
+    q = prepare(_model(name), QuantPlan.from_bits(8, 8))
+    calibrate(q, [torch.randn(4, 3, 32, 32)])
+    with pytest.raises(ExportError, match=f"a quantized {op} cannot be exported") as err:
+        export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    assert "\n" not in str(err.value)

@@ -78,6 +78,7 @@ class QuantizedModel(nn.Module):
         self.input_quant = input_quant
         self.model = model
         self.plan = plan
+        self.train(model.training)  # the float model's mode: an eval-mode model prepares into an eval-mode one
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.input_quant is not None:
