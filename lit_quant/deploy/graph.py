@@ -85,9 +85,8 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         raise ExportError("the model has no quantizers (every layer float): nothing to export; quantize at least "
                           "one layer (check --no-quant-layers / the plan)")
     if qmodel.input_quant is None:
-        raise ExportError("export needs the model input quantized by our input quantizer: models with their own "
-                          "QuantStub (torchvision's quantizable variants) are not exportable yet; use a lit_quant model "
-                          "(resnet20/32/56, lenet5) or plan quantize_input: true")
+        raise ExportError("export needs the model input quantized by our input quantizer: a model with its own "
+                          "QuantStub is not exportable; remove the stub or set the plan's quantize_input: true")
     modules = dict(qmodel.model.named_modules())
     steps: list[Step] = []
     for node in qmodel.model.graph.nodes:

@@ -47,8 +47,10 @@ def test_a_sweep_has_no_single_ptq_row_to_pair() -> None:
 def test_report_files(tmp_path: Path) -> None:
     rows = [Row("fp32", top1=99.0, act_bits=32).to_dict(), Row("ptq", top1=95.0, act_bits=8, observer="mse").to_dict(),
             Row("ptq", top1=80.0, act_bits=4, observer="mse").to_dict()]
-    write_report(rows, tmp_path, [{"ours": "ptq"}])
-    assert json.loads((tmp_path / "report.json").read_text()) == {"rows": rows, "pairs": [{"ours": "ptq"}]}
+    layers = [{"name": "fc", "op": "Linear", "weight_bits": 8, "act_bits": 8, "status": "quantized"}]
+    write_report(rows, tmp_path, [{"ours": "ptq"}], layers)
+    assert json.loads((tmp_path / "report.json").read_text()) == {"rows": rows, "pairs": [{"ours": "ptq"}],
+                                                                   "layers": layers}
     with (tmp_path / "report.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert list(table[0]) == list(ROW_KEYS) and [r["variant"] for r in table] == ["fp32", "ptq", "ptq"]
