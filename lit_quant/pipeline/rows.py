@@ -20,6 +20,7 @@ import torch
 
 from lit_quant.io import atomic_write, atomic_write_text
 from lit_quant.measure import paired_comparison
+from lit_quant.quant.summary import summarize
 
 
 @dataclass
@@ -104,8 +105,6 @@ class Report:
         """Record what ``qmodel`` quantizes, op by op, unless a model was recorded already (the first of a run
         stands for the others: a sweep changes widths, not which ops are quantized)."""
         if not self.layers:
-            from lit_quant.quant.summary import summarize
-
             self.layers = [op.to_dict() for op in summarize(qmodel)]
 
     def add(self, row: Row, correct: torch.Tensor | None = None) -> Row:
