@@ -204,6 +204,44 @@ def test_functional_reshapes_relu6_avgpool(tmp_path: Path) -> None:
     assert agree >= 0.99 and max_steps <= 1 + 1e-3  # measured: identical logits
 
 
+class _Moves(nn.Module):
+    """A small network with every op kind the exporter maps besides Conv / Linear / ReLU: chunk, cat, SiLU,
+    Hardswish, sigmoid, mul, flatten, transpose, a parameter expanded to the batch, LayerNorm, matmul, softmax,
+    GELU, slicing, integer indexing and mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.silu(self.conv(x))
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([nn.functional.hardswish(a), torch.sigmoid(b) * b], 1)
+        t = x.flatten(2).transpose(1, 2)  # (N, H W, 8) tokens
+        t = torch.cat([self.token.expand(x.shape[0], -1, -1), t], 1)
+        t = self.proj(self.norm(t))
+        attention = torch.softmax(torch.matmul(t, t.transpose(-2, -1)), dim=-1)
+        t = nn.functional.gelu(torch.matmul(attention, t))
+        return self.fc(t[:, 1:].mean(1) + t[:, 0])
+
+
+def test_activations_attention_and_moves_export(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    qmodel = _quantize(_Moves().eval(), QuantPlan.from_bits(8, 8), 6)
+    path = export_onnx(qmodel, tmp_path / "moves.onnx", _inputs(6, 1))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Split", "Concat", "HardSwish", "Sigmoid", "Mul", "Transpose", "Expand", "LayerNormalization",
+            "MatMul", "Softmax", "Erf", "Slice", "Gather", "ReduceMean"} <= ops
+    agree, max_steps, _ = _compare(qmodel, path, _inputs(6))
+    assert agree >= 0.99 and max_steps <= 1 + 1e-3
+    with pytest.raises(ExportError, match="LayerNorm needs ONNX LayerNormalization, opset 17"):
+        export_onnx(qmodel, tmp_path / "old.onnx", _inputs(6, 1), opset=16)
+
+
 class _Unsupported(nn.Module):
     def __init__(self, mode: str) -> None:
         super().__init__()
@@ -215,11 +253,11 @@ class _Unsupported(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.conv(x))
-        x = torch.flatten(self.pool(x), 1) if self.mode == "pool" else x[:, :, 0, 0]
+        x = torch.flatten(self.pool(x), 1) if self.mode == "pool" else x.flip(1)[:, :, 0, 0]
         return self.fc(x)
 
 
-@pytest.mark.parametrize(("mode", "match"), [("pool", "AdaptiveAvgPool2d"), ("getitem", "flatten")])
+@pytest.mark.parametrize(("mode", "match"), [("pool", "AdaptiveAvgPool2d"), ("flip", "flip")])
 def test_unsupported_ops_raise(mode: str, match: str, tmp_path: Path) -> None:
     qmodel = _quantize(_Unsupported(mode).eval(), QuantPlan.from_bits(8, 8), 8)
     with pytest.raises(ExportError, match=match):

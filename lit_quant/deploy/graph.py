@@ -11,11 +11,19 @@ kind             meaning
 ``layer``        :class:`QuantConv2d` / :class:`QuantLinear` / :class:`QuantConvBn2d`; its output is
                  quantized by its own ``act_quant``, or (``act_quant is None``) it is an accumulator that
                  the single consumer (a ReLU) requantizes
-``requant``      :class:`QuantOutput`: ``module`` (ReLU, ReLU6, Add, average pooling) then its quantizer
+``requant``      :class:`QuantOutput`: ``module`` (an activation, Add / Mul / MatMul / Cat, LayerNorm, softmax,
+                 mean, average pooling: :data:`REQUANT_TYPES`) then its quantizer
 ``add``          a plain :class:`lit_quant.quant.ops.Add` whose sum a following ReLU requantizes (add + relu fused)
-``passthrough``  max pooling, flatten, identity, dropout: integers stay on the input's grid
+``passthrough``  max pooling, reshapes, permutes, slices, ``chunk`` / ``split``, ``expand``: integers stay on
+                 the input's grid (identity and eval-mode dropout are removed, their readers rewired)
+``shape``        a Python value computed from tensor shapes (``x.shape[0]``, ``x.size(1) // 2``, ``x.dim()``)
+                 that a reshape reads; exporters evaluate it, no op computes it
+``const``        a parameter or buffer the graph reads as a tensor (a class token, a position embedding)
 ``output``       the model output, dequantized
 ===============  ==========================================================================================
+
+Function and method steps keep their call (:attr:`Step.node`) with the other steps' names in place of graph
+nodes, so an exporter runs them on its own values with :meth:`Step.call`.
 
 Anything else (a float layer left by ``--no-quant-layers``, an unfolded BatchNorm, an inline ``torch``
 function) raises :class:`ExportError` naming the node and what to change.
@@ -33,13 +41,15 @@ from torch import nn
 from lit_quant.errors import UserError
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
-from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS
+from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS, tensor_nodes
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
-from lit_quant.quant.ops import Add
+from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
 from lit_quant.quant.prepare import QuantizedModel
 
 #: What a :class:`QuantOutput` may wrap for export.
-REQUANT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, Add, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+REQUANT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Softmax, nn.LayerNorm, Add, Mul,
+    MatMul, Cat, Mean, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 class ExportError(UserError):
@@ -56,8 +66,9 @@ class Step:
         target: module path (``layers.0.conv1``) or function name.
         module: the module called (None for input / output / functions).
         inputs: names of the steps whose values this one reads, in argument order.
-        users: how many steps read this one's value.
-        fn: for ``passthrough`` function / method nodes, a callable applying the same op to any tensor.
+        users: how many tensor steps read this one's value.
+        node: for function / method steps, the graph node (its op and target); :meth:`call` runs it.
+        value: for ``const`` steps, the tensor.
     """
 
     name: str
@@ -66,7 +77,42 @@ class Step:
     module: nn.Module | None = None
     inputs: list[str] = field(default_factory=list)
     users: int = 0
-    fn: object = None
+    node: torch.fx.Node | None = None
+    value: torch.Tensor | None = None
+    _call_args: Any = None  # (args, kwargs) of ``node`` with each graph node replaced by a _Ref to its step
+
+    def call_args(self, env: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of this function / method step with the values in ``env`` (see :meth:`call`)."""
+        return _fill(self._call_args, env)
+
+    def call(self, env: dict[str, Any]) -> Any:
+        """Run this function / method step on concrete values: ``env`` maps step names to values (tensors,
+        tuples of tensors from ``chunk``, Python numbers from ``shape`` steps)."""
+        args, kwargs = self.call_args(env)
+        if self.node.op == "call_function":
+            return self.node.target(*args, **kwargs)
+        return getattr(args[0], self.node.target)(*args[1:], **kwargs)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A step's value inside a call's arguments."""
+
+    name: str
+
+
+def _fill(obj: Any, env: dict[str, Any]) -> Any:
+    """``obj`` with every :class:`_Ref` replaced by its value in ``env`` (through tuples, lists, dicts and
+    slices, as ``torch.fx`` nests arguments)."""
+    if isinstance(obj, _Ref):
+        return env[obj.name]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_fill(o, env) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _fill(v, env) for k, v in obj.items()}
+    if isinstance(obj, slice):
+        return slice(_fill(obj.start, env), _fill(obj.stop, env), _fill(obj.step, env))
+    return obj
 
 
 def _node_inputs(node: torch.fx.Node) -> list[str]:
@@ -88,6 +134,7 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         raise ExportError("export needs the model input quantized by our input quantizer: a model with its own "
                           "QuantStub is not exportable; remove the stub or set the plan's quantize_input: true")
     modules = dict(qmodel.model.named_modules())
+    tensors = tensor_nodes(qmodel.model.graph)
     steps: list[Step] = []
     for node in qmodel.model.graph.nodes:
         inputs = _node_inputs(node)
@@ -98,43 +145,65 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         elif node.op == "call_module":
             module = modules[str(node.target)]
             steps.append(Step(node.name, _module_kind(str(node.target), module), str(node.target), module, inputs))
-        elif node.op == "call_function" and node.target in SHAPE_FUNCTIONS:
-            fn = node.target
-            extra_args, kwargs = node.args[1:], dict(node.kwargs)
-            steps.append(Step(node.name, "passthrough", getattr(fn, "__name__", str(fn)), inputs=inputs[:1],
-                              fn=lambda t, fn=fn, a=extra_args, k=kwargs: fn(t, *a, **k)))
-        elif node.op == "call_method" and node.target in SHAPE_METHODS:
-            method, extra_args, kwargs = str(node.target), node.args[1:], dict(node.kwargs)
-            steps.append(Step(node.name, "passthrough", method, inputs=inputs[:1],
-                              fn=lambda t, m=method, a=extra_args, k=kwargs: getattr(t, m)(*a, **k)))
+        elif node.op == "get_attr":
+            value = _attribute(qmodel.model, str(node.target))
+            if not isinstance(value, torch.Tensor):
+                raise ExportError(f"cannot export node {node.name}: attribute {node.target} is not a tensor")
+            steps.append(Step(node.name, "const", str(node.target), inputs=inputs, value=value.detach()))
+        elif node not in tensors and node.op in ("call_function", "call_method"):
+            steps.append(Step(node.name, "shape", _callee(node), inputs=inputs, node=node))
+        elif _reshape_like(node):
+            steps.append(Step(node.name, "passthrough", _callee(node), inputs=inputs, node=node))
         else:
-            raise ExportError(f"cannot export node {node.name} ({node.op} {node.target}): only modules "
+            raise ExportError(f"cannot export node {node.name} ({node.op} {_callee(node)}): only modules "
                               f"({', '.join(t.__name__ for t in (*REQUANT_TYPES, *PASSTHROUGH_TYPES))}, "
                               "quantized Conv2d / Linear) and reshapes are supported; express it as a module")
     # identity / dropout (folded BatchNorms, eval-mode dropout) compute nothing: rewire their readers
     alias = {s.name: s.inputs[0] for s in steps if isinstance(s.module, (nn.Identity, nn.Dropout))}
     steps = [s for s in steps if s.name not in alias]
     for step in steps:
-        resolved = []
-        for name in step.inputs:
-            while name in alias:
-                name = alias[name]
-            resolved.append(name)
-        step.inputs = resolved
+        step.inputs = [_resolve(name, alias) for name in step.inputs]
+    for step in steps:
+        if step.node is not None:
+            step._call_args = torch.fx.node.map_arg((step.node.args, dict(step.node.kwargs)),
+                                                    lambda n: _Ref(_resolve(n.name, alias)))
     counts: dict[str, int] = {}
     for step in steps:
+        if step.kind == "shape":  # reading a shape does not read the integers
+            continue
         for name in step.inputs:
             counts[name] = counts.get(name, 0) + 1
     for step in steps:
         step.users = counts.get(step.name, 0)
     for step in steps:  # an accumulator (layer without output quantizer, plain Add) must feed one ReLU
         if (step.kind == "layer" and step.module.act_quant is None) or step.kind == "add":
-            readers = [s for s in steps if step.name in s.inputs]
+            readers = [s for s in steps if step.name in s.inputs and s.kind != "shape"]
             if len(readers) != 1 or readers[0].kind != "requant" or not isinstance(readers[0].module.module,
                                                                                      (nn.ReLU, nn.ReLU6)):
                 raise ExportError(f"{step.target}: output not quantized and not followed by a quantized ReLU; "
                                   "give it an output quantizer (activation bits in the plan)")
     return steps
+
+
+def _resolve(name: str, alias: dict[str, str]) -> str:
+    while name in alias:
+        name = alias[name]
+    return name
+
+
+def _callee(node: torch.fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _reshape_like(node: torch.fx.Node) -> bool:
+    """A function / method that only moves values: a reshape, permute, slice, split or broadcast."""
+    return ((node.op == "call_function" and node.target in SHAPE_FUNCTIONS)
+            or (node.op == "call_method" and node.target in SHAPE_METHODS))
+
+
+def _attribute(root: nn.Module, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, attr)
 
 
 def _module_kind(name: str, module: nn.Module) -> str:

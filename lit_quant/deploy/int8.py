@@ -5,13 +5,20 @@ Mapping of :func:`lit_quant.deploy.graph.deploy_graph` steps:
 
 * input: ``quantize_per_tensor`` with the input quantizer's scale and zero point;
 * layer: ``nnq.Conv2d`` / ``nnq.Linear`` (``nniq.ConvReLU2d`` / ``nniq.LinearReLU`` when the output is an
-  accumulator a ReLU requantizes), weights are *our* integers (:func:`layer_weight`) wrapped as a per-channel
+  accumulator a ReLU requantizes, then a clamp at 6 for a ReLU6), weights are *our* integers (:func:`layer_weight`) wrapped as a per-channel
   (axis 0) or per-tensor ``qint8`` tensor, output scale / zero point from our activation quantizer;
 * add (+ ReLU): ``quantized::add`` / ``quantized::add_relu`` with our output qparams;
-* average pooling and a ReLU after a non-accumulator: dequantize, float op, quantize with our qparams
-  (one rounding, as the fake-quant model does);
-* max pooling, flatten: on the quantized tensor (values stay on the grid);
+* mul, matmul, cat, softmax, hardswish, layer norm: torch's ``quantized::`` kernels with our output
+  qparams;
+* average pooling, mean, sigmoid, SiLU, GELU, hardsigmoid and a ReLU after a non-accumulator (no kernel
+  takes any output qparams on every backend: qnnpack's sigmoid only writes scale 1/256): dequantize, float
+  op, quantize with our qparams (one rounding, as the fake-quant model does);
+* max pooling, reshapes, permutes, slices, splits: on the quantized tensor (values stay on the grid), and
+  the shape arithmetic they read as in the float model;
 * output: dequantize.
+
+A float tensor the graph reads (a class token, a layer scale) has no int8 kernel to go into: such a model is
+refused, naming the tensor.
 
 What a real int8 backend cannot hold is reported by :func:`int8_blockers` (and the report row says so)
 instead of being changed silently: activations of other than 8 bits (the kernels clamp to 0..255, not to the
@@ -32,7 +39,7 @@ from torch import nn
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.functional import QParams
-from lit_quant.quant.ops import Add
+from lit_quant.quant.ops import Add, Cat, MatMul, Mul
 from lit_quant.quant.prepare import QuantizedModel
 from lit_quant.torchao_ref import _quiet, check_backend, use_engine
 
@@ -122,15 +129,51 @@ def _quantized_layer(step: Step, out: QParams, relu: bool) -> nn.Module:
 
 
 class _Requant(nn.Module):
-    """``quantize(op(dequantize(x)))`` with our output qparams (one rounding, as fake quantization)."""
+    """``quantize(op(dequantize(x), ...))`` with our output qparams (one rounding, as fake quantization)."""
 
     def __init__(self, op: nn.Module, qp: QParams) -> None:
         super().__init__()
         self.op = op
         self.scale, self.zero_point = _quint8(qp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.quantize_per_tensor(self.op(x.dequantize()), self.scale, self.zero_point, torch.quint8)
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        y = self.op(*(x.dequantize() for x in xs))
+        return torch.quantize_per_tensor(y, self.scale, self.zero_point, torch.quint8)
+
+
+class _QKernel(nn.Module):
+    """One of torch's ``quantized::`` kernels that take the output scale and zero point: ``kernel(*x, *extra,
+    scale, zero_point)`` (``quantized::cat`` takes its inputs as one list)."""
+
+    def __init__(self, kernel: Any, qp: QParams, extra: tuple[Any, ...] = (), as_list: bool = False) -> None:
+        super().__init__()
+        self.kernel, self.extra, self.as_list = kernel, extra, as_list
+        self.scale, self.zero_point = _quint8(qp)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        inputs = (list(xs),) if self.as_list else xs
+        return self.kernel(*inputs, *self.extra, self.scale, self.zero_point)
+
+
+def _requant_op(module: nn.Module, qp: QParams) -> nn.Module:
+    """The int8 op for a requant step: a ``quantized::`` kernel where torch has one, else :class:`_Requant`."""
+    kernels = torch.ops.quantized
+    if isinstance(module, Add):
+        return _QAdd(qp, relu=False)
+    if isinstance(module, Mul):
+        return _QKernel(kernels.mul, qp)
+    if isinstance(module, MatMul):
+        return _QKernel(kernels.matmul, qp)
+    if isinstance(module, Cat):
+        return _QKernel(kernels.cat, qp, (module.dim,), as_list=True)
+    if isinstance(module, nn.Softmax):
+        return _QKernel(kernels.softmax, qp, (module.dim,))
+    if isinstance(module, nn.Hardswish):
+        return _QKernel(kernels.hardswish, qp)
+    if isinstance(module, nn.LayerNorm):
+        return _QKernel(kernels.layer_norm, qp, (list(module.normalized_shape), module.weight, module.bias,
+                                                 module.eps))
+    return _Requant(module, qp)
 
 
 class _QAdd(nn.Module):
@@ -146,15 +189,17 @@ class _QAdd(nn.Module):
         return op(a, b, self.scale, self.zero_point)
 
 
-class _Fn(nn.Module):
-    """A functional passthrough step (``torch.flatten(x, 1)``, ``x.view(...)``) as a module of the graph."""
-
-    def __init__(self, fn: Any) -> None:
-        super().__init__()
-        self.fn = fn
+class _Clamp6(nn.Module):
+    """``clamp(q, 0, 6)`` on the quantized tensor: with the ReLU6's own qparams, ``round(clamp(a, 0, 6) / s) + z``
+    equals ``clamp(round(a / s) + z, q(0), q(6))`` because rounding is monotone, so the fused op stays exact."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+        return torch.clamp(x, 0.0, 6.0)
+
+
+def _clamp6(op: nn.Module, relu: Step) -> nn.Module:
+    """``op`` (a fused op + ReLU), followed by the clamp at 6 when the ReLU it absorbs is a ReLU6."""
+    return nn.Sequential(op, _Clamp6()) if isinstance(relu.module.module, nn.ReLU6) else op
 
 
 class Int8Model(nn.Module):
@@ -181,9 +226,12 @@ class Int8Model(nn.Module):
                 env[step.name] = graph.call_function(torch.quantize_per_tensor, (x, scale, zero_point, torch.quint8))
             elif step.kind == "output":
                 graph.output(graph.call_method("dequantize", (args[0],)))
-            elif step.name in ops or (step.kind == "passthrough" and step.fn is not None):
-                root.add_module(step.name, ops[step.name] if step.name in ops else _Fn(step.fn))
+            elif step.name in ops:
+                root.add_module(step.name, ops[step.name])
                 env[step.name] = graph.call_module(step.name, args)
+            elif step.node is not None:  # a reshape or the shape arithmetic it reads, as in the float model
+                call_args, call_kwargs = step.call_args(env)
+                env[step.name] = graph.create_node(step.node.op, step.node.target, call_args, call_kwargs)
             else:  # a ReLU already applied by the fused op before it
                 env[step.name] = args[0]
         self.graph_module = torch.fx.GraphModule(root, graph)
@@ -207,6 +255,11 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
                           + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else "")
                           + ": use 8-bit activations and symmetric weights of at most 8 bits")
     steps = deploy_graph(qmodel)
+    consts = [s.target for s in steps if s.kind == "const"]
+    if consts:
+        raise ExportError(f"cannot export to int8 kernels: the graph reads float tensor {consts[0]}"
+                          + (f" (+{len(consts) - 1} more)" if len(consts) > 1 else "")
+                          + ", which no int8 kernel takes; export to ONNX instead")
     readers = {s.name: [r for r in steps if s.name in r.inputs] for s in steps}
     ops: dict[str, nn.Module] = {}
     fused: set[str] = set()  # ReLU steps computed by the op before them
@@ -217,20 +270,14 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
                     ops[step.name] = _quantized_layer(step, act_qparams(step), relu=False)
                 else:
                     relu = readers[step.name][0]
-                    if isinstance(relu.module.module, nn.ReLU6):
-                        raise ExportError(f"{step.target}: a fused ReLU6 has no int8 kernel; quantize the layer output")
-                    ops[step.name] = _quantized_layer(step, act_qparams(relu), relu=True)
+                    ops[step.name] = _clamp6(_quantized_layer(step, act_qparams(relu), relu=True), relu)
                     fused.add(relu.name)
             elif step.kind == "add":
                 relu = readers[step.name][0]
-                if isinstance(relu.module.module, nn.ReLU6):
-                    raise ExportError(f"{step.target}: add + ReLU6 has no int8 kernel; quantize the sum")
-                ops[step.name] = _QAdd(act_qparams(relu), relu=True)
+                ops[step.name] = _clamp6(_QAdd(act_qparams(relu), relu=True), relu)
                 fused.add(relu.name)
             elif step.kind == "requant" and step.name not in fused:
-                module = step.module.module
-                ops[step.name] = _QAdd(act_qparams(step), relu=False) if isinstance(module, Add) else \
-                    _Requant(module, act_qparams(step))
+                ops[step.name] = _requant_op(step.module.module, act_qparams(step))
             elif step.kind == "passthrough" and step.module is not None:
                 ops[step.name] = step.module
     return Int8Model(steps, ops, act_qparams(steps[0], qmodel.input_quant), backend).eval()

@@ -14,7 +14,11 @@ dequantization, following :func:`lit_quant.deploy.graph.deploy_graph`:
   ``--qe-scale-approx-bits``), ``q_y = clamp(((acc M0 + 2^(n-1)) >> n) + z_y, q_min, q_max)``;
 * ReLU is the lower clamp bound ``z_y`` (ReLU6 also clamps at ``z_y + round(6 / s_y)``);
 * a residual add rescales both operands to a common fine scale ``max(s_a, s_b) / 2^20`` with fixed-point
-  multipliers, adds, and requantizes; average pooling sums integers and folds ``1 / count`` into ``M``.
+  multipliers, adds, and requantizes; average pooling sums integers and folds ``1 / count`` into ``M``;
+  a concatenation requantizes each input to the output grid;
+* reshapes, permutes, slices and splits move integers; the engine has no integer-only activation other than
+  ReLU / ReLU6 (a model with Hardswish, SiLU, GELU, softmax, LayerNorm, mul or matmul is refused, naming
+  the op).
 
 Integer convolutions run as float64 convolutions of integer-valued tensors: every product and partial sum
 is an integer below ``2^53`` (checked), so float64 holds them exactly — it is an exact integer container,
@@ -28,6 +32,7 @@ import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,7 @@ from torch import nn
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.quant.functional import QParams, quantize
 from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
-from lit_quant.quant.ops import Add
+from lit_quant.quant.ops import Add, Cat
 from lit_quant.quant.prepare import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.
@@ -114,6 +119,10 @@ def mul_shift_round(x: torch.Tensor, m0: torch.Tensor, n: torch.Tensor) -> torch
     return (x * h + carry) >> (n - _SPLIT)
 
 
+#: What a requantized op may be in the engine: the ops with an integer-only form.
+INTEGER_OPS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, Add, Cat, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
 @dataclass
 class IntValue:
     """A tensor of integers and the affine map back to reals, ``x = scale (q - zero_point)``.
@@ -187,6 +196,13 @@ class IntegerEngine(nn.Module):
         super().__init__()
         check_engine_widths(accum_bits, scale_approx_bits)
         self.steps = deploy_graph(qmodel)
+        for step in self.steps:
+            if step.kind == "const":
+                raise ExportError(f"the integer engine cannot run {step.target}, a float tensor the graph reads; "
+                                  "export to ONNX instead")
+            if step.kind == "requant" and not isinstance(step.module.module, INTEGER_OPS):
+                raise ExportError(f"{step.target}: the integer engine has no integer-only {type(step.module.module).__name__} "
+                                  f"(only {', '.join(t.__name__ for t in INTEGER_OPS)}); export to ONNX instead")
         self.scale_bits = scale_approx_bits
         self.input_qparams = act_qparams(self.steps[0], qmodel.input_quant)
         self.out_qparams: dict[str, QParams] = {}
@@ -313,23 +329,36 @@ class IntegerEngine(nn.Module):
             return self.requantize(self.add(*values), out)
         if isinstance(module, (nn.ReLU, nn.ReLU6)):
             return self.requantize(values[0], out, 0.0, 6.0 if isinstance(module, nn.ReLU6) else None)
+        if isinstance(module, Cat):  # each input requantized to the output grid, then joined
+            parts = [self.requantize(v, out) for v in values]
+            return IntValue(torch.cat([p.q for p in parts], module.dim), parts[0].scale, parts[0].zero_point,
+                            out.quant_min, out.quant_max)
         return self.requantize(self.pool_sum(module, values[0], step.target), out)
 
-    def _passthrough(self, step: Step, v: IntValue) -> IntValue:
+    def _passthrough(self, step: Step, v: IntValue | tuple[IntValue, ...], raw: dict[str, Any]) -> Any:
+        """Max pooling, or a reshape / permute / slice / split run on the integers (``raw``: every step's
+        integers or Python value, what the reshape's arguments read)."""
         if isinstance(step.module, nn.MaxPool2d):  # max commutes with the increasing map s (q - z)
             m = step.module
             q = F.max_pool2d(v.q.double(), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
             return IntValue(q.long(), v.scale, v.zero_point, v.qmin, v.qmax)
-        if v.scale.dim() != 0:
+        grid = v[0] if isinstance(v, tuple) else v
+        if grid.scale.dim() != 0:
             raise ExportError(f"{step.target}: reshaping a per-channel accumulator is not supported")
-        q = step.module(v.q) if step.module is not None else step.fn(v.q)
-        return IntValue(q, v.scale, v.zero_point, v.qmin, v.qmax)
+        q = step.module(grid.q) if step.module is not None else step.call(raw)
+        if isinstance(q, (tuple, list)):  # chunk / split: every part on the same grid
+            return tuple(IntValue(t, grid.scale, grid.zero_point, grid.qmin, grid.qmax) for t in q)
+        return IntValue(q, grid.scale, grid.zero_point, grid.qmin, grid.qmax)
 
     def run(self, x: torch.Tensor) -> dict[str, IntValue]:
         """Every step's integer value for one batch (what :meth:`forward` and :meth:`explain` read)."""
         env: dict[str, IntValue] = {}
+        raw: dict[str, Any] = {}  # integers (or parts, or shape numbers) by step, for the reshapes' arguments
         for step in self.steps:
-            values = [env[name] for name in step.inputs]
+            if step.kind == "shape":
+                raw[step.name] = step.call(raw)
+                continue
+            values = [env[name] for name in step.inputs if name in env]
             if step.kind == "input":
                 env[step.name] = self.quantize_input(x)
             elif step.kind == "layer":
@@ -341,9 +370,11 @@ class IntegerEngine(nn.Module):
             elif step.kind == "add":
                 env[step.name] = self.add(*values)
             elif step.kind == "passthrough":
-                env[step.name] = self._passthrough(step, values[0])
+                env[step.name] = self._passthrough(step, values[0], raw)
             else:  # output
                 env[step.name] = values[0]
+            value = env[step.name]
+            raw[step.name] = tuple(v.q for v in value) if isinstance(value, tuple) else value.q
         return env
 
     @torch.no_grad()

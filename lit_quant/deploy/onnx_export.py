@@ -18,11 +18,21 @@ Per step kind (see :mod:`lit_quant.deploy.graph`):
 ``input``        graph input ``input`` (float32, dynamic batch) -> fake-quantize with the input quantizer
 ``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the bias on its accumulator grid;
                  fake-quantized with the layer's ``act_quant``, or left as the accumulator a ReLU requantizes
-``requant``      ``Relu`` / ``Clip(0, 6)`` / ``Add`` / ``AveragePool`` / ``GlobalAveragePool``, then fake-quantize
+``requant``      the float op, then fake-quantize: ``Relu``, ``Clip(0, 6)``, ``HardSwish``, ``HardSigmoid``,
+                 ``Sigmoid``, ``x * Sigmoid(x)`` (SiLU), ``Gelu`` (opset 20, else its ``Erf`` / ``Tanh``
+                 formula), ``Softmax``, ``LayerNormalization`` (opset 17), ``Add``, ``Mul``, ``MatMul``,
+                 ``Concat``, ``ReduceMean``, ``AveragePool``, ``GlobalAveragePool``
 ``add``          ``Add`` (the sum a following ReLU requantizes)
-``passthrough``  ``MaxPool``, ``Flatten`` / ``Reshape``: values stay on their input's grid
+``passthrough``  ``MaxPool``, ``Flatten``, ``Reshape``, ``Transpose``, ``Expand``, ``Slice`` / ``Gather``,
+                 ``Split``: values stay on their input's grid
+``shape``        nothing: the shapes of the reshapes that read it are written into the graph, a dimension
+                 that follows the batch as a multiple of the input's batch size
+``const``        an initializer (float32)
 ``output``       graph output ``logits`` (float32)
 ===============  ==========================================================================================
+
+The static arguments of the reshapes (target shape, permutation, split sizes) come from running the
+steps in PyTorch at two batch sizes, so the exported graph keeps a dynamic batch.
 
 Where the integer range is narrower than the ONNX storage type (4-bit activations stored in uint8,
 ``narrow_range``), a ``Clip`` to ``[(qmin - z) s, (qmax - z) s]`` comes first: ``QuantizeLinear`` only
@@ -49,7 +59,7 @@ from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph,
 from lit_quant.io import atomic_write
 from lit_quant.quant.fake_quant import enable_observer
 from lit_quant.quant.functional import QParams
-from lit_quant.quant.ops import Add
+from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
 from lit_quant.quant.prepare import QuantizedModel
 
 DEFAULT_OPSET = 17
@@ -81,56 +91,46 @@ def check_opset(opset: int) -> None:
                           f"(up to {newest}); {allowed}")
 
 
-def _torch_shapes(qmodel: QuantizedModel, steps: list[Step], example: torch.Tensor) -> dict[str, tuple[int, ...]]:
-    """Shape of every step's value on ``example``, from running the steps in PyTorch.
+#: Batch sizes the steps are run at: a dimension that differs between the two follows the batch.
+_PROBE_BATCHES = (2, 3)
 
-    A copy in eval mode with observers off, so exporting never feeds the example into the user's
-    calibration statistics or BatchNorm running statistics.
+
+def _probe_values(qmodel: QuantizedModel, steps: list[Step], example: torch.Tensor) -> list[dict[str, Any]]:
+    """Every step's value (a tensor, a tuple from ``chunk``, a number from a ``shape`` step) at each of the
+    :data:`_PROBE_BATCHES`, from running the steps in PyTorch on zeros of the example's per-sample shape.
+
+    A copy in eval mode with observers off, so exporting never feeds anything into the user's calibration
+    statistics or BatchNorm running statistics.
     """
     model = copy.deepcopy(qmodel).eval()
     enable_observer(model, False)
     modules = dict(model.model.named_modules())
     param = next(model.parameters(), None)
-    x = example.detach().float().to(param.device if param is not None else "cpu")
-    values: dict[str, torch.Tensor] = {}
+    device = param.device if param is not None else torch.device("cpu")
+    runs = []
     with torch.no_grad():
-        for step in steps:
-            args = [values[name] for name in step.inputs]
-            if step.kind == "input":
-                values[step.name] = model.input_quant(x)
-            elif step.kind == "output":
-                continue
-            elif step.module is not None:
-                values[step.name] = modules[step.target](*args)
-            else:
-                values[step.name] = step.fn(*args)
-    return {name: tuple(v.shape) for name, v in values.items()}
+        for batch in _PROBE_BATCHES:
+            values: dict[str, Any] = {}
+            for step in steps:
+                args = [values[name] for name in step.inputs]
+                try:
+                    if step.kind == "input":
+                        values[step.name] = model.input_quant(torch.zeros(batch, *example.shape[1:], device=device))
+                    elif step.kind == "const":
+                        values[step.name] = step.value
+                    elif step.module is not None:
+                        values[step.name] = modules[step.target](*args)
+                    elif step.kind != "output":
+                        values[step.name] = step.call(values)
+                except Exception as exc:  # noqa: BLE001 - e.g. a reshape that hard-codes the batch size
+                    raise ExportError(f"{step.name} ({step.target}) fails at batch size {batch} ({exc}); ONNX "
+                                      "export needs a model that takes any batch size") from exc
+            runs.append(values)
+    return runs
 
 
-def _shape_op(step: Step, in_shape: tuple[int, ...]) -> int | None:
-    """What a functional passthrough (``torch.flatten``, ``reshape``, ``view``, ``contiguous``) does, found by
-    applying ``step.fn`` to probe tensors of the real per-sample shape and two batch sizes: ``None`` for
-    "nothing" (contiguous, a reshape to the same shape), ``k`` for ``torch.flatten(x, k)``.
-
-    Two batch sizes, because a reshape with a hard-coded batch (``x.view(1, -1)``) looks like a flatten on one.
-    """
-    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return a.shape == b.shape and torch.equal(a, b)
-
-    n = int(np.prod(in_shape[1:], dtype=np.int64))
-    probes = [torch.arange(b * n, dtype=torch.float32).reshape(b, *in_shape[1:]) for b in (2, 3)]
-    try:
-        outs = [step.fn(p) for p in probes]
-    except Exception:  # noqa: BLE001 - a reshape that fails on another batch size is batch-specific
-        outs = None
-    if outs is not None and all(isinstance(o, torch.Tensor) for o in outs):
-        if all(same(o, p) for o, p in zip(outs, probes)):
-            return None
-        for k in range(len(in_shape)):
-            if all(same(o, torch.flatten(p, k)) for o, p in zip(outs, probes)):
-                return k
-    raise ExportError(f"{step.name} ({step.target}): only flatten-like reshapes can be exported to ONNX; use "
-                      "torch.flatten(x, 1) or nn.Flatten()")
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
 
 
 def _pair(v: Any) -> list[int]:
@@ -153,6 +153,39 @@ class _Builder:
     def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(self.helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
+
+    def batch(self) -> str:
+        """The graph input's batch size as a 1-element int64 tensor (emitted once)."""
+        name = f"{INPUT_NAME}.batch"
+        if not any(n.name == name for n in self.nodes):
+            shape = self.node("Shape", [INPUT_NAME], f"{INPUT_NAME}.shape")
+            self.node("Slice", [shape, self.const(f"{name}.start", np.array([0], np.int64)),
+                                self.const(f"{name}.end", np.array([1], np.int64))], name)
+        return name
+
+    def shape(self, name: str, at: tuple[tuple[int, ...], ...], where: str) -> str:
+        """An int64 shape tensor for a value of shape ``at[i]`` at batch size ``_PROBE_BATCHES[i]``: a dimension
+        that grows with the batch is ``k * N`` (``N`` the graph input's batch), any other is a constant."""
+        (sa, sb), (na, nb) = at, _PROBE_BATCHES
+        parts: list[str] = []
+        fixed: list[int] = []
+        for i, (da, db) in enumerate(zip(sa, sb)):
+            if da == db:
+                fixed.append(da)
+                continue
+            if da % na or db * na != da * nb:
+                raise ExportError(f"{where}: dimension {i} is {da} at batch {na} and {db} at batch {nb}, not a "
+                                  "multiple of the batch; ONNX export needs shapes proportional to the batch")
+            if fixed:
+                parts.append(self.const(f"{name}.dims{len(parts)}", np.array(fixed, np.int64)))
+                fixed = []
+            factor = self.const(f"{name}.factor{len(parts)}", np.array([da // na], np.int64))
+            parts.append(self.node("Mul", [self.batch(), factor], f"{name}.dims{len(parts)}"))
+        if not parts:
+            return self.const(name, np.array(fixed, np.int64))
+        if fixed:
+            parts.append(self.const(f"{name}.dims{len(parts)}", np.array(fixed, np.int64)))
+        return parts[0] if len(parts) == 1 else self.node("Concat", parts, name, axis=0)
 
     def storage(self, qmin: int, qmax: int, signed: bool, where: str) -> type:
         """Numpy integer type holding ``[qmin, qmax]``: 8 bits, or 16 at opset >= 21."""
@@ -246,16 +279,74 @@ def _emit_layer(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out:
     return b.fake_quant(y, act_qparams(step), out, step.target)
 
 
+def _gelu(b: _Builder, x: str, approximate: str, name: str) -> str:
+    """``x Phi(x)``: ONNX ``Gelu`` from opset 20, otherwise its formula (``erf``, or the ``tanh`` form)."""
+    if b.opset >= 20:
+        return b.node("Gelu", [x], name, approximate=approximate)
+    f32 = np.float32
+    half = b.node("Mul", [x, b.const(f"{name}.half", np.array(0.5, f32))], f"{name}.half_x")
+    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = b.node("Mul", [b.node("Mul", [x, x], f"{name}.x2"), x], f"{name}.x3")
+        inner = b.node("Add", [x, b.node("Mul", [cube, b.const(f"{name}.c", np.array(0.044715, f32))],
+                                         f"{name}.cx3")], f"{name}.inner")
+        t = b.node("Tanh", [b.node("Mul", [inner, b.const(f"{name}.k", np.array(np.sqrt(2 / np.pi), f32))],
+                                   f"{name}.scaled")], f"{name}.tanh")
+    else:  # 0.5 x (1 + erf(x / sqrt 2))
+        t = b.node("Erf", [b.node("Div", [x, b.const(f"{name}.sqrt2", np.array(np.sqrt(2.0), f32))],
+                                  f"{name}.x_sqrt2")], f"{name}.erf")
+    return b.node("Mul", [half, b.node("Add", [t, b.const(f"{name}.one", np.array(1.0, f32))], f"{name}.1p")], name)
+
+
 def _emit_requant(b: _Builder, step: Step, xs: list[str], out: str) -> str:
     inner = step.module.module
     name = f"{step.name}.float"
+    f32 = np.float32
     if isinstance(inner, nn.ReLU):
         y = b.node("Relu", xs, name)
     elif isinstance(inner, nn.ReLU6):
-        y = b.node("Clip", [xs[0], b.const(f"{name}.min", np.array(0.0, np.float32)),
-                            b.const(f"{name}.max", np.array(6.0, np.float32))], name)
+        y = b.node("Clip", [xs[0], b.const(f"{name}.min", np.array(0.0, f32)),
+                            b.const(f"{name}.max", np.array(6.0, f32))], name)
+    elif isinstance(inner, (nn.Hardswish, nn.Hardsigmoid)):
+        # hardsigmoid(x) = clip(x / 6 + 1/2, 0, 1), hardswish(x) = x hardsigmoid(x), as torch defines them
+        if isinstance(inner, nn.Hardswish) and b.opset >= 14:
+            y = b.node("HardSwish", xs, name)
+        else:
+            gate = b.node("HardSigmoid", xs, f"{name}.gate" if isinstance(inner, nn.Hardswish) else name,
+                          alpha=1.0 / 6.0, beta=0.5)
+            y = b.node("Mul", [xs[0], gate], name) if isinstance(inner, nn.Hardswish) else gate
+    elif isinstance(inner, nn.Sigmoid):
+        y = b.node("Sigmoid", xs, name)
+    elif isinstance(inner, nn.SiLU):  # x sigmoid(x)
+        y = b.node("Mul", [xs[0], b.node("Sigmoid", xs, f"{name}.gate")], name)
+    elif isinstance(inner, nn.GELU):
+        y = _gelu(b, xs[0], inner.approximate, name)
+    elif isinstance(inner, nn.Softmax):
+        y = b.node("Softmax", xs, name, axis=int(inner.dim))
+    elif isinstance(inner, nn.LayerNorm):
+        if b.opset < 17:
+            raise ExportError(f"{step.target}: LayerNorm needs ONNX LayerNormalization, opset 17 or newer; pass "
+                              "--onnx-opset 17")
+        shape = tuple(inner.normalized_shape)
+        weight = inner.weight.detach() if inner.weight is not None else torch.ones(shape)
+        bias = inner.bias.detach() if inner.bias is not None else torch.zeros(shape)
+        y = b.node("LayerNormalization", [xs[0], b.const(f"{name}.weight", weight.cpu().float().numpy()),
+                                          b.const(f"{name}.bias", bias.cpu().float().numpy())], name,
+                   axis=-len(shape), epsilon=float(inner.eps))
     elif isinstance(inner, Add):
         y = b.node("Add", xs, name)
+    elif isinstance(inner, Mul):
+        y = b.node("Mul", xs, name)
+    elif isinstance(inner, MatMul):
+        y = b.node("MatMul", xs, name)
+    elif isinstance(inner, Cat):
+        y = b.node("Concat", xs, name, axis=int(inner.dim))
+    elif isinstance(inner, Mean):
+        dims = [inner.dim] if isinstance(inner.dim, int) else list(inner.dim)
+        if b.opset >= 18:  # axes became an input in opset 18
+            y = b.node("ReduceMean", [xs[0], b.const(f"{name}.axes", np.array(dims, np.int64))], name,
+                       keepdims=int(inner.keepdim))
+        else:
+            y = b.node("ReduceMean", xs, name, axes=dims, keepdims=int(inner.keepdim))
     elif isinstance(inner, nn.AvgPool2d):
         if inner.divisor_override is not None:
             raise ExportError(f"{step.target}: AvgPool2d with divisor_override cannot be exported; remove it")
@@ -274,7 +365,7 @@ def _emit_requant(b: _Builder, step: Step, xs: list[str], out: str) -> str:
     return b.fake_quant(y, act_qparams(step), out, step.target)
 
 
-def _emit_passthrough(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
+def _emit_module_passthrough(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
     mod = step.module
     if isinstance(mod, nn.MaxPool2d):
         if mod.return_indices:
@@ -282,24 +373,101 @@ def _emit_passthrough(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...]
         kernel = _pair(mod.kernel_size)
         return b.node("MaxPool", [x], out, kernel_shape=kernel, strides=_pair(mod.stride or kernel),
                       pads=_pair(mod.padding) * 2, dilations=_pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
-    rank = len(in_shape)
     if isinstance(mod, nn.Flatten):
+        rank = len(in_shape)
         start, end = mod.start_dim % rank, mod.end_dim % rank
         if end != rank - 1:
             raise ExportError(f"{step.target}: Flatten(end_dim={mod.end_dim}) cannot be exported; only flattening "
                               "to the last dimension (end_dim=-1)")
-    elif mod is None and step.fn is not None:
-        start = _shape_op(step, in_shape)
-        if start is None:  # contiguous() or a no-op reshape: the value itself
+        if start == 1:  # ONNX Flatten(axis=1) is (N, prod(rest)), torch.flatten(x, 1) exactly
+            return b.node("Flatten", [x], out, axis=1)
+        shape = b.const(f"{step.name}.shape", np.array([0] * start + [-1], dtype=np.int64))
+        return b.node("Reshape", [x, shape], out)
+    raise ExportError(f"{step.target}: {type(mod).__name__} cannot be exported to ONNX")
+
+
+#: Function / method passthroughs by what they do in ONNX.
+_RESHAPES = {"flatten", "reshape", "view", "squeeze", "unsqueeze"}
+_PERMUTES = {"transpose", "permute"}
+_SPLITS = {"chunk", "split"}
+
+
+def _emit_call_passthrough(b: _Builder, step: Step, xs: list[Any], runs: list[dict[str, Any]], out: str) -> Any:
+    """A function / method passthrough: an ONNX ``Reshape``, ``Transpose``, ``Expand``, ``Slice`` / ``Gather``
+    or ``Split``, its static arguments read from what the step did to the probe values."""
+    name = step.target
+    source = step.inputs[0]
+    ins = tuple(_shape(r[source]) for r in runs)
+    outs = tuple(_shape(r[step.name]) for r in runs)
+    x = xs[0]
+    if name in ("contiguous", "dropout"):
+        return x
+    if name in _RESHAPES:
+        if ins == outs:
             return x
-    else:
-        raise ExportError(f"{step.target}: {type(mod).__name__} cannot be exported to ONNX")
-    if start == 1:  # ONNX Flatten(axis=1) is (N, prod(rest)), torch.flatten(x, 1) exactly
-        return b.node("Flatten", [x], out, axis=1)
-    # torch.flatten(x, k) keeps the first k dims: Reshape with 0 = "copy this dimension" (ONNX Flatten would
-    # always give a 2-D result)
-    shape = b.const(f"{step.name}.shape", np.array([0] * start + [-1], dtype=np.int64))
-    return b.node("Reshape", [x, shape], out)
+        if all(len(o) == 2 and len(i) >= 2 and o == (i[0], int(np.prod(i[1:]))) for i, o in zip(ins, outs)):
+            return b.node("Flatten", [x], out, axis=1)  # torch.flatten(x, 1), x.view(x.size(0), -1)
+        return b.node("Reshape", [x, b.shape(f"{step.name}.shape", outs, step.name)], out)
+    if name == "expand":
+        return b.node("Expand", [x, b.shape(f"{step.name}.shape", outs, step.name)], out)
+    if name in _PERMUTES:
+        # the permutation: run the step on a tensor whose dimensions all have different sizes
+        primes = (2, 3, 5, 7, 11, 13, 17, 19)[:len(ins[0])]
+        env = dict(runs[0])
+        env[source] = torch.empty(primes, device="meta")
+        perm = [primes.index(d) for d in step.call(env).shape]
+        return b.node("Transpose", [x], out, perm=perm)
+    if name in _SPLITS:
+        parts = runs[0][step.name]
+        axis = next((i for i, (d, p) in enumerate(zip(ins[0], _shape(parts[0]))) if d != p), 0)
+        if ins[0][axis] != ins[1][axis] and len(parts) > 1:
+            raise ExportError(f"{step.name}: splitting along the batch dimension cannot be exported")
+        sizes = b.const(f"{step.name}.sizes", np.array([p.shape[axis] for p in parts], np.int64))
+        names = [f"{step.name}.{i}" for i in range(len(parts))]
+        b.nodes.append(b.helper.make_node("Split", [x, sizes], names, name=step.name, axis=axis))
+        return names
+    if name == "getitem" and isinstance(x, list):  # one part of a split
+        index = next(i for i, part in enumerate(runs[0][source]) if part is runs[0][step.name])
+        return x[index]
+    if name == "getitem":
+        return _emit_index(b, step, x, ins, runs, out)
+    raise ExportError(f"{step.name} ({name}) cannot be exported to ONNX")
+
+
+def _emit_index(b: _Builder, step: Step, x: str, ins: tuple[tuple[int, ...], ...], runs: list[dict[str, Any]],
+                out: str) -> str:
+    """``x[index]`` with ints, slices and ``...``: one ``Slice`` for the slices, then a ``Gather`` per int."""
+    index = step.call_args(runs[0])[0][1]
+    index = index if isinstance(index, tuple) else (index,)
+    rank = len(ins[0])
+    if sum(i is Ellipsis for i in index) > 1 or any(not isinstance(i, (int, slice)) and i is not Ellipsis
+                                                    for i in index):
+        raise ExportError(f"{step.name}: only indexing with integers, slices and ... can be exported to ONNX")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (rank - len(index) + 1) + index[at + 1:]
+    starts, ends, axes, steps_ = [], [], [], []
+    for axis, i in enumerate(index):
+        if isinstance(i, slice) and i != slice(None):
+            if ins[0][axis] != ins[1][axis]:
+                raise ExportError(f"{step.name}: slicing the batch dimension cannot be exported")
+            start, stop, stride = i.indices(ins[0][axis])
+            starts.append(start)
+            ends.append(stop if stop >= 0 else -(2 ** 63))  # a negative stride may run past index 0
+            axes.append(axis)
+            steps_.append(stride)
+    y = x
+    if axes:
+        y = b.node("Slice", [x, *(b.const(f"{step.name}.{k}", np.array(v, np.int64)) for k, v in
+                                  (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps_)))],
+                   f"{step.name}.slice" if any(isinstance(i, int) for i in index) else out)
+    ints = [(axis, i) for axis, i in enumerate(index) if isinstance(i, int)]
+    for k, (axis, i) in enumerate(reversed(ints)):  # from the last axis, so earlier axes keep their numbers
+        if ins[0][axis] != ins[1][axis]:
+            raise ExportError(f"{step.name}: indexing the batch dimension cannot be exported")
+        y = b.node("Gather", [y, b.const(f"{step.name}.index{k}", np.array(i % ins[0][axis], np.int64))],
+                   out if k == len(ints) - 1 else f"{step.name}.gather{k}", axis=axis)
+    return y
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> Path:
@@ -329,28 +497,34 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor,
     steps = deploy_graph(qmodel)
     if not isinstance(example, torch.Tensor) or example.dim() < 1:
         raise ExportError("export needs an example input tensor with a batch dimension")
-    shapes = _torch_shapes(qmodel, steps, example)
+    runs = _probe_values(qmodel, steps, example)
     b = _Builder(onnx, opset)
     outputs = steps[-1].inputs if steps[-1].kind == "output" else []
-    if len(outputs) != 1:
-        raise ExportError(f"the model returns {len(outputs)} tensors; ONNX export needs a model returning one "
+    if len(outputs) != 1 or not isinstance(runs[0][outputs[0]], torch.Tensor):
+        raise ExportError(f"the model returns {len(outputs)} values; ONNX export needs a model returning one "
                           "logits tensor")
-    values: dict[str, str] = {}  # step name -> ONNX tensor holding its value
+    values: dict[str, Any] = {}  # step name -> ONNX tensor holding its value (a list of them for a split)
     for step in steps:
-        xs = [values[name] for name in step.inputs]
+        if step.kind == "shape":  # a Python number: the reshapes that read it take their shapes from the probes
+            continue
+        xs = [values[name] for name in step.inputs if name in values]
         # the logits producer writes "logits"; a step named like a graph port gets a name no FX node can have
         out = OUTPUT_NAME if step.name == outputs[0] else (
             f"{step.name}.value" if step.name in (INPUT_NAME, OUTPUT_NAME) else step.name)
         if step.kind == "input":
             values[step.name] = b.fake_quant(INPUT_NAME, act_qparams(step, qmodel.input_quant), out, "input")
+        elif step.kind == "const":
+            values[step.name] = b.const(out, step.value.cpu().float().numpy())
         elif step.kind == "layer":
-            values[step.name] = _emit_layer(b, step, xs[0], shapes[step.inputs[0]], out)
+            values[step.name] = _emit_layer(b, step, xs[0], _shape(runs[0][step.inputs[0]]), out)
         elif step.kind == "requant":
             values[step.name] = _emit_requant(b, step, xs, out)
         elif step.kind == "add":
             values[step.name] = b.node("Add", xs, out)
+        elif step.kind == "passthrough" and step.module is not None:
+            values[step.name] = _emit_module_passthrough(b, step, xs[0], _shape(runs[0][step.inputs[0]]), out)
         elif step.kind == "passthrough":
-            values[step.name] = _emit_passthrough(b, step, xs[0], shapes[step.inputs[0]], out)
+            values[step.name] = _emit_call_passthrough(b, step, xs, runs, out)
         elif step.kind == "output":
             if xs[0] != OUTPUT_NAME:  # the logits are another step's value (e.g. after a no-op reshape)
                 b.node("Identity", xs, OUTPUT_NAME)
@@ -359,7 +533,7 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor,
 
     helper, tp = onnx.helper, onnx.TensorProto
     graph_input = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *example.shape[1:]])
-    graph_output = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", *shapes[outputs[0]][1:]])
+    graph_output = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", *_shape(runs[0][outputs[0]])[1:]])
     graph = helper.make_graph(b.nodes, type(qmodel.model).__name__, [graph_input], [graph_output],
                               initializer=b.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lit-quant",
