@@ -24,6 +24,9 @@ architecture must take 1x28x28 inputs): trained activations have the long tails 
 ``--smoke`` shrinks every size to seconds (a check that the benchmark runs and its figures are sane, not a
 measurement); ``--json PATH`` also writes every figure printed, for scripts and tests.
 
+``--model mobilenet_v2`` (or any torchvision classifier) times a random-weight network of that
+architecture instead of ResNet-20, on the same images padded to its smallest input.
+
 Run:  python benchmarks/calibration.py [--images 2048 --batch-size 256 --repeats 5 --threads 2 --clock wall]
       python benchmarks/calibration.py --ckpt checkpoints/fashion-mnist-resnet20/best.ckpt --skip-timing
       python benchmarks/calibration.py --smoke --json /tmp/calibration.json
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
-from lit_quant.models import build_model
+from lit_quant.models import build_model, model_info
 from lit_quant.quant import (
     OBSERVER_NAMES,
     OBSERVERS,
@@ -103,10 +106,11 @@ def load_images(n: int, seed: int) -> tuple[torch.Tensor, str]:
     return (torch.rand(n, 1, 28, 28, generator=g) - 0.2860) / 0.3530, "random images (Fashion-MNIST not found)"
 
 
-def make_model(seed: int) -> nn.Module:
-    """ResNet-20 with random weights and random BatchNorm statistics (non-trivial activations), eval mode."""
+def make_model(seed: int, name: str = "resnet20") -> nn.Module:
+    """``name`` (1 input channel, 10 classes, the small-image stem for torchvision models) with random
+    weights and random BatchNorm statistics (non-trivial activations), eval mode."""
     torch.manual_seed(seed)
-    model = build_model("resnet20", 1, 10)
+    model = build_model(name, 1, 10, small_input=True)  # small_input only changes torchvision models
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -328,6 +332,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="option given to every observer of the error comparison that has it "
                              "(max_samples=0, percentile=99.999, ...)")
     parser.add_argument("--ckpt", help="trained Fashion-MNIST checkpoint instead of the random-weight ResNet-20")
+    parser.add_argument("--model", default="resnet20",
+                        help="random-weight model: resnet20 or a torchvision classifier such as mobilenet_v2 "
+                             "(images padded to its smallest input)")
     add_smoke_arguments(parser, SMOKE_SIZES)
     args = parse_with_smoke(parser, argv, SMOKE_SIZES)
     return args
@@ -337,10 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     images, source = load_images(args.images, args.seed)
+    model = load_trained(args.ckpt) if args.ckpt else make_model(args.seed, args.model)
+    size = model_info(args.model).min_size if not args.ckpt else 28
+    if size > images.shape[-1]:  # zero-pad (the normalised background) up to the model's smallest input
+        pad = size - images.shape[-1]
+        images = nn.functional.pad(images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2),
+                                   value=float(images.min()))
     batches = list(images.split(args.batch_size))
-    model = load_trained(args.ckpt) if args.ckpt else make_model(args.seed)
-    print(f"model: {args.ckpt or 'random-weight ResNet-20'}")
-    report: dict[str, Any] = {"benchmark": "calibration", "torch": torch.__version__, "model": args.ckpt or "random",
+    label = args.ckpt or f"random-weight {args.model}"
+    print(f"model: {label}")
+    report: dict[str, Any] = {"benchmark": "calibration", "torch": torch.__version__, "model": label,
                               "images": source, "args": vars(args)}
     if not args.skip_timing:
         report["timing"] = time_calibration(args, model, batches, source)

@@ -1,6 +1,6 @@
 """Cost of one QAT training step: ours (STE, LSQ) and torch.ao ``prepare_qat_fx`` against plain fp32.
 
-One step = forward, cross-entropy, backward, SGD step of ResNet-20 on a batch of 1x28x28 images
+One step = forward, cross-entropy, backward, SGD step of ResNet-20 (or ``--model``) on a batch of 1x28x28 images
 (Fashion-MNIST-shaped random images: the cost does not depend on pixel values), in train mode. Ours is the
 model ``prepare(model, plan, qat=True)`` gives (BatchNorm folded into the quantized weight as it trains,
 fake quantization of weights and activations, moving-average activation observers) and the step includes
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
 from lit_quant.classifier import LitClassifier
-from lit_quant.models import build_model
+from lit_quant.models import build_model, model_info
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
 from lit_quant.quant.fake_quant import set_step_qparams
 from lit_quant.quant.layers import freeze_bn_stats
@@ -71,6 +71,19 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, after: Callabl
     return step
 
 
+def set_batchnorm_statistics(model: nn.Module, x: torch.Tensor) -> None:
+    """BatchNorm running statistics of ``x``'s activations: with the initial ones (mean 0, variance 1) a deep
+    random network's eval-mode activations overflow before calibration sees them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 def ours(model: nn.Module, bits: int, method: str, x: torch.Tensor, frozen_bn: bool) -> nn.Module:
     """Our QAT model, calibrated on ``x`` and switched to training: fake quant on, observers on, BatchNorm
     statistics frozen or not."""
@@ -91,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bits", type=int, default=8, help="weight and activation bits of our QAT")
     parser.add_argument("--backend", default="x86", help="torch.ao backend of the QAT qconfig")
+    parser.add_argument("--model", default="resnet20",
+                        help="resnet20 or a torchvision classifier such as mobilenet_v2 (small-image stem, "
+                             "images of its smallest input size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frozen-bn", action="store_true",
                         help="BatchNorm statistics frozen in every QAT variant (quantize.py's default schedule)")
@@ -103,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    x = torch.randn(args.batch_size, 1, 28, 28)
+    size = max(28, model_info(args.model).min_size)
+    x = torch.randn(args.batch_size, 1, size, size)
     y = torch.randint(0, 10, (args.batch_size,))
-    fp32 = build_model("resnet20", 1, 10).train()
+    fp32 = build_model(args.model, 1, 10, small_input=True).train()  # small_input only changes torchvision models
+    set_batchnorm_statistics(fp32, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ao = builtin_qat_prepare(fp32, args.backend, x[:1]).train()
@@ -120,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             ste_kd, x, y, lambda: update_qparams(ste_kd, kind="act"), lambda z: distill.training_loss(z, x, y)),
         f"torch.ao prepare_qat_fx ({args.backend})": make_step(ao, x, y),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ResNet-20, batch {args.batch_size} of "
-          f"1x28x28, {args.steps} steps x {args.repeats} repeats (median), BatchNorm "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model}, batch {args.batch_size} of "
+          f"1x{size}x{size}, {args.steps} steps x {args.repeats} repeats (median), BatchNorm "
           f"{'frozen' if args.frozen_bn else 'on batch statistics'}, load average {os.getloadavg()[0]:.2f}")
     for step in steps.values():  # warm-up (allocator, first-call dispatch)
         step()
