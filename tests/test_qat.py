@@ -281,6 +281,8 @@ def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: 
     (["--mode", "qat", "--distill-temperature", "2"], "add --distill"),
     (["--mode", "qat", "--epochs", "2", "--warmup-epochs", "2"], "--warmup-epochs must be in [0, --epochs) = [0, 2)"),
     (["--warmup-epochs", "1"], "is a QAT setting: add --mode qat"),
+    (["--mode", "qat", "--bits", "16", "--qat-method", "lsq"], "--qat-method lsq is for widths of at most 8 bits"),
+    (["--mode", "qat", "--weight-bits", "4", "--act-bits", "12", "--qat-method", "lsq"], "got --act-bits 12"),
 ])
 def test_qat_bad_input(trained: Path, argv: list[str], message: str, capsys) -> None:
     argv = [a if a != "BEST" else str(trained / "tiny" / "best.ckpt") for a in argv]

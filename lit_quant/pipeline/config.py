@@ -89,7 +89,7 @@ class QuantizeConfig:
                                   "(fractions allowed; 0: none); keeps low-bit LSQ at a large --lr from diverging "
                                   "in its first steps")
     qat_method: str = option("ste", "QAT: ste (fixed-range fake quant, observers, straight-through rounding) or "
-                             "lsq (learned step sizes, for low bits)", choices=QAT_METHODS)
+                             "lsq (learned step sizes, 2-8 bits)", choices=QAT_METHODS)
     distill: bool = option(False, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
                            "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student)")
     distill_weight: float = option(1.0, "QAT with --distill: weight w of the distillation term, in [0, 1]")
@@ -145,6 +145,14 @@ class QuantizeConfig:
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         check_warmup(self.warmup_epochs, self.epochs)
+        if self.mode == "qat" and self.qat_method == "lsq":
+            # LSQ (Esser et al. 2020) learns the step size of a 2-8-bit grid; a wider grid keeps the ranges its
+            # observers set (STE), as every wider QAT here does
+            wide = [f"--{name.replace('_', '-')} {value}" for name in ("weight_bits", "act_bits")
+                    if (value := getattr(self, name)) is not None and value > 8]
+            if wide:
+                raise UserError(f"--qat-method lsq is for widths of at most 8 bits, got {wide[0]}; use --qat-method "
+                                "ste above 8 bits")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise UserError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
         if self.distill_temperature <= 0:
