@@ -66,7 +66,6 @@ class Step:
         target: module path (``layers.0.conv1``) or function name.
         module: the module called (None for input / output / functions).
         inputs: names of the steps whose values this one reads, in argument order.
-        users: how many tensor steps read this one's value.
         node: for function / method steps, the graph node (its op and target); :meth:`call` runs it.
         value: for ``const`` steps, the tensor.
     """
@@ -76,7 +75,6 @@ class Step:
     target: str
     module: nn.Module | None = None
     inputs: list[str] = field(default_factory=list)
-    users: int = 0
     node: torch.fx.Node | None = None
     value: torch.Tensor | None = None
     _call_args: Any = None  # (args, kwargs) of ``node`` with each graph node replaced by a _Ref to its step
@@ -167,14 +165,6 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         if step.node is not None:
             step._call_args = torch.fx.node.map_arg((step.node.args, dict(step.node.kwargs)),
                                                     lambda n: _Ref(_resolve(n.name, alias)))
-    counts: dict[str, int] = {}
-    for step in steps:
-        if step.kind == "shape":  # reading a shape does not read the integers
-            continue
-        for name in step.inputs:
-            counts[name] = counts.get(name, 0) + 1
-    for step in steps:
-        step.users = counts.get(step.name, 0)
     for step in steps:  # an accumulator (layer without output quantizer, plain Add) must feed one ReLU
         if (step.kind == "layer" and step.module.act_quant is None) or step.kind == "add":
             readers = [s for s in steps if step.name in s.inputs and s.kind != "shape"]

@@ -5,8 +5,9 @@ Mapping of :func:`lit_quant.deploy.graph.deploy_graph` steps:
 
 * input: ``quantize_per_tensor`` with the input quantizer's scale and zero point;
 * layer: ``nnq.Conv2d`` / ``nnq.Linear`` (``nniq.ConvReLU2d`` / ``nniq.LinearReLU`` when the output is an
-  accumulator a ReLU requantizes, then a clamp at 6 for a ReLU6), weights are *our* integers (:func:`layer_weight`) wrapped as a per-channel
-  (axis 0) or per-tensor ``qint8`` tensor, output scale / zero point from our activation quantizer;
+  accumulator a ReLU requantizes, then a clamp at 6 for a ReLU6), weights are *our* integers
+  (:func:`layer_weight`) wrapped as a per-channel (axis 0) or per-tensor ``qint8`` tensor, output scale /
+  zero point from our activation quantizer;
 * add (+ ReLU): ``quantized::add`` / ``quantized::add_relu`` with our output qparams;
 * mul, matmul, cat, softmax, hardswish, layer norm: torch's ``quantized::`` kernels with our output
   qparams;

@@ -201,8 +201,9 @@ class IntegerEngine(nn.Module):
                 raise ExportError(f"the integer engine cannot run {step.target}, a float tensor the graph reads; "
                                   "export to ONNX instead")
             if step.kind == "requant" and not isinstance(step.module.module, INTEGER_OPS):
-                raise ExportError(f"{step.target}: the integer engine has no integer-only {type(step.module.module).__name__} "
-                                  f"(only {', '.join(t.__name__ for t in INTEGER_OPS)}); export to ONNX instead")
+                op = type(step.module.module).__name__
+                raise ExportError(f"{step.target}: the integer engine has no integer-only {op} (only "
+                                  f"{', '.join(t.__name__ for t in INTEGER_OPS)}); export to ONNX instead")
         self.scale_bits = scale_approx_bits
         self.input_qparams = act_qparams(self.steps[0], qmodel.input_quant)
         self.out_qparams: dict[str, QParams] = {}

@@ -122,7 +122,7 @@ def _probe_values(qmodel: QuantizedModel, steps: list[Step], example: torch.Tens
                         values[step.name] = modules[step.target](*args)
                     elif step.kind != "output":
                         values[step.name] = step.call(values)
-                except Exception as exc:  # noqa: BLE001 - e.g. a reshape that hard-codes the batch size
+                except Exception as exc:  # e.g. a reshape that hard-codes the batch size
                     raise ExportError(f"{step.name} ({step.target}) fails at batch size {batch} ({exc}); ONNX "
                                       "export needs a model that takes any batch size") from exc
             runs.append(values)
@@ -144,6 +144,7 @@ class _Builder:
         self.onnx, self.helper, self.opset = onnx, onnx.helper, opset
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
+        self._batch: str | None = None
 
     def const(self, name: str, array: np.ndarray) -> str:
         # np.array(order='C'), not np.ascontiguousarray: that turns a 0-d (per-tensor scalar) array into 1-d
@@ -155,13 +156,13 @@ class _Builder:
         return output
 
     def batch(self) -> str:
-        """The graph input's batch size as a 1-element int64 tensor (emitted once)."""
-        name = f"{INPUT_NAME}.batch"
-        if not any(n.name == name for n in self.nodes):
+        """The graph input's batch size as a 1-element int64 tensor (emitted on first use)."""
+        if self._batch is None:
+            name = f"{INPUT_NAME}.batch"
             shape = self.node("Shape", [INPUT_NAME], f"{INPUT_NAME}.shape")
-            self.node("Slice", [shape, self.const(f"{name}.start", np.array([0], np.int64)),
-                                self.const(f"{name}.end", np.array([1], np.int64))], name)
-        return name
+            self._batch = self.node("Slice", [shape, self.const(f"{name}.start", np.array([0], np.int64)),
+                                              self.const(f"{name}.end", np.array([1], np.int64))], name)
+        return self._batch
 
     def shape(self, name: str, at: tuple[tuple[int, ...], ...], where: str) -> str:
         """An int64 shape tensor for a value of shape ``at[i]`` at batch size ``_PROBE_BATCHES[i]``: a dimension
@@ -365,7 +366,8 @@ def _emit_requant(b: _Builder, step: Step, xs: list[str], out: str) -> str:
     return b.fake_quant(y, act_qparams(step), out, step.target)
 
 
-def _emit_module_passthrough(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out: str) -> str:
+def _emit_module_passthrough(b: _Builder, step: Step, x: str, ins: tuple[tuple[int, ...], ...],
+                             outs: tuple[tuple[int, ...], ...], out: str) -> str:
     mod = step.module
     if isinstance(mod, nn.MaxPool2d):
         if mod.return_indices:
@@ -374,16 +376,19 @@ def _emit_module_passthrough(b: _Builder, step: Step, x: str, in_shape: tuple[in
         return b.node("MaxPool", [x], out, kernel_shape=kernel, strides=_pair(mod.stride or kernel),
                       pads=_pair(mod.padding) * 2, dilations=_pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
     if isinstance(mod, nn.Flatten):
-        rank = len(in_shape)
-        start, end = mod.start_dim % rank, mod.end_dim % rank
-        if end != rank - 1:
-            raise ExportError(f"{step.target}: Flatten(end_dim={mod.end_dim}) cannot be exported; only flattening "
-                              "to the last dimension (end_dim=-1)")
-        if start == 1:  # ONNX Flatten(axis=1) is (N, prod(rest)), torch.flatten(x, 1) exactly
-            return b.node("Flatten", [x], out, axis=1)
-        shape = b.const(f"{step.name}.shape", np.array([0] * start + [-1], dtype=np.int64))
-        return b.node("Reshape", [x, shape], out)
+        return _emit_reshape(b, step.name, x, ins, outs, out)
     raise ExportError(f"{step.target}: {type(mod).__name__} cannot be exported to ONNX")
+
+
+def _emit_reshape(b: _Builder, name: str, x: str, ins: tuple[tuple[int, ...], ...],
+                  outs: tuple[tuple[int, ...], ...], out: str) -> str:
+    """A reshape from shapes ``ins`` to ``outs`` (one per probe batch): nothing, ``Flatten(axis=1)`` for
+    ``(N, rest) -> (N, prod(rest))``, else ``Reshape`` to :meth:`_Builder.shape`."""
+    if ins == outs:
+        return x
+    if all(len(o) == 2 and len(i) >= 2 and o == (i[0], int(np.prod(i[1:]))) for i, o in zip(ins, outs)):
+        return b.node("Flatten", [x], out, axis=1)  # torch.flatten(x, 1), x.view(x.size(0), -1)
+    return b.node("Reshape", [x, b.shape(f"{name}.shape", outs, name)], out)
 
 
 #: Function / method passthroughs by what they do in ONNX.
@@ -403,11 +408,7 @@ def _emit_call_passthrough(b: _Builder, step: Step, xs: list[Any], runs: list[di
     if name in ("contiguous", "dropout"):
         return x
     if name in _RESHAPES:
-        if ins == outs:
-            return x
-        if all(len(o) == 2 and len(i) >= 2 and o == (i[0], int(np.prod(i[1:]))) for i, o in zip(ins, outs)):
-            return b.node("Flatten", [x], out, axis=1)  # torch.flatten(x, 1), x.view(x.size(0), -1)
-        return b.node("Reshape", [x, b.shape(f"{step.name}.shape", outs, step.name)], out)
+        return _emit_reshape(b, step.name, x, ins, outs, out)
     if name == "expand":
         return b.node("Expand", [x, b.shape(f"{step.name}.shape", outs, step.name)], out)
     if name in _PERMUTES:
@@ -522,7 +523,8 @@ def export_onnx(qmodel: QuantizedModel, path: str | Path, example: torch.Tensor,
         elif step.kind == "add":
             values[step.name] = b.node("Add", xs, out)
         elif step.kind == "passthrough" and step.module is not None:
-            values[step.name] = _emit_module_passthrough(b, step, xs[0], _shape(runs[0][step.inputs[0]]), out)
+            ins, outs = (tuple(_shape(r[name]) for r in runs) for name in (step.inputs[0], step.name))
+            values[step.name] = _emit_module_passthrough(b, step, xs[0], ins, outs, out)
         elif step.kind == "passthrough":
             values[step.name] = _emit_call_passthrough(b, step, xs, runs, out)
         elif step.kind == "output":
