@@ -90,6 +90,26 @@ def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> Non
     assert "not a quantized checkpoint" in capsys.readouterr().err
 
 
+def test_gptq_and_bias_correction_rows_reload_exactly(trained: Path) -> None:
+    """--weight-rounding gptq --bias-correction: the row says what ran, the model stays on its grid, and
+    --eval of the saved checkpoint reproduces the row (the rounded weights and shifted biases are in it)."""
+    from lit_quant.pipeline.checkpoint import evaluate_quantized, load_quantized
+    from lit_quant.quant.layers import _QuantWeightLayer
+
+    assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "3", "--act-bits", "8",
+                          "--weight-rounding", "gptq", "--bias-correction", "--calib-batches", "4",
+                          "--no-latency"]) == 0
+    row = next(r for r in report_rows(trained / "tiny") if r["variant"] == "ptq")
+    assert "GPTQ weight rounding + bias correction: " in row["note"] and "round-to-nearest" in row["note"]
+    saved = trained / "tiny" / "ptq-w3a8.ckpt"
+    assert evaluate_quantized(saved, batch_size=64)["top1"] == pytest.approx(row["top1"], abs=1e-9)
+    model, _ = load_quantized(saved)
+    for layer in (m for m in model.modules() if isinstance(m, _QuantWeightLayer)):
+        w, qp = layer.float_weight().detach(), layer.weight_quant.qparams()
+        k = w / qp.scale.reshape(-1, *[1] * (w.dim() - 1))
+        assert torch.allclose(k, k.round(), atol=1e-3)
+
+
 def test_scheme_shorthand_and_plan_yaml(trained: Path, tmp_path: Path, capsys) -> None:
     cfg, _, _ = quantize.resolve_args(["--scheme", "asym_s", "--act-scheme", "asym_u"])
     assert (cfg.weight_scheme, cfg.act_scheme) == ("asym_s", "asym_u")  # explicit flag beats the shorthand

@@ -20,6 +20,8 @@ from lit_quant.errors import UserError
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
 EXPORTS = ("int8", "integer", "onnx")
 QAT_METHODS = ("ste", "lsq")
+#: Same as :data:`lit_quant.quant.layerwise.ROUNDINGS`.
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 #: Same as :data:`lit_quant.quant.spec.SCHEMES` / ``OBSERVER_NAMES``.
 SCHEMES = ("sym", "asym_u", "asym_s")
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy", "nstd", "avg")
@@ -63,6 +65,11 @@ class QuantizeConfig:
     weight_observer: str = option("minmax", "weight observer", choices=OBSERVER_NAMES)
     act_observer: str | None = option(None, "activation observer (default: mse for --mode ptq / compare, ema for "
                                       "--mode qat)", choices=OBSERVER_NAMES)
+    weight_rounding: str = option("nearest", "PTQ weight rounding on the calibrated grid: nearest, or gptq (each "
+                                  "layer's rounding error compensated by its remaining weights on the calibration "
+                                  "inputs, Frantar et al. 2022)", choices=WEIGHT_ROUNDINGS)
+    bias_correction: bool = option(False, "PTQ: shift each layer's bias so that its mean output per channel on the "
+                                   "calibration images equals the float model's (empirical bias correction)")
     percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
     n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
     first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")

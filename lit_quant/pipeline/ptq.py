@@ -19,6 +19,7 @@ from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
+from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
 
 
 def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
@@ -93,6 +94,18 @@ def ptq_points(cfg: QuantizeConfig, sweep_bits: list[int] | None, observers: lis
     return points
 
 
+def layerwise_note(cfg: QuantizeConfig, result: LayerwiseResult) -> str:
+    """What layer-wise PTQ did, for the row's note: steps, layers, images, time, and the mean relative output
+    error of the layers against round-to-nearest."""
+    steps = [s for s, on in (("GPTQ weight rounding", cfg.weight_rounding == "gptq"),
+                             ("bias correction", cfg.bias_correction)) if on]
+    errors = result.errors.values()
+    nearest = sum(e[0] for e in errors) / max(len(errors), 1)
+    used = sum(e[1] for e in errors) / max(len(errors), 1)
+    return (f"{' + '.join(steps)}: {result.layers} layers on {result.samples} images in {result.seconds:.1f} s; "
+            f"mean relative output error of a layer {used:.4f} (round-to-nearest {nearest:.4f})")
+
+
 def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[Row, torch.Tensor, torch.nn.Module, bool]:
     """Calibrate (or reuse) and evaluate one PTQ point: its row, per-image outcomes, the fake-quant model and
     whether the model was reused from the point's checkpoint.
@@ -100,16 +113,24 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     A resumed QAT run keeps the PTQ model its first run calibrated, when it is of this plan and model.
     """
     cfg, plan = ctx.cfg, point.plan
+    rounding = ""
+    layerwise = cfg.weight_rounding != "nearest" or cfg.bias_correction
+    # a saved PTQ model is reused only where the plan says everything about it (no layer-wise steps)
     reused = reusable_ptq(ctx.run_dir / f"{point.stem}.ckpt", plan, ctx.source) \
-        if cfg.mode == "qat" and cfg.resume else None
+        if cfg.mode == "qat" and cfg.resume and not layerwise else None
     if reused is not None:
         lit, calib_s = LitClassifier(reused[0], ctx.num_classes), reused[1]["row"].get("calib_s")
     else:
         lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
         calib_s = calibrate(ctx.trainer, lit, ctx.dm, stats_file, ctx.source)
+        if layerwise:
+            result = layerwise_ptq(lit.model, ctx.dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
+                                   bias_correction=cfg.bias_correction)
+            calib_s += result.seconds
+            rounding = f"; {layerwise_note(cfg, result)}"
     row, correct = ctx.evaluate(
         "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
         observer=plan.act.observer, calib_s=calib_s,
         note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan)
-             + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else ""))
+             + rounding + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else ""))
     return row, correct, lit.model, reused is not None

@@ -136,6 +136,16 @@ class _QuantWeightLayer:
         """The float weight the weight quantizer sees (the deployed layer's weight)."""
         return self.weight
 
+    def set_float_weight(self, w: torch.Tensor) -> None:
+        """Make :meth:`float_weight` equal ``w`` (a weight rounded elsewhere, e.g. by GPTQ)."""
+        with torch.no_grad():
+            self.weight.copy_(w)
+
+    def shift_bias(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to :meth:`float_bias` (bias correction); the layer must have a bias."""
+        with torch.no_grad():
+            self.bias.add_(delta)  # type: ignore[union-attr]
+
     def float_bias(self) -> torch.Tensor | None:
         """The bias of the deployed layer (folded with the BatchNorm in :class:`QuantConvBn2d`)."""
         return self.bias
@@ -315,6 +325,20 @@ class QuantConvBn2d(QuantConv2d):
     def float_weight(self) -> torch.Tensor:
         """The folded weight ``w * f`` (running statistics), which is what gets quantized and deployed."""
         return self._folded()[0]
+
+    def set_float_weight(self, w: torch.Tensor) -> None:
+        """Make the folded weight ``w * f`` equal ``w``: the parameter becomes ``w / f``."""
+        with torch.no_grad():
+            self.weight.copy_(w / bn_factor(self.bn).reshape(-1, 1, 1, 1))
+
+    def shift_bias(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to the folded bias ``(b - running_mean) f + beta``: through ``beta``, or through the
+        running mean (``-delta / f``) of a BatchNorm without affine parameters."""
+        with torch.no_grad():
+            if self.bn.affine:
+                self.bn.bias.add_(delta.to(self.bn.bias.dtype))
+            else:
+                self.bn.running_mean.sub_((delta / bn_factor(self.bn)).to(self.bn.running_mean.dtype))
 
     def float_bias(self) -> torch.Tensor:
         """The folded bias ``(b - running_mean) f + beta``."""

@@ -144,10 +144,14 @@ class LayerQuant:
 
 def _check_act_spec(spec: QuantSpec, where: str) -> None:
     """Activation-only restrictions: LSQ learns one step size per activation tensor (Esser et al. 2020);
-    a per-channel activation scale would change shape with the batch layout and is not supported."""
+    a per-channel activation scale would change shape with the batch layout and is not supported; per-channel
+    ``mse`` searches the last observed tensor (a weight), not every calibration batch."""
     if spec.enabled and spec.quantizer == "lsq" and spec.per_channel:
         raise QuantConfigError(f"{where}: LSQ with per-channel activations is not supported; use per_channel: "
                                "false for activations (weights may be per-channel)")
+    if spec.enabled and spec.observer == "mse" and spec.per_channel:
+        raise QuantConfigError(f"{where}: per-channel mse searches one observed tensor and is for weights; use "
+                               "per_channel: false for mse activations")
 
 
 @dataclass(frozen=True)

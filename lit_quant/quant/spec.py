@@ -24,7 +24,7 @@ SCHEMES: tuple[str, ...] = ("sym", "asym_u", "asym_s")
 #: Observer names; :mod:`lit_quant.quant.observers` registers one class per name (checked at import).
 OBSERVER_NAMES: tuple[str, ...] = ("minmax", "ema", "percentile", "mse", "entropy", "nstd", "avg")
 #: Observers that can keep one range per channel.
-PER_CHANNEL_OBSERVERS: tuple[str, ...] = ("minmax", "ema", "nstd", "avg")
+PER_CHANNEL_OBSERVERS: tuple[str, ...] = ("minmax", "ema", "nstd", "avg", "mse")
 #: ``ste``: fixed scale from the observer, straight-through rounding; ``lsq``: learned step size (QAT).
 QUANTIZERS: tuple[str, ...] = ("ste", "lsq")
 MIN_BITS, MAX_BITS = 2, 16

@@ -59,10 +59,12 @@ def test_light_constants_agree_with_the_modules_that_define_them() -> None:
     from lit_quant.deploy.integer import DEFAULT_SCALE_APPROX_BITS
     from lit_quant.deploy.onnx_export import DEFAULT_OPSET
     from lit_quant.pipeline import config
+    from lit_quant.quant.layerwise import ROUNDINGS
     from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
     from lit_quant.torchao_ref import BACKENDS
 
     assert (config.SCHEMES, config.OBSERVER_NAMES, config.BACKENDS) == (SCHEMES, OBSERVER_NAMES, BACKENDS)
+    assert config.WEIGHT_ROUNDINGS == ROUNDINGS
     assert (config.DEFAULT_SCALE_APPROX_BITS, config.DEFAULT_OPSET) == (DEFAULT_SCALE_APPROX_BITS, DEFAULT_OPSET)
     import lit_quant.config as train_config
     from lit_quant.data import DATASETS

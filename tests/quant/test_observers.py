@@ -170,6 +170,45 @@ def test_per_channel_state_dict_resizes_buffers() -> None:
     _assert_same(fresh.calculate_qparams(), obs.calculate_qparams())
 
 
+@pytest.mark.parametrize("scheme", ["sym", "asym_s"])
+def test_per_channel_mse_weight_range_is_the_exact_search(scheme: str) -> None:
+    """Per channel, the chosen fraction of the extremes has the smallest squared error of any fraction on the
+    grid (brute force, one channel and one fraction at a time), and at 4 bits it beats min/max on Gaussian
+    weights, whose rare large values set the min/max step."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 16, 3, 3, generator=g)
+    spec = QuantSpec(4, scheme, per_channel=True, axis=0, observer="mse", observer_args={"grid": 32})
+    obs = build_observer(spec)
+    scale, zp = _qparams(obs, [w])
+    lo, hi = w.reshape(6, -1).aminmax(dim=1)
+
+    def error(channel: int, s: torch.Tensor, z: torch.Tensor) -> float:
+        x = w[channel].reshape(-1)
+        return float((fake_quantize(x, s.reshape(1), z.reshape(1), spec.quant_min, spec.quant_max) - x).square().sum())
+
+    from lit_quant.quant.functional import calculate_qparams
+
+    for c in range(6):
+        brute = min(error(c, *calculate_qparams(lo[c:c + 1] * f / 32, hi[c:c + 1] * f / 32, spec))
+                    for f in range(1, 33))
+        assert error(c, scale[c], zp[c]) == pytest.approx(brute, rel=1e-6)
+    minmax = build_observer(QuantSpec(4, scheme, per_channel=True, axis=0))
+    mm_scale, mm_zp = _qparams(minmax, [w])
+    ratios = [error(c, scale[c], zp[c]) / error(c, mm_scale[c], mm_zp[c]) for c in range(6)]
+    assert max(ratios) <= 1.0 and sum(ratios) / 6 < 0.95
+    fresh = build_observer(spec)
+    fresh.load_state_dict(obs.state_dict())
+    _assert_same(fresh.calculate_qparams(), (scale, zp))
+
+
+def test_per_channel_mse_is_for_weights_only() -> None:
+    from lit_quant.quant import QuantPlan
+
+    with pytest.raises(QuantConfigError, match="per-channel mse .* is for weights"):
+        QuantPlan(act=QuantSpec(8, per_channel=True, axis=1, observer="mse"))
+    QuantPlan.from_bits(4, 8, weight_observer="mse")
+
+
 def _reference_kl(hist: list[float], t: int, levels: int) -> float:
     """TensorRT's KL(P || Q) for threshold ``t``, written as the plain loop of Migacz 2017 / NVIDIA's
     pytorch-quantization (bin ``j`` goes to level ``floor(j L / t)``), with the two documented choices of

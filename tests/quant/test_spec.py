@@ -30,7 +30,7 @@ def test_unknown_names_list_allowed_values() -> None:
 
 def test_per_channel_histogram_observer_rejected() -> None:
     with pytest.raises(QuantConfigError, match="per-tensor only; per-channel observers: minmax"):
-        QuantSpec(per_channel=True, observer="mse")
+        QuantSpec(per_channel=True, observer="percentile")
 
 
 @pytest.mark.parametrize("scheme,narrow,bits,expected", [
