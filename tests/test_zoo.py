@@ -1,5 +1,6 @@
 """torchvision's plain classifiers (no QuantStub, functional ops, SiLU, attention) through the whole core:
-prepare, calibrate, one QAT step and fake-quant evaluation, on small images and random weights."""
+prepare, calibrate, one QAT step and fake-quant evaluation on small images and random weights; ONNX, int8 and
+integer-engine export, on networks briefly fitted to a synthetic task where predictions must agree."""
 
 from __future__ import annotations
 
@@ -67,35 +68,45 @@ def test_torchvision_classifier_prepare_calibrate_qat_step_and_eval(name: str) -
         assert torch.isfinite(qat.eval()(x)).all()
 
 
-#: Random-weight networks whose predictions an ulp decides. On these, one-step rounding differences between
-#: two correct implementations (ONNX divides ``x / s`` where PyTorch multiplies by ``1 / s``; convolutions
-#: accumulate in another order) grow from under 1e-5 of the values in the first layer to a quarter of them
-#: by the third stage, and W8A8 fake quantization itself changes 9-67 % of their float predictions
-#: (resnet50: an input change of 1e-6 moves the logits by 1.6e-4; efficientnet_b0: by 1.5e-3). Measured
-#: disagreements between onnxruntime and fake quantization, 100 images on each of five seeds: resnet18 0, 4,
-#: 2, 2, 0; mobilenet_v2 1, 4, 2, 2, 3; the other four convolutional architectures at most 1 on every seed.
-#: On 200 images of one seed: resnet50 29, efficientnet_b0 18, vit_b_16 13. So for these five the 99 % bound holds on some batches only, and
-#: their test checks the export and the runtime, not the bound.
-CHAOTIC = {"resnet18", "mobilenet_v2", "resnet50", "efficientnet_b0", "vit_b_16"}
+def _fitted(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """``name`` fitted to a synthetic 10-class task (a random prototype image per class plus noise) until a
+    training batch's loss is below 0.05 (at most 60 Adam steps), and 100 images of that task.
+
+    A random-weight network's predictions are near ties: W8A8 fake quantization alone changes 9-67 % of the
+    float predictions of resnet50, efficientnet_b0 or vit_b_16, and one-step rounding differences between
+    two correct implementations of the same QDQ graph (ONNX divides ``x / s`` where PyTorch multiplies by
+    ``1 / s``; convolutions accumulate in another order) then decide up to 15 % of them. A fitted network
+    has the margins a trained classifier has, so agreement measures the exporter, not the tie-breaking.
+    """
+    model = _model(name).train()
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(10, 3, 32, 32, generator=g)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=g)
+        return prototypes[y] + 0.3 * torch.randn(n, 3, 32, 32, generator=g), y
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(60):
+        x, y = batch(32)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if loss.item() < 0.05:
+            break
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05, f"{name} did not fit the synthetic task: loss {loss.item():.3f}"
+    return model.eval(), batch(100)[0]
 
 
-def _agree_or_chaotic(name: str) -> list[pytest.MarkDecorator]:
-    if name in CHAOTIC:
-        return [pytest.mark.xfail(raises=AssertionError, strict=False,
-                                  reason="random weights amplify one-step rounding differences (see CHAOTIC)")]
-    return []
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_agree_or_chaotic(n)) for n in ZOO])
+@pytest.mark.parametrize("name", ZOO)
 def test_onnx_qdq_export_agrees_with_fake_quant(name: str, tmp_path) -> None:
     """Every op of the zoo exports as QDQ ONNX that onnxruntime loads and runs; its predictions equal the
-    fake-quant model's on at least 99 % of a batch (see :data:`CHAOTIC` for the random networks where
-    rounding noise alone decides more)."""
+    fake-quant model's on at least 99 % of a batch (networks fitted as in :func:`_fitted`)."""
     from lit_quant.deploy.graph import agreement
     from lit_quant.deploy.onnx_export import export_onnx, run_onnx
 
-    model = _model(name)
-    x = torch.randn(100, 3, 32, 32)
+    model, x = _fitted(name)
     q = prepare(model, QuantPlan.from_bits(8, 8))
     calibrate(q, [x[:32]])
     path = export_onnx(q, tmp_path / f"{name}.onnx", x[:1])
