@@ -2,6 +2,7 @@
 
     python quantize.py --mode ptq --bits 8                  # newest checkpoints/*/best.ckpt
     python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --first-last-bits 8
+    python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --weight-rounding gptq --bias-correction
     python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
     python quantize.py --sweep --observers minmax mse percentile   # accuracy against bits, PNG plot
     python quantize.py --mode builtin --backend qnnpack     # torch.ao only
