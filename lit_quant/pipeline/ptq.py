@@ -113,7 +113,7 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     A resumed QAT run keeps the PTQ model its first run calibrated, when it is of this plan and model.
     """
     cfg, plan = ctx.cfg, point.plan
-    rounding = ""
+    layerwise_done = ""
     layerwise = cfg.weight_rounding != "nearest" or cfg.bias_correction
     # a saved PTQ model is reused only where the plan says everything about it (no layer-wise steps)
     reused = reusable_ptq(ctx.run_dir / f"{point.stem}.ckpt", plan, ctx.source) \
@@ -127,10 +127,10 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
             result = layerwise_ptq(lit.model, ctx.dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
                                    bias_correction=cfg.bias_correction)
             calib_s += result.seconds
-            rounding = f"; {layerwise_note(cfg, result)}"
+            layerwise_done = f"; {layerwise_note(cfg, result)}"
     row, correct = ctx.evaluate(
         "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
         observer=plan.act.observer, calib_s=calib_s,
         note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan)
-             + rounding + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else ""))
+             + layerwise_done + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else ""))
     return row, correct, lit.model, reused is not None

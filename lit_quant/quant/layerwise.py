@@ -39,6 +39,7 @@ from torch import nn
 
 from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.fake_quant import LSQFakeQuantize, enable_fake_quant, iter_quantizers
+from lit_quant.quant.functional import fake_quantize
 from lit_quant.quant.layers import _QuantWeightLayer
 
 
@@ -80,19 +81,14 @@ def _grouped(layer: _QuantWeightLayer, w: torch.Tensor) -> torch.Tensor:
 
 
 def _rounder(layer: _QuantWeightLayer) -> Any:
-    """Round-to-nearest on the layer's calibrated grid, for ``(groups, out / groups)`` weight columns:
-    ``(clamp(round(w / s) + z, qmin, qmax) - z) * s``."""
+    """Round-to-nearest on the layer's calibrated grid for ``(groups, out / groups)`` weight columns: the
+    weight quantizer's own :func:`fake_quantize` (float32 arithmetic, as the model computes it)."""
     fq = layer.weight_quant
     assert fq is not None
     qp = fq.qparams()
-    out = layer.weight.shape[0]
-    scale = qp.scale.double().expand(out) if qp.scale.numel() == 1 else qp.scale.double()
-    zero = qp.zero_point.double().expand(out) if qp.zero_point.numel() == 1 else qp.zero_point.double()
-    shape = _grouped(layer, torch.empty(out, 1)).shape[:2]
-    s, z = scale.reshape(shape), zero.reshape(shape)
 
     def round_(w: torch.Tensor) -> torch.Tensor:
-        return (torch.clamp(torch.round(w / s) + z, qp.quant_min, qp.quant_max) - z) * s
+        return fake_quantize(w.reshape(-1), qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, qp.axis).reshape(w.shape)
 
     return round_
 
@@ -144,12 +140,14 @@ def _weight_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, _QuantW
     """Weight-quantized conv / linear layers (fixed-grid quantizers: a learned LSQ step has its own
     training) in the order the forward pass of ``x`` first calls them."""
     order: list[tuple[str, _QuantWeightLayer]] = []
+    called: set[int] = set()
     hooks = []
     for name, m in model.named_modules():
         if isinstance(m, _QuantWeightLayer) and m.weight_quant is not None \
                 and not isinstance(m.weight_quant, LSQFakeQuantize):
             def seen(mod: nn.Module, _args: Any, name: str = name) -> None:
-                if all(mod is not other for _, other in order):
+                if id(mod) not in called:
+                    called.add(id(mod))
                     order.append((name, mod))  # type: ignore[arg-type]
             hooks.append(m.register_forward_pre_hook(seen))
     try:
@@ -269,8 +267,6 @@ def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gpt
                 hook.remove()
             w = _grouped(layer, layer.float_weight().detach().double())
             round_ = _rounder(layer)
-            # round-to-nearest as fake quantization computes it (x * (1 / s) in float32): a channel's largest
-            # weight sits on a rounding tie by construction, where w / s in float64 may round the other way
             nearest = _grouped(layer, layer.quantized_weight().detach().double())
             q = gptq_weight(w, stats["h"], round_, damp=damp, act_order=act_order, block=block) \
                 if rounding == "gptq" else nearest

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lit_quant.quant.errors import CalibrationError, QuantConfigError
-from lit_quant.quant.functional import calculate_qparams
+from lit_quant.quant.functional import calculate_qparams, fake_quantize
 from lit_quant.quant.spec import OBSERVER_NAMES, QuantSpec
 
 _INF = float("inf")
@@ -730,9 +730,9 @@ class ChannelMSEObserver(Observer):
         for part in fractions.split(self._CHUNK):
             f = part[:, None]                                   # (k, 1) x (C,) -> (k, C) candidate ranges
             scale, zp = calculate_qparams(f * lo, f * hi, self.spec)
-            s, z = scale[:, :, None], zp[:, :, None].float()
-            q = torch.clamp(torch.round(w * torch.reciprocal(s)) + z, self.spec.quant_min, self.spec.quant_max)
-            errors.append(((q - z) * s - w).square().sum(-1))  # (k, C)
+            x = w.expand(len(part), *w.shape).reshape(-1, w.shape[1])  # one row per (candidate, channel)
+            q = fake_quantize(x, scale.reshape(-1), zp.reshape(-1), self.spec.quant_min, self.spec.quant_max, 0)
+            errors.append((q - x).square().sum(-1).reshape(len(part), -1))  # (k, C)
         best = fractions[torch.cat(errors).argmin(0)]
         self.best_min, self.best_max = best * lo, best * hi
 
