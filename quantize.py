@@ -6,8 +6,8 @@
     python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
     python quantize.py --sweep --observers minmax mse percentile   # accuracy against bits, PNG plot
     python quantize.py --mode builtin --backend qnnpack     # torch.ao only
-    python quantize.py --mode qat --bits 4 --epochs 5       # fp32, PTQ, our QAT, torch.ao QAT
-    python quantize.py --mode qat --bits 2 --qat-method lsq --first-last-bits 8
+    python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --weight-rounding gptq --bias-correction
+    python quantize.py --mode qat --bits 4                  # fp32, PTQ, our QAT, torch.ao QAT (the 4-bit recipe)
     python quantize.py --eval checkpoints/digits-resnet20/ptq-w8a8.ckpt
 
 Writes report.json and report.csv to <run>/quantize/<name>/ (copies of the newest beside the checkpoint) and
@@ -25,12 +25,17 @@ from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import add_config_arguments
-from lit_quant.pipeline.config import OBSERVER_NAMES, SCHEMES, SWEEP_BITS, QuantizeConfig, resolve_request
+from lit_quant.pipeline.config import OBSERVER_NAMES, SCHEMES, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
 
 
 def build_parser() -> ArgumentParser:
     """``--bits`` plus one flag per :class:`QuantizeConfig` field."""
-    parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0])
+    recipes = "\n".join(f"  {qat_recipe(b, b).describe(b)}" for b in (8, 4, 3, 2))
+    parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="--mode qat takes what --qat-method, --act-observer, --weight-observer, --lr, "
+                                   "--warmup-epochs,\n--epochs and --first-last-bits do not give from the recipe of "
+                                   "its width (the narrower of\nweight and activation bits; 5-7 bits as 4):\n" + recipes)
     parser.add_argument("--bits", type=int, nargs="+", metavar="N",
                         help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
     parser.add_argument("--sweep", action="store_true", help=f"sweep --bits {' '.join(map(str, SWEEP_BITS))}")

@@ -219,7 +219,11 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
                                         exported["integer", "qat"]["note"]).groups())
     assert differ <= 0.1 * images  # 4-bit near-ties only (measured 2 of 64); the exact bound is in test_deploy
     assert (trained / "tiny" / "qat-w4a4-deploy.pt").is_file() and (trained / "tiny" / "qat-w4a4.onnx").is_file()
-    assert rows["qat"]["weight_bits"] == rows["qat"]["act_bits"] == 4 and rows["qat"]["observer"] == "ema"
+    # the 4-bit recipe: LSQ from mse ranges, first and last layers at 8 bits, one warm-up epoch (flags given win)
+    assert rows["qat"]["weight_bits"] == rows["qat"]["act_bits"] == 4 and rows["qat"]["observer"] == "mse"
+    assert "4-bit QAT recipe: lsq, mse activation and mse weight ranges" in rows["qat"]["note"]
+    assert "overrides: @first w8 a8, @last w8 a8" in rows["qat"]["note"] or "input" in rows["qat"]["note"]
+    epoch, best = re.search(r"kept epoch (\d) \(best validation top-1 ([\d.]+);", rows["qat"]["note"]).groups()
     assert rows["builtin-qat"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]  # real int8 model
     assert abs(rows["builtin-qat"]["top1"] - rows["fp32"]["top1"]) <= 5.0
     saved = trained / "tiny" / "qat-w4a4.ckpt"
@@ -229,14 +233,22 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
     from lit_quant.pipeline.checkpoint import evaluate_quantized
 
     assert evaluate_quantized(saved, batch_size=50)["top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-9)
-    # the Lightning checkpoint restores through Trainer.test(ckpt_path=...) with the callback re-preparing
-    plan = QuantPlan.from_dict(torch.load(saved, weights_only=True)["plan"])
-    lit = LitClassifier(build_model("resnet20", 3, 10), 10)
-    dm = ClassificationDataModule("fake", image_size=8, batch_size=32, fake_size=256)
-    tested = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, callbacks=[QATCallback(plan)], inference_mode=False).test(
-        lit, datamodule=dm, ckpt_path=str(trained / "tiny" / "qat-w4a4" / "last.ckpt"), verbose=False)[0]
-    assert 100.0 * tested["test/top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-6)
+    # the kept epoch: the calibrated start (epoch 0) unless an epoch's validation top-1 beat it; its Lightning
+    # checkpoint restores through Trainer.test(ckpt_path=...) with the callback re-preparing
+    start = torch.load(trained / "tiny" / "qat-w4a4" / "start.pt", weights_only=True)
+    best_ckpt = torch.load(trained / "tiny" / "qat-w4a4" / "best.ckpt", weights_only=False)
+    best_score = next(v for k, v in best_ckpt["callbacks"].items() if "val/top1" in k)["best_model_score"]
+    if int(epoch) == 0:
+        assert float(best_score) <= start["val_top1"] and float(best) == pytest.approx(100 * start["val_top1"])
+    else:
+        assert float(best_score) > start["val_top1"] and int(epoch) == best_ckpt["epoch"] + 1
+        plan = QuantPlan.from_dict(torch.load(saved, weights_only=True)["plan"])
+        lit = LitClassifier(build_model("resnet20", 3, 10), 10)
+        dm = ClassificationDataModule("fake", image_size=8, batch_size=32, fake_size=256)
+        tested = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_checkpointing=False, callbacks=[QATCallback(plan)], inference_mode=False).test(
+            lit, datamodule=dm, ckpt_path=str(trained / "tiny" / "qat-w4a4" / "best.ckpt"), verbose=False)[0]
+        assert 100.0 * tested["test/top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-6)
 
 
 def test_qat_sigkill_then_resume_matches_uninterrupted(trained: Path, tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ def _flags(action: argparse.Action) -> str:
 
 
 def render_parser(title: str, parser: argparse.ArgumentParser) -> str:
-    """One Markdown section: the parser's description, then a table of flag, allowed values and meaning."""
+    """One Markdown section: the parser's description, a table of flag, allowed values and meaning, and the
+    parser's epilog."""
     lines = [f"## {title}", "", _cell(parser.description or ""), "",
              "| flag | allowed values | meaning |", "|---|---|---|"]
     for action in parser._actions:  # argparse keeps no public list of its actions
@@ -43,6 +44,8 @@ def render_parser(title: str, parser: argparse.ArgumentParser) -> str:
             continue
         choices = ", ".join(f"`{c}`" for c in action.choices) if action.choices else ""
         lines.append(f"| {_flags(action)} | {choices} | {_cell(action.help or '')} |")
+    if parser.epilog:  # notes after the flags (quantize.py: the QAT recipe of each width), kept as written
+        lines += ["", "```text", parser.epilog, "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -37,11 +37,47 @@ QAT_ONLY = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_w
             "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
 
 
-def default_act_observer(mode: str) -> str:
-    """The activation observer when ``--act-observer`` is not given: ``ema`` for QAT (ranges move as the
-    weights train, so a moving average tracks them, as torch.ao's QAT does), ``mse`` otherwise (the
-    clipping range that minimises the quantization error of the calibration data)."""
-    return "ema" if mode == "qat" else "mse"
+@dataclass(frozen=True)
+class QATRecipe:
+    """The QAT settings a width gets when their flags are not given (:func:`qat_recipe`)."""
+
+    qat_method: str
+    act_observer: str
+    weight_observer: str
+    lr_factor: float  # --lr = lr_factor x the fp32 run's peak learning rate
+    warmup_epochs: float
+    epochs: int
+    first_last_bits: int | None  # the input, first and last layers (None: at the low width too)
+
+    def describe(self, bits: int) -> str:
+        """One line for the report notes and --help."""
+        keep = f", input and first/last layers at {self.first_last_bits} bits" if self.first_last_bits else ""
+        warm = f", {self.warmup_epochs:g} warm-up epoch" if self.warmup_epochs else ""
+        return (f"{bits}-bit QAT recipe: {self.qat_method}, {self.act_observer} activation and {self.weight_observer} "
+                f"weight ranges, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{keep}")
+
+
+def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
+    """The QAT recipe for a width (the narrower of the weight and activation widths), from the measurements in
+    docs/RESULTS.md:
+
+    * 8 bits and more: fixed ranges (STE) tracked by a moving average (``ema``, as torch.ao's QAT), 1/100 of
+      the fp32 learning rate, 5 epochs: QAT only has to undo small rounding errors.
+    * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the ``mse`` ranges (the best
+      observer below 8 bits), 1/10 of the fp32 learning rate after one warm-up epoch (without it the first
+      steps after calibration diverged at 3-4 bits), the input image and the first and last layers at 8
+      bits (the image at 4 bits alone costs more than every other tensor), 5 epochs at 4 bits and above, 8
+      at 3 and 10 at 2.
+    """
+    bits = min(weight_bits, act_bits)
+    if bits >= 8:
+        return QATRecipe("ste", "ema", "minmax", 0.01, 0.0, 5, None)
+    return QATRecipe("lsq", "mse", "mse", 0.1, 1.0, {2: 10, 3: 8}.get(bits, 5), 8)
+
+
+#: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
+RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": "mse", "weight_observer": "minmax",
+                                 "warmup_epochs": 0.0, "epochs": 5}
 
 
 @dataclass
@@ -62,9 +98,10 @@ class QuantizeConfig:
     weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
     act_scheme: str = option("asym_u", "activation scheme", choices=SCHEMES)
     per_channel: bool = option(True, "per-channel weight quantization (--no-per-channel: per tensor)")
-    weight_observer: str = option("minmax", "weight observer", choices=OBSERVER_NAMES)
-    act_observer: str | None = option(None, "activation observer (default: mse for --mode ptq / compare, ema for "
-                                      "--mode qat)", choices=OBSERVER_NAMES)
+    weight_observer: str | None = option(None, "weight observer (default: minmax; the QAT recipe's below 8 bits)",
+                                         choices=OBSERVER_NAMES)
+    act_observer: str | None = option(None, "activation observer (default: mse; the QAT recipe's with --mode qat)",
+                                      choices=OBSERVER_NAMES)
     weight_rounding: str = option("nearest", "PTQ weight rounding on the calibrated grid: nearest, or gptq (each "
                                   "layer's rounding error compensated by its remaining weights on the calibration "
                                   "inputs, Frantar et al. 2022)", choices=WEIGHT_ROUNDINGS)
@@ -72,7 +109,8 @@ class QuantizeConfig:
                                    "calibration images equals the float model's (empirical bias correction)")
     percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
     n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
-    first_last_bits: int | None = option(None, "bits of the first and last layer (e.g. 8 with low --bits)")
+    first_last_bits: int | None = option(None, "bits of the input image and the first and last layers (e.g. 8 with low "
+                                         "--bits; the QAT recipe's below 8 bits unless --io-bits or --plan is given)")
     io_bits: int | None = option(None, "bits of the model input (the image) and output (the logits) only, e.g. 8 "
                                  "with low --bits; every weight keeps --weight-bits")
     no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
@@ -90,13 +128,14 @@ class QuantizeConfig:
     num_nodes: int = option(1, "number of nodes for multi-node DDP")
     strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
     # QAT
-    epochs: int = option(5, "QAT: fine-tuning epochs (ours and torch.ao's)")
-    lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: 1/100 of the fp32 run's)")
-    warmup_epochs: float = option(0.0, "QAT: linear learning-rate warm-up from 1/100 of --lr over this many epochs "
-                                  "(fractions allowed; 0: none); keeps low-bit LSQ at a large --lr from diverging "
-                                  "in its first steps")
-    qat_method: str = option("ste", "QAT: ste (fixed-range fake quant, observers, straight-through rounding) or "
-                             "lsq (learned step sizes, 2-8 bits)", choices=QAT_METHODS)
+    epochs: int | None = option(None, "QAT: fine-tuning epochs, ours and torch.ao's (default: the recipe's)")
+    lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: the recipe's fraction of the "
+                              "fp32 run's)")
+    warmup_epochs: float | None = option(None, "QAT: linear learning-rate warm-up from 1/100 of --lr over this many "
+                                         "epochs (fractions allowed; 0: none; default: the recipe's)")
+    qat_method: str | None = option(None, "QAT: ste (fixed-range fake quant, observers, straight-through rounding) "
+                                    "or lsq (learned step sizes, 2-8 bits) (default: the recipe's)",
+                                    choices=QAT_METHODS)
     distill: bool = option(False, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
                            "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student)")
     distill_weight: float = option(1.0, "QAT with --distill: weight w of the distillation term, in [0, 1]")
@@ -130,9 +169,22 @@ class QuantizeConfig:
                                    "on when stderr is a terminal")
 
     def __post_init__(self) -> None:
-        # The mode's observer is part of the resolved config: reports, notes and a saved config show it.
-        if self.act_observer is None:
-            self.act_observer = default_act_observer(self.mode)
+        # The recipe's values are part of the resolved config: reports, notes and a saved config show them.
+        recipe = self.recipe
+        self.from_recipe = [name for name in RECIPE_FIELDS if getattr(self, name) is None]
+        for name in self.from_recipe:
+            setattr(self, name, getattr(recipe, name) if recipe is not None else RECIPE_FIELDS[name])
+        if recipe is not None and self.first_last_bits is None and self.io_bits is None and self.plan is None \
+                and recipe.first_last_bits is not None:
+            self.first_last_bits = recipe.first_last_bits
+            self.from_recipe.append("first_last_bits")
+
+    @property
+    def recipe(self) -> QATRecipe | None:
+        """The QAT recipe of this width (:func:`qat_recipe`); None outside ``--mode qat``."""
+        if self.mode != "qat" or not isinstance(self.weight_bits, int) or not isinstance(self.act_bits, int):
+            return None
+        return qat_recipe(self.weight_bits, self.act_bits)
 
     def validate(self) -> None:
         """Range checks with one-line messages."""
@@ -151,6 +203,11 @@ class QuantizeConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.lr is not None and self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if "warmup_epochs" in self.from_recipe and "epochs" not in self.from_recipe \
+                and not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"--epochs {self.epochs} leaves no training after the {self.warmup_epochs:g} warm-up "
+                            f"epoch(s) of the {min(self.weight_bits, self.act_bits)}-bit QAT recipe; pass more "
+                            "--epochs or a shorter --warmup-epochs")
         check_warmup(self.warmup_epochs, self.epochs)
         if self.mode == "qat" and self.qat_method == "lsq":
             # LSQ (Esser et al. 2020) learns the step size of a 2-8-bit grid; a wider grid keeps the ranges its

@@ -18,6 +18,7 @@ from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.classifier import LitClassifier
 from lit_quant.config import TrainConfig
 from lit_quant.errors import UserError
+from lit_quant.io import atomic_write
 from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext, show_progress
 from lit_quant.pipeline.ptq import build_plan, overrides_note
@@ -28,19 +29,30 @@ from lit_quant.training import build_trainer, prepare_output_dir, read_checkpoin
 
 @dataclass
 class QATResult:
-    """What :func:`run_qat` hands back: the trained quantized model (eval mode), its plan, its folder."""
+    """What :func:`run_qat` hands back: the kept quantized model (eval mode), its plan, its folder, and which
+    epoch it is (0: the calibrated model before any training) with its validation top-1."""
 
     model: torch.nn.Module
     plan: QuantPlan
     run_dir: Path
     calib_s: float | None
     fit_s: float
+    epoch: int
+    val_top1: float
 
 
 def recipe_note(cfg: QuantizeConfig) -> str:
     """How a QAT row was trained beyond plain fine-tuning, for its note: '' without --distill / --warmup-epochs."""
     note = f", distilled from fp32 w={cfg.distill_weight:g} T={cfg.distill_temperature:g}" if cfg.distill else ""
     return note + (f", lr warm-up {cfg.warmup_epochs:g} epochs" if cfg.warmup_epochs else "")
+
+
+def default_lr(cfg: QuantizeConfig, fp32_lr: float) -> float:
+    """``--lr``, else the recipe's fraction of the fp32 run's peak rate (1/100 outside a recipe)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    recipe = cfg.recipe
+    return fp32_lr * (recipe.lr_factor if recipe is not None else 0.01)
 
 
 def sync_bn(cfg: QuantizeConfig) -> bool:
@@ -59,14 +71,14 @@ def qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any]) -> TrainConfig:
 
 
 def qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch.nn.Module) -> LitClassifier:
-    """A LitClassifier for fine-tuning ``model``: the fp32 run's optimiser settings, ``--lr`` (default 1/100
-    of the fp32 peak rate) with cosine decay over ``--epochs`` after ``--warmup-epochs``; with ``--distill``
+    """A LitClassifier for fine-tuning ``model``: the fp32 run's optimiser settings, ``--lr`` (default
+    :func:`default_lr`) with cosine decay over ``--epochs`` after ``--warmup-epochs``; with ``--distill``
     a frozen copy of the fp32 model is the teacher (ours and torch.ao's QAT get the same loss, so their rows
     differ in quantization alone)."""
     hp = classifier.hparams
     teacher = copy.deepcopy(classifier.model) if cfg.distill else None
     return LitClassifier(model, hp.arch["num_classes"], arch=hp.arch, optimizer=hp.optimizer,
-                         lr=cfg.lr if cfg.lr is not None else hp.lr / 100.0, momentum=hp.momentum,
+                         lr=default_lr(cfg, hp.lr), momentum=hp.momentum,
                          nesterov=hp.nesterov, weight_decay=hp.weight_decay, scheduler="cosine",
                          label_smoothing=hp.label_smoothing, teacher=teacher, distill_weight=cfg.distill_weight,
                          distill_temperature=cfg.distill_temperature, warmup_epochs=cfg.warmup_epochs)
@@ -89,14 +101,23 @@ def find_qat_resume(cfg: QuantizeConfig, qat_dir: Path) -> Path | None:
     return path
 
 
+#: The calibrated model a QAT run starts from, and its validation top-1: epoch 0 of the best-epoch choice.
+START_FILE = "start.pt"
+
+
 def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any], dm: Any,
             run_dir: Path) -> QATResult:
-    """Quantization-aware fine-tuning of the fp32 model with our quantizers, through the Lightning Trainer.
+    """Quantization-aware fine-tuning of the fp32 model with our quantizers, through the Lightning Trainer,
+    keeping the epoch with the best validation top-1.
 
-    Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ), then
-    ``fit`` with :class:`QATCallback` for ``--epochs``; ``last.ckpt`` under ``<run>/qat-w<W>a<A>/`` is written
-    every epoch and ``--resume`` continues from it (plan, qparams, LSQ scales, freeze state, optimiser,
-    schedule and RNG state restored by Lightning; the callback re-prepares the model before the load).
+    Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ) and
+    validates that calibrated model: it is epoch 0, saved with its validation top-1 as ``start.pt``. Then
+    ``fit`` with :class:`QATCallback` for ``--epochs``, validating after each; ``best.ckpt`` holds the epoch
+    with the highest validation top-1 (the earliest on ties), ``last.ckpt`` the latest, under
+    ``<run>/qat-w<W>a<A>/``, and ``--resume`` continues from ``last.ckpt`` (plan, qparams, LSQ scales,
+    freeze state, optimiser, schedule, RNG state and the best epoch so far restored by Lightning; the
+    callback re-prepares the model before the load). The result is the best epoch's model, or the
+    calibrated one where no epoch beat it: QAT never ends below its own starting point on validation.
     """
     plan = build_plan(cfg, qat=True)
     qat_dir = qat_dir_for(run_dir, plan)
@@ -104,25 +125,50 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     callback = QATCallback(plan, cfg.freeze_observers_epoch, cfg.freeze_bn_epoch)
     last_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="last", save_top_k=1, enable_version_counter=False)
+    best_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="best", monitor="val/top1", mode="max", save_top_k=1,
+                              enable_version_counter=False)
     train_cfg = qat_train_config(cfg, arch)
     # inference_mode=False: quantizer buffers replaced during calibration or validation (a per-channel scale
     # taking its shape, an observer reset) would otherwise be inference tensors that training cannot update.
-    trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, last_cb],
+    trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, last_cb, best_cb],
                             sync_batchnorm=sync_bn(cfg), inference_mode=False)
     prepare_output_dir(qat_dir, "the QAT run folder")
     calib_s = None
+    start_file = qat_dir / START_FILE
     if resume is None:  # a fresh run starts from calibrated qparams; a resumed one loads them
         lit = qat_classifier(cfg, classifier, prepare(classifier.model, plan, qat=True))
         start = time.perf_counter()
         trainer.predict(lit, datamodule=dm, return_predictions=False)
         calib_s = time.perf_counter() - start
+        start_top1 = float(trainer.validate(lit, datamodule=dm, verbose=False)[0]["val/top1"])
+        if trainer.is_global_zero:
+            atomic_write(start_file, lambda fh: torch.save({"state_dict": lit.state_dict(), "val_top1": start_top1}, fh))
+        trainer.strategy.barrier()
     else:
         lit = qat_classifier(cfg, classifier, copy.deepcopy(classifier.model))
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         trainer.fit(lit, datamodule=dm, ckpt_path=str(resume) if resume else None)
-    return QATResult(lit.model.eval(), plan, qat_dir, calib_s, time.perf_counter() - start)
+    fit_s = time.perf_counter() - start
+    epoch, val_top1 = keep_best_epoch(lit, best_cb, start_file)
+    return QATResult(lit.model.eval(), plan, qat_dir, calib_s, fit_s, epoch, val_top1)
+
+
+def keep_best_epoch(lit: LitClassifier, best_cb: ModelCheckpoint, start_file: Path) -> tuple[int, float]:
+    """Load into ``lit`` the best epoch's weights and qparams, or the calibrated start's when no epoch's
+    validation top-1 is above it; returns ``(epoch, validation top-1)``, epochs counted from 1 (0: the
+    start)."""
+    if not start_file.is_file():
+        raise UserError(f"{start_file} is missing: the QAT run's calibrated start; run without --resume")
+    start = torch.load(start_file, map_location=lit.device, weights_only=True)
+    best = best_cb.best_model_score
+    if best is not None and float(best) > float(start["val_top1"]) and best_cb.best_model_path:
+        ckpt = read_checkpoint(best_cb.best_model_path)
+        lit.load_state_dict(ckpt["state_dict"])
+        return int(ckpt["epoch"]) + 1, 100.0 * float(best)
+    lit.load_state_dict(start["state_dict"])
+    return 0, 100.0 * float(start["val_top1"])
 
 
 def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
@@ -131,5 +177,8 @@ def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
     return ctx.evaluate(
         "qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
         act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
-        note=f"our QAT ({cfg.qat_method}{recipe_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s; "
-             "fake-quant simulation" + overrides_note(qat.plan))
+        note=f"our QAT ({cfg.qat_method}{recipe_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s, kept epoch "
+             f"{qat.epoch} (best validation top-1 {qat.val_top1:.2f}; 0 = the calibrated start); "
+             + (f"{cfg.recipe.describe(min(cfg.weight_bits, cfg.act_bits))} (flags given override it); "
+                if cfg.recipe is not None and cfg.from_recipe else "")
+             + "fake-quant simulation" + overrides_note(qat.plan))

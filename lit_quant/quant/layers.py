@@ -60,13 +60,14 @@ def _maybe_quantizer(spec: QuantSpec | None, kind: str) -> FakeQuantize | None:
 
 
 def _lsq_weight_init(fq: FakeQuantize, weight: torch.Tensor) -> None:
-    """LSQ's own initial step size for a symmetric weight quantizer (Esser et al. 2020, sec. 2.1):
-    ``s = 2 * mean(|w|) / sqrt(Q_P)`` (per output channel when per-channel).
+    """LSQ's own initial step size for a symmetric weight quantizer with ``minmax`` ranges (Esser et al.
+    2020, sec. 2.1): ``s = 2 * mean(|w|) / sqrt(Q_P)`` (per output channel when per-channel).
 
     The min/max step (``max|w| / Q_P``) rounds most weights to 0 at 2-3 bits, where LSQ is meant to be
-    used; a learned scale then starts from a collapsed network. Other quantizers keep their observer.
+    used; a learned scale then starts from a collapsed network. A clipping observer (``mse``: the range of
+    least squared error, per channel) is a better start and is kept, as are other quantizers' ranges.
     """
-    if not isinstance(fq, LSQFakeQuantize) or fq.spec.scheme != "sym":
+    if not isinstance(fq, LSQFakeQuantize) or fq.spec.scheme != "sym" or fq.spec.observer != "minmax":
         return
     w = weight.detach().float()
     mean_abs = w.abs().mean() if fq.axis is None else w.abs().transpose(0, fq.axis).reshape(w.shape[fq.axis], -1).mean(1)

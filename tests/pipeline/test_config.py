@@ -12,7 +12,7 @@ from conftest import ROOT
 import quantize
 from lit_quant.cli import run_cli
 from lit_quant.errors import UserError
-from lit_quant.pipeline.config import QuantizeConfig, default_act_observer, resolve_request
+from lit_quant.pipeline.config import QuantizeConfig, qat_recipe, resolve_request
 
 
 def _request(*argv: str):
@@ -32,10 +32,38 @@ def test_several_bits_or_sweep_make_a_sweep() -> None:
 
 
 def test_act_observer_default_depends_on_the_mode_and_is_resolved() -> None:
-    assert _request().config.act_observer == "mse" == default_act_observer("ptq")
+    assert _request().config.act_observer == "mse"
     assert _request("--mode", "qat").config.act_observer == "ema"
     assert _request("--mode", "qat", "--act-observer", "minmax").config.act_observer == "minmax"
     assert QuantizeConfig(mode="qat").act_observer == "ema"
+
+
+@pytest.mark.parametrize("bits,expected", [
+    (8, ("ste", "ema", "minmax", 0.0, 5, None)), (16, ("ste", "ema", "minmax", 0.0, 5, None)),
+    (4, ("lsq", "mse", "mse", 1.0, 5, 8)), (3, ("lsq", "mse", "mse", 1.0, 8, 8)), (2, ("lsq", "mse", "mse", 1.0, 10, 8))])
+def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: tuple) -> None:
+    cfg = _request("--mode", "qat", "--bits", str(bits)).config
+    assert (cfg.qat_method, cfg.act_observer, cfg.weight_observer, cfg.warmup_epochs, cfg.epochs,
+            cfg.first_last_bits) == expected
+    assert cfg.recipe == qat_recipe(bits, bits) and sorted(cfg.from_recipe) == sorted(
+        ["qat_method", "act_observer", "weight_observer", "warmup_epochs", "epochs"]
+        + (["first_last_bits"] if bits < 8 else []))
+    # every flag overrides its recipe value; --io-bits or --plan replace the recipe's first/last layers
+    mine = _request("--mode", "qat", "--bits", str(bits), "--qat-method", "ste", "--epochs", "7",
+                    "--warmup-epochs", "0.5", "--act-observer", "percentile", "--io-bits", "8").config
+    assert (mine.qat_method, mine.epochs, mine.warmup_epochs, mine.act_observer, mine.first_last_bits) == \
+        ("ste", 7, 0.5, "percentile", None)
+    # the narrower width decides; PTQ keeps its own defaults
+    assert _request("--mode", "qat", "--weight-bits", "4", "--act-bits", "8").config.qat_method == "lsq"
+    ptq = _request("--bits", str(bits)).config
+    assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits) == ("mse", "minmax", None)
+
+
+def test_an_epoch_count_below_the_recipe_warm_up_is_one_line(capsys) -> None:
+    with pytest.raises(UserError, match="--epochs 1 leaves no training after the 1 warm-up epoch.s. of the 4-bit QAT "
+                                        "recipe"):
+        _request("--mode", "qat", "--bits", "4", "--epochs", "1")
+    assert _request("--mode", "qat", "--bits", "4", "--epochs", "1", "--warmup-epochs", "0").config.epochs == 1
 
 
 @pytest.mark.parametrize("argv,message", [
