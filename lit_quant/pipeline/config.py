@@ -44,6 +44,8 @@ class QATRecipe:
     qat_method: str
     act_observer: str
     weight_observer: str
+    weight_rounding: str  # of the calibrated start, as --weight-rounding
+    bias_correction: bool  # of the calibrated start, as --bias-correction
     lr_factor: float  # --lr = lr_factor x the fp32 run's peak learning rate
     warmup_epochs: float
     epochs: int
@@ -53,8 +55,11 @@ class QATRecipe:
         """One line for the report notes and --help."""
         keep = f", input and first/last layers at {self.first_last_bits} bits" if self.first_last_bits else ""
         warm = f", {self.warmup_epochs:g} warm-up epoch" if self.warmup_epochs else ""
+        steps = [s for s, on in (("GPTQ", self.weight_rounding == "gptq"), ("bias correction", self.bias_correction))
+                 if on]
+        start = f" from PTQ with {' and '.join(steps)}" if steps else ""
         return (f"{bits}-bit QAT recipe: {self.qat_method}, {self.act_observer} activation and {self.weight_observer} "
-                f"weight ranges, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{keep}")
+                f"weight ranges{start}, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{keep}")
 
 
 def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
@@ -63,21 +68,24 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
 
     * 8 bits and more: fixed ranges (STE) tracked by a moving average (``ema``, as torch.ao's QAT), 1/100 of
       the fp32 learning rate, 5 epochs: QAT only has to undo small rounding errors.
-    * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the ``mse`` ranges (the best
-      observer below 8 bits), 1/10 of the fp32 learning rate after one warm-up epoch (without it the first
+    * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the best PTQ model below 8
+      bits: ``mse`` ranges, GPTQ rounding and bias correction (``mse`` weight ranges alone lose most of the
+      accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes),
+      1/10 of the fp32 learning rate after one warm-up epoch (without it the first
       steps after calibration diverged at 3-4 bits), the input image and the first and last layers at 8
       bits (the image at 4 bits alone costs more than every other tensor), 5 epochs at 4 bits and above, 8
       at 3 and 10 at 2.
     """
     bits = min(weight_bits, act_bits)
     if bits >= 8:
-        return QATRecipe("ste", "ema", "minmax", 0.01, 0.0, 5, None)
-    return QATRecipe("lsq", "mse", "mse", 0.1, 1.0, {2: 10, 3: 8}.get(bits, 5), 8)
+        return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, None)
+    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, {2: 10, 3: 8}.get(bits, 5), 8)
 
 
 #: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
 RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": "mse", "weight_observer": "minmax",
-                                 "warmup_epochs": 0.0, "epochs": 5}
+                                 "weight_rounding": "nearest", "bias_correction": False, "warmup_epochs": 0.0,
+                                 "epochs": 5}
 
 
 @dataclass
@@ -102,11 +110,13 @@ class QuantizeConfig:
                                          choices=OBSERVER_NAMES)
     act_observer: str | None = option(None, "activation observer (default: mse; the QAT recipe's with --mode qat)",
                                       choices=OBSERVER_NAMES)
-    weight_rounding: str = option("nearest", "PTQ weight rounding on the calibrated grid: nearest, or gptq (each "
-                                  "layer's rounding error compensated by its remaining weights on the calibration "
-                                  "inputs, Frantar et al. 2022)", choices=WEIGHT_ROUNDINGS)
-    bias_correction: bool = option(False, "PTQ: shift each layer's bias so that its mean output per channel on the "
-                                   "calibration images equals the float model's (empirical bias correction)")
+    weight_rounding: str | None = option(None, "PTQ weight rounding on the calibrated grid: nearest, or gptq (each "
+                                         "layer's rounding error compensated by its remaining weights on the "
+                                         "calibration inputs, Frantar et al. 2022) (default: nearest; the QAT "
+                                         "recipe's with --mode qat)", choices=WEIGHT_ROUNDINGS)
+    bias_correction: bool | None = option(None, "PTQ: shift each layer's bias so that its mean output per channel on "
+                                          "the calibration images equals the float model's (empirical bias "
+                                          "correction) (default: off; the QAT recipe's with --mode qat)")
     percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
     n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
     first_last_bits: int | None = option(None, "bits of the input image and the first and last layers (e.g. 8 with low "

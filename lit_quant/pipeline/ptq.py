@@ -106,6 +106,15 @@ def layerwise_note(cfg: QuantizeConfig, result: LayerwiseResult) -> str:
             f"mean relative output error of a layer {used:.4f} (round-to-nearest {nearest:.4f})")
 
 
+def layerwise_steps(cfg: QuantizeConfig, model: torch.nn.Module, dm: Any) -> LayerwiseResult | None:
+    """GPTQ rounding and bias correction of a calibrated ``model`` on the whole calibration set, as the flags
+    (or the QAT recipe) ask; None when neither is on."""
+    if cfg.weight_rounding == "nearest" and not cfg.bias_correction:
+        return None
+    return layerwise_ptq(model, dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
+                         bias_correction=bool(cfg.bias_correction))
+
+
 def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[Row, torch.Tensor, torch.nn.Module, bool]:
     """Calibrate (or reuse) and evaluate one PTQ point: its row, per-image outcomes, the fake-quant model and
     whether the model was reused from the point's checkpoint.
@@ -123,9 +132,8 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     else:
         lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
         calib_s = calibrate(ctx.trainer, lit, ctx.dm, stats_file, ctx.source)
-        if layerwise:
-            result = layerwise_ptq(lit.model, ctx.dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
-                                   bias_correction=cfg.bias_correction)
+        result = layerwise_steps(cfg, lit.model, ctx.dm)
+        if result is not None:
             calib_s += result.seconds
             layerwise_done = f"; {layerwise_note(cfg, result)}"
     row, correct = ctx.evaluate(

@@ -21,7 +21,7 @@ from lit_quant.errors import UserError
 from lit_quant.io import atomic_write
 from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext, show_progress
-from lit_quant.pipeline.ptq import build_plan, overrides_note
+from lit_quant.pipeline.ptq import build_plan, layerwise_steps, overrides_note
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, prepare
 from lit_quant.training import build_trainer, prepare_output_dir, read_checkpoint
@@ -110,8 +110,8 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     """Quantization-aware fine-tuning of the fp32 model with our quantizers, through the Lightning Trainer,
     keeping the epoch with the best validation top-1.
 
-    Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ) and
-    validates that calibrated model: it is epoch 0, saved with its validation top-1 as ``start.pt``. Then
+    Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ, then the
+    same GPTQ rounding and bias correction as the PTQ row when they are on) and validates that model: it is epoch 0, saved with its validation top-1 as ``start.pt``. Then
     ``fit`` with :class:`QATCallback` for ``--epochs``, validating after each; ``best.ckpt`` holds the epoch
     with the highest validation top-1 (the earliest on ties), ``last.ckpt`` the latest, under
     ``<run>/qat-w<W>a<A>/``, and ``--resume`` continues from ``last.ckpt`` (plan, qparams, LSQ scales,
@@ -139,6 +139,7 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
         lit = qat_classifier(cfg, classifier, prepare(classifier.model, plan, qat=True))
         start = time.perf_counter()
         trainer.predict(lit, datamodule=dm, return_predictions=False)
+        layerwise_steps(cfg, lit.model, dm)  # the PTQ row's GPTQ / bias correction, on the same calibration set
         calib_s = time.perf_counter() - start
         start_top1 = float(trainer.validate(lit, datamodule=dm, verbose=False)[0]["val/top1"])
         if trainer.is_global_zero:
