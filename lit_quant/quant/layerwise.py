@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_quant.quant.errors import CalibrationError, QuantConfigError
-from lit_quant.quant.fake_quant import LSQFakeQuantize, enable_fake_quant, iter_quantizers
+from lit_quant.quant.fake_quant import enable_fake_quant, iter_quantizers
 from lit_quant.quant.functional import fake_quantize
 from lit_quant.quant.layers import _QuantWeightLayer
 
@@ -137,14 +137,13 @@ def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def _weight_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, _QuantWeightLayer]]:
-    """Weight-quantized conv / linear layers (fixed-grid quantizers: a learned LSQ step has its own
-    training) in the order the forward pass of ``x`` first calls them."""
+    """Weight-quantized conv / linear layers in the order the forward pass of ``x`` first calls them (an LSQ
+    quantizer's grid is its current step size: the start QAT goes on to learn from)."""
     order: list[tuple[str, _QuantWeightLayer]] = []
     called: set[int] = set()
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, _QuantWeightLayer) and m.weight_quant is not None \
-                and not isinstance(m.weight_quant, LSQFakeQuantize):
+        if isinstance(m, _QuantWeightLayer) and m.weight_quant is not None:
             def seen(mod: nn.Module, _args: Any, name: str = name) -> None:
                 if id(mod) not in called:
                     called.add(id(mod))

@@ -97,6 +97,24 @@ def test_layerwise_gptq_and_bias_correction_on_a_network() -> None:
         assert torch.equal(again.eval()(x), q(x))
 
 
+def test_layerwise_on_a_qat_model_with_learned_step_sizes() -> None:
+    """QAT's calibrated start (BatchNorm kept for training, LSQ quantizers) gets the same GPTQ weights and
+    bias shifts as the PTQ model, on the LSQ step sizes' grid: the same outputs in eval mode."""
+    net, data = _net(), _data()
+    ptq = prepare(net, QuantPlan.from_bits(3, 8, weight_observer="mse"))
+    qat = prepare(net, QuantPlan.from_bits(3, 8, weight_observer="mse", quantizer="lsq"), qat=True)
+    results = []
+    for q in (ptq, qat):
+        calibrate(q, data)
+        results.append(layerwise_ptq(q, data, rounding="gptq", bias_correction=True))
+    assert results[1].layers == results[0].layers == 4
+    assert results[1].bias_shift == pytest.approx(results[0].bias_shift, rel=1e-4)
+    assert all(_on_grid(m) for m in qat.modules() if isinstance(m, _QuantWeightLayer))
+    x = torch.cat(data)
+    with torch.no_grad():
+        assert torch.allclose(qat.eval()(x), ptq.eval()(x), atol=1e-4)
+
+
 def test_bias_correction_matches_the_float_mean_output() -> None:
     """After bias correction the head's mean output per class on the calibration images (before its output
     quantizer) is the float model's: each layer is corrected with every earlier one already corrected."""
