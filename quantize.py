@@ -33,9 +33,10 @@ def build_parser() -> ArgumentParser:
     recipes = "\n".join(f"  {qat_recipe(b, b).describe(b)}" for b in (8, 4, 3, 2))
     parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="--mode qat takes what --qat-method, --act-observer, --weight-observer, --lr, "
-                                   "--warmup-epochs,\n--epochs and --first-last-bits do not give from the recipe of "
-                                   "its width (the narrower of\nweight and activation bits; 5-7 bits as 4):\n" + recipes)
+                            epilog="--mode qat takes what --qat-method, --act-observer, --weight-observer, "
+                                   "--weight-rounding,\n--bias-correction, --lr, --warmup-epochs, --epochs, --distill and "
+                                   "--first-last-bits do not give\nfrom the recipe of its width (the narrower of weight and activation bits; 5-7 "
+                                   "bits as 4):\n" + recipes)
     parser.add_argument("--bits", type=int, nargs="+", metavar="N",
                         help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
     parser.add_argument("--sweep", action="store_true", help=f"sweep --bits {' '.join(map(str, SWEEP_BITS))}")

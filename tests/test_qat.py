@@ -219,9 +219,12 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
                                         exported["integer", "qat"]["note"]).groups())
     assert differ <= 0.1 * images  # 4-bit near-ties only (measured 2 of 64); the exact bound is in test_deploy
     assert (trained / "tiny" / "qat-w4a4-deploy.pt").is_file() and (trained / "tiny" / "qat-w4a4.onnx").is_file()
-    # the 4-bit recipe: LSQ from mse ranges, first and last layers at 8 bits, one warm-up epoch (flags given win)
+    # the 4-bit recipe: LSQ from the GPTQ / bias-corrected mse PTQ model (the PTQ row's), first and last layers
+    # at 8 bits, one warm-up epoch (flags given win)
     assert rows["qat"]["weight_bits"] == rows["qat"]["act_bits"] == 4 and rows["qat"]["observer"] == "mse"
-    assert "4-bit QAT recipe: lsq, mse activation and mse weight ranges" in rows["qat"]["note"]
+    assert "4-bit QAT recipe: lsq, mse activation and mse weight ranges from PTQ with GPTQ and bias correction" \
+        in rows["qat"]["note"]
+    assert "GPTQ weight rounding + bias correction" in rows["ptq"]["note"]
     assert "overrides: @first w8 a8, @last w8 a8" in rows["qat"]["note"] or "input" in rows["qat"]["note"]
     epoch, best = re.search(r"kept epoch (\d) \(best validation top-1 ([\d.]+);", rows["qat"]["note"]).groups()
     assert rows["builtin-qat"]["size_bytes"] < 0.35 * rows["fp32"]["size_bytes"]  # real int8 model

@@ -49,6 +49,7 @@ class QATRecipe:
     lr_factor: float  # --lr = lr_factor x the fp32 run's peak learning rate
     warmup_epochs: float
     epochs: int
+    distill: bool  # knowledge distillation from the fp32 model, as --distill
     first_last_bits: int | None  # the input, first and last layers (None: at the low width too)
 
     def describe(self, bits: int) -> str:
@@ -58,8 +59,9 @@ class QATRecipe:
         steps = [s for s, on in (("GPTQ", self.weight_rounding == "gptq"), ("bias correction", self.bias_correction))
                  if on]
         start = f" from PTQ with {' and '.join(steps)}" if steps else ""
+        teacher = ", distilled from fp32" if self.distill else ""
         return (f"{bits}-bit QAT recipe: {self.qat_method}, {self.act_observer} activation and {self.weight_observer} "
-                f"weight ranges{start}, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{keep}")
+                f"weight ranges{start}, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{teacher}{keep}")
 
 
 def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
@@ -70,22 +72,25 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
       the fp32 learning rate, 5 epochs: QAT only has to undo small rounding errors.
     * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the best PTQ model below 8
       bits: ``mse`` ranges, GPTQ rounding and bias correction (``mse`` weight ranges alone lose most of the
-      accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes),
-      1/10 of the fp32 learning rate after one warm-up epoch (without it the first
-      steps after calibration diverged at 3-4 bits), the input image and the first and last layers at 8
-      bits (the image at 4 bits alone costs more than every other tensor), 5 epochs at 4 bits and above, 8
-      at 3 and 10 at 2.
+      accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes);
+      distillation from the fp32 model; the input image and the first and last layers at 8 bits (the image
+      at 4 bits alone costs more than every other tensor); one warm-up epoch (without it the first steps
+      after calibration diverged at 3-4 bits). At 3 bits and above 1/10 of the fp32 learning rate, 5 epochs
+      (8 at 3 bits); at 2 bits 3/10 for 30 epochs (at 1/10 the 2-bit model never left its start; at 1/2 it
+      diverged).
     """
     bits = min(weight_bits, act_bits)
     if bits >= 8:
-        return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, None)
-    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, {2: 10, 3: 8}.get(bits, 5), 8)
+        return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, False, None)
+    if bits <= 2:
+        return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.3, 1.0, 30, True, 8)
+    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, 8 if bits == 3 else 5, True, 8)
 
 
 #: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
 RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": "mse", "weight_observer": "minmax",
                                  "weight_rounding": "nearest", "bias_correction": False, "warmup_epochs": 0.0,
-                                 "epochs": 5}
+                                 "epochs": 5, "distill": False}
 
 
 @dataclass
@@ -146,8 +151,9 @@ class QuantizeConfig:
     qat_method: str | None = option(None, "QAT: ste (fixed-range fake quant, observers, straight-through rounding) "
                                     "or lsq (learned step sizes, 2-8 bits) (default: the recipe's)",
                                     choices=QAT_METHODS)
-    distill: bool = option(False, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
-                           "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student)")
+    distill: bool | None = option(None, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
+                                  "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student) (default: "
+                                  "the recipe's)")
     distill_weight: float = option(1.0, "QAT with --distill: weight w of the distillation term, in [0, 1]")
     distill_temperature: float = option(1.0, "QAT with --distill: softmax temperature T, positive")
     freeze_observers_epoch: int | None = option(None, "QAT: stop updating ranges from this epoch (0-based; "

@@ -39,24 +39,29 @@ def test_act_observer_default_depends_on_the_mode_and_is_resolved() -> None:
 
 
 @pytest.mark.parametrize("bits,expected", [
-    (8, ("ste", "ema", "minmax", 0.0, 5, None)), (16, ("ste", "ema", "minmax", 0.0, 5, None)),
-    (4, ("lsq", "mse", "mse", 1.0, 5, 8)), (3, ("lsq", "mse", "mse", 1.0, 8, 8)), (2, ("lsq", "mse", "mse", 1.0, 10, 8))])
+    (8, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None)),
+    (16, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None)),
+    (4, ("lsq", "mse", "mse", "gptq", True, 1.0, 5, True, 8)), (3, ("lsq", "mse", "mse", "gptq", True, 1.0, 8, True, 8)),
+    (2, ("lsq", "mse", "mse", "gptq", True, 1.0, 30, True, 8))])
 def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: tuple) -> None:
     cfg = _request("--mode", "qat", "--bits", str(bits)).config
-    assert (cfg.qat_method, cfg.act_observer, cfg.weight_observer, cfg.warmup_epochs, cfg.epochs,
-            cfg.first_last_bits) == expected
+    assert (cfg.qat_method, cfg.act_observer, cfg.weight_observer, cfg.weight_rounding, cfg.bias_correction,
+            cfg.warmup_epochs, cfg.epochs, cfg.distill, cfg.first_last_bits) == expected
     assert cfg.recipe == qat_recipe(bits, bits) and sorted(cfg.from_recipe) == sorted(
-        ["qat_method", "act_observer", "weight_observer", "warmup_epochs", "epochs"]
-        + (["first_last_bits"] if bits < 8 else []))
+        ["qat_method", "act_observer", "weight_observer", "weight_rounding", "bias_correction", "warmup_epochs",
+         "epochs", "distill"] + (["first_last_bits"] if bits < 8 else []))
     # every flag overrides its recipe value; --io-bits or --plan replace the recipe's first/last layers
     mine = _request("--mode", "qat", "--bits", str(bits), "--qat-method", "ste", "--epochs", "7",
-                    "--warmup-epochs", "0.5", "--act-observer", "percentile", "--io-bits", "8").config
-    assert (mine.qat_method, mine.epochs, mine.warmup_epochs, mine.act_observer, mine.first_last_bits) == \
-        ("ste", 7, 0.5, "percentile", None)
+                    "--warmup-epochs", "0.5", "--act-observer", "percentile", "--io-bits", "8",
+                    "--weight-rounding", "nearest", "--no-bias-correction", "--no-distill").config
+    assert (mine.qat_method, mine.epochs, mine.warmup_epochs, mine.act_observer, mine.first_last_bits,
+            mine.weight_rounding, mine.bias_correction, mine.distill) == \
+        ("ste", 7, 0.5, "percentile", None, "nearest", False, False)
     # the narrower width decides; PTQ keeps its own defaults
     assert _request("--mode", "qat", "--weight-bits", "4", "--act-bits", "8").config.qat_method == "lsq"
     ptq = _request("--bits", str(bits)).config
-    assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits) == ("mse", "minmax", None)
+    assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits, ptq.weight_rounding, ptq.bias_correction,
+            ptq.distill) == ("mse", "minmax", None, "nearest", False, False)
 
 
 def test_an_epoch_count_below_the_recipe_warm_up_is_one_line(capsys) -> None:
