@@ -242,7 +242,8 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
     best_ckpt = torch.load(trained / "tiny" / "qat-w4a4" / "best.ckpt", weights_only=False)
     best_score = next(v for k, v in best_ckpt["callbacks"].items() if "val/top1" in k)["best_model_score"]
     if int(epoch) == 0:
-        assert float(best_score) <= start["val_top1"] and float(best) == pytest.approx(100 * start["val_top1"])
+        assert float(best_score) <= start["val_top1"]
+        assert float(best) == pytest.approx(100 * start["val_top1"], abs=0.005)  # the note has 2 decimals
     else:
         assert float(best_score) > start["val_top1"] and int(epoch) == best_ckpt["epoch"] + 1
         plan = QuantPlan.from_dict(torch.load(saved, weights_only=True)["plan"])

@@ -128,9 +128,11 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     best_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="best", monitor="val/top1", mode="max", save_top_k=1,
                               enable_version_counter=False)
     train_cfg = qat_train_config(cfg, arch)
+    # best_cb before last_cb: last.ckpt then holds the best-epoch state with this epoch counted, so a resumed
+    # run chooses among the same epochs as an uninterrupted one.
     # inference_mode=False: quantizer buffers replaced during calibration or validation (a per-channel scale
     # taking its shape, an observer reset) would otherwise be inference tensors that training cannot update.
-    trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, last_cb, best_cb],
+    trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, best_cb, last_cb],
                             sync_batchnorm=sync_bn(cfg), inference_mode=False)
     prepare_output_dir(qat_dir, "the QAT run folder")
     calib_s = None
