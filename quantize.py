@@ -6,7 +6,6 @@
     python quantize.py --mode compare                       # fp32, ours, torch.ao on every CPU backend
     python quantize.py --sweep --observers minmax mse percentile   # accuracy against bits, PNG plot
     python quantize.py --mode builtin --backend qnnpack     # torch.ao only
-    python quantize.py --mode ptq --weight-bits 4 --act-bits 8 --weight-rounding gptq --bias-correction
     python quantize.py --mode qat --bits 4                  # fp32, PTQ, our QAT, torch.ao QAT (the 4-bit recipe)
     python quantize.py --eval checkpoints/digits-resnet20/ptq-w8a8.ckpt
 
@@ -34,9 +33,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="--mode qat takes what --qat-method, --act-observer, --weight-observer, "
-                                   "--weight-rounding,\n--bias-correction, --lr, --warmup-epochs, --epochs, --distill and "
-                                   "--first-last-bits do not give\nfrom the recipe of its width (the narrower of weight and activation bits; 5-7 "
-                                   "bits as 4):\n" + recipes)
+                                   "--weight-rounding,\n--bias-correction, --lr, --warmup-epochs, --epochs, --distill "
+                                   "and --first-last-bits do not give\nfrom the recipe of its width (the narrower of "
+                                   "weight and activation bits; 5-7 bits as 4):\n" + recipes)
     parser.add_argument("--bits", type=int, nargs="+", metavar="N",
                         help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
     parser.add_argument("--sweep", action="store_true", help=f"sweep --bits {' '.join(map(str, SWEEP_BITS))}")

@@ -106,10 +106,15 @@ def layerwise_note(cfg: QuantizeConfig, result: LayerwiseResult) -> str:
             f"mean relative output error of a layer {used:.4f} (round-to-nearest {nearest:.4f})")
 
 
+def layerwise_on(cfg: QuantizeConfig) -> bool:
+    """Whether the flags (or the QAT recipe) ask for GPTQ rounding or bias correction."""
+    return cfg.weight_rounding != "nearest" or bool(cfg.bias_correction)
+
+
 def layerwise_steps(cfg: QuantizeConfig, model: torch.nn.Module, dm: Any) -> LayerwiseResult | None:
     """GPTQ rounding and bias correction of a calibrated ``model`` on the whole calibration set, as the flags
     (or the QAT recipe) ask; None when neither is on."""
-    if cfg.weight_rounding == "nearest" and not cfg.bias_correction:
+    if not layerwise_on(cfg):
         return None
     return layerwise_ptq(model, dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
                          bias_correction=bool(cfg.bias_correction))
@@ -123,10 +128,9 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     """
     cfg, plan = ctx.cfg, point.plan
     layerwise_done = ""
-    layerwise = cfg.weight_rounding != "nearest" or cfg.bias_correction
     # a saved PTQ model is reused only where the plan says everything about it (no layer-wise steps)
     reused = reusable_ptq(ctx.run_dir / f"{point.stem}.ckpt", plan, ctx.source) \
-        if cfg.mode == "qat" and cfg.resume and not layerwise else None
+        if cfg.mode == "qat" and cfg.resume and not layerwise_on(cfg) else None
     if reused is not None:
         lit, calib_s = LitClassifier(reused[0], ctx.num_classes), reused[1]["row"].get("calib_s")
     else:

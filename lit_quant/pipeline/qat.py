@@ -111,13 +111,14 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     keeping the epoch with the best validation top-1.
 
     Calibrates first (``predict`` with :class:`PTQCalibration`: the same initial qparams as PTQ, then the
-    same GPTQ rounding and bias correction as the PTQ row when they are on) and validates that model: it is epoch 0, saved with its validation top-1 as ``start.pt``. Then
-    ``fit`` with :class:`QATCallback` for ``--epochs``, validating after each; ``best.ckpt`` holds the epoch
-    with the highest validation top-1 (the earliest on ties), ``last.ckpt`` the latest, under
-    ``<run>/qat-w<W>a<A>/``, and ``--resume`` continues from ``last.ckpt`` (plan, qparams, LSQ scales,
-    freeze state, optimiser, schedule, RNG state and the best epoch so far restored by Lightning; the
-    callback re-prepares the model before the load). The result is the best epoch's model, or the
-    calibrated one where no epoch beat it: QAT never ends below its own starting point on validation.
+    same GPTQ rounding and bias correction as the PTQ row when they are on) and validates that model: it is
+    epoch 0, saved with its validation top-1 as ``start.pt``. Then ``fit`` with :class:`QATCallback` for
+    ``--epochs``, validating after each; ``best.ckpt`` holds the epoch with the highest validation top-1
+    (the earliest on ties), ``last.ckpt`` the latest, under ``<run>/qat-w<W>a<A>/``, and ``--resume``
+    continues from ``last.ckpt`` (plan, qparams, LSQ scales, freeze state, optimiser, schedule, RNG state
+    and the best epoch so far restored by Lightning; the callback re-prepares the model before the load).
+    The result is the best epoch's model, or the calibrated one where no epoch beat it: QAT never ends below
+    its own starting point on validation.
     """
     plan = build_plan(cfg, qat=True)
     qat_dir = qat_dir_for(run_dir, plan)
@@ -145,7 +146,8 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
         calib_s = time.perf_counter() - start
         start_top1 = float(trainer.validate(lit, datamodule=dm, verbose=False)[0]["val/top1"])
         if trainer.is_global_zero:
-            atomic_write(start_file, lambda fh: torch.save({"state_dict": lit.state_dict(), "val_top1": start_top1}, fh))
+            start_state = {"state_dict": lit.state_dict(), "val_top1": start_top1}
+            atomic_write(start_file, lambda fh: torch.save(start_state, fh))
         trainer.strategy.barrier()
     else:
         lit = qat_classifier(cfg, classifier, copy.deepcopy(classifier.model))
