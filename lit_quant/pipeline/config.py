@@ -51,6 +51,11 @@ class QATRecipe:
     epochs: int
     distill: bool  # knowledge distillation from the fp32 model, as --distill
     first_last_bits: int | None  # the input, first and last layers (None: at the low width too)
+    bn_trains: bool  # BatchNorm on batch statistics until the last epoch (False: folded from the start)
+
+    def freeze_bn_epoch(self, epochs: int) -> int:
+        """``--freeze-bn-epoch`` of a run of ``epochs``: the last epoch with ``bn_trains``, else 0."""
+        return max(epochs - 1, 0) if self.bn_trains else 0
 
     def describe(self, bits: int) -> str:
         """One line for the report notes and --help."""
@@ -60,8 +65,9 @@ class QATRecipe:
                  if on]
         start = f" from PTQ with {' and '.join(steps)}" if steps else ""
         teacher = ", distilled from fp32" if self.distill else ""
+        bn = ", BatchNorm trained until the last epoch" if self.bn_trains else ", BatchNorm folded"
         return (f"{bits}-bit QAT recipe: {self.qat_method}, {self.act_observer} activation and {self.weight_observer} "
-                f"weight ranges{start}, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{teacher}{keep}")
+                f"weight ranges{start}, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{teacher}{bn}{keep}")
 
 
 def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
@@ -75,16 +81,16 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
       accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes);
       distillation from the fp32 model; the input image and the first and last layers at 8 bits (the image
       at 4 bits alone costs more than every other tensor); one warm-up epoch (without it the first steps
-      after calibration diverged at 3-4 bits). At 3 bits and above 1/10 of the fp32 learning rate, 5 epochs
-      (8 at 3 bits); at 2 bits 3/10 for 30 epochs (at 1/10 the 2-bit model never left its start; at 1/2 it
-      diverged).
+      after calibration diverged at 3-4 bits); 1/10 of the fp32 learning rate for 5 epochs (8 at 3 bits, 30
+      at 2 bits). BatchNorm normalises with batch statistics until the last epoch, which folds the running
+      statistics as deployment does: folded from the first step, a 4-bit Fashion-MNIST model diverged at
+      1/10 of the fp32 rate (and at 3/100), where batch statistics kept the loss steady.
     """
     bits = min(weight_bits, act_bits)
     if bits >= 8:
-        return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, False, None)
-    if bits <= 2:
-        return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.3, 1.0, 30, True, 8)
-    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, 8 if bits == 3 else 5, True, 8)
+        return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, False, None, False)
+    epochs = 30 if bits <= 2 else 8 if bits == 3 else 5
+    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, epochs, True, 8, True)
 
 
 #: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
@@ -158,10 +164,10 @@ class QuantizeConfig:
     distill_temperature: float = option(1.0, "QAT with --distill: softmax temperature T, positive")
     freeze_observers_epoch: int | None = option(None, "QAT: stop updating ranges from this epoch (0-based; "
                                                 "unset: never)")
-    # Default 0: fine-tuning a converged fp32 model, BatchNorm folds its running statistics from the first
-    # step; on digits below 8 bits that beat training BatchNorm in every paired seed (docs/RESULTS.md).
-    freeze_bn_epoch: int = option(0, "QAT: freeze BatchNorm statistics from this epoch (0-based; 0: fold the fp32 "
-                                  "running statistics from the start; >= --epochs: BatchNorm trains all run)")
+    freeze_bn_epoch: int | None = option(None, "QAT: freeze BatchNorm statistics from this epoch (0-based; 0: fold "
+                                         "the fp32 running statistics from the start; >= --epochs: BatchNorm trains "
+                                         "all run) (default: the recipe's: 0 at 8 bits and more, the last epoch "
+                                         "below)")
     precision: str | None = option(None, "QAT: Lightning precision (default: 32-true)", choices=PRECISIONS)
     opt_level: str | None = option(None, "QAT: apex-style mixed precision level (see README)",
                                    choices=("O0", "O1", "O2", "O3"))
@@ -194,6 +200,9 @@ class QuantizeConfig:
                 and recipe.first_last_bits is not None:
             self.first_last_bits = recipe.first_last_bits
             self.from_recipe.append("first_last_bits")
+        if self.freeze_bn_epoch is None:  # follows --epochs, given or the recipe's
+            self.freeze_bn_epoch = recipe.freeze_bn_epoch(self.epochs) if recipe is not None else 0
+            self.from_recipe.append("freeze_bn_epoch")
 
     @property
     def recipe(self) -> QATRecipe | None:

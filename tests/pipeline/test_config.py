@@ -39,17 +39,18 @@ def test_act_observer_default_depends_on_the_mode_and_is_resolved() -> None:
 
 
 @pytest.mark.parametrize("bits,expected", [
-    (8, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None)),
-    (16, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None)),
-    (4, ("lsq", "mse", "mse", "gptq", True, 1.0, 5, True, 8)), (3, ("lsq", "mse", "mse", "gptq", True, 1.0, 8, True, 8)),
-    (2, ("lsq", "mse", "mse", "gptq", True, 1.0, 30, True, 8))])
+    (8, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None, 0)),
+    (16, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None, 0)),
+    (4, ("lsq", "mse", "mse", "gptq", True, 1.0, 5, True, 8, 4)),
+    (3, ("lsq", "mse", "mse", "gptq", True, 1.0, 8, True, 8, 7)),
+    (2, ("lsq", "mse", "mse", "gptq", True, 1.0, 30, True, 8, 29))])
 def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: tuple) -> None:
     cfg = _request("--mode", "qat", "--bits", str(bits)).config
     assert (cfg.qat_method, cfg.act_observer, cfg.weight_observer, cfg.weight_rounding, cfg.bias_correction,
-            cfg.warmup_epochs, cfg.epochs, cfg.distill, cfg.first_last_bits) == expected
+            cfg.warmup_epochs, cfg.epochs, cfg.distill, cfg.first_last_bits, cfg.freeze_bn_epoch) == expected
     assert cfg.recipe == qat_recipe(bits, bits) and sorted(cfg.from_recipe) == sorted(
         ["qat_method", "act_observer", "weight_observer", "weight_rounding", "bias_correction", "warmup_epochs",
-         "epochs", "distill"] + (["first_last_bits"] if bits < 8 else []))
+         "epochs", "distill", "freeze_bn_epoch"] + (["first_last_bits"] if bits < 8 else []))
     # every flag overrides its recipe value; --io-bits or --plan replace the recipe's first/last layers
     mine = _request("--mode", "qat", "--bits", str(bits), "--qat-method", "ste", "--epochs", "7",
                     "--warmup-epochs", "0.5", "--act-observer", "percentile", "--io-bits", "8",
@@ -57,11 +58,14 @@ def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: t
     assert (mine.qat_method, mine.epochs, mine.warmup_epochs, mine.act_observer, mine.first_last_bits,
             mine.weight_rounding, mine.bias_correction, mine.distill) == \
         ("ste", 7, 0.5, "percentile", None, "nearest", False, False)
+    # BatchNorm folds in the last of the epochs given below 8 bits; a given --freeze-bn-epoch wins
+    assert mine.freeze_bn_epoch == (6 if bits < 8 else 0)
+    assert _request("--mode", "qat", "--bits", str(bits), "--freeze-bn-epoch", "2").config.freeze_bn_epoch == 2
     # the narrower width decides; PTQ keeps its own defaults
     assert _request("--mode", "qat", "--weight-bits", "4", "--act-bits", "8").config.qat_method == "lsq"
     ptq = _request("--bits", str(bits)).config
     assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits, ptq.weight_rounding, ptq.bias_correction,
-            ptq.distill) == ("mse", "minmax", None, "nearest", False, False)
+            ptq.distill, ptq.freeze_bn_epoch) == ("mse", "minmax", None, "nearest", False, False, 0)
 
 
 def test_an_epoch_count_below_the_recipe_warm_up_is_one_line(capsys) -> None:
