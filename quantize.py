@@ -33,8 +33,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="--mode qat takes what --qat-method, --act-observer, --weight-observer, "
-                                   "--weight-rounding,\n--bias-correction, --lr, --warmup-epochs, --epochs, --distill "
-                                   "and --first-last-bits do not give\nfrom the recipe of its width (the narrower of "
+                                   "--weight-rounding,\n--bias-correction, --lr, --warmup-epochs, --epochs, --distill, "
+                                   "--freeze-bn-epoch and --first-last-bits\ndo not give from the recipe of its width (the narrower of "
                                    "weight and activation bits; 5-7 bits as 4):\n" + recipes)
     parser.add_argument("--bits", type=int, nargs="+", metavar="N",
                         help="sets both --weight-bits and --act-bits; several values run a sweep (ptq mode)")
