@@ -9,9 +9,12 @@ renamed into place (:mod:`lit_quant.io`), so a kill during a save never leaves a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,11 @@ from lit_quant.io import atomic_write, atomic_write_text, check_writable, descri
 from lit_quant.models import build_model, model_info
 from lit_quant.precision import resolve_precision
 from lit_quant.safe_load import load_checkpoint
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 #: Keys of ``hparams.arch`` that must agree between a checkpoint and the run resuming from it.
 ARCH_KEYS = ("model", "data", "in_channels", "num_classes", "image_size", "small_input")
@@ -360,6 +368,31 @@ def prepare_output_dir(folder: Path, flag: str) -> None:
         remove_stale_temp_files(folder)
 
 
+@contextlib.contextmanager
+def output_dir_lock(folder: Path, flag: str) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (its ``.lock`` file) for the ``with`` block, taken on rank 0.
+
+    Two runs writing the same folder at once (train.py twice into one run, or two quantize.py QAT runs of
+    one checkpoint at one width) would overwrite each other's ``best.ckpt`` / ``last.ckpt``, and one would
+    report the other's model. The second run stops with one line instead. ``flock`` locks are released by
+    the kernel when the process ends, killed or not, so a crashed run never leaves the folder locked;
+    where ``fcntl`` does not exist (Windows) nothing is locked.
+    """
+    if fcntl is None or rank_zero_only.rank != 0:
+        yield
+        return
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{flag}: {folder} is in use by another run writing there; wait for it to end, or "
+                            "give this run its own folder") from None
+        yield
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
 def run_dir_for(cfg: TrainConfig) -> Path:
     """``<checkpoint_dir>/<run_name or data-model>``."""
     return Path(cfg.checkpoint_dir) / (cfg.run_name or f"{cfg.data}-{cfg.model}")
@@ -394,29 +427,30 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
     last_cb = ModelCheckpoint(dirpath=str(run_dir), filename="last", save_top_k=1, enable_version_counter=False)
     trainer = build_trainer(cfg, run_dir, callbacks=[checkpoint_cb, last_cb])
     prepare_output_dir(run_dir, "--checkpoint-dir")
-    config_path = run_dir / "config.yaml"
-    if trainer.is_global_zero:
-        save_config(cfg, config_path)
-    if dm.name == "imagenet":  # class count comes from the folders
-        dm.setup("fit")
-        arch = build_arch(cfg, dm.num_classes)
-    lit = build_classifier(cfg, arch)
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        # Our own config.yaml and logs/ are already in the run folder; the warning would fire on every run.
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
-    fit_s = time.perf_counter() - start
-    best = Path(checkpoint_cb.best_model_path) if checkpoint_cb.best_model_path else run_dir / "best.ckpt"
-    eval_cfg = {"ckpt_path": str(best) if best.is_file() else None, "datamodule": dm, "verbose": False}
-    metrics = _scalars(trainer.validate(lit, **eval_cfg)) | _scalars(trainer.test(lit, **eval_cfg))
-    metrics = {k: (100.0 * v if ("top" in k) else v) for k, v in metrics.items()}
-    result = TrainResult(run_dir, best, run_dir / "last.ckpt", config_path, run_dir / "metrics.json",
-                         {**metrics, "epochs": trainer.current_epoch, "fit_time_s": fit_s,
-                          "precision": str(trainer.precision), "world_size": trainer.world_size},
-                         trainer.is_global_zero)
-    if trainer.is_global_zero:
-        payload = {"run": run_dir.name, "data": cfg.data, "model": cfg.model, **result.metrics,
-                   "best_ckpt": str(best), "last_ckpt": str(result.last_ckpt), "config": str(config_path)}
-        atomic_write_text(result.metrics_path, json.dumps(payload, indent=2) + "\n")
-    return result
+    with output_dir_lock(run_dir, "--checkpoint-dir"):
+        config_path = run_dir / "config.yaml"
+        if trainer.is_global_zero:
+            save_config(cfg, config_path)
+        if dm.name == "imagenet":  # class count comes from the folders
+            dm.setup("fit")
+            arch = build_arch(cfg, dm.num_classes)
+        lit = build_classifier(cfg, arch)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            # Our own config.yaml and logs/ are already in the run folder; the warning would fire on every run.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(lit, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
+        fit_s = time.perf_counter() - start
+        best = Path(checkpoint_cb.best_model_path) if checkpoint_cb.best_model_path else run_dir / "best.ckpt"
+        eval_cfg = {"ckpt_path": str(best) if best.is_file() else None, "datamodule": dm, "verbose": False}
+        metrics = _scalars(trainer.validate(lit, **eval_cfg)) | _scalars(trainer.test(lit, **eval_cfg))
+        metrics = {k: (100.0 * v if ("top" in k) else v) for k, v in metrics.items()}
+        result = TrainResult(run_dir, best, run_dir / "last.ckpt", config_path, run_dir / "metrics.json",
+                             {**metrics, "epochs": trainer.current_epoch, "fit_time_s": fit_s,
+                              "precision": str(trainer.precision), "world_size": trainer.world_size},
+                             trainer.is_global_zero)
+        if trainer.is_global_zero:
+            payload = {"run": run_dir.name, "data": cfg.data, "model": cfg.model, **result.metrics,
+                       "best_ckpt": str(best), "last_ckpt": str(result.last_ckpt), "config": str(config_path)}
+            atomic_write_text(result.metrics_path, json.dumps(payload, indent=2) + "\n")
+        return result

@@ -22,6 +22,7 @@ from test_data import write_idx, write_mnist
 import quantize
 import train
 from lit_quant.cli import run_cli
+from lit_quant.training import output_dir_lock
 
 
 def _run(main, prog: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -258,6 +259,26 @@ def test_stale_temporary_files_are_removed(run_copy: Path, capsys) -> None:
     code, err = _quantize(["--checkpoint-dir", str(run_copy), "--calib-batches", "1", "--no-latency"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in run.glob("*.tmp")) == ["notes.tmp"]
+
+
+def test_folder_another_run_writes_is_refused(run_copy: Path, tmp_path: Path, capsys) -> None:
+    """A second run into a folder a running one writes (its lock held) stops with one line, writing nothing
+    there; the lock goes with the run that held it."""
+    qat_dir = run_copy / "tiny" / "qat-w8a8"
+    qat_dir.mkdir()
+    args = ["--checkpoint-dir", str(run_copy), "--mode", "qat", "--epochs", "1", "--calib-batches", "1",
+            "--no-builtin-qat", "--no-latency"]
+    with output_dir_lock(qat_dir, "the QAT run folder"):
+        code, err = _quantize(args, capsys)
+    _one_line(code, err, f"the QAT run folder: {qat_dir} is in use by another run")
+    assert sorted(p.name for p in qat_dir.iterdir()) == [".lock"]
+    ck = tmp_path / "train"
+    (ck / "fake-resnet20").mkdir(parents=True)
+    with output_dir_lock(ck / "fake-resnet20", "--checkpoint-dir"):
+        code, err = _train(tiny_args(ck), capsys)
+    _one_line(code, err, "is in use by another run")
+    assert not (ck / "fake-resnet20" / "last.ckpt").exists()
+    assert _train(tiny_args(ck, "--epochs", "1"), capsys)[0] == 0  # released
 
 
 # ---------------------------------------------------------------------------------------------- late checks

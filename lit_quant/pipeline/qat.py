@@ -4,6 +4,7 @@ differ in quantization alone), ``--resume`` and the QAT row."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from lit_quant.pipeline.context import RunContext, show_progress
 from lit_quant.pipeline.ptq import build_plan, layerwise_steps, overrides_note
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, prepare
-from lit_quant.training import build_trainer, prepare_output_dir, read_checkpoint
+from lit_quant.training import BestCheckpoint, build_trainer, output_dir_lock, prepare_output_dir, read_checkpoint
 
 
 @dataclass
@@ -114,8 +115,9 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     same GPTQ rounding and bias correction as the PTQ row when they are on) and validates that model: it is
     epoch 0, saved with its validation top-1 as ``start.pt``. Then ``fit`` with :class:`QATCallback` for
     ``--epochs``, validating after each; ``best.ckpt`` holds the epoch with the highest validation top-1
-    (the earliest on ties), ``last.ckpt`` the latest, under ``<run>/qat-w<W>a<A>/``, and ``--resume``
-    continues from ``last.ckpt`` (plan, qparams, LSQ scales, freeze state, optimiser, schedule, RNG state
+    (on ties the lowest validation loss, as train.py's ``best.ckpt``), ``last.ckpt`` the latest, under
+    ``<run>/qat-w<W>a<A>/``, which no other run may write meanwhile (:func:`output_dir_lock`), and
+    ``--resume`` continues from ``last.ckpt`` (plan, qparams, LSQ scales, freeze state, optimiser, schedule, RNG state
     and the best epoch so far restored by Lightning; the callback re-prepares the model before the load).
     The result is the best epoch's model, or the calibrated one where no epoch beat it: QAT never ends below
     its own starting point on validation.
@@ -126,8 +128,8 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     callback = QATCallback(plan, cfg.freeze_observers_epoch, cfg.freeze_bn_epoch)
     last_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="last", save_top_k=1, enable_version_counter=False)
-    best_cb = ModelCheckpoint(dirpath=str(qat_dir), filename="best", monitor="val/top1", mode="max", save_top_k=1,
-                              enable_version_counter=False)
+    best_cb = BestCheckpoint(dirpath=str(qat_dir), filename="best", monitor="val/top1", tie_break="val/loss",
+                             auto_insert_metric_name=False, enable_version_counter=False)
     train_cfg = qat_train_config(cfg, arch)
     # best_cb before last_cb: last.ckpt then holds the best-epoch state with this epoch counted, so a resumed
     # run chooses among the same epochs as an uninterrupted one.
@@ -136,39 +138,44 @@ def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any]
     trainer = build_trainer(train_cfg, qat_dir, callbacks=[PTQCalibration(), callback, best_cb, last_cb],
                             sync_batchnorm=sync_bn(cfg), inference_mode=False)
     prepare_output_dir(qat_dir, "the QAT run folder")
-    calib_s = None
-    start_file = qat_dir / START_FILE
-    if resume is None:  # a fresh run starts from calibrated qparams; a resumed one loads them
-        lit = qat_classifier(cfg, classifier, prepare(classifier.model, plan, qat=True))
+    with output_dir_lock(qat_dir, "the QAT run folder"):
+        calib_s = None
+        start_file = qat_dir / START_FILE
+        if resume is None:  # a fresh run starts from calibrated qparams; a resumed one loads them
+            lit = qat_classifier(cfg, classifier, prepare(classifier.model, plan, qat=True))
+            start = time.perf_counter()
+            trainer.predict(lit, datamodule=dm, return_predictions=False)
+            layerwise_steps(cfg, lit.model, dm)  # the PTQ row's GPTQ / bias correction, on its calibration set
+            calib_s = time.perf_counter() - start
+            metrics = trainer.validate(lit, datamodule=dm, verbose=False)[0]
+            if trainer.is_global_zero:
+                start_state = {"state_dict": lit.state_dict(), "val_top1": float(metrics["val/top1"]),
+                               "val_loss": float(metrics["val/loss"])}
+                atomic_write(start_file, lambda fh: torch.save(start_state, fh))
+            trainer.strategy.barrier()
+        else:
+            lit = qat_classifier(cfg, classifier, copy.deepcopy(classifier.model))
         start = time.perf_counter()
-        trainer.predict(lit, datamodule=dm, return_predictions=False)
-        layerwise_steps(cfg, lit.model, dm)  # the PTQ row's GPTQ / bias correction, on the same calibration set
-        calib_s = time.perf_counter() - start
-        start_top1 = float(trainer.validate(lit, datamodule=dm, verbose=False)[0]["val/top1"])
-        if trainer.is_global_zero:
-            start_state = {"state_dict": lit.state_dict(), "val_top1": start_top1}
-            atomic_write(start_file, lambda fh: torch.save(start_state, fh))
-        trainer.strategy.barrier()
-    else:
-        lit = qat_classifier(cfg, classifier, copy.deepcopy(classifier.model))
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        trainer.fit(lit, datamodule=dm, ckpt_path=str(resume) if resume else None)
-    fit_s = time.perf_counter() - start
-    epoch, val_top1 = keep_best_epoch(lit, best_cb, start_file)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(lit, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        fit_s = time.perf_counter() - start
+        epoch, val_top1 = keep_best_epoch(lit, best_cb, start_file)
     return QATResult(lit.model.eval(), plan, qat_dir, calib_s, fit_s, epoch, val_top1)
 
 
-def keep_best_epoch(lit: LitClassifier, best_cb: ModelCheckpoint, start_file: Path) -> tuple[int, float]:
-    """Load into ``lit`` the best epoch's weights and qparams, or the calibrated start's when no epoch's
-    validation top-1 is above it; returns ``(epoch, validation top-1)``, epochs counted from 1 (0: the
-    start)."""
+def keep_best_epoch(lit: LitClassifier, best_cb: BestCheckpoint, start_file: Path) -> tuple[int, float]:
+    """Load into ``lit`` the best epoch's weights and qparams, or the calibrated start's when no epoch beats
+    it: a higher validation top-1, or the same at a lower validation loss; returns ``(epoch, validation
+    top-1)``, epochs counted from 1 (0: the start)."""
     if not start_file.is_file():
         raise UserError(f"{start_file} is missing: the QAT run's calibrated start; run without --resume")
     start = torch.load(start_file, map_location=lit.device, weights_only=True)
     best = best_cb.best_model_score
-    if best is not None and float(best) > float(start["val_top1"]) and best_cb.best_model_path:
+    start_key = (float(start["val_top1"]), -float(start.get("val_loss", math.inf)))
+    best_loss = best_cb.best_tie_break
+    if best is not None and best_cb.best_model_path and \
+            (float(best), -math.inf if best_loss is None else -best_loss) > start_key:
         ckpt = read_checkpoint(best_cb.best_model_path)
         lit.load_state_dict(ckpt["state_dict"])
         return int(ckpt["epoch"]) + 1, 100.0 * float(best)
