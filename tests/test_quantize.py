@@ -90,17 +90,21 @@ def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> Non
     assert "not a quantized checkpoint" in capsys.readouterr().err
 
 
-def test_gptq_and_bias_correction_rows_reload_exactly(trained: Path) -> None:
-    """--weight-rounding gptq --bias-correction: the row says what ran, the model stays on its grid, and
-    --eval of the saved checkpoint reproduces the row (the rounded weights and shifted biases are in it)."""
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--weight-rounding", "gptq", "--bias-correction"], "GPTQ weight rounding + bias correction: "),
+    (["--weight-rounding", "adaround", "--adaround-iters", "50", "--cle"],
+     "cross-layer equalization of 9 layer pairs, biases absorbed in ")])
+def test_layerwise_rows_reload_exactly(trained: Path, flags: list[str], said: str) -> None:
+    """GPTQ with bias correction, AdaRound after cross-layer equalization: the row says what ran, the model
+    stays on its grid, and --eval of the saved checkpoint reproduces the row (the equalized, rounded weights
+    and shifted biases are in it)."""
     from lit_quant.pipeline.checkpoint import evaluate_quantized, load_quantized
     from lit_quant.quant.layers import _QuantWeightLayer
 
-    assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "3", "--act-bits", "8",
-                          "--weight-rounding", "gptq", "--bias-correction", "--calib-batches", "4",
-                          "--no-latency"]) == 0
+    assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "3", "--act-bits", "8", *flags,
+                          "--calib-batches", "4", "--no-latency"]) == 0
     row = next(r for r in report_rows(trained / "tiny") if r["variant"] == "ptq")
-    assert "GPTQ weight rounding + bias correction: " in row["note"] and "round-to-nearest" in row["note"]
+    assert said in row["note"] and "round-to-nearest" in row["note"]
     saved = trained / "tiny" / "ptq-w3a8.ckpt"
     assert evaluate_quantized(saved, batch_size=64)["top1"] == pytest.approx(row["top1"], abs=1e-9)
     model, _ = load_quantized(saved)

@@ -21,7 +21,7 @@ MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
 EXPORTS = ("int8", "integer", "onnx")
 QAT_METHODS = ("ste", "lsq")
 #: Same as :data:`lit_quant.quant.layerwise.ROUNDINGS`.
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "adaround")
 #: Same as :data:`lit_quant.quant.spec.SCHEMES` / ``OBSERVER_NAMES``.
 SCHEMES = ("sym", "asym_u", "asym_s")
 OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy", "nstd", "avg")
@@ -121,10 +121,16 @@ class QuantizeConfig:
                                          choices=OBSERVER_NAMES)
     act_observer: str | None = option(None, "activation observer (default: mse; the QAT recipe's with --mode qat)",
                                       choices=OBSERVER_NAMES)
-    weight_rounding: str | None = option(None, "PTQ weight rounding on the calibrated grid: nearest, or gptq (each "
+    weight_rounding: str | None = option(None, "PTQ weight rounding on the calibrated grid: nearest; gptq (each "
                                          "layer's rounding error compensated by its remaining weights on the "
-                                         "calibration inputs, Frantar et al. 2022) (default: nearest; the QAT "
-                                         "recipe's with --mode qat)", choices=WEIGHT_ROUNDINGS)
+                                         "calibration inputs, Frantar et al. 2022); adaround (each weight rounded "
+                                         "up or down as learned on the calibration inputs, Nagel et al. 2020) "
+                                         "(default: nearest; the QAT recipe's with --mode qat)",
+                                         choices=WEIGHT_ROUNDINGS)
+    cle: bool = option(False, "PTQ: cross-layer equalization of conv/linear pairs joined by a ReLU (or nothing), "
+                       "with bias absorption (Nagel et al. 2019), before calibration")
+    adaround_iters: int = option(2000, "--weight-rounding adaround: Adam steps per layer, >= 1")
+    adaround_lr: float = option(0.01, "--weight-rounding adaround: Adam learning rate, > 0")
     bias_correction: bool | None = option(None, "PTQ: shift each layer's bias so that its mean output per channel on "
                                           "the calibration images equals the float model's (empirical bias "
                                           "correction) (default: off; the QAT recipe's with --mode qat)")
@@ -221,7 +227,12 @@ class QuantizeConfig:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.n_std <= 0:
             raise UserError(f"--n-std must be positive, got {self.n_std}")
-        for name in ("calib_batches", "batch_size", "num_nodes"):
+        if self.cle and self.stats_file:
+            raise UserError("--cle with --stats-file: the statistics would be of the model before equalization; "
+                            "give one of them")
+        if not self.adaround_lr > 0:  # also refuses NaN
+            raise UserError(f"--adaround-lr must be positive, got {self.adaround_lr}")
+        for name in ("calib_batches", "batch_size", "num_nodes", "adaround_iters"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.epochs <= 0:

@@ -19,6 +19,7 @@ from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
+from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
 
 
@@ -98,6 +99,8 @@ def layerwise_note(cfg: QuantizeConfig, result: LayerwiseResult) -> str:
     """What layer-wise PTQ did, for the row's note: steps, layers, images, time, and the mean relative output
     error of the layers against round-to-nearest."""
     steps = [s for s, on in (("GPTQ weight rounding", cfg.weight_rounding == "gptq"),
+                             (f"AdaRound weight rounding ({cfg.adaround_iters} steps per layer, lr {cfg.adaround_lr:g})",
+                              cfg.weight_rounding == "adaround"),
                              ("bias correction", cfg.bias_correction)) if on]
     errors = result.errors.values()
     nearest = sum(e[0] for e in errors) / max(len(errors), 1)
@@ -107,7 +110,7 @@ def layerwise_note(cfg: QuantizeConfig, result: LayerwiseResult) -> str:
 
 
 def layerwise_on(cfg: QuantizeConfig) -> bool:
-    """Whether the flags (or the QAT recipe) ask for GPTQ rounding or bias correction."""
+    """Whether the flags (or the QAT recipe) ask for GPTQ / AdaRound rounding or bias correction."""
     return cfg.weight_rounding != "nearest" or bool(cfg.bias_correction)
 
 
@@ -117,7 +120,8 @@ def layerwise_steps(cfg: QuantizeConfig, model: torch.nn.Module, dm: Any) -> Lay
     if not layerwise_on(cfg):
         return None
     return layerwise_ptq(model, dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
-                         bias_correction=bool(cfg.bias_correction))
+                         bias_correction=bool(cfg.bias_correction), adaround_iters=cfg.adaround_iters,
+                         adaround_lr=cfg.adaround_lr)
 
 
 def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[Row, torch.Tensor, torch.nn.Module, bool]:
@@ -134,12 +138,18 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     if reused is not None:
         lit, calib_s = LitClassifier(reused[0], ctx.num_classes), reused[1]["row"].get("calib_s")
     else:
-        lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
-        calib_s = calibrate(ctx.trainer, lit, ctx.dm, stats_file, ctx.source)
+        start = time.perf_counter()
+        model, equalized = equalize(ctx.float_model) if cfg.cle else (ctx.float_model, None)
+        equalize_s = time.perf_counter() - start
+        lit = LitClassifier(prepare(model, plan), ctx.num_classes)
+        calib_s = equalize_s + calibrate(ctx.trainer, lit, ctx.dm, stats_file, ctx.source)
+        if equalized is not None:
+            layerwise_done += (f"; cross-layer equalization of {len(equalized.pairs)} layer pairs, biases "
+                               f"absorbed in {len(equalized.absorbed)}")
         result = layerwise_steps(cfg, lit.model, ctx.dm)
         if result is not None:
             calib_s += result.seconds
-            layerwise_done = f"; {layerwise_note(cfg, result)}"
+            layerwise_done += f"; {layerwise_note(cfg, result)}"
     row, correct = ctx.evaluate(
         "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
         observer=plan.act.observer, calib_s=calib_s,

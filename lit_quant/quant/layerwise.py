@@ -1,5 +1,5 @@
-"""Layer-wise PTQ on the calibration data, after calibration has set the grids: GPTQ weight rounding and
-empirical bias correction.
+"""Layer-wise PTQ on the calibration data, after calibration has set the grids: GPTQ or AdaRound weight
+rounding, and empirical bias correction.
 
 **GPTQ** (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers", Algorithm 1): each conv / linear layer's weights are rounded one input column at a time, the
@@ -19,6 +19,20 @@ the same arithmetic). The grid is the layer's calibrated one (the weight quantiz
 stay as its observer set them), so the result is a weight on that grid, placed better than by
 round-to-nearest. A grouped (depthwise) convolution has one ``H`` per group.
 
+**AdaRound** (Nagel et al. 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization"): each weight
+rounds down or up, ``Q = s (clamp(floor(W / s) + h(V) + z, q_min, q_max) - z)`` with the rectified sigmoid
+``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)`` (``zeta = 1.1``, ``gamma = -0.1``), and ``V`` is
+learned with Adam to minimise the layer's output error plus a regulariser that drives every ``h`` to 0 or 1::
+
+    ||(W - Q) X||^2 / (N O)  +  lambda * sum(1 - |2 h(V) - 1|^beta)
+
+with ``beta`` annealed from 20 to 2 after a warm-up fifth of the iterations without the regulariser
+(``lambda = 0.01``; the paper's and AIMET's defaults). The output error is the linear-layer objective of the
+paper (its eq. 21) on the quantized inputs, computed exactly from the same ``H = X X^T`` as GPTQ's
+(``trace(E H E^T)``), so an iteration costs ``O(O D^2)`` whatever the number of calibration images. ``V``
+starts where ``h(V)`` is the fractional part of ``W / s`` (the float weight); the result is ``h(V) >= 0.5``
+rounded up.
+
 **Bias correction**: see :func:`layerwise_ptq`.
 
 Layers go in the order the forward pass reaches them and each sees its input as the quantized model
@@ -28,6 +42,7 @@ computes it, with every layer before it already processed: later layers compensa
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,7 +59,13 @@ from lit_quant.quant.layers import _QuantWeightLayer
 
 
 #: Weight roundings of :func:`layerwise_ptq`.
-ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "adaround")
+
+#: AdaRound's rectified sigmoid stretch (Nagel et al. 2020, sec. 4.1) and its regulariser's schedule.
+_ZETA, _GAMMA = 1.1, -0.1
+_ADAROUND_LAMBDA = 0.01
+_ADAROUND_WARMUP = 0.2
+_ADAROUND_BETA = (20.0, 2.0)
 
 
 class _Stop(Exception):
@@ -128,6 +149,54 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, round_: Any, damp: float = 0.0
     return q
 
 
+def _grid(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The layer's weight grid as ``(scale, zero point)`` shaped ``(G, O / G, 1)`` for grouped weights, and
+    ``(q_min, q_max)``."""
+    fq = layer.weight_quant
+    assert fq is not None
+    qp = fq.qparams()
+    out = layer.weight.shape[0]
+    g = layer.groups if isinstance(layer, nn.Conv2d) else 1
+    scale = qp.scale.double().reshape(-1).expand(out) if qp.scale.numel() in (1, out) else qp.scale.double()
+    zero = qp.zero_point.double().reshape(-1).expand(out)
+    return scale.reshape(g, out // g, 1), zero.reshape(g, out // g, 1), int(qp.quant_min), int(qp.quant_max)
+
+
+def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+
+
+def adaround_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int,
+                    qmax: int, samples: int, iters: int = 2000, lr: float = 1e-2) -> torch.Tensor:
+    """AdaRound (module docstring) of grouped weights ``w`` ``(G, O, D)`` with Hessians ``h = X X^T``
+    ``(G, D, D)`` summed over ``samples`` columns, on the grid ``scale`` / ``zero`` ``(G, O, 1)`` and
+    ``[qmin, qmax]``. Returns the rounded weights (on the grid), shaped like ``w``."""
+    ws = w / scale
+    base = torch.floor(ws)
+    rest = (ws - base).clamp(1e-4, 1 - 1e-4)
+    # h(V) = rest at the start: sigmoid(V) = (rest - gamma) / (zeta - gamma)
+    v = torch.logit((rest - _GAMMA) / (_ZETA - _GAMMA)).float().requires_grad_(True)
+    hf = (h / max(samples * w.shape[1] * w.shape[0], 1)).float()  # the error as a mean over outputs
+    wf, basef, scalef, zerof = w.float(), base.float(), scale.float(), zero.float()
+    opt = torch.optim.Adam([v], lr=lr)
+    warm = int(_ADAROUND_WARMUP * iters)
+    with torch.enable_grad():
+        for it in range(iters):
+            soft = _rectified_sigmoid(v)
+            q = scalef * (torch.clamp(basef + soft + zerof, qmin, qmax) - zerof)
+            e = wf - q
+            loss = torch.einsum("god,gde,goe->", e, hf, e)
+            if it >= warm:
+                frac = (it - warm) / max(iters - warm, 1)
+                beta = _ADAROUND_BETA[1] + 0.5 * (_ADAROUND_BETA[0] - _ADAROUND_BETA[1]) * (1 + math.cos(math.pi * frac))
+                loss = loss + _ADAROUND_LAMBDA * (1 - (2 * soft - 1).abs().pow(beta)).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    up = (v.detach() >= 0).double()  # h(V) >= 0.5
+    return scale * (torch.clamp(base + up + zero, qmin, qmax) - zero)
+
+
 def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """``||(W - Q) X|| / ||W X||`` from ``H = X X^T``: ``trace(E H E^T) / trace(W H W^T)``, square-rooted."""
     e = w - q
@@ -198,14 +267,14 @@ def _output_means(model: nn.Module, layers: list[tuple[str, _QuantWeightLayer]],
 
 
 def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gptq", bias_correction: bool = False,
-                  damp: float = 0.01, act_order: bool = True, block: int = 128, progress: Any = None
-                  ) -> LayerwiseResult:
+                  damp: float = 0.01, act_order: bool = True, block: int = 128, adaround_iters: int = 2000,
+                  adaround_lr: float = 1e-2, progress: Any = None) -> LayerwiseResult:
     """Layer by layer, in forward order (module docstring), round the weights of every weight-quantized
     conv / linear layer of a calibrated ``model`` and optionally correct its bias, on the inputs
     ``batches`` (tensors or ``(inputs, targets)`` pairs) give it.
 
-    * ``rounding="gptq"``: GPTQ on the layer's grid (:func:`gptq_weight`); ``"nearest"``: the weights are
-      left to fake quantization's round-to-nearest.
+    * ``rounding="gptq"``: GPTQ on the layer's grid (:func:`gptq_weight`); ``"adaround"``: AdaRound on it
+      (:func:`adaround_weight`); ``"nearest"``: the weights are left to fake quantization's round-to-nearest.
     * ``bias_correction`` (empirical bias correction, Nagel et al. 2019 sec. 4.2; AIMET's empirical
       variant): the per-channel mean output of the quantized model at this layer, with every earlier layer
       already corrected, is set to the float model's, ``b_c += E[y_float]_c - (Q_c E[x_q] + b_c)``, where
@@ -222,6 +291,8 @@ def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gpt
         damp: GPTQ's ``lambda`` as a fraction of the mean of ``diag H`` (the paper's 1 %).
         act_order: GPTQ rounds the inputs with the largest ``diag H`` first.
         block: GPTQ columns per lazy-update block.
+        adaround_iters: AdaRound's Adam steps per layer.
+        adaround_lr: AdaRound's Adam learning rate.
         progress: called as ``progress(done, total)`` after each layer.
 
     Raises:
@@ -267,10 +338,15 @@ def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gpt
             w = _grouped(layer, layer.float_weight().detach().double())
             round_ = _rounder(layer)
             nearest = _grouped(layer, layer.quantized_weight().detach().double())
-            q = gptq_weight(w, stats["h"], round_, damp=damp, act_order=act_order, block=block) \
-                if rounding == "gptq" else nearest
-            errors[name] = (_output_error(w, nearest, stats["h"]), _output_error(w, q, stats["h"]))
             if rounding == "gptq":
+                q = gptq_weight(w, stats["h"], round_, damp=damp, act_order=act_order, block=block)
+            elif rounding == "adaround":
+                q = adaround_weight(w, stats["h"], *_grid(layer), samples=stats["n"], iters=adaround_iters,
+                                    lr=adaround_lr)
+            else:
+                q = nearest
+            errors[name] = (_output_error(w, nearest, stats["h"]), _output_error(w, q, stats["h"]))
+            if rounding != "nearest":
                 layer.set_float_weight(q.reshape(layer.weight.shape).to(layer.weight.dtype))
             bias = layer.float_bias()
             if bias_correction and bias is not None:

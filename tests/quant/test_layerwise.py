@@ -1,4 +1,5 @@
-"""Layer-wise PTQ: GPTQ weight rounding and empirical bias correction, on the calibrated model's grid."""
+"""Layer-wise PTQ: GPTQ and AdaRound weight rounding and empirical bias correction, on the calibrated model's
+grid."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from lit_quant.quant import CalibrationError, QuantPlan, calibrate, enable_fake_quant, iter_quantizers, prepare
 from lit_quant.quant.layers import _QuantWeightLayer
-from lit_quant.quant.layerwise import gptq_weight, layerwise_ptq
+from lit_quant.quant.layerwise import adaround_weight, gptq_weight, layerwise_ptq
 
 
 def _net() -> nn.Module:
@@ -64,14 +65,36 @@ def test_gptq_weight_beats_nearest_on_its_objective() -> None:
         assert error(q) < 0.7 * error(nearest)
 
 
-def test_layerwise_gptq_and_bias_correction_on_a_network() -> None:
+def test_adaround_weight_beats_nearest_on_its_objective() -> None:
+    """AdaRound's hard rounding: on the grid, each weight its floor or ceiling (clamped), and a lower
+    ||(W - Q) X|| than round-to-nearest for correlated inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2000, generator=g, dtype=torch.float64)
+    x = torch.linalg.cholesky(torch.eye(64, dtype=torch.float64) * 0.3 + 0.7) @ x
+    w = torch.randn(1, 32, 64, generator=g, dtype=torch.float64)
+    s = (w.abs().amax(-1, keepdim=True) / 7)
+    zero = torch.zeros_like(s)
+    nearest = torch.clamp(torch.round(w / s), -8, 7) * s
+    q = adaround_weight(w, (x @ x.t()).unsqueeze(0), s, zero, -8, 7, samples=2000, iters=500)
+    k = q / s
+    assert torch.allclose(k, k.round()) and k.round().min() >= -8 and k.round().max() <= 7
+    assert bool(((k.round() == torch.floor(w / s)) | (k.round() == torch.ceil(w / s))).all())
+
+    def error(q: torch.Tensor) -> float:
+        return float(((w - q)[0] @ x).norm())
+
+    assert error(q) < 0.8 * error(nearest)
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "adaround"])
+def test_layerwise_rounding_and_bias_correction_on_a_network(rounding: str) -> None:
     net, data = _net(), _data()
     plan = QuantPlan.from_bits(4, 8)
     base = prepare(net, plan)
     calibrate(base, data)
     q = prepare(net, plan)
     calibrate(q, data)
-    result = layerwise_ptq(q, data, rounding="gptq", bias_correction=True)
+    result = layerwise_ptq(q, data, rounding=rounding, bias_correction=True, adaround_iters=300)
     layers = [m for m in q.modules() if isinstance(m, _QuantWeightLayer)]
     assert result.layers == len(layers) == 4 and result.samples == 128
     assert all(_on_grid(m) for m in layers)
@@ -142,5 +165,5 @@ def test_layerwise_needs_data_and_a_calibrated_model() -> None:
         layerwise_ptq(q, [])
     from lit_quant.quant import QuantConfigError
 
-    with pytest.raises(QuantConfigError, match="rounding must be one of nearest, gptq"):
-        layerwise_ptq(q, _data(), rounding="adaround")
+    with pytest.raises(QuantConfigError, match="rounding must be one of nearest, gptq, adaround"):
+        layerwise_ptq(q, _data(), rounding="stochastic")
