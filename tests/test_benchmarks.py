@@ -124,3 +124,11 @@ def test_calibration_benchmark_sees_the_quantized_tensor() -> None:
     for name, x in inputs.items():
         assert bool((x < 0).any()), f"{name}: no negative input, so relu(x) == x and the check is void"
         torch.testing.assert_close(seen[name], torch.relu(x), rtol=0, atol=0)
+
+
+def test_layerwise_benchmark(tmp_path: Path) -> None:
+    report = run_benchmark("layerwise.py", tmp_path)
+    assert {"GPTQ", "AdaRound", "bias correction"} <= set(report)
+    assert all(report[step]["layers"] == 22 for step in ("GPTQ", "AdaRound", "bias correction"))
+    assert report["GPTQ"]["rel_err_ours"] < report["GPTQ"]["rel_err_nearest"]  # GPTQ's objective, any size
+    assert_sane(report, expected=1 + 3 * 3)
