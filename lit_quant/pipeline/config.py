@@ -93,6 +93,38 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
     return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, epochs, True, 8, True)
 
 
+@dataclass(frozen=True)
+class PTQRecipe:
+    """What a PTQ row does after calibrating its ranges (``--ptq-recipe``; each flag given overrides it)."""
+
+    name: str
+    cle: bool  # cross-layer equalization before calibration, as --cle
+    weight_rounding: str  # as --weight-rounding
+    bias_correction: bool  # as --bias-correction
+
+    def describe(self) -> str:
+        steps = [s for s, on in (("cross-layer equalization", self.cle),
+                                 (f"{self.weight_rounding} rounding", True),
+                                 ("bias correction", self.bias_correction)) if on]
+        return f"PTQ recipe {self.name}: {', '.join(steps)}"
+
+
+#: The named PTQ recipes; ``auto`` picks one by width (:func:`ptq_recipe`).
+PTQ_RECIPES: dict[str, PTQRecipe] = {r.name: r for r in (
+    PTQRecipe("nearest", False, "nearest", False),
+    PTQRecipe("gptq", True, "gptq", True),
+    PTQRecipe("adaround", True, "adaround", True))}
+
+
+def ptq_recipe(name: str, weight_bits: int, act_bits: int) -> PTQRecipe:
+    """``--ptq-recipe name``; ``auto``: ``nearest`` (calibrated ranges, round-to-nearest) at 8 bits and more,
+    where it is within a few hundredths of fp32, and ``gptq`` below 8 (cross-layer equalization, GPTQ rounding
+    and bias correction), the most accurate combination measured at 4 bits (docs/RESULTS.md)."""
+    if name == "auto":
+        name = "nearest" if min(weight_bits, act_bits) >= 8 else "gptq"
+    return PTQ_RECIPES[name]
+
+
 #: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
 RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": "mse", "weight_observer": "minmax",
                                  "weight_rounding": "nearest", "bias_correction": False, "warmup_epochs": 0.0,
@@ -125,15 +157,20 @@ class QuantizeConfig:
                                          "layer's rounding error compensated by its remaining weights on the "
                                          "calibration inputs, Frantar et al. 2022); adaround (each weight rounded "
                                          "up or down as learned on the calibration inputs, Nagel et al. 2020) "
-                                         "(default: nearest; the QAT recipe's with --mode qat)",
+                                         "(default: the --ptq-recipe's; the QAT recipe's with --mode qat)",
                                          choices=WEIGHT_ROUNDINGS)
-    cle: bool = option(False, "PTQ: cross-layer equalization of conv/linear pairs joined by a ReLU (or nothing), "
-                       "with bias absorption (Nagel et al. 2019), before calibration")
+    ptq_recipe: str = option("auto", "PTQ steps after range calibration that --cle, --weight-rounding and "
+                             "--bias-correction do not give: nearest (none), gptq (CLE, GPTQ, bias correction), "
+                             "adaround (CLE, AdaRound, bias correction), auto (nearest at 8 bits and more, gptq "
+                             "below)", choices=("auto", *PTQ_RECIPES))
+    cle: bool | None = option(None, "PTQ: cross-layer equalization of conv/linear pairs joined by a ReLU (or "
+                              "nothing), with bias absorption (Nagel et al. 2019), before calibration (default: "
+                              "the --ptq-recipe's; off with --mode qat)")
     adaround_iters: int = option(2000, "--weight-rounding adaround: Adam steps per layer, >= 1")
     adaround_lr: float = option(0.01, "--weight-rounding adaround: Adam learning rate, > 0")
     bias_correction: bool | None = option(None, "PTQ: shift each layer's bias so that its mean output per channel on "
                                           "the calibration images equals the float model's (empirical bias "
-                                          "correction) (default: off; the QAT recipe's with --mode qat)")
+                                          "correction) (default: the --ptq-recipe's; the QAT recipe's with --mode qat)")
     percentile: float = option(99.99, "clipping percentile of the 'percentile' observer, in (50, 100]")
     n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
     first_last_bits: int | None = option(None, "bits of the input image and the first and last layers (e.g. 8 with low "
@@ -199,6 +236,18 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         # The recipe's values are part of the resolved config: reports, notes and a saved config show them.
         recipe = self.recipe
+        self.from_ptq_recipe = []
+        if recipe is None and isinstance(self.weight_bits, int) and isinstance(self.act_bits, int) \
+                and self.ptq_recipe in ("auto", *PTQ_RECIPES):
+            steps = ptq_recipe(self.ptq_recipe, self.weight_bits, self.act_bits)
+            self.from_ptq_recipe = [name for name in ("cle", "weight_rounding", "bias_correction")
+                                    if getattr(self, name) is None]
+            for name in self.from_ptq_recipe:
+                setattr(self, name, getattr(steps, name))
+            if self.stats_file and "cle" in self.from_ptq_recipe:  # saved statistics are of the model as trained
+                self.cle = False
+        if self.cle is None:  # QAT starts from the model as trained (its BatchNorms train on)
+            self.cle = False
         self.from_recipe = [name for name in RECIPE_FIELDS if getattr(self, name) is None]
         for name in self.from_recipe:
             setattr(self, name, getattr(recipe, name) if recipe is not None else RECIPE_FIELDS[name])

@@ -15,7 +15,7 @@ import torch
 from lit_quant.classifier import LitClassifier
 from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.checkpoint import reusable_ptq
-from lit_quant.pipeline.config import QuantizeConfig
+from lit_quant.pipeline.config import QuantizeConfig, ptq_recipe
 from lit_quant.pipeline.context import RunContext
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
@@ -154,5 +154,7 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
         "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
         observer=plan.act.observer, calib_s=calib_s,
         note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan)
-             + layerwise_done + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else ""))
+             + layerwise_done + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else "")
+             + (f"; {ptq_recipe(cfg.ptq_recipe, cfg.weight_bits, cfg.act_bits).describe()} (flags given override it)"
+                if cfg.from_ptq_recipe and layerwise_done else ""))
     return row, correct, lit.model, reused is not None

@@ -61,11 +61,27 @@ def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: t
     # BatchNorm folds in the last of the epochs given below 8 bits; a given --freeze-bn-epoch wins
     assert mine.freeze_bn_epoch == (6 if bits < 8 else 0)
     assert _request("--mode", "qat", "--bits", str(bits), "--freeze-bn-epoch", "2").config.freeze_bn_epoch == 2
-    # the narrower width decides; PTQ keeps its own defaults
+    # the narrower width decides; PTQ keeps its own defaults (the PTQ recipe's steps, test below)
     assert _request("--mode", "qat", "--weight-bits", "4", "--act-bits", "8").config.qat_method == "lsq"
+    assert not cfg.cle  # QAT starts from the model as trained
     ptq = _request("--bits", str(bits)).config
-    assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits, ptq.weight_rounding, ptq.bias_correction,
-            ptq.distill, ptq.freeze_bn_epoch) == ("mse", "minmax", None, "nearest", False, False, 0)
+    assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits, ptq.distill, ptq.freeze_bn_epoch) == \
+        ("mse", "minmax", None, False, 0)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--bits", "8"], (False, "nearest", False)),
+    (["--bits", "4"], (True, "gptq", True)),
+    (["--weight-bits", "4", "--act-bits", "8"], (True, "gptq", True)),
+    (["--bits", "16", "--ptq-recipe", "adaround"], (True, "adaround", True)),
+    (["--bits", "4", "--ptq-recipe", "nearest"], (False, "nearest", False)),
+    (["--bits", "4", "--no-cle", "--weight-rounding", "adaround"], (False, "adaround", True)),
+    (["--bits", "4", "--stats-file", "stats.yaml"], (False, "gptq", True))])
+def test_ptq_recipe_by_width_fills_only_what_is_not_given(flags: list[str], expected: tuple) -> None:
+    """auto: round-to-nearest at 8 bits and more, CLE + GPTQ + bias correction below; a named recipe at any
+    width; each flag given wins; saved statistics (of the model as trained) turn the recipe's CLE off."""
+    cfg = _request(*flags).config
+    assert (cfg.cle, cfg.weight_rounding, cfg.bias_correction) == expected
 
 
 def test_an_epoch_count_below_the_recipe_warm_up_is_one_line(capsys) -> None:
