@@ -71,15 +71,15 @@ def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: t
 
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--bits", "8"], (False, "nearest", False)),
-    (["--bits", "4"], (True, "gptq", True)),
-    (["--weight-bits", "4", "--act-bits", "8"], (True, "gptq", True)),
-    (["--bits", "16", "--ptq-recipe", "adaround"], (True, "adaround", True)),
+    (["--bits", "4"], (False, "gptq", True)),
+    (["--weight-bits", "4", "--act-bits", "8"], (False, "gptq", True)),
+    (["--bits", "16", "--ptq-recipe", "adaround"], (False, "adaround", True)),
     (["--bits", "4", "--ptq-recipe", "nearest"], (False, "nearest", False)),
-    (["--bits", "4", "--no-cle", "--weight-rounding", "adaround"], (False, "adaround", True)),
-    (["--bits", "4", "--stats-file", "stats.yaml"], (False, "gptq", True))])
+    (["--bits", "4", "--cle", "--weight-rounding", "adaround"], (True, "adaround", True)),
+    (["--bits", "4", "--stats-file", "stats.yaml", "--ptq-recipe", "nearest"], (False, "nearest", False))])
 def test_ptq_recipe_by_width_fills_only_what_is_not_given(flags: list[str], expected: tuple) -> None:
-    """auto: round-to-nearest at 8 bits and more, CLE + GPTQ + bias correction below; a named recipe at any
-    width; each flag given wins; saved statistics (of the model as trained) turn the recipe's CLE off."""
+    """auto: round-to-nearest at 8 bits and more, GPTQ + bias correction below; a named recipe at any width;
+    each flag given wins."""
     cfg = _request(*flags).config
     assert (cfg.cle, cfg.weight_rounding, cfg.bias_correction) == expected
 
