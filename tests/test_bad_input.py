@@ -317,3 +317,15 @@ def test_resumed_qat_reuses_ptq_and_torch_ao_rows(run_copy: Path, capsys) -> Non
         assert again[variant]["top1"] == first[variant]["top1"]
         assert again[variant]["fixed_vs_fp32"] == first[variant]["fixed_vs_fp32"]
     assert again["builtin-qat"]["size_bytes"] == first["builtin-qat"]["size_bytes"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--weight-rounding", "adaround", "--adaround-iters", "0"], "--adaround-iters must be positive, got 0"),
+    (["--weight-rounding", "adaround", "--adaround-lr", "-1"], "--adaround-lr must be positive, got -1.0"),
+    (["--cle", "--stats-file", "stats.yaml"], "--cle with --stats-file"),
+    (["--ptq-recipe", "brevitas"], "invalid --ptq-recipe 'brevitas'; choose from auto, nearest, gptq, adaround"),
+])
+def test_bad_ptq_step_flags(run_copy: Path, flags: list[str], message: str, capsys) -> None:
+    code, err = _quantize(["--checkpoint-dir", str(run_copy), "--bits", "4", "--no-latency", *flags], capsys)
+    _one_line(code, err, message)
+    assert not (run_copy / "tiny" / "ptq-w4a4.ckpt").exists()

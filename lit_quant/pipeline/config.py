@@ -98,22 +98,19 @@ class PTQRecipe:
     """What a PTQ row does after calibrating its ranges (``--ptq-recipe``; each flag given overrides it)."""
 
     name: str
-    cle: bool  # cross-layer equalization before calibration, as --cle
     weight_rounding: str  # as --weight-rounding
     bias_correction: bool  # as --bias-correction
 
     def describe(self) -> str:
-        steps = [s for s, on in (("cross-layer equalization", self.cle),
-                                 (f"{self.weight_rounding} rounding", True),
-                                 ("bias correction", self.bias_correction)) if on]
-        return f"PTQ recipe {self.name}: {', '.join(steps)}"
+        return f"PTQ recipe {self.name}: {self.weight_rounding} rounding" + \
+            (", bias correction" if self.bias_correction else "")
 
 
 #: The named PTQ recipes; ``auto`` picks one by width (:func:`ptq_recipe`).
 PTQ_RECIPES: dict[str, PTQRecipe] = {r.name: r for r in (
-    PTQRecipe("nearest", False, "nearest", False),
-    PTQRecipe("gptq", False, "gptq", True),
-    PTQRecipe("adaround", False, "adaround", True))}
+    PTQRecipe("nearest", "nearest", False),
+    PTQRecipe("gptq", "gptq", True),
+    PTQRecipe("adaround", "adaround", True))}
 
 
 def ptq_recipe(name: str, weight_bits: int, act_bits: int) -> PTQRecipe:
@@ -161,13 +158,12 @@ class QuantizeConfig:
                                          "up or down as learned on the calibration inputs, Nagel et al. 2020) "
                                          "(default: the --ptq-recipe's; the QAT recipe's with --mode qat)",
                                          choices=WEIGHT_ROUNDINGS)
-    ptq_recipe: str = option("auto", "PTQ steps after range calibration that --cle, --weight-rounding and "
+    ptq_recipe: str = option("auto", "PTQ steps after range calibration that --weight-rounding and "
                              "--bias-correction do not give: nearest (none), gptq (GPTQ, bias correction), "
                              "adaround (AdaRound, bias correction), auto (nearest at 8 bits and more, gptq "
                              "below)", choices=("auto", *PTQ_RECIPES))
-    cle: bool | None = option(None, "PTQ: cross-layer equalization of conv/linear pairs joined by a ReLU (or "
-                              "nothing), with bias absorption (Nagel et al. 2019), before calibration (default: "
-                              "off)")
+    cle: bool = option(False, "PTQ rows: cross-layer equalization of conv/linear pairs joined by a ReLU (or "
+                       "nothing), with bias absorption (Nagel et al. 2019), before calibration")
     adaround_iters: int = option(2000, "--weight-rounding adaround: Adam steps per layer, >= 1")
     adaround_lr: float = option(0.01, "--weight-rounding adaround: Adam learning rate, > 0")
     bias_correction: bool | None = option(None, "PTQ: shift each layer's bias so that its mean output per channel on "
@@ -242,12 +238,10 @@ class QuantizeConfig:
         if recipe is None and isinstance(self.weight_bits, int) and isinstance(self.act_bits, int) \
                 and self.ptq_recipe in ("auto", *PTQ_RECIPES):
             steps = ptq_recipe(self.ptq_recipe, self.weight_bits, self.act_bits)
-            self.from_ptq_recipe = [name for name in ("cle", "weight_rounding", "bias_correction")
+            self.from_ptq_recipe = [name for name in ("weight_rounding", "bias_correction")
                                     if getattr(self, name) is None]
             for name in self.from_ptq_recipe:
                 setattr(self, name, getattr(steps, name))
-        if self.cle is None:  # QAT starts from the model as trained (its BatchNorms train on)
-            self.cle = False
         self.from_recipe = [name for name in RECIPE_FIELDS if getattr(self, name) is None]
         for name in self.from_recipe:
             setattr(self, name, getattr(recipe, name) if recipe is not None else RECIPE_FIELDS[name])

@@ -63,7 +63,6 @@ def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: t
     assert _request("--mode", "qat", "--bits", str(bits), "--freeze-bn-epoch", "2").config.freeze_bn_epoch == 2
     # the narrower width decides; PTQ keeps its own defaults (the PTQ recipe's steps, test below)
     assert _request("--mode", "qat", "--weight-bits", "4", "--act-bits", "8").config.qat_method == "lsq"
-    assert not cfg.cle  # QAT starts from the model as trained
     ptq = _request("--bits", str(bits)).config
     assert (ptq.act_observer, ptq.weight_observer, ptq.first_last_bits, ptq.distill, ptq.freeze_bn_epoch) == \
         ("mse", "minmax", None, False, 0)
