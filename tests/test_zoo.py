@@ -151,3 +151,19 @@ def test_exporters_refuse_what_they_cannot_express_and_name_it(name: str, export
     with pytest.raises(ExportError, match=match) as err:
         export_int8(q, "x86") if exporter == "int8" else IntegerEngine(q)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_cross_layer_equalization_keeps_function_and_structure(name: str) -> None:
+    """--cle on every zoo model: the equalized copy computes the same logits, and prepare gives it the model's
+    quantized structure (a quantized checkpoint of it loads as the model's)."""
+    from lit_quant.quant.equalize import equalize
+
+    model = _model(name)
+    x = torch.randn(4, 3, 32, 32)
+    equalized, _ = equalize(model, absorb_bias=False)
+    with torch.no_grad():
+        reference = model(x)
+        assert torch.allclose(equalized(x), reference, atol=1e-3 * float(reference.abs().max()))
+    plan = QuantPlan.from_bits(4, 8)
+    assert set(prepare(equalized, plan).state_dict()) == set(prepare(model, plan).state_dict())
