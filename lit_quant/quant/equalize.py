@@ -144,7 +144,7 @@ def equalize(model: nn.Module, absorb_bias: bool = True, max_passes: int = 100, 
             if first_name not in stats or first.bias is None or second.bias is None or not relu:
                 continue
             beta, gamma = stats[first_name]
-            c = ((beta - 3.0 * gamma).clamp_min(0.0) / total.get(first_name, 1.0)).to(first.bias.dtype)
+            c = ((beta - 3.0 * gamma).clamp_min(0.0) / total[first_name]).to(first.bias.dtype)
             if not bool((c > 0).any()):
                 continue
             first.bias.sub_(c)

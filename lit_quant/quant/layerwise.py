@@ -157,7 +157,7 @@ def _grid(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, int, in
     qp = fq.qparams()
     out = layer.weight.shape[0]
     g = layer.groups if isinstance(layer, nn.Conv2d) else 1
-    scale = qp.scale.double().reshape(-1).expand(out) if qp.scale.numel() in (1, out) else qp.scale.double()
+    scale = qp.scale.double().reshape(-1).expand(out)  # per tensor (1) or per output channel (out)
     zero = qp.zero_point.double().reshape(-1).expand(out)
     return scale.reshape(g, out // g, 1), zero.reshape(g, out // g, 1), int(qp.quant_min), int(qp.quant_max)
 
