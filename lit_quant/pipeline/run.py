@@ -86,6 +86,18 @@ def _data_config(ckpt_path: Path, arch: dict[str, Any], batch_size: int) -> Trai
         raise UserError(f"{saved}: {exc}") from None
 
 
+def evaluation_data(ckpt_path: Path, arch: dict[str, Any], batch_size: int,
+                    calib_batches: int) -> tuple[TrainConfig, Any]:
+    """The training run's data settings and its set-up data module: the calibration images
+    (``calib_batches`` batches of the training split, ``predict_dataloader`` / ``full_calibration_dataloader``)
+    and the test split that every row of a report, and every peer library's model, is measured on."""
+    train_cfg = _data_config(ckpt_path, arch, batch_size)
+    dm = build_datamodule(train_cfg)
+    dm.calib_batches = calib_batches
+    dm.setup()
+    return train_cfg, dm
+
+
 def _check_before_work(cfg: QuantizeConfig, ckpt_path: Path, float_model: Any) -> None:
     """Fail on a bad backend, plan, ``--explain`` layer or ``--resume`` before any work is done or any file
     written."""
@@ -115,17 +127,14 @@ def _context(cfg: QuantizeConfig, ckpt_path: Path) -> RunContext:
     classifier.model.eval()
     arch = classifier.hparams.arch
     _check_before_work(cfg, ckpt_path, classifier.model)
-    train_cfg = _data_config(ckpt_path, arch, cfg.batch_size)
     run_dir = ckpt_path.parent
     out_dir = run_dir / "quantize" / report_name(cfg)
     prepare_output_dir(run_dir, "the checkpoint's run folder")
     _check_stats_file(cfg)
+    train_cfg, dm = evaluation_data(ckpt_path, arch, cfg.batch_size, cfg.calib_batches)
     data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
                                                         "model", "image_size", "small_input")}
     source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(classifier.model)}
-    dm = build_datamodule(train_cfg)
-    dm.calib_batches = cfg.calib_batches
-    dm.setup()
     example = next(iter(dm.test_dataloader()))[0]
     return RunContext(cfg, classifier, arch, data_settings, source, dm, example, build_eval_trainer(cfg), run_dir,
                       out_dir)
