@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for setting in args.settings:
         ours = run_ours(args.ckpt, setting, args.calib_batches, args.batch_size)
-        if abs(ours["fp32"] - fp32) > 1e-6:
+        if abs(ours["fp32"] - fp32) > 50.0 / len(dm.test_set):  # half an image (Lightning sums in float32)
             raise RuntimeError(f"quantize.py's fp32 top-1 {ours['fp32']} differs from {fp32}: not the same test set")
         results[setting] = {"ours": ours, **{name: run_peer(name, peers[name](setting), test) for name in args.peers}}
         print(f"{setting} done", file=sys.stderr, flush=True)

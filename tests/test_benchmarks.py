@@ -132,3 +132,32 @@ def test_layerwise_benchmark(tmp_path: Path) -> None:
     assert all(report[step]["layers"] == 22 for step in ("GPTQ", "AdaRound", "bias correction"))
     assert report["GPTQ"]["rel_err_ours"] < report["GPTQ"]["rel_err_nearest"]  # GPTQ's objective, any size
     assert_sane(report, expected=1 + 3 * 3)
+
+
+#: Peer column -> the module it needs.
+PEER_MODULES = {"Brevitas": "brevitas", "Brevitas + GPTQ": "brevitas", "NNCF": "nncf"}
+
+
+def test_peers_benchmark(tmp_path: Path, trained: Path) -> None:
+    """Ours, torch.ao and each peer on the same test images; a peer that is not installed (CI installs none)
+    or that has no per-layer widths (NNCF) gets its reason instead of a figure."""
+    report = run_benchmark("peers.py", tmp_path, "--ckpt", str(trained / "tiny" / "best.ckpt"))
+    results = report["results"]
+    assert list(results) == ["W8A8", "W4A4-fl8"]
+    for setting, row in results.items():
+        ours = row["ours"]
+        assert ours["fp32"] == pytest.approx(report["fp32"], abs=1e-4), "quantize.py and the peers are scored " \
+            "on different test images"
+        assert ("--first-last-bits 8" in ours["command"]) == (setting == "W4A4-fl8")
+        assert (ours["torch.ao"] is not None) == (setting == "W8A8")  # torch.ao is int8 only
+        for peer, module in PEER_MODULES.items():
+            result = row[peer]
+            if importlib.util.find_spec(module) is None:
+                assert result == {"top1": None, "reason": f"not installed ({module})"}
+            elif peer == "NNCF" and setting == "W4A4-fl8":
+                assert result["top1"] is None and "no per-layer widths" in result["reason"]
+            else:
+                assert 0 <= result["top1"] <= 100 and result["seconds"] > 0, result
+    # 8 bits on a trained model: ours and torch.ao within a few test images of fp32
+    w8 = results["W8A8"]["ours"]
+    assert abs(w8["top1"] - report["fp32"]) < 5 and abs(w8["torch.ao"]["top1"] - report["fp32"]) < 5
