@@ -82,6 +82,39 @@ def pair_line(pair: dict[str, Any]) -> str:
             f"torch.ao's on {pair['theirs_only']} (exact McNemar p = {pair['p_value']:.3g}: {verdict} at 5 %)")
 
 
+def print_mixed(mixed: dict[str, Any]) -> int:
+    """The sensitivity table and, after a search, where its plan went; exit status 1 when the plan found does
+    not meet --max-drop (the widest assignment is still written, labelled as such)."""
+    from lit_quant.pipeline.mixed import sensitivity_rows
+
+    sens = mixed["sensitivity"]
+    widths = sorted(sens["widths"], key=int, reverse=True)
+    table = Table(title=f"sensitivity: one tensor quantized at a time, everything else float "
+                        f"({sens['images']} validation images, fp32 {sens['fp32_val_top1']:.2f} %)",
+                  caption="each cell: SQNR of the logits (dB) / validation top-1 drop (points)")
+    for name in ("layer", "tensor", *(f"{w} bits" for w in widths)):
+        table.add_column(name, justify="left" if name in ("layer", "tensor") else "right")
+    for row in sensitivity_rows(sens):
+        table.add_row(*row)
+    console.print(table)
+    done = f"{sens['passes']} passes in {sens['seconds']:.1f} s" if sens["passes"] else "all widths from the cache"
+    console.print(f"sensitivity: {done}; "
+                  + ", ".join(f"{k} {v}" for k, v in mixed["files"].items()), markup=False, highlight=False)
+    search = mixed.get("search")
+    if search is None:
+        return 0
+    console.print(f"search ({search['objective']}): {len(search['checks'])} checks in {search['seconds']:.1f} s = "
+                  f"{search['passes']:.1f} calibration-and-evaluation passes; packed weights "
+                  f"{search['size_bytes'] / 1024:.1f} KiB against {search['widest_size_bytes'] / 1024:.1f} KiB at the "
+                  f"widest width; plan {search['plan']}", markup=False, highlight=False)
+    if not search["meets_budget"]:
+        print(f"quantize.py: error: even the widest assignment drops validation top-1 by more than --max-drop "
+              f"{search['max_drop']:g} points; wrote it anyway, labelled as not meeting the budget: {search['plan']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def report_table(rows: list[dict[str, Any]]) -> Table:
     """The comparison table: accuracy, delta to fp32 and the images behind it, size, latency, calibration time."""
     fp32 = next((r["top1"] for r in rows if r["variant"] == "fp32"), None)
@@ -170,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pair in result.pairs:
         console.print(pair_line(pair), markup=False, highlight=False)
     console.print(f"Report: {result.report_dir / 'report.json'}")
+    if result.mixed is not None:
+        return print_mixed(result.mixed)
     return 0
 
 

@@ -32,6 +32,9 @@ DEFAULT_SCALE_APPROX_BITS = 31
 DEFAULT_OPSET = 17
 #: ``--sweep``: the widths of the accuracy-against-bits figure.
 SWEEP_BITS = (16, 8, 6, 4, 3, 2)
+#: Widths of ``--sensitivity`` without ``--bits``; ``--max-drop`` without ``--bits`` chooses between 8 and 4.
+SENSITIVITY_BITS = (8, 4, 3, 2)
+SEARCH_BITS = (8, 4)
 #: Flags that only mean something for ``--mode qat``.
 QAT_ONLY = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_weight", "distill_temperature",
             "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
@@ -91,6 +94,23 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
         return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, False, None, False)
     epochs = 30 if bits <= 2 else 8 if bits == 3 else 5
     return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, epochs, True, 8, True)
+
+
+def plan_widths(path: str) -> tuple[int, int] | None:
+    """The narrowest weight and activation widths a plan YAML quantizes with (globally or in an override);
+    None when the file cannot be read as a plan (loading it again later reports why) or keeps either kind
+    float everywhere."""
+    from lit_quant.quant import QuantConfigError, QuantPlan
+
+    try:
+        plan = QuantPlan.from_yaml(path)
+    except (OSError, QuantConfigError):
+        return None
+    found = []
+    for kind in ("weight", "act"):
+        bits = [getattr(plan, kind).bits] + [dict(getattr(o, kind)).get("bits") for o in plan.overrides]
+        found.append(min((b for b in bits if b), default=None))
+    return (found[0], found[1]) if found[0] and found[1] else None
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,15 @@ class QuantizeConfig:
     no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
     plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
     stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
+    sensitivity: bool = option(False, "measure each layer's weights and output activation alone at each --bits "
+                               "width (default 8 4 3 2), everything else float: SQNR of the logits and validation "
+                               "top-1 drop, as a table, sensitivity.png and sensitivity.json")
+    max_drop: float | None = option(None, "search per-layer widths among --bits (default 8 4) for the smallest "
+                                    "model (--search-objective) whose validation top-1 stays within this many "
+                                    "points of fp32; writes mixed-plan.yaml for --plan and adds its PTQ row")
+    search_objective: str = option("size", "what --max-drop minimises: size (packed weight bytes) or bitops "
+                                   "(MACs x weight bits x input bits)", choices=("size", "bitops"))
+    sensitivity_images: int = option(1024, "--sensitivity / --max-drop: validation images of each pass")
     calib_batches: int = option(32, "training batches used for calibration")
     # Larger than train.py's 64: no gradients are kept, so evaluation and calibration batches can be bigger.
     batch_size: int = option(128, "batch size per process of calibration and evaluation (larger than train.py's: "
@@ -232,6 +261,10 @@ class QuantizeConfig:
                                    "on when stderr is a terminal")
 
     def __post_init__(self) -> None:
+        # A plan replaces the bit flags; its narrowest widths choose the PTQ and QAT recipes, as --bits would.
+        widths = plan_widths(self.plan) if isinstance(self.plan, str) else None
+        if widths is not None:
+            self.weight_bits, self.act_bits = widths
         # The recipe's values are part of the resolved config: reports, notes and a saved config show them.
         recipe = self.recipe
         self.from_ptq_recipe = []
@@ -275,7 +308,12 @@ class QuantizeConfig:
                             "give one of them")
         if not self.adaround_lr > 0:  # also refuses NaN
             raise UserError(f"--adaround-lr must be positive, got {self.adaround_lr}")
-        for name in ("calib_batches", "batch_size", "num_nodes", "adaround_iters"):
+        if self.max_drop is not None and not self.max_drop >= 0:  # also refuses NaN
+            raise UserError(f"--max-drop must be >= 0 points, got {self.max_drop}")
+        if (self.sensitivity or self.max_drop is not None) and (self.mode != "ptq" or self.plan is not None):
+            raise UserError("--sensitivity / --max-drop work on --mode ptq without --plan (they write the plan; "
+                            "--mode qat --plan <the found plan> trains it)")
+        for name in ("calib_batches", "batch_size", "num_nodes", "adaround_iters", "sensitivity_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.epochs <= 0:
@@ -357,7 +395,19 @@ def resolve_request(args: Mapping[str, Any]) -> QuantizeRequest:
     sweep = list(SWEEP_BITS) if args.pop("sweep", False) else None
     observers = args.pop("observers", None)
     bits = args.pop("bits", None)
-    if bits is not None and len(bits) > 1:
+    if args.get("sensitivity") or args.get("max_drop") is not None:
+        if sweep or observers:
+            raise UserError("--sensitivity / --max-drop take their widths from --bits; drop --sweep / --observers")
+        default = SEARCH_BITS if args.get("max_drop") is not None else SENSITIVITY_BITS
+        sweep, bits = sorted(set(bits or default), reverse=True), None
+        for value in sweep:
+            if not 2 <= value <= 16:
+                raise UserError(f"--bits must be in 2..16, got {value}")
+        if args.get("max_drop") is not None and len(sweep) < 2:
+            raise UserError(f"--max-drop chooses between widths: give two or more, e.g. --bits {sweep[0]} 8")
+        for name in ("weight_bits", "act_bits"):  # the PTQ recipe of the narrowest width
+            args.setdefault(name, sweep[-1])
+    elif bits is not None and len(bits) > 1:
         sweep, bits = list(bits), None
     if bits is not None:
         args["bits"] = bits[0]

@@ -157,6 +157,13 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("test top-1 (%)")
     ax.legend()
     ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -23,6 +23,7 @@ from lit_quant.pipeline.checkpoint import save_quantized
 from lit_quant.pipeline.config import QuantizeConfig, is_sweep
 from lit_quant.pipeline.context import RunContext, build_eval_trainer
 from lit_quant.pipeline.deploy import add_deploy_rows
+from lit_quant.pipeline.mixed import run_mixed
 from lit_quant.pipeline.ptq import build_plan, ptq_points, ptq_row, weights_fingerprint
 from lit_quant.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qat
 from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
@@ -45,6 +46,7 @@ class QuantizeResult:
     report_dir: Path  # this run's own report folder, <run>/quantize/<name>/
     is_global_zero: bool  # rank 0, the process that writes files (under DDP every process runs the work)
     layers: list[dict[str, Any]]  # what our quantized model quantizes, op by op (report.json "layers")
+    mixed: dict[str, Any] | None = None  # --sensitivity / --max-drop: what run_mixed returned
 
 
 def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
@@ -193,7 +195,10 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     report = Report()
     report.add(*ctx.evaluate("fp32", ctx.float_model, backend="float", weight_bits=32, act_bits=32,
                              note="fp32 checkpoint"))
-    if cfg.mode in ("ptq", "compare", "qat"):
+    mixed = None
+    if cfg.sensitivity or cfg.max_drop is not None:
+        mixed = run_mixed(ctx, report, sweep_bits or [])
+    elif cfg.mode in ("ptq", "compare", "qat"):
         add_ptq_rows(ctx, report, sweep_bits, observers)
     if cfg.mode == "qat":
         add_qat_rows(ctx, report)
@@ -206,5 +211,5 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
             report.add(row, correct)
     pairs = report.pairs()
     if ctx.is_global_zero:
-        write_outputs(ctx, report, pairs, sweep_bits)
-    return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers)
+        write_outputs(ctx, report, pairs, None if mixed is not None else sweep_bits)
+    return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers, mixed)

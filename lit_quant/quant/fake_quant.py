@@ -55,6 +55,9 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
             raise QuantConfigError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
         self.spec = spec
         self.kind = kind
+        # the plan pattern that sets this quantizer's spec (a layer name or "input"), so that per-quantizer
+        # results (sensitivity) can be written back as plan overrides; set by prepare
+        self.plan_name: str | None = None
         self.observer: Observer = build_observer(spec)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))

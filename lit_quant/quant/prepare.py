@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
@@ -62,6 +62,8 @@ OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
     *RELU_TYPES, Add, Mul, MatMul, Cat, Mean, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
     nn.Sigmoid, nn.GELU, nn.LayerNorm, nn.Softmax)
 QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput)
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class QuantizedModel(nn.Module):
@@ -205,7 +207,8 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     if not weighted and not outputs:
         raise QuantConfigError(f"{type(model).__name__} has nothing to quantize: its traced forward calls no "
                                "Conv2d / Linear, activation, pooling or arithmetic op")
-    plan.check_names([INPUT, *weighted, *outputs, *stubs])
+    # an absorbed producer (an add before its ReLU) names the quantizer of the tensor it hands on
+    plan.check_names([INPUT, *weighted, *outputs, *stubs, *owner.values()])
 
     def resolve(name: str) -> Any:
         governing = owner.get(name, name)
@@ -225,6 +228,7 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
         else:
             qcls = next(q for f, q in WEIGHTED_QUANT.items() if isinstance(modules[name], f))
             layer = qcls.from_float(modules[name], lq.weight, act, lq.accum_bits)
+        _tag_quantizers(layer, owner.get(name, name))
         set_submodule(model, name, layer)
     shared = [n for n in outputs if graph.calls.get(n, 1) > 1]
     if shared:
@@ -233,15 +237,24 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     for name in (*outputs, *stubs):
         spec = resolve(name).act
         if spec is not None:
-            set_submodule(model, name, QuantOutput.from_float(modules[name], spec))
+            set_submodule(model, name, _tag_quantizers(QuantOutput.from_float(modules[name], spec),
+                                                       owner.get(name, name)))
 
     input_quant = None
     if plan.quantize_input and not stubs:
         spec = plan.resolve(INPUT).act
-        input_quant = build_fake_quantize(spec, "act") if spec is not None else None
+        input_quant = _tag_quantizers(build_fake_quantize(spec, "act"), INPUT) if spec is not None else None
     qmodel = QuantizedModel(model, input_quant, plan)
     link_input_quantizers(qmodel)
     return qmodel
+
+
+def _tag_quantizers(module: M, plan_name: str) -> M:
+    """Record on every quantizer of ``module`` the plan name that governs it (:attr:`FakeQuantize.plan_name`)."""
+    for sub in module.modules():
+        if isinstance(sub, FakeQuantize):
+            sub.plan_name = plan_name
+    return module
 
 
 def start_calibration(model: nn.Module) -> None:

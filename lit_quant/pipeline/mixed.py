@@ -1,0 +1,501 @@
+"""Mixed precision: per-layer sensitivity, and the smallest per-layer assignment of widths within an accuracy
+budget (``quantize.py --sensitivity`` / ``--max-drop``).
+
+**Knobs.** Every quantizer of a prepared model is governed by one plan name (a layer, an absorbed producer such
+as ``layers.0.add``, or ``input``; :attr:`lit_quant.quant.FakeQuantize.plan_name`); a knob is a plan name and a
+kind, the weights or the output activation of that name, and a plan override sets its width.
+
+**Sensitivity** of knob ``k`` at width ``b``: the model is prepared with every tensor at ``b`` bits and
+calibrated once (the statistics are cached per width under ``<run>/sensitivity/``); then, for each knob, only
+its quantizers fake-quantize (everything else computes in float) and one pass over the validation subset gives
+
+    SQNR_k(b) = 10 log10( sum(z^2) / sum((z - z_k,b)^2) )  dB        (z: fp32 logits, z_k,b: the knob's)
+    drop_k(b) = top1_val(fp32) - top1_val(knob k at b bits)          points
+
+Under DDP the passes are split between the processes and gathered.
+
+**Search** (``--max-drop D``): every knob starts at the widest width. Each step narrows one knob to its next
+width; steps are taken cheapest first, the cost of a step being the logit noise it adds, estimated from the
+sensitivity as ``10^(-SQNR/10)`` (noise powers of independent layers add), per unit of what it saves (packed
+weight bits, or bit-operations MACs x weight bits x input bits). The longest prefix of that order whose PTQ
+model (calibration plus the PTQ recipe) keeps validation top-1 within ``D`` points of fp32 is found by
+bisection, checking on validation; it is written as a plan YAML for ``--plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lit_quant.classifier import LitClassifier
+from lit_quant.io import atomic_write_text
+from lit_quant.pipeline.checkpoint import save_quantized
+from lit_quant.pipeline.context import RunContext
+from lit_quant.pipeline.deploy import add_deploy_rows
+from lit_quant.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row
+from lit_quant.pipeline.rows import Report, save_figure
+from lit_quant.quant import FakeQuantize, LayerOverride, QuantPlan, enable_fake_quant, iter_quantizers, prepare
+from lit_quant.quant.layers import _QuantWeightLayer
+
+#: SQNR reported when the knob changes no logit at all (a finite number JSON can hold).
+MAX_SQNR_DB = 200.0
+
+Knob = tuple[str, str]  # (plan name, "weight" | "act")
+
+
+def knob_quantizers(model: nn.Module) -> dict[Knob, list[FakeQuantize]]:
+    """Every knob of a prepared model with its quantizers, in execution order."""
+    knobs: dict[Knob, list[FakeQuantize]] = {}
+    for _, fq in iter_quantizers(model):
+        if fq.plan_name is not None:
+            knobs.setdefault((fq.plan_name, fq.kind), []).append(fq)
+    return knobs
+
+
+@dataclass
+class LayerCost:
+    """What a quantized Conv/Linear costs: its weight count, its MACs per image and the knob of its input."""
+
+    weights: int
+    macs: int
+    input_knob: Knob | None
+
+
+def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]:
+    """Weight counts, MACs per image (one forward of ``example[:1]``: output elements x weights per output)
+    and input knobs of every quantized Conv/Linear of a prepared model, by plan name."""
+    costs: dict[str, LayerCost] = {}
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, _QuantWeightLayer) and module.weight_quant is not None:
+            fq = module.weight_quant
+            inputs = module.__dict__.get("_input_quant") or []
+            knob = (inputs[0].plan_name, "act") if inputs and inputs[0].plan_name is not None else None
+
+            def hook(m: nn.Module, _args: Any, out: torch.Tensor, name: str = str(fq.plan_name),
+                     knob: Knob | None = knob) -> None:
+                per_output = m.weight[0].numel()  # in_channels / groups x kernel (Conv), in_features (Linear)
+                costs[name] = LayerCost(m.weight.numel(), out[0].numel() * per_output, knob)
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return costs
+
+
+def packed_weight_bytes(costs: dict[str, LayerCost], widths: dict[Knob, int]) -> int:
+    """Bytes of the weights packed at their widths: ``sum ceil(n_weights x bits / 8)`` (float weights: 32 bits)."""
+    return sum(math.ceil(c.weights * widths.get((name, "weight"), 32) / 8) for name, c in costs.items())
+
+
+def bit_operations(costs: dict[str, LayerCost], widths: dict[Knob, int]) -> int:
+    """Bit-operations per image: ``sum MACs x weight bits x input bits`` (a float input counts 32 bits)."""
+    return sum(c.macs * widths.get((name, "weight"), 32) * (widths.get(c.input_knob, 32) if c.input_knob else 32)
+               for name, c in costs.items())
+
+
+def objective(costs: dict[str, LayerCost], widths: dict[Knob, int], name: str) -> int:
+    """The search objective of an assignment: packed weight bytes or bit-operations."""
+    return packed_weight_bytes(costs, widths) if name == "size" else bit_operations(costs, widths)
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """``10 log10(sum(reference^2) / sum((reference - test)^2))``, at most :data:`MAX_SQNR_DB`."""
+    noise = float(((reference - test) ** 2).sum())
+    signal = float((reference ** 2).sum())
+    return MAX_SQNR_DB if noise == 0 else min(MAX_SQNR_DB, 10 * math.log10(signal / noise))
+
+
+@dataclass
+class ValSubset:
+    """Validation images (a list of batches held in memory, or a loader read at each pass), with the fp32
+    model's logits on them."""
+
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    fp32_logits: torch.Tensor
+    labels: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = torch.cat([y for _, y in self.batches])
+
+    @property
+    def fp32_top1(self) -> float:
+        return top1(self.fp32_logits, self.labels)
+
+    def logits(self, model: nn.Module) -> torch.Tensor:
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([model(x) for x, _ in self.batches])
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def val_subset(ctx: RunContext, images: int | None = None) -> ValSubset:
+    """The first ``images`` images (default: all) of the validation split (the fp32 run's), batched as
+    quantize.py batches."""
+    dm = ctx.dm
+    images_set = torch.utils.data.Subset(dm.val_set, range(min(images or len(dm.val_set), len(dm.val_set))))
+    loader = torch.utils.data.DataLoader(images_set, batch_size=ctx.cfg.batch_size, shuffle=False)
+    batches = list(loader) if images else loader  # a subset is read once; the whole split at each pass
+    subset = ValSubset(batches, torch.empty(0))
+    subset.fp32_logits = subset.logits(ctx.float_model)
+    return subset
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(local: dict[str, Any]) -> dict[str, Any]:
+    """Merge every process's ``local`` results (a no-op in one process)."""
+    _, world = _distributed()
+    if world == 1:
+        return local
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> dict[str, Any]:
+    """Per-knob SQNR and validation drop at each width (see the module docstring), with the cache of earlier
+    runs of the same model, data, plan and images reused; also the seconds and passes it took."""
+    cfg = ctx.cfg
+    cache_dir = ctx.run_dir / "sensitivity"
+    cache_path = cache_dir / "sensitivity.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    result: dict[str, Any] = {"fp32_val_top1": subset.fp32_top1, "images": len(subset.labels), "widths": {}}
+    start, passes = time.perf_counter(), 0
+    rank, world = _distributed()
+    for bits in widths:
+        plan = build_plan(cfg, bits=bits)
+        key = _key(ctx.source, ctx.data_settings, plan.to_dict(), len(subset.labels), cfg.calib_batches,
+                   cfg.batch_size)
+        if cache.get(str(bits), {}).get("key") == key:
+            result["widths"][str(bits)] = cache[str(bits)]
+            continue
+        lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
+        calibrate(ctx.trainer, lit, ctx.dm, str(cache_dir / f"stats-{key}.yaml"), ctx.source)
+        knobs = knob_quantizers(lit.model)
+        enable_fake_quant(lit.model, False)
+        local: dict[str, Any] = {}
+        for i, ((name, kind), quantizers) in enumerate(knobs.items()):
+            if i % world != rank:
+                continue
+            for fq in quantizers:
+                fq.fake_quant_enabled.fill_(True)
+            logits = subset.logits(lit.model)
+            for fq in quantizers:
+                fq.fake_quant_enabled.fill_(False)
+            local[f"{name}|{kind}"] = {"sqnr_db": sqnr_db(subset.fp32_logits, logits),
+                                       "drop": subset.fp32_top1 - top1(logits, subset.labels)}
+        passes += 1 + len(knobs)
+        merged = _gather(local)
+        result["widths"][str(bits)] = {"key": key, "knobs": {f"{n}|{k}": merged[f"{n}|{k}"] for n, k in knobs}}
+        cache[str(bits)] = result["widths"][str(bits)]
+        if ctx.is_global_zero:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
+    result["seconds"], result["passes"] = time.perf_counter() - start, passes
+    return result
+
+
+@dataclass
+class Step:
+    """Narrowing one knob from one width to the next, with the noise it adds per unit of objective saved."""
+
+    knob: Knob
+    bits: int
+    saving: int
+    noise: float
+
+    @property
+    def rate(self) -> float:
+        return self.noise / self.saving
+
+
+def noise_power(sens: dict[str, Any], knob: Knob, bits: int) -> float:
+    """Relative logit noise power of ``knob`` alone at ``bits``: ``10^(-SQNR/10)``."""
+    return 10 ** (-sens["widths"][str(bits)]["knobs"][f"{knob[0]}|{knob[1]}"]["sqnr_db"] / 10)
+
+
+def step_order(sens: dict[str, Any], knobs: Sequence[Knob], widths: Sequence[int], costs: dict[str, LayerCost],
+               objective_name: str) -> list[Step]:
+    """Greedy order of the narrowing steps: repeatedly the step of least added noise per unit saved among each
+    knob's next step (a knob narrows one width at a time); steps that save nothing are left out."""
+    widths = sorted(widths, reverse=True)
+    assign = {k: widths[0] for k in knobs}
+    level = {k: 0 for k in knobs}
+    order: list[Step] = []
+    while True:
+        candidates = []
+        for knob in knobs:
+            if level[knob] + 1 >= len(widths):
+                continue
+            narrower = {**assign, knob: widths[level[knob] + 1]}
+            saving = objective(costs, assign, objective_name) - objective(costs, narrower, objective_name)
+            if saving <= 0:
+                continue
+            added = max(0.0, noise_power(sens, knob, narrower[knob]) - noise_power(sens, knob, assign[knob]))
+            candidates.append(Step(knob, narrower[knob], saving, added))
+        if not candidates:
+            return order
+        best = min(candidates, key=lambda s: (s.rate, s.knob))
+        order.append(best)
+        assign[best.knob] = best.bits
+        level[best.knob] += 1
+
+
+def assignment(knobs: Sequence[Knob], widest: int, steps: Sequence[Step]) -> dict[Knob, int]:
+    """Every knob's width after ``steps``."""
+    widths = {k: widest for k in knobs}
+    for step in steps:
+        widths[step.knob] = step.bits
+    return widths
+
+
+def mixed_plan(base: QuantPlan, widths: dict[Knob, int], widest: int) -> QuantPlan:
+    """``base`` (every tensor at the widest width) with one override per knob narrowed below it."""
+    narrowed: dict[str, dict[str, dict[str, int]]] = {}
+    for (name, kind), bits in widths.items():
+        if bits != widest:
+            narrowed.setdefault(name, {})[kind] = {"bits": bits}
+    overrides = [LayerOverride(name, **kinds) for name, kinds in narrowed.items()]
+    return dataclasses.replace(base, overrides=(*base.overrides, *overrides))
+
+
+@dataclass
+class Check:
+    """One validated assignment of the search: its prefix length, objective, size and validation top-1."""
+
+    steps: int
+    objective: int
+    size_bytes: int
+    val_top1: float
+    seconds: float
+    label: str = ""
+
+
+def check_plan(ctx: RunContext, plan: QuantPlan, subset: ValSubset) -> tuple[float, float]:
+    """Validation top-1 of ``plan`` after calibration and the PTQ recipe's steps, and the seconds it took."""
+    start = time.perf_counter()
+    lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
+    calibrate(ctx.trainer, lit, ctx.dm, None, ctx.source)
+    layerwise_steps(ctx.cfg, lit.model, ctx.dm)
+    top = top1(subset.logits(lit.model), subset.labels)
+    return top, time.perf_counter() - start
+
+
+def uniform_label(widths: dict[Knob, int]) -> str:
+    """'W8A8'-style label of an assignment with one weight width and one activation width, else ''."""
+    w = {b for (_, kind), b in widths.items() if kind == "weight"}
+    a = {b for (_, kind), b in widths.items() if kind == "act"}
+    return f"uniform W{w.pop()}A{a.pop()}" if len(w) == 1 and len(a) == 1 else ""
+
+
+@dataclass
+class SearchResult:
+    """The assignment found, whether it meets the budget, the plan and every check made."""
+
+    widths: dict[Knob, int]
+    plan: QuantPlan
+    meets_budget: bool
+    checks: list[Check]
+    seconds: float
+    pass_seconds: float  # one calibration-and-evaluation pass (the first check's)
+    kept_steps: int  # prefix length of the kept assignment
+
+    @property
+    def kept(self) -> Check:
+        return next(c for c in self.checks if c.steps == self.kept_steps)
+
+
+def search(ctx: RunContext, sens: dict[str, Any], widths: Sequence[int], subset: ValSubset,
+           costs: dict[str, LayerCost], knobs: Sequence[Knob]) -> SearchResult:
+    """Bisection over the greedy order for the longest prefix within ``--max-drop`` (module docstring)."""
+    cfg = ctx.cfg
+    widest = max(widths)
+    base = build_plan(cfg, bits=widest)
+    order = step_order(sens, knobs, widths, costs, cfg.search_objective)
+    budget = subset.fp32_top1 - cfg.max_drop
+    checks: dict[int, Check] = {}
+    start = time.perf_counter()
+
+    def passes(k: int) -> bool:
+        if k not in checks:
+            assign = assignment(knobs, widest, order[:k])
+            top, seconds = check_plan(ctx, mixed_plan(base, assign, widest), subset)
+            checks[k] = Check(k, objective(costs, assign, cfg.search_objective), packed_weight_bytes(costs, assign),
+                              top, seconds, uniform_label(assign))
+        return checks[k].val_top1 >= budget - 1e-9
+
+    if not passes(0):
+        best = 0
+        meets = False
+    elif passes(len(order)):
+        best, meets = len(order), True
+    else:  # passes(lo), not passes(hi)
+        lo, hi = 0, len(order)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+        best, meets = lo, True
+    found = assignment(knobs, widest, order[:best])
+    return SearchResult(found, mixed_plan(base, found, widest), meets, sorted(checks.values(), key=lambda c: c.steps),
+                        time.perf_counter() - start, checks[0].seconds, best)
+
+
+def plot_sensitivity(sens: dict[str, Any], path: Path) -> None:
+    """Knobs by widths, coloured by validation drop (weights and activations side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted(sens["widths"], key=int, reverse=True)
+    names = list(dict.fromkeys(k.split("|")[0] for w in widths for k in sens["widths"][w]["knobs"]))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 1.5 + 0.25 * len(names)), sharey=True)
+    for ax, kind in zip(axes, ("weight", "act")):
+        grid = [[sens["widths"][w]["knobs"].get(f"{n}|{kind}", {}).get("drop", math.nan) for w in widths]
+                for n in names]
+        image = ax.imshow(grid, cmap="Reds", aspect="auto", vmin=0)
+        ax.set_xticks(range(len(widths)), [f"{w} b" for w in widths])
+        ax.set_title(f"{'weights' if kind == 'weight' else 'activations'}: val top-1 drop")
+        fig.colorbar(image, ax=ax, label="points")
+    axes[0].set_yticks(range(len(names)), names, fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_pareto(result: SearchResult, fp32: float, max_drop: float, objective_name: str, path: Path) -> None:
+    """Validation top-1 against packed weight size (or bit-operations) of every checked assignment, the
+    uniform ones labelled, the non-dominated ones joined, the one kept circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def x(c: Check) -> float:
+        return c.size_bytes / 1024 if objective_name == "size" else c.objective / 1e9
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    front, best = [], -math.inf
+    for c in sorted(result.checks, key=x):
+        if c.val_top1 > best:
+            front.append(c)
+            best = c.val_top1
+    ax.plot([x(c) for c in front], [c.val_top1 for c in front], color="grey", linewidth=1, label="Pareto front")
+    for c in result.checks:
+        ax.plot(x(c), c.val_top1, marker="s" if c.label else "o", color="C0" if c.label else "C1", linestyle="")
+        ax.annotate(c.label.removeprefix("uniform ") or f"mixed ({c.steps} steps)", (x(c), c.val_top1), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    kept = result.kept
+    ax.plot(x(kept), kept.val_top1, marker="o", markersize=12, fillstyle="none", color="C3", linestyle="",
+            label="kept")
+    ax.axhline(fp32, color="grey", linestyle="--", label="fp32")
+    ax.axhline(fp32 - max_drop, color="C3", linestyle=":", label=f"budget (-{max_drop:g})")
+    ax.set_xlabel("packed weights (KiB)" if objective_name == "size" else "bit-operations per image (G)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def sensitivity_rows(sens: dict[str, Any]) -> list[list[str]]:
+    """The sensitivity table's rows: knob, kind, then 'SQNR dB / drop' at each width (widest first)."""
+    widths = sorted(sens["widths"], key=int, reverse=True)
+    keys = list(dict.fromkeys(k for w in widths for k in sens["widths"][w]["knobs"]))
+    rows = []
+    for key in keys:
+        name, kind = key.split("|")
+        cells = []
+        for w in widths:
+            knob = sens["widths"][w]["knobs"].get(key)
+            cells.append("-" if knob is None else f"{knob['sqnr_db']:.1f} / {knob['drop']:+.2f}")
+        rows.append([name, kind, *cells])
+    return rows
+
+
+def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[str, Any]:
+    """``--sensitivity`` and ``--max-drop``: the sensitivity (table rows, PNG, ``sensitivity.json`` in the
+    report folder), then with a budget the search, its plan YAML, Pareto plot and the plan's PTQ row (on
+    the test split) added to ``report``. Returns what the run prints."""
+    cfg = ctx.cfg
+    subset = val_subset(ctx, cfg.sensitivity_images)
+    sens = sensitivity(ctx, widths, subset)
+    out: dict[str, Any] = {"sensitivity": sens, "files": {}}
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_global_zero:
+        atomic_write_text(ctx.out_dir / "sensitivity.json", json.dumps(sens, indent=1) + "\n")
+        plot_sensitivity(sens, ctx.out_dir / "sensitivity.png")
+        out["files"] = {"json": ctx.out_dir / "sensitivity.json", "png": ctx.out_dir / "sensitivity.png"}
+    if cfg.max_drop is None:
+        return out
+    probe = prepare(ctx.float_model, build_plan(cfg, bits=max(widths)))
+    knobs = list(knob_quantizers(probe))
+    costs = layer_costs(probe, ctx.example)
+    # the budget is checked on the whole validation split: a subset's sampling noise would be spent from it
+    validation = val_subset(ctx)
+    result = search(ctx, sens, widths, validation, costs, knobs)
+    widest = {k: max(widths) for k in knobs}
+    plan_path = ctx.out_dir / "mixed-plan.yaml"
+    narrowed = sum(1 for k, b in result.widths.items() if b != max(widths))
+    verdict = "meets" if result.meets_budget else "does NOT meet"
+    header = (f"# lit-quant mixed-precision plan: {narrowed} of {len(knobs)} tensors narrowed from {max(widths)} bits "
+              f"(widths {' '.join(map(str, sorted(widths)))}, --search-objective {cfg.search_objective}); it {verdict} "
+              f"--max-drop {cfg.max_drop:g} on validation.\n# quantize.py --plan {plan_path.name} reuses it.\n")
+    search_info = {
+        "meets_budget": result.meets_budget, "plan": str(plan_path), "objective": cfg.search_objective,
+        "max_drop": cfg.max_drop, "fp32_val_top1": validation.fp32_top1, "val_images": len(validation.labels),
+        "size_bytes": packed_weight_bytes(costs, result.widths), "widest_size_bytes": packed_weight_bytes(costs, widest),
+        "bitops": bit_operations(costs, result.widths), "widest_bitops": bit_operations(costs, widest),
+        "seconds": result.seconds, "pass_seconds": result.pass_seconds,
+        "passes": result.seconds / result.pass_seconds,
+        "checks": [dataclasses.asdict(c) for c in result.checks]}
+    out["search"] = search_info
+    if ctx.is_global_zero:
+        atomic_write_text(plan_path, header + yaml.safe_dump(result.plan.to_dict(), sort_keys=False))
+        atomic_write_text(ctx.out_dir / "search.json", json.dumps(search_info, indent=1) + "\n")
+        plot_pareto(result, validation.fp32_top1, cfg.max_drop, cfg.search_objective, ctx.out_dir / "pareto.png")
+    row_ctx = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, plan=str(plan_path)))
+    row, correct, model, _ = ptq_row(row_ctx, PTQPoint(result.plan, "ptq-mixed"), None)
+    saved = 1 - search_info["size_bytes"] / search_info["widest_size_bytes"]
+    row.note += (f"; mixed precision ({cfg.search_objective}): {narrowed} of {len(knobs)} tensors below "
+                 f"{max(widths)} bits, plan {plan_path}; packed weights {search_info['size_bytes'] / 1024:.1f} KiB "
+                 f"({saved:.0%} below uniform {max(widths)}-bit weights); validation top-1 "
+                 f"{result.kept.val_top1:.2f} against fp32 "
+                 f"{validation.fp32_top1:.2f}: {verdict} --max-drop {cfg.max_drop:g}; search {len(result.checks)} "
+                 f"checks, {result.seconds:.0f} s = {search_info['passes']:.1f} calibration-and-evaluation passes")
+    # the narrowest widths the plan uses (the columns of a uniform row hold its only widths)
+    row.weight_bits = min(b for (_, kind), b in result.widths.items() if kind == "weight")
+    row.act_bits = min(b for (_, kind), b in result.widths.items() if kind == "act")
+    report.add(row, correct)
+    report.describe(model)
+    if ctx.is_global_zero:
+        save_quantized(ctx.run_dir / "ptq-mixed.ckpt", model, result.plan, ctx.arch, ctx.data_settings, row.to_dict(),
+                       source=ctx.source)
+    add_deploy_rows(row_ctx, report, row, model, "ptq-mixed")
+    return out
+

@@ -1,0 +1,239 @@
+"""Mixed precision: knobs map back to plan overrides, the cost model's formulas, the greedy order, the search's
+bisection and the ``--sensitivity`` / ``--max-drop`` command line end to end on a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import report_rows, run_script
+from torch import nn
+
+import quantize
+from lit_quant.cli import run_cli
+from lit_quant.models import build_model
+from lit_quant.pipeline import mixed
+from lit_quant.pipeline.mixed import (
+    LayerCost,
+    Step,
+    assignment,
+    bit_operations,
+    knob_quantizers,
+    layer_costs,
+    mixed_plan,
+    packed_weight_bytes,
+    sqnr_db,
+    step_order,
+)
+from lit_quant.quant import QuantPlan, iter_quantizers, prepare
+
+
+def resnet20() -> nn.Module:
+    return build_model("resnet20", 1, 10).eval()
+
+
+def test_every_knob_is_a_plan_override_of_exactly_its_quantizers() -> None:
+    """Narrowing one knob in a plan changes the width of that knob's quantizers and of no other, for every
+    knob: weights, outputs, outputs governed by an absorbed add, and the input."""
+    model = resnet20()
+    base = QuantPlan.from_bits(8, 8)
+    knobs = knob_quantizers(prepare(model, base))
+    assert ("input", "act") in knobs and ("layers.0.add", "act") in knobs and ("fc", "weight") in knobs
+    assert sum(len(q) for q in knobs.values()) == len(list(iter_quantizers(prepare(model, base))))
+    for knob in knobs:
+        widths = {k: 8 for k in knobs} | {knob: 4}
+        narrowed = knob_quantizers(prepare(model, mixed_plan(base, widths, 8)))
+        assert set(narrowed) == set(knobs)
+        for k, quantizers in narrowed.items():
+            assert [fq.spec.bits for fq in quantizers] == [4 if k == knob else 8] * len(quantizers), (knob, k)
+
+
+def test_costs_follow_their_formulas() -> None:
+    """Conv 3->8, 3x3, padding 1 on 6x6, then Linear 288->5: MACs 6*6*8*27 and 288*5; packed bytes
+    ceil(n * bits / 8); bit-operations MACs x weight bits x input bits."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(288, 5)).eval()
+    q = prepare(model, QuantPlan.from_bits(8, 8))
+    costs = layer_costs(q, torch.randn(2, 3, 6, 6))
+    assert costs["0"] == LayerCost(8 * 27, 6 * 6 * 8 * 27, ("input", "act"))
+    assert costs["3"] == LayerCost(288 * 5, 288 * 5, ("0", "act"))  # the ReLU's output, governed by the conv
+    widths = {("0", "weight"): 3, ("3", "weight"): 4, ("input", "act"): 8, ("0", "act"): 2}
+    assert packed_weight_bytes(costs, widths) == math.ceil(216 * 3 / 8) + 288 * 5 * 4 // 8
+    assert bit_operations(costs, widths) == 6 * 6 * 8 * 27 * 3 * 8 + 288 * 5 * 4 * 2
+
+
+def test_sqnr() -> None:
+    z = torch.tensor([[3.0, 4.0]])
+    assert sqnr_db(z, z + torch.tensor([[0.3, 0.4]])) == pytest.approx(20.0)  # noise 1/100 of the signal
+    assert sqnr_db(z, z) == mixed.MAX_SQNR_DB
+
+
+def sens(table: dict[int, dict[str, float]]) -> dict:
+    """A sensitivity result from {width: {"name|kind": SQNR dB}}."""
+    return {"widths": {str(b): {"knobs": {k: {"sqnr_db": v, "drop": 0.0} for k, v in knobs.items()}}
+                       for b, knobs in table.items()}}
+
+
+def test_step_order_takes_the_least_noise_per_saved_byte_one_width_at_a_time() -> None:
+    costs = {"a": LayerCost(1000, 1, None), "b": LayerCost(100, 1, None)}
+    knobs = [("a", "weight"), ("b", "weight"), ("a", "act")]
+    s = sens({8: {"a|weight": 50, "b|weight": 50, "a|act": 50},
+              4: {"a|weight": 30, "b|weight": 30, "a|act": 10},
+              2: {"a|weight": 10, "b|weight": 25, "a|act": 5}})
+    order = step_order(s, knobs, [2, 4, 8], costs, "size")
+    # activations save no weight bytes, so the size objective never narrows them
+    assert all(step.knob[1] == "weight" for step in order)
+    # a: 8->4 saves 500 bytes for 1e-3 noise, rate 2e-6; b: 8->4 saves 50 for the same, 2e-5; a: 4->2 saves
+    # 250 for 0.099, 4e-4; b: 4->2 saves 25 for ~2.2e-3, 9e-5
+    assert [(s.knob[0], s.bits) for s in order] == [("a", 4), ("b", 4), ("b", 2), ("a", 2)]
+    assert assignment(knobs, 8, order[:2]) == {("a", "weight"): 4, ("b", "weight"): 4, ("a", "act"): 8}
+    assert isinstance(order[0], Step) and order[0].saving == 500
+
+
+@pytest.mark.parametrize(("accuracies", "kept", "meets"), [
+    ([90, 90, 90, 90, 90], 4, True),    # everything narrowed passes
+    ([90, 89.8, 89.6, 80, 70], 2, True),  # within 0.5 up to two steps
+    ([89, 88, 80, 80, 80], 0, False),   # even the widest misses the budget
+])
+def test_search_keeps_the_longest_passing_prefix(monkeypatch: pytest.MonkeyPatch, accuracies: list[float],
+                                                   kept: int, meets: bool) -> None:
+    """Bisection over the greedy order with validation checks (``check_plan`` answers from ``accuracies``,
+    indexed by how many steps the plan holds); fp32 validation top-1 90, budget 0.5."""
+    names = ["a", "b", "c", "d"]
+    costs = {n: LayerCost(100 * (i + 1), 1, None) for i, n in enumerate(names)}
+    knobs = [(n, "weight") for n in names]
+    s = sens({8: {f"{n}|weight": 60 for n in names}, 4: {f"{n}|weight": 30 for n in names}})
+    order = step_order(s, knobs, [4, 8], costs, "size")
+
+    def check_plan(_ctx: object, plan: QuantPlan, _subset: object) -> tuple[float, float]:
+        narrowed = sum(1 for o in plan.overrides if dict(o.weight).get("bits") == 4)
+        return accuracies[narrowed], 1.0
+
+    monkeypatch.setattr(mixed, "check_plan", check_plan)
+    ctx = type("Ctx", (), {"cfg": type("Cfg", (), {"max_drop": 0.5, "search_objective": "size"})()})()
+    monkeypatch.setattr(mixed, "build_plan", lambda _cfg, bits: QuantPlan.from_bits(bits, bits))
+    subset = type("Subset", (), {"fp32_top1": 90.0})()
+    result = mixed.search(ctx, s, [4, 8], subset, costs, knobs)  # type: ignore[arg-type]
+    assert result.meets_budget is meets and result.kept_steps == kept
+    assert result.widths == assignment(knobs, 8, order[:kept])
+    assert len(result.checks) <= 2 + math.ceil(math.log2(len(order)))
+    assert result.kept.val_top1 == accuracies[kept]
+
+
+def copy_run(trained: Path, dest: Path) -> Path:
+    run = dest / "tiny"
+    run.mkdir(parents=True)
+    for name in ("best.ckpt", "config.yaml"):
+        (run / name).write_bytes((trained / "tiny" / name).read_bytes())
+    return run
+
+
+def test_sensitivity_and_search_end_to_end(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--sensitivity writes a table, PNG and JSON and caches each width; --max-drop writes a plan that --plan
+    reuses bit for bit, a report row and a Pareto plot."""
+    run = copy_run(trained, tmp_path)
+    common = ["--ckpt", str(run / "best.ckpt"), "--no-latency", "--sensitivity-images", "48", "--calib-batches", "2"]
+    assert quantize.main([*common, "--sensitivity", "--bits", "8", "3", "--name", "sens"]) == 0
+    out = capsys.readouterr().out
+    assert "SQNR of the logits" in out and "passes in" in out
+    report = run / "quantize" / "sens"
+    sens = json.loads((report / "sensitivity.json").read_text())
+    assert set(sens["widths"]) == {"8", "3"} and sens["images"] == 48
+    knobs = sens["widths"]["8"]["knobs"]
+    assert "conv1|weight" in knobs and "input|act" in knobs and "fc|act" in knobs
+    assert (report / "sensitivity.png").stat().st_size > 1000
+    for name, knob in knobs.items():  # 3 bits is noisier than 8 for every tensor
+        assert knob["sqnr_db"] > sens["widths"]["3"]["knobs"][name]["sqnr_db"], name
+    assert [r["variant"] for r in report_rows(run)] == ["fp32", "builtin-ptq"]
+
+    # the search reuses the cached 8-bit statistics and results
+    assert quantize.main([*common, "--max-drop", "100", "--bits", "8", "3", "--name", "search"]) == 0
+    out = capsys.readouterr().out
+    search = json.loads((run / "quantize" / "search" / "search.json").read_text())
+    assert search["meets_budget"] and search["size_bytes"] < 0.4 * search["widest_size_bytes"]
+    assert search["checks"][0]["label"] == "uniform W8A8" and search["checks"][-1]["label"] == "uniform W3A8"
+    assert (run / "quantize" / "search" / "pareto.png").stat().st_size > 1000
+    rows = report_rows(run)
+    assert [r["variant"] for r in rows] == ["fp32", "ptq", "builtin-ptq"]
+    assert (rows[1]["weight_bits"], rows[1]["act_bits"]) == (3, 8)
+    assert f"plan {search['plan']}" in rows[1]["note"] and "meets --max-drop 100" in rows[1]["note"]
+
+    assert quantize.main([*common, "--plan", search["plan"], "--name", "reuse"]) == 0
+    reuse = report_rows(run)
+    assert reuse[1]["top1"] == rows[1]["top1"]
+    found = torch.load(run / "ptq-mixed.ckpt", weights_only=False)["state_dict"]
+    again = torch.load(run / "ptq-w8a8.ckpt", weights_only=False)["state_dict"]
+    assert found.keys() == again.keys() and all(torch.equal(found[k], again[k]) for k in found)
+
+
+def test_impossible_budget_writes_the_widest_plan_and_fails(trained: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(trained, tmp_path)
+    real = mixed.check_plan
+    monkeypatch.setattr(mixed, "check_plan", lambda *a: (real(*a)[0] - 1.0, 1.0))  # every check 1 point worse
+    args = ["--ckpt", str(run / "best.ckpt"), "--no-latency", "--sensitivity-images", "48", "--calib-batches", "2",
+            "--max-drop", "0.5", "--bits", "4", "8", "--name", "impossible"]
+    assert quantize.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "even the widest assignment" in err[0]
+    plan = (run / "quantize" / "impossible" / "mixed-plan.yaml").read_text()
+    assert "does NOT meet --max-drop 0.5" in plan
+    assert QuantPlan.from_yaml(run / "quantize" / "impossible" / "mixed-plan.yaml").overrides == ()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-drop", "-1"], "--max-drop must be >= 0 points, got -1.0"),
+    (["--max-drop", "0.5", "--bits", "4"], "--max-drop chooses between widths: give two or more"),
+    (["--max-drop", "0.5", "--bits", "1", "8"], "--bits must be in 2..16, got 1"),
+    (["--sensitivity", "--bits", "17"], "--bits must be in 2..16, got 17"),
+    (["--sensitivity", "--mode", "qat"], "--sensitivity / --max-drop work on --mode ptq without --plan"),
+    (["--sensitivity", "--sweep"], "take their widths from --bits"),
+    (["--sensitivity", "--sensitivity-images", "0"], "--sensitivity-images must be positive"),
+])
+def test_bad_mixed_precision_flags(args: list[str], message: str, capsys: pytest.CaptureFixture,
+                                   tmp_path: Path) -> None:
+    try:
+        code = run_cli(quantize.main, ["--checkpoint-dir", str(tmp_path), *args], prog="quantize.py")
+    except SystemExit as exc:  # argparse's own errors exit from parse_args
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_chooses_the_recipe_of_its_narrowest_width(tmp_path: Path) -> None:
+    from lit_quant.pipeline.config import QuantizeConfig
+
+    path = tmp_path / "plan.yaml"
+    plan = mixed_plan(QuantPlan.from_bits(8, 8), {("conv1", "weight"): 4, ("fc", "act"): 8}, 8)
+    path.write_text(yaml.safe_dump(plan.to_dict()))
+    cfg = QuantizeConfig(plan=str(path))
+    assert (cfg.weight_bits, cfg.act_bits, cfg.weight_rounding, cfg.bias_correction) == (4, 8, "gptq", True)
+    path.write_text(yaml.safe_dump(QuantPlan.from_bits(8, 8).to_dict()))
+    assert QuantizeConfig(plan=str(path)).weight_rounding == "nearest"
+
+
+def test_two_processes_split_the_sensitivity_passes(trained: Path, tmp_path: Path) -> None:
+    """Under DDP each process measures every other knob and the results are gathered: the same table as one
+    process (the calibration statistics are merged bit for bit, so the drops agree exactly)."""
+    results = {}
+    for devices in ("1", "2"):
+        run = copy_run(trained, tmp_path / f"dev{devices}")
+        args = ["--ckpt", str(run / "best.ckpt"), "--accelerator", "cpu", "--devices", devices, "--no-latency",
+                "--sensitivity", "--bits", "8", "4", "--sensitivity-images", "48", "--calib-batches", "3",
+                "--batch-size", "40", "--name", "sens"]
+        proc = run_script("quantize.py", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("SQNR of the logits") == 1  # one table, from rank 0
+        results[devices] = json.loads((run / "quantize" / "sens" / "sensitivity.json").read_text())
+    one, two = results["1"]["widths"], results["2"]["widths"]
+    assert one.keys() == two.keys()
+    for bits in one:
+        assert one[bits]["knobs"].keys() == two[bits]["knobs"].keys()
+        for name, knob in one[bits]["knobs"].items():
+            assert two[bits]["knobs"][name]["drop"] == knob["drop"], (bits, name)
+            assert two[bits]["knobs"][name]["sqnr_db"] == pytest.approx(knob["sqnr_db"], rel=1e-3), (bits, name)
