@@ -104,7 +104,8 @@ def print_mixed(mixed: dict[str, Any]) -> int:
     if search is None:
         return 0
     console.print(f"search ({search['objective']}): {len(search['checks'])} checks in {search['seconds']:.1f} s = "
-                  f"{search['passes']:.1f} calibration-and-evaluation passes; packed weights "
+                  f"{search['passes']:.1f} calibration-and-evaluation passes of {search['pass_seconds']:.1f} s "
+                  f"({search['passes_with_sensitivity']:.1f} with the sensitivity); packed weights "
                   f"{search['size_bytes'] / 1024:.1f} KiB against {search['widest_size_bytes'] / 1024:.1f} KiB at the "
                   f"widest width; plan {search['plan']}", markup=False, highlight=False)
     if not search["meets_budget"]:

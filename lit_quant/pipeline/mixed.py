@@ -473,6 +473,8 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
         "bitops": bit_operations(costs, result.widths), "widest_bitops": bit_operations(costs, widest),
         "seconds": result.seconds, "pass_seconds": result.pass_seconds,
         "passes": result.seconds / result.pass_seconds,
+        # what the whole run cost, sensitivity (0 s when cached) included, in the same unit
+        "passes_with_sensitivity": (result.seconds + sens["seconds"]) / result.pass_seconds,
         "checks": [dataclasses.asdict(c) for c in result.checks]}
     out["search"] = search_info
     if ctx.is_global_zero:
@@ -487,7 +489,8 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
                  f"({saved:.0%} below uniform {max(widths)}-bit weights); validation top-1 "
                  f"{result.kept.val_top1:.2f} against fp32 "
                  f"{validation.fp32_top1:.2f}: {verdict} --max-drop {cfg.max_drop:g}; search {len(result.checks)} "
-                 f"checks, {result.seconds:.0f} s = {search_info['passes']:.1f} calibration-and-evaluation passes")
+                 f"checks, {result.seconds:.0f} s = {search_info['passes']:.1f} calibration-and-evaluation passes "
+                 f"({search_info['passes_with_sensitivity']:.1f} with the sensitivity)")
     # the narrowest widths the plan uses (the columns of a uniform row hold its only widths)
     row.weight_bits = min(b for (_, kind), b in result.widths.items() if kind == "weight")
     row.act_bits = min(b for (_, kind), b in result.widths.items() if kind == "act")
