@@ -172,7 +172,7 @@ def run_peer(name: str, quantize_fn: Callable[[], nn.Module], test: Iterable[Any
     except ImportError as exc:
         return {"top1": None, "reason": f"not installed ({exc.name})"}
     except Exception as exc:  # noqa: BLE001 - a peer's refusal of a setting is a result to report
-        return {"top1": None, "reason": f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"}
+        return {"top1": None, "reason": f"refused: {type(exc).__name__}: {' '.join(str(exc).split())[:100]}"}
     seconds = time.perf_counter() - start
     return {"top1": top1(model, test), "seconds": seconds}
 
