@@ -237,3 +237,18 @@ def test_two_processes_split_the_sensitivity_passes(trained: Path, tmp_path: Pat
         for name, knob in one[bits]["knobs"].items():
             assert two[bits]["knobs"][name]["drop"] == knob["drop"], (bits, name)
             assert two[bits]["knobs"][name]["sqnr_db"] == pytest.approx(knob["sqnr_db"], rel=1e-3), (bits, name)
+
+
+def test_cross_layer_equalization_is_applied_once_for_the_whole_search(trained: Path, tmp_path: Path) -> None:
+    """With --cle the sensitivity, the checks and the row all see the equalized model: the sensitivity cache
+    of the plain model is not reused, and the row's plan rebuilds the row with --cle --plan."""
+    run = copy_run(trained, tmp_path)
+    common = ["--ckpt", str(run / "best.ckpt"), "--no-latency", "--sensitivity-images", "48", "--calib-batches", "2"]
+    assert quantize.main([*common, "--sensitivity", "--bits", "8", "--name", "plain"]) == 0
+    assert quantize.main([*common, "--cle", "--max-drop", "100", "--bits", "3", "8", "--name", "cle"]) == 0
+    sens = json.loads((run / "quantize" / "cle" / "sensitivity.json").read_text())
+    assert sens["passes"] > 0  # neither width came from the plain model's cache
+    row = report_rows(run)[1]
+    plan = json.loads((run / "quantize" / "cle" / "search.json").read_text())["plan"]
+    assert quantize.main([*common, "--cle", "--plan", plan, "--name", "again"]) == 0
+    assert report_rows(run)[1]["top1"] == row["top1"]

@@ -24,6 +24,7 @@ bisection, checking on validation; it is written as a plan YAML for ``--plan``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -43,9 +44,10 @@ from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.checkpoint import save_quantized
 from lit_quant.pipeline.context import RunContext
 from lit_quant.pipeline.deploy import add_deploy_rows
-from lit_quant.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row
+from lit_quant.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row, weights_fingerprint
 from lit_quant.pipeline.rows import Report, save_figure
 from lit_quant.quant import FakeQuantize, LayerOverride, QuantPlan, enable_fake_quant, iter_quantizers, prepare
+from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layers import _QuantWeightLayer
 
 #: SQNR reported when the knob changes no logit at all (a finite number JSON can hold).
@@ -192,8 +194,8 @@ def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> di
     rank, world = _distributed()
     for bits in widths:
         plan = build_plan(cfg, bits=bits)
-        key = _key(ctx.source, ctx.data_settings, plan.to_dict(), len(subset.labels), cfg.calib_batches,
-                   cfg.batch_size)
+        key = _key(weights_fingerprint(ctx.float_model), ctx.data_settings, plan.to_dict(), len(subset.labels),
+                   cfg.calib_batches, cfg.batch_size)
         if cache.get(str(bits), {}).get("key") == key:
             result["widths"][str(bits)] = cache[str(bits)]
             continue
@@ -442,6 +444,10 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
     """``--sensitivity`` and ``--max-drop``: the sensitivity (table rows, PNG, ``sensitivity.json`` in the
     report folder), then with a budget the search, its plan YAML, Pareto plot and the plan's PTQ row (on
     the test split) added to ``report``. Returns what the run prints."""
+    if ctx.cfg.cle:  # equalize once: the sensitivity, every check and the row then share the equalized model
+        classifier = copy.deepcopy(ctx.classifier)
+        classifier.model = equalize(ctx.float_model)[0]
+        ctx = dataclasses.replace(ctx, classifier=classifier, cfg=dataclasses.replace(ctx.cfg, cle=False))
     cfg = ctx.cfg
     subset = val_subset(ctx, cfg.sensitivity_images)
     sens = sensitivity(ctx, widths, subset)
@@ -469,7 +475,8 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
     search_info = {
         "meets_budget": result.meets_budget, "plan": str(plan_path), "objective": cfg.search_objective,
         "max_drop": cfg.max_drop, "fp32_val_top1": validation.fp32_top1, "val_images": len(validation.labels),
-        "size_bytes": packed_weight_bytes(costs, result.widths), "widest_size_bytes": packed_weight_bytes(costs, widest),
+        "size_bytes": packed_weight_bytes(costs, result.widths),
+        "widest_size_bytes": packed_weight_bytes(costs, widest),
         "bitops": bit_operations(costs, result.widths), "widest_bitops": bit_operations(costs, widest),
         "seconds": result.seconds, "pass_seconds": result.pass_seconds,
         "passes": result.seconds / result.pass_seconds,
