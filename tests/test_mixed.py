@@ -168,6 +168,13 @@ def test_sensitivity_and_search_end_to_end(trained: Path, tmp_path: Path, capsys
     again = torch.load(run / "ptq-w8a8.ckpt", weights_only=False)["state_dict"]
     assert found.keys() == again.keys() and all(torch.equal(found[k], again[k]) for k in found)
 
+    # QAT trains the plan found, with the recipe of its narrowest width (3 bits: LSQ)
+    assert quantize.main([*common, "--mode", "qat", "--plan", search["plan"], "--epochs", "2", "--no-builtin-qat",
+                          "--name", "qat"]) == 0
+    qat = torch.load(run / "qat-w8a8.ckpt", weights_only=False)
+    assert QuantPlan.from_dict(qat["plan"]).overrides == QuantPlan.from_yaml(search["plan"]).overrides
+    assert qat["plan"]["weight"]["quantizer"] == "lsq" and "3-bit QAT recipe" in report_rows(run)[2]["note"]
+
 
 def test_impossible_budget_writes_the_widest_plan_and_fails(trained: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,

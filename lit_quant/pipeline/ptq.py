@@ -3,6 +3,7 @@ it) and one fake-quant row per point of a run (one width, or every width x obser
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -26,10 +27,16 @@ from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
 def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
                qat: bool = False) -> QuantPlan:
     """``--plan`` YAML, else the plan behind the bit / scheme / observer flags (``bits`` / ``observer``
-    override them for one point of a sweep). ``qat``: quantizers of ``--qat-method``; PTQ rows use plain
-    fake quantization (STE), so a QAT report's PTQ row is the usual PTQ baseline."""
+    override them for one point of a sweep). ``qat``: quantizers of ``--qat-method`` (a plan's too); PTQ rows
+    use plain fake quantization (STE), so a QAT report's PTQ row is the usual PTQ baseline."""
     if cfg.plan is not None:
-        return QuantPlan.from_yaml(cfg.plan)
+        plan = QuantPlan.from_yaml(cfg.plan)
+        if not qat:
+            return plan
+        # QAT trains the plan's widths with the quantizer of --qat-method (or the recipe's); ranges start from
+        # the plan's observers
+        return dataclasses.replace(plan, weight=plan.weight.replace(quantizer=cfg.qat_method),
+                                   act=plan.act.replace(quantizer=cfg.qat_method))
     return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,

@@ -191,6 +191,7 @@ def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
         act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
         note=f"our QAT ({cfg.qat_method}{recipe_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s, kept epoch "
              f"{qat.epoch} (best validation top-1 {qat.val_top1:.2f}; 0 = the calibrated start); "
-             + (f"{cfg.recipe.describe(min(cfg.weight_bits, cfg.act_bits))} (flags given override it); "
+             + (f"{cfg.recipe.describe(min(cfg.weight_bits, cfg.act_bits))} (flags given override it"
+                + ("; --plan sets widths and ranges" if cfg.plan else "") + "); "
                 if cfg.recipe is not None and cfg.from_recipe else "")
              + "fake-quant simulation" + overrides_note(qat.plan))
