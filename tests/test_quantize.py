@@ -124,7 +124,8 @@ def test_scheme_shorthand_and_plan_yaml(trained: Path, tmp_path: Path, capsys) -
                           "--no-latency"]) == 0
     rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
     assert rows["ptq"]["weight_bits"] == 4 and (trained / "tiny" / "ptq-w4a4.ckpt").is_file()
-    assert rows["ptq"]["note"].endswith("; overrides: @first w8 a8")  # a 4/4 row says what stayed wider
+    assert "; overrides: @first w8 a8;" in rows["ptq"]["note"]  # a 4/4 row says what stayed wider
+    assert "PTQ recipe gptq" in rows["ptq"]["note"]  # a 4-bit plan gets the 4-bit recipe
     plan.write_text("overrides:\n  - {pattern: layers.0.conv9, skip: true}\n")
     assert run_cli(quantize.main, ["--checkpoint-dir", str(trained), "--plan", str(plan), "--no-latency"],
                    prog="quantize.py") == 2
