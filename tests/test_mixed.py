@@ -113,7 +113,8 @@ def test_search_keeps_the_longest_passing_prefix(monkeypatch: pytest.MonkeyPatch
         return accuracies[narrowed], 1.0
 
     monkeypatch.setattr(mixed, "check_plan", check_plan)
-    ctx = type("Ctx", (), {"cfg": type("Cfg", (), {"max_drop": 0.5, "search_objective": "size"})()})()
+    cfg = type("Cfg", (), {"max_drop": 0.5, "search_objective": "size", "progress": False})()
+    ctx = type("Ctx", (), {"cfg": cfg, "is_global_zero": True})()
     monkeypatch.setattr(mixed, "build_plan", lambda _cfg, bits: QuantPlan.from_bits(bits, bits))
     subset = type("Subset", (), {"fp32_top1": 90.0})()
     result = mixed.search(ctx, s, [4, 8], subset, costs, knobs)  # type: ignore[arg-type]
@@ -136,8 +137,8 @@ def test_sensitivity_and_search_end_to_end(trained: Path, tmp_path: Path, capsys
     reuses bit for bit, a report row and a Pareto plot."""
     run = copy_run(trained, tmp_path)
     common = ["--ckpt", str(run / "best.ckpt"), "--no-latency", "--sensitivity-images", "48", "--calib-batches", "2"]
-    assert quantize.main([*common, "--sensitivity", "--bits", "8", "3", "--name", "sens"]) == 0
-    out = capsys.readouterr().out
+    assert quantize.main([*common, "--sensitivity", "--bits", "8", "3", "--name", "sens", "--progress"]) == 0
+    out = capsys.readouterr().out  # (--progress: the bars run; rich draws them only on a terminal)
     assert "SQNR of the logits" in out and "passes in" in out
     report = run / "quantize" / "sens"
     sens = json.loads((report / "sensitivity.json").read_text())

@@ -24,13 +24,14 @@ bisection, checking on validation; it is written as a plan YAML for ``--plan``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from torch import nn
 from lit_quant.classifier import LitClassifier
 from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.checkpoint import save_quantized
-from lit_quant.pipeline.context import RunContext
+from lit_quant.pipeline.context import RunContext, show_progress
 from lit_quant.pipeline.deploy import add_deploy_rows
 from lit_quant.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row, weights_fingerprint
 from lit_quant.pipeline.rows import Report, save_figure
@@ -178,6 +179,21 @@ def _gather(local: dict[str, Any]) -> dict[str, Any]:
     return {k: v for part in parts for k, v in part.items()}
 
 
+@contextlib.contextmanager
+def progress_bar(ctx: RunContext, total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr (rank 0, when ``--progress`` or a terminal asks for bars); yields the
+    function that advances it by one."""
+    if not (show_progress(ctx.cfg) and ctx.is_global_zero):
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -204,16 +220,17 @@ def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> di
         knobs = knob_quantizers(lit.model)
         enable_fake_quant(lit.model, False)
         local: dict[str, Any] = {}
-        for i, ((name, kind), quantizers) in enumerate(knobs.items()):
-            if i % world != rank:
-                continue
-            for fq in quantizers:
-                fq.fake_quant_enabled.fill_(True)
-            logits = subset.logits(lit.model)
-            for fq in quantizers:
-                fq.fake_quant_enabled.fill_(False)
-            local[f"{name}|{kind}"] = {"sqnr_db": sqnr_db(subset.fp32_logits, logits),
-                                       "drop": subset.fp32_top1 - top1(logits, subset.labels)}
+        mine = [(knob, q) for i, (knob, q) in enumerate(knobs.items()) if i % world == rank]
+        with progress_bar(ctx, len(mine), f"sensitivity at {bits} bits") as advance:
+            for (name, kind), quantizers in mine:
+                for fq in quantizers:
+                    fq.fake_quant_enabled.fill_(True)
+                logits = subset.logits(lit.model)
+                for fq in quantizers:
+                    fq.fake_quant_enabled.fill_(False)
+                local[f"{name}|{kind}"] = {"sqnr_db": sqnr_db(subset.fp32_logits, logits),
+                                           "drop": subset.fp32_top1 - top1(logits, subset.labels)}
+                advance()
         passes += 1 + len(knobs)
         merged = _gather(local)
         result["widths"][str(bits)] = {"key": key, "knobs": {f"{n}|{k}": merged[f"{n}|{k}"] for n, k in knobs}}
@@ -346,25 +363,27 @@ def search(ctx: RunContext, sens: dict[str, Any], widths: Sequence[int], subset:
     checks: dict[int, Check] = {}
     start = time.perf_counter()
 
-    def passes(k: int) -> bool:
-        if k not in checks:
-            assign = assignment(knobs, widest, order[:k])
-            top, seconds = check_plan(ctx, mixed_plan(base, assign, widest), subset)
-            checks[k] = Check(k, objective(costs, assign, cfg.search_objective), packed_weight_bytes(costs, assign),
-                              top, seconds, uniform_label(assign))
-        return checks[k].val_top1 >= budget - 1e-9
+    most = 2 + math.ceil(math.log2(max(len(order), 1)))
+    with progress_bar(ctx, most, "mixed-precision search: validation checks") as advance:
+        def passes(k: int) -> bool:
+            if k not in checks:
+                assign = assignment(knobs, widest, order[:k])
+                top, seconds = check_plan(ctx, mixed_plan(base, assign, widest), subset)
+                checks[k] = Check(k, objective(costs, assign, cfg.search_objective),
+                                  packed_weight_bytes(costs, assign), top, seconds, uniform_label(assign))
+                advance()
+            return checks[k].val_top1 >= budget - 1e-9
 
-    if not passes(0):
-        best = 0
-        meets = False
-    elif passes(len(order)):
-        best, meets = len(order), True
-    else:  # passes(lo), not passes(hi)
-        lo, hi = 0, len(order)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if passes(mid) else (lo, mid)
-        best, meets = lo, True
+        if not passes(0):
+            best, meets = 0, False
+        elif passes(len(order)):
+            best, meets = len(order), True
+        else:  # passes(lo), not passes(hi)
+            lo, hi = 0, len(order)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+            best, meets = lo, True
     found = assignment(knobs, widest, order[:best])
     return SearchResult(found, mixed_plan(base, found, widest), meets, sorted(checks.values(), key=lambda c: c.steps),
                         time.perf_counter() - start, checks[0].seconds, best)
