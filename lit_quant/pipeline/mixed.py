@@ -32,7 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from lit_quant.pipeline.checkpoint import save_quantized
 from lit_quant.pipeline.context import RunContext, show_progress
 from lit_quant.pipeline.deploy import add_deploy_rows
 from lit_quant.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row, weights_fingerprint
-from lit_quant.pipeline.rows import Report, save_figure
+from lit_quant.pipeline.rows import Report, new_figure, save_figure
 from lit_quant.quant import FakeQuantize, LayerOverride, QuantPlan, enable_fake_quant, iter_quantizers, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layers import _QuantWeightLayer
@@ -83,8 +83,8 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]
     for module in model.modules():
         if isinstance(module, _QuantWeightLayer) and module.weight_quant is not None:
             fq = module.weight_quant
-            inputs = module.__dict__.get("_input_quant") or []
-            knob = (inputs[0].plan_name, "act") if inputs and inputs[0].plan_name is not None else None
+            source = module.input_quantizer()
+            knob = (source.plan_name, "act") if source is not None and source.plan_name is not None else None
 
             def hook(m: nn.Module, _args: Any, out: torch.Tensor, name: str = str(fq.plan_name),
                      knob: Knob | None = knob) -> None:
@@ -130,11 +130,13 @@ class ValSubset:
     model's logits on them."""
 
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-    fp32_logits: torch.Tensor
+    fp32_model: InitVar[nn.Module]
     labels: torch.Tensor = field(init=False)
+    fp32_logits: torch.Tensor = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, fp32_model: nn.Module) -> None:
         self.labels = torch.cat([y for _, y in self.batches])
+        self.fp32_logits = self.logits(fp32_model)
 
     @property
     def fp32_top1(self) -> float:
@@ -157,9 +159,7 @@ def val_subset(ctx: RunContext, images: int | None = None) -> ValSubset:
     images_set = torch.utils.data.Subset(dm.val_set, range(min(images or len(dm.val_set), len(dm.val_set))))
     loader = torch.utils.data.DataLoader(images_set, batch_size=ctx.cfg.batch_size, shuffle=False)
     batches = list(loader) if images else loader  # a subset is read once; the whole split at each pass
-    subset = ValSubset(batches, torch.empty(0))
-    subset.fp32_logits = subset.logits(ctx.float_model)
-    return subset
+    return ValSubset(batches, ctx.float_model)
 
 
 def _distributed() -> tuple[int, int]:
@@ -271,11 +271,12 @@ def step_order(sens: dict[str, Any], knobs: Sequence[Knob], widths: Sequence[int
     order: list[Step] = []
     while True:
         candidates = []
+        current = objective(costs, assign, objective_name)
         for knob in knobs:
             if level[knob] + 1 >= len(widths):
                 continue
             narrower = {**assign, knob: widths[level[knob] + 1]}
-            saving = objective(costs, assign, objective_name) - objective(costs, narrower, objective_name)
+            saving = current - objective(costs, narrower, objective_name)
             if saving <= 0:
                 continue
             added = max(0.0, noise_power(sens, knob, narrower[knob]) - noise_power(sens, knob, assign[knob]))
@@ -391,14 +392,9 @@ def search(ctx: RunContext, sens: dict[str, Any], widths: Sequence[int], subset:
 
 def plot_sensitivity(sens: dict[str, Any], path: Path) -> None:
     """Knobs by widths, coloured by validation drop (weights and activations side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     widths = sorted(sens["widths"], key=int, reverse=True)
     names = list(dict.fromkeys(k.split("|")[0] for w in widths for k in sens["widths"][w]["knobs"]))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 1.5 + 0.25 * len(names)), sharey=True)
+    fig, axes = new_figure(1, 2, figsize=(8, 1.5 + 0.25 * len(names)), sharey=True)
     for ax, kind in zip(axes, ("weight", "act")):
         grid = [[sens["widths"][w]["knobs"].get(f"{n}|{kind}", {}).get("drop", math.nan) for w in widths]
                 for n in names]
@@ -413,15 +409,10 @@ def plot_sensitivity(sens: dict[str, Any], path: Path) -> None:
 def plot_pareto(result: SearchResult, fp32: float, max_drop: float, objective_name: str, path: Path) -> None:
     """Validation top-1 against packed weight size (or bit-operations) of every checked assignment, the
     uniform ones labelled, the non-dominated ones joined, the one kept circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     def x(c: Check) -> float:
         return c.size_bytes / 1024 if objective_name == "size" else c.objective / 1e9
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     front, best = [], -math.inf
     for c in sorted(result.checks, key=x):
         if c.val_top1 > best:
@@ -478,25 +469,26 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
         out["files"] = {"json": ctx.out_dir / "sensitivity.json", "png": ctx.out_dir / "sensitivity.png"}
     if cfg.max_drop is None:
         return out
-    probe = prepare(ctx.float_model, build_plan(cfg, bits=max(widths)))
+    widest = max(widths)
+    probe = prepare(ctx.float_model, build_plan(cfg, bits=widest))
     knobs = list(knob_quantizers(probe))
     costs = layer_costs(probe, ctx.example)
     # the budget is checked on the whole validation split: a subset's sampling noise would be spent from it
     validation = val_subset(ctx)
     result = search(ctx, sens, widths, validation, costs, knobs)
-    widest = {k: max(widths) for k in knobs}
+    uniform = {k: widest for k in knobs}
     plan_path = ctx.out_dir / "mixed-plan.yaml"
-    narrowed = sum(1 for k, b in result.widths.items() if b != max(widths))
+    narrowed = sum(1 for k, b in result.widths.items() if b != widest)
     verdict = "meets" if result.meets_budget else "does NOT meet"
-    header = (f"# lit-quant mixed-precision plan: {narrowed} of {len(knobs)} tensors narrowed from {max(widths)} bits "
+    header = (f"# lit-quant mixed-precision plan: {narrowed} of {len(knobs)} tensors narrowed from {widest} bits "
               f"(widths {' '.join(map(str, sorted(widths)))}, --search-objective {cfg.search_objective}); it {verdict} "
               f"--max-drop {cfg.max_drop:g} on validation.\n# quantize.py --plan {plan_path.name} reuses it.\n")
     search_info = {
         "meets_budget": result.meets_budget, "plan": str(plan_path), "objective": cfg.search_objective,
         "max_drop": cfg.max_drop, "fp32_val_top1": validation.fp32_top1, "val_images": len(validation.labels),
         "size_bytes": packed_weight_bytes(costs, result.widths),
-        "widest_size_bytes": packed_weight_bytes(costs, widest),
-        "bitops": bit_operations(costs, result.widths), "widest_bitops": bit_operations(costs, widest),
+        "widest_size_bytes": packed_weight_bytes(costs, uniform),
+        "bitops": bit_operations(costs, result.widths), "widest_bitops": bit_operations(costs, uniform),
         "seconds": result.seconds, "pass_seconds": result.pass_seconds,
         "passes": result.seconds / result.pass_seconds,
         # what the whole run cost, sensitivity (0 s when cached) included, in the same unit
@@ -511,8 +503,8 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
     row, correct, model, _ = ptq_row(row_ctx, PTQPoint(result.plan, "ptq-mixed"), None)
     saved = 1 - search_info["size_bytes"] / search_info["widest_size_bytes"]
     row.note += (f"; mixed precision ({cfg.search_objective}): {narrowed} of {len(knobs)} tensors below "
-                 f"{max(widths)} bits, plan {plan_path}; packed weights {search_info['size_bytes'] / 1024:.1f} KiB "
-                 f"({saved:.0%} below uniform {max(widths)}-bit weights); validation top-1 "
+                 f"{widest} bits, plan {plan_path}; packed weights {search_info['size_bytes'] / 1024:.1f} KiB "
+                 f"({saved:.0%} below uniform {widest}-bit weights); validation top-1 "
                  f"{result.kept.val_top1:.2f} against fp32 "
                  f"{validation.fp32_top1:.2f}: {verdict} --max-drop {cfg.max_drop:g}; search {len(result.checks)} "
                  f"checks, {result.seconds:.0f} s = {search_info['passes']:.1f} calibration-and-evaluation passes "

@@ -139,12 +139,7 @@ def write_report(rows: list[dict[str, Any]], folder: Path, pairs: list[dict[str,
 
 def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     """Top-1 against bits, one line per observer, with the fp32 level and torch.ao's int8 point."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for observer in sorted({r["observer"] for r in rows if r["variant"] == "ptq"}):
         points = sorted((r["act_bits"], r["top1"]) for r in rows if r["variant"] == "ptq" and r["observer"] == observer)
         ax.plot(*zip(*points), marker="o", label=f"ours ({observer})")
@@ -158,6 +153,16 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def new_figure(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """``matplotlib.pyplot.subplots(*args, **kwargs)`` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
 
 
 def save_figure(fig: Any, path: Path) -> None:
