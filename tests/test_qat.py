@@ -177,6 +177,18 @@ def test_lsq_scales_learn(tmp_path: Path) -> None:
     assert any(not torch.equal(steps[0][k], steps[-1][k]) for k in steps[0] if k.endswith("scale"))
 
 
+def test_lsq_learns_weight_steps_below_8_bits_only() -> None:
+    """Under LSQ the 8-bit first and last layers of a low-bit plan keep weight ranges that follow their
+    weights; narrower weights and every activation (8-bit ones included) learn their steps."""
+    from lit_quant.quant.fake_quant import LSQFakeQuantize
+
+    q = prepare(_bn_model(), QuantPlan.from_bits(4, 4, quantizer="lsq", first_last_bits=8), qat=True)
+    weights = {(fq.spec.bits, type(fq)) for _, fq in iter_quantizers(q, "weight")}
+    assert weights == {(8, FakeQuantize), (4, LSQFakeQuantize)}
+    acts = [(fq.spec.bits, type(fq)) for _, fq in iter_quantizers(q, "act")]
+    assert {bits for bits, _ in acts} == {4, 8} and all(kind is LSQFakeQuantize for _, kind in acts)
+
+
 def _fit_losses(precision: str) -> list[float]:
     pl.seed_everything(0, verbose=False)
     dm = ClassificationDataModule("fake", image_size=8, batch_size=16, fake_size=64, augment=False)

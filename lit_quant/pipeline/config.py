@@ -225,7 +225,8 @@ class QuantizeConfig:
     warmup_epochs: float | None = option(None, "QAT: linear learning-rate warm-up from 1/100 of --lr over this many "
                                          "epochs (fractions allowed; 0: none; default: the recipe's)")
     qat_method: str | None = option(None, "QAT: ste (fixed-range fake quant, observers, straight-through rounding) "
-                                    "or lsq (learned step sizes, 2-8 bits) (default: the recipe's)",
+                                    "or lsq (learned step sizes of activations at 2-8 bits and of weights below 8 "
+                                    "bits; 8-bit weights keep ranges that follow them) (default: the recipe's)",
                                     choices=QAT_METHODS)
     distill: bool | None = option(None, "QAT: knowledge distillation from the fp32 model (the teacher) for ours and "
                                   "torch.ao's QAT alike; loss (1-w) CE + w T^2 KL(teacher || student) (default: "

@@ -64,7 +64,8 @@ class QuantSpec:
         observer: name of the range statistic, one of :data:`OBSERVER_NAMES`.
         observer_args: options for the observer (e.g. ``{"percentile": 99.99}``); stored as sorted
             ``(key, value)`` pairs so the spec stays hashable; read them with :attr:`observer_options`.
-        quantizer: ``ste`` (observer-driven scale) or ``lsq`` (learned scale, for QAT below 8 bits).
+        quantizer: ``ste`` (observer-driven scale) or ``lsq`` (learned scale, for QAT below 8 bits; weights
+            at 8 bits and more keep observer ranges, see :func:`lit_quant.quant.fake_quant.build_fake_quantize`).
     """
 
     bits: int | None = 8
