@@ -83,11 +83,13 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
       bits: ``mse`` ranges, GPTQ rounding and bias correction (``mse`` weight ranges alone lose most of the
       accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes);
       distillation from the fp32 model; the input image and the first and last layers at 8 bits (the image
-      at 4 bits alone costs more than every other tensor); one warm-up epoch (without it the first steps
-      after calibration diverged at 3-4 bits); 1/10 of the fp32 learning rate for 5 epochs (8 at 3 bits, 30
-      at 2 bits). BatchNorm normalises with batch statistics until the last epoch, which folds the running
-      statistics as deployment does: folded from the first step, a 4-bit Fashion-MNIST model diverged at
-      1/10 of the fp32 rate, where batch statistics kept the loss steady (docs/RESULTS.md).
+      at 4 bits alone costs more than every other tensor; their weights keep ranges that follow them, as
+      LSQ learns weight steps below 8 bits only: :func:`lit_quant.quant.fake_quant.build_fake_quantize`);
+      one warm-up epoch (without it the first steps after calibration diverged at 3-4 bits); 1/10 of the
+      fp32 learning rate for 5 epochs (8 at 3 bits, 30 at 2 bits). BatchNorm normalises with batch
+      statistics until the last epoch, which folds the running statistics as deployment does: folded from
+      the first step, a 4-bit Fashion-MNIST model diverged at 1/10 of the fp32 rate, where batch statistics
+      kept the loss steady (docs/RESULTS.md).
     """
     bits = min(weight_bits, act_bits)
     if bits >= 8:
