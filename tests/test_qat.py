@@ -21,7 +21,7 @@ from lit_quant.cli import run_cli
 from lit_quant.data import ClassificationDataModule
 from lit_quant.models import build_model
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, iter_quantizers, prepare
-from lit_quant.quant.fake_quant import FakeQuantize
+from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize
 from lit_quant.quant.layers import QuantConvBn2d, freeze_bn_stats
 from lit_quant.quant.spec import QuantSpec
 from lit_quant.torchao_ref import available_backends, builtin_qat_prepare
@@ -180,8 +180,6 @@ def test_lsq_scales_learn(tmp_path: Path) -> None:
 def test_lsq_learns_weight_steps_below_8_bits_only() -> None:
     """Under LSQ the 8-bit first and last layers of a low-bit plan keep weight ranges that follow their
     weights; narrower weights and every activation (8-bit ones included) learn their steps."""
-    from lit_quant.quant.fake_quant import LSQFakeQuantize
-
     q = prepare(_bn_model(), QuantPlan.from_bits(4, 4, quantizer="lsq", first_last_bits=8), qat=True)
     weights = {(fq.spec.bits, type(fq)) for _, fq in iter_quantizers(q, "weight")}
     assert weights == {(8, FakeQuantize), (4, LSQFakeQuantize)}

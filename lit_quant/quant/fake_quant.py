@@ -197,23 +197,25 @@ class LSQFakeQuantize(FakeQuantize):
                                  self.axis, relu=relu, observed=observed)
 
 
-#: Weights this wide keep observer ranges (STE) under ``quantizer: lsq``; see :func:`build_fake_quantize`.
-LSQ_WEIGHT_MAX_BITS = 7
+#: Weights of this many bits or more keep observer ranges (STE) under ``quantizer: lsq``; see
+#: :func:`build_fake_quantize`.
+LSQ_WEIGHT_BITS_LIMIT = 8
 
 
 def build_fake_quantize(spec: QuantSpec, kind: str = "act") -> FakeQuantize:
-    """``FakeQuantize`` or ``LSQFakeQuantize`` according to ``spec.quantizer``, except that weights of more
-    than :data:`LSQ_WEIGHT_MAX_BITS` bits keep ranges that follow the weight (STE) under ``lsq``.
+    """``FakeQuantize`` or ``LSQFakeQuantize`` according to ``spec.quantizer``, except that weights of
+    :data:`LSQ_WEIGHT_BITS_LIMIT` bits or more keep ranges that follow the weight (STE) under ``lsq``.
 
     Why: a learned weight step ``s`` moves by ``lr g sum_i (round(w_i/s) - w_i/s) dL/dq_i`` per step, ``g =
     1/sqrt(N Q_P)``; at 8 bits almost no weight clips, so that sum is rounding noise, and it is large next to
     ``s = max|w| / 127``. Per channel of a 3x3 single-channel stem conv (``N`` = 9) or of a classifier row,
-    the steps of the 8-bit first and last layers of a low-bit recipe drifted 2-96x from their calibrated
-    values within one epoch (one stem channel fell to ``eps`` for good) and took the model from 97.8 to 86 %
-    on digits; with these weights on observer ranges the same runs end above their PTQ start
-    (docs/RESULTS.md, QAT on digits). Activation steps stay learned at 8 bits (they did not drift).
+    the steps of the 8-bit first and last layers of a low-bit recipe drifted from their calibrated values
+    (one stem channel's to ``eps`` for good in the first epoch, two classifier rows' up 55-60x by the second)
+    and took the model from 97.8 to 86 % on digits; with these weights on observer ranges the same runs end
+    above their PTQ start (docs/RESULTS.md, QAT on digits). Activation steps stay learned at 8 bits (they did
+    not drift).
     """
-    lsq = spec.quantizer == "lsq" and not (kind == "weight" and (spec.bits or 0) > LSQ_WEIGHT_MAX_BITS)
+    lsq = spec.quantizer == "lsq" and not (kind == "weight" and spec.bits >= LSQ_WEIGHT_BITS_LIMIT)
     return (LSQFakeQuantize if lsq else FakeQuantize)(spec, kind)
 
 
