@@ -82,20 +82,24 @@ def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
     * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the best PTQ model below 8
       bits: ``mse`` ranges, GPTQ rounding and bias correction (``mse`` weight ranges alone lose most of the
       accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes);
-      distillation from the fp32 model; the input image and the first and last layers at 8 bits (the image
-      at 4 bits alone costs more than every other tensor; their weights keep ranges that follow them, as
-      LSQ learns weight steps below 8 bits only: :func:`lit_quant.quant.fake_quant.build_fake_quantize`);
-      one warm-up epoch (without it the first steps after calibration diverged at 3-4 bits); 1/10 of the
-      fp32 learning rate for 5 epochs (8 at 3 bits, 30 at 2 bits). BatchNorm normalises with batch
-      statistics until the last epoch, which folds the running statistics as deployment does: folded from
-      the first step, the 4-bit run on a 1-epoch Fashion-MNIST checkpoint ended 0.20 points lower on
-      validation and 0.09 lower on test (docs/RESULTS.md).
+      the input image and the first and last layers at 8 bits (the image at 4 bits alone costs more than
+      every other tensor; their weights keep ranges that follow them, as LSQ learns weight steps below 8 bits
+      only: :func:`lit_quant.quant.fake_quant.build_fake_quantize`); one warm-up epoch (without it the first
+      steps after calibration diverged at 3-4 bits); 1/10 of the fp32 learning rate for 5 epochs (8 at 3
+      bits, 30 at 2 bits).
+    * distillation from the fp32 model at 2-3 bits only (without it one of three 3-bit runs on digits ended
+      below PTQ). At 4-7 bits the labels alone: a student distilled from fp32 does not pass its teacher,
+      and on a 1-epoch Fashion-MNIST checkpoint the distilled 4-bit run ended 0.61 points below fp32, the
+      undistilled one 1.98 above.
+    * BatchNorm normalises with batch statistics until the last epoch below 8 bits, which folds the running
+      statistics as deployment does: folded from the first step, the distilled 4-bit run on the 1-epoch
+      Fashion-MNIST checkpoint ended 0.20 points lower on validation and 0.09 lower on test.
     """
     bits = min(weight_bits, act_bits)
     if bits >= 8:
         return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, False, None, False)
     epochs = 30 if bits <= 2 else 8 if bits == 3 else 5
-    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, epochs, True, 8, True)
+    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, epochs, bits <= 3, 8, True)
 
 
 def plan_widths(path: str) -> tuple[int, int] | None:

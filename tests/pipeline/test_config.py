@@ -41,7 +41,7 @@ def test_act_observer_default_depends_on_the_mode_and_is_resolved() -> None:
 @pytest.mark.parametrize("bits,expected", [
     (8, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None, 0)),
     (16, ("ste", "ema", "minmax", "nearest", False, 0.0, 5, False, None, 0)),
-    (4, ("lsq", "mse", "mse", "gptq", True, 1.0, 5, True, 8, 4)),
+    (4, ("lsq", "mse", "mse", "gptq", True, 1.0, 5, False, 8, 4)),
     (3, ("lsq", "mse", "mse", "gptq", True, 1.0, 8, True, 8, 7)),
     (2, ("lsq", "mse", "mse", "gptq", True, 1.0, 30, True, 8, 29))])
 def test_qat_recipe_by_width_fills_only_what_is_not_given(bits: int, expected: tuple) -> None:
