@@ -24,7 +24,15 @@ from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import add_config_arguments
-from lit_quant.pipeline.config import OBSERVER_NAMES, SCHEMES, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
+from lit_quant.pipeline.config import (
+    LOGITS_COST,
+    OBSERVER_NAMES,
+    SCHEMES,
+    SWEEP_BITS,
+    QuantizeConfig,
+    qat_recipe,
+    resolve_request,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -201,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.get("source") and r["note"]:
             console.print(f"{r['variant']} of {r['source']} ({r['backend']}): {r['note']}", markup=False,
                           highlight=False)
+        elif r["note"] and LOGITS_COST in r["note"]:  # quantized logits, asked for: what they cost
+            console.print(f"{r['variant']}: {LOGITS_COST}{r['note'].split(LOGITS_COST, 1)[1].split(';')[0]}",
+                          markup=False, highlight=False)
     for pair in result.pairs:
         console.print(pair_line(pair), markup=False, highlight=False)
     console.print(f"Report: {result.report_dir / 'report.json'}")

@@ -51,7 +51,7 @@ from lit_quant.quant import (
 from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.fake_quant import set_step_qparams
 from lit_quant.quant.layers import freeze_bn_stats, refresh_weight_qparams
-from lit_quant.quant.plan import FIRST, INPUT, LAST
+from lit_quant.quant.plan import FIRST, INPUT, LAST, OUTPUT, ROLES
 from lit_quant.torchao_ref import builtin_qat_switches
 
 #: Batches a callback calibrates on unless told otherwise: quantize.py's ``--calib-batches`` default, a
@@ -141,7 +141,7 @@ def _own_plan(plan: QuantPlan, name: str, names: list[str], children: dict[str, 
     single layer are each prepared inside a scope of their name, so layer names are the LightningModule's;
     each keeps the overrides that match one of its names, and the model-wide ones follow the whole network:
     ``input`` applies to the first module's input, ``@first`` / ``@last`` to the first / last Conv2d or
-    Linear of the network. Every later module's input quantizer quantizes an inner activation, with the
+    Linear of the network, ``@output`` to the last module's output layer. Every later module's input quantizer quantizes an inner activation, with the
     plan's activation spec.
     """
     if not _scoped_network(names, children):
@@ -152,6 +152,8 @@ def _own_plan(plan: QuantPlan, name: str, names: list[str], children: dict[str, 
     for o in plan.overrides:
         if o.pattern == INPUT:
             keep = name == names[0]
+        elif o.pattern == OUTPUT:
+            keep = name == names[-1]
         elif o.pattern in (FIRST, LAST):
             keep = bool(weighted) and name == weighted[0 if o.pattern == FIRST else -1]
         else:
@@ -168,7 +170,7 @@ def _check_overrides(plan: QuantPlan, names: list[str], children: dict[str, nn.M
         return  # prepare checks the names itself
     known = sorted(set().union(*(_layer_names(name, children[name]) for name in names)))
     for o in plan.overrides:
-        if o.pattern not in (INPUT, FIRST, LAST) and not any(o.matches(n) for n in known):
+        if o.pattern not in ROLES and not any(o.matches(n) for n in known):
             raise QuantConfigError(f"plan override {o.pattern!r} matches no module of the network "
                                    f"({', '.join(names)}); its layers: {', '.join(known[:20])}")
 

@@ -10,7 +10,8 @@ kind             meaning
 ``input``        the model input; quantized by ``QuantizedModel.input_quant``
 ``layer``        :class:`QuantConv2d` / :class:`QuantLinear` / :class:`QuantConvBn2d`; its output is
                  quantized by its own ``act_quant``, or (``act_quant is None``) it is an accumulator that
-                 the single consumer (a ReLU) requantizes
+                 the single consumer (a ReLU) requantizes, or that is the model's output, dequantized to
+                 float (the logits: :func:`float_output`)
 ``requant``      :class:`QuantOutput`: ``module`` (an activation, Add / Mul / MatMul / Cat, LayerNorm, softmax,
                  mean, average pooling: :data:`REQUANT_TYPES`) then its quantizer
 ``add``          a plain :class:`lit_quant.quant.ops.Add` whose sum a following ReLU requantizes (add + relu fused)
@@ -31,6 +32,7 @@ function) raises :class:`ExportError` naming the node and what to change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,14 +167,23 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         if step.node is not None:
             step._call_args = torch.fx.node.map_arg((step.node.args, dict(step.node.kwargs)),
                                                     lambda n: _Ref(_resolve(n.name, alias)))
-    for step in steps:  # an accumulator (layer without output quantizer, plain Add) must feed one ReLU
+    for step in steps:  # an accumulator (layer without output quantizer, plain Add) feeds one ReLU, or is the
+        # model's float output (the logits layer's accumulator, dequantized)
         if (step.kind == "layer" and step.module.act_quant is None) or step.kind == "add":
             readers = [s for s in steps if step.name in s.inputs and s.kind != "shape"]
+            if step.kind == "layer" and [r.kind for r in readers] == ["output"]:
+                continue
             if len(readers) != 1 or readers[0].kind != "requant" or not isinstance(readers[0].module.module,
                                                                                      (nn.ReLU, nn.ReLU6)):
                 raise ExportError(f"{step.target}: output not quantized and not followed by a quantized ReLU; "
                                   "give it an output quantizer (activation bits in the plan)")
     return steps
+
+
+def float_output(step: Step, steps: list[Step]) -> bool:
+    """Whether ``step`` is a layer whose accumulator is the model's float output (no output quantizer)."""
+    return step.kind == "layer" and step.module.act_quant is None and any(
+        s.kind == "output" and step.name in s.inputs for s in steps)
 
 
 def _resolve(name: str, alias: dict[str, str]) -> str:
@@ -240,19 +251,31 @@ def act_qparams(step: Step, input_quant: FakeQuantize | None = None) -> QParams:
 
 def agreement(model: nn.Module, reference: QuantizedModel, batches: Any) -> dict[str, Any]:
     """Compare a deployed ``model`` with the fake-quant ``reference`` on ``batches`` (tensors or ``(x, y)``):
-    how many predictions differ, and the largest logit difference in output quantization steps (the scale of
-    the tensor the reference's last step produces; NaN when its output is not quantized)."""
+    how many predictions differ (``disagree`` of ``images``) and the largest logit difference, in output
+    quantization steps where the reference's logits are quantized (``max_logit_diff_steps``, else None), and
+    as a share of the reference logits' range (``max_logit_diff_share``: float logits have no step)."""
     steps = deploy_graph(reference)
     last = next(s for s in steps if s.name == steps[-1].inputs[0])
     quantized_output = last.kind in ("layer", "requant") and last.module.act_quant is not None
-    step_size = float(act_qparams(last).scale) if quantized_output else float("nan")
+    step_size = float(act_qparams(last).scale) if quantized_output else None
     differ = total = 0
-    worst = 0.0
+    worst, low, high = 0.0, math.inf, -math.inf
     with torch.no_grad():
         for batch in batches:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             a, b = model(x), reference(x)
             differ += int((a.argmax(1) != b.argmax(1)).sum())
             total += len(x)
-            worst = max(worst, float((a - b).abs().max()) / step_size)
-    return {"images": total, "disagree": differ, "max_logit_diff_steps": worst}
+            worst = max(worst, float((a - b).abs().max()))
+            low, high = min(low, float(b.min())), max(high, float(b.max()))
+    return {"images": total, "disagree": differ,
+            "max_logit_diff_steps": None if step_size is None else worst / step_size,
+            "max_logit_diff_share": worst / (high - low) if high > low else 0.0}
+
+
+def logit_gap(check: dict[str, Any]) -> str:
+    """An :func:`agreement`'s logit difference in words: 'logits within 2 output steps' or, for float
+    logits, 'logits within 0.12 % of their range'."""
+    if check["max_logit_diff_steps"] is not None:
+        return f"logits within {check['max_logit_diff_steps']:.0f} output steps"
+    return f"logits within {100 * check['max_logit_diff_share']:.2g} % of their range"

@@ -16,7 +16,8 @@ Mapping of :func:`lit_quant.deploy.graph.deploy_graph` steps:
   op, quantize with our qparams (one rounding, as the fake-quant model does);
 * max pooling, reshapes, permutes, slices, splits: on the quantized tensor (values stay on the grid), and
   the shape arithmetic they read as in the float model;
-* output: dequantize.
+* output: dequantize; a logits layer without an output quantizer runs as a float product of its dequantized
+  int8 input and weights (:class:`_FloatOutputLayer`), the accumulator dequantized.
 
 A float tensor the graph reads (a class token, a layer scale) has no int8 kernel to go into: such a model is
 refused, naming the tensor.
@@ -37,9 +38,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
+from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, float_output, layer_weight
 from lit_quant.quant.fake_quant import iter_quantizers
-from lit_quant.quant.functional import QParams
+from lit_quant.quant.functional import QParams, dequantize
 from lit_quant.quant.ops import Add, Cat, MatMul, Mul
 from lit_quant.quant.prepare import QuantizedModel
 from lit_quant.torchao_ref import _quiet, check_backend, use_engine
@@ -129,6 +130,26 @@ def _quantized_layer(step: Step, out: QParams, relu: bool) -> nn.Module:
     return new
 
 
+class _FloatOutputLayer(nn.Module):
+    """The logits layer without an output quantizer: its int8 input and weights, dequantized, in a float
+    convolution or matrix product, plus the accumulator-grid bias (what the fake-quant layer computes, the
+    integer accumulator times ``s_x s_w`` up to float rounding). int8 kernels have no float output; the
+    layer is the classifier's last and smallest."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer.to_float()
+        self.weight = dequantize(layer_weight(layer)).detach()
+        bias = layer.deployed_bias()
+        self.bias = None if bias is None else bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.dequantize()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
 class _Requant(nn.Module):
     """``quantize(op(dequantize(x), ...))`` with our output qparams (one rounding, as fake quantization)."""
 
@@ -216,6 +237,7 @@ class Int8Model(nn.Module):
 
     def __init__(self, steps: list[Step], ops: dict[str, nn.Module], input_qparams: QParams, backend: str) -> None:
         super().__init__()
+        float_steps = {s.name for s in steps if float_output(s, steps)}
         scale, zero_point = _quint8(input_qparams)
         root = nn.Module()
         graph = torch.fx.Graph()
@@ -226,7 +248,7 @@ class Int8Model(nn.Module):
                 x = graph.placeholder("x")
                 env[step.name] = graph.call_function(torch.quantize_per_tensor, (x, scale, zero_point, torch.quint8))
             elif step.kind == "output":
-                graph.output(graph.call_method("dequantize", (args[0],)))
+                graph.output(args[0] if step.inputs[0] in float_steps else graph.call_method("dequantize", (args[0],)))
             elif step.name in ops:
                 root.add_module(step.name, ops[step.name])
                 env[step.name] = graph.call_module(step.name, args)
@@ -267,7 +289,9 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
     with _quiet(), use_engine(backend):
         for step in steps:
             if step.kind == "layer":
-                if step.module.act_quant is not None:
+                if float_output(step, steps):
+                    ops[step.name] = _FloatOutputLayer(step.module)
+                elif step.module.act_quant is not None:
                     ops[step.name] = _quantized_layer(step, act_qparams(step), relu=False)
                 else:
                     relu = readers[step.name][0]

@@ -35,6 +35,8 @@ SWEEP_BITS = (16, 8, 6, 4, 3, 2)
 #: Widths of ``--sensitivity`` without ``--bits``; ``--max-drop`` without ``--bits`` chooses between 8 and 4.
 SENSITIVITY_BITS = (8, 4, 3, 2)
 SEARCH_BITS = (8, 4)
+#: How a row's note starts the sentence on what its quantized logits cost (``quantize.py`` prints it).
+LOGITS_COST = "logits at "
 #: Flags that only mean something for ``--mode qat``.
 QAT_ONLY = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_weight", "distill_temperature",
             "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
@@ -199,8 +201,11 @@ class QuantizeConfig:
     n_std: float = option(3.0, "clip at mean +- N standard deviations with the 'nstd' observer")
     first_last_bits: int | None = option(None, "bits of the input image and the first and last layers (e.g. 8 with low "
                                          "--bits; the QAT recipe's below 8 bits unless --io-bits or --plan is given)")
-    io_bits: int | None = option(None, "bits of the model input (the image) and output (the logits) only, e.g. 8 "
-                                 "with low --bits; every weight keeps --weight-bits")
+    io_bits: int | None = option(None, "bits of the model input (the image) and output (the logits) only; every "
+                                 "weight keeps --weight-bits (default: float logits, the last layer's accumulator "
+                                 "dequantized as int8 runtimes can do, since quantized logits tie or swap close "
+                                 "classes; the image at the activation width, its whole range kept at 8 bits and "
+                                 "more); quantized logits add what they cost to the row's note")
     no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
     plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
     stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lit_quant.cli import console
-from lit_quant.deploy.graph import agreement
+from lit_quant.deploy.graph import agreement, logit_gap
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import IntegerEngine
 from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
@@ -67,8 +67,8 @@ def _integer_row(ctx: RunContext, report: Report, base: Row, engine: IntegerEngi
         f"; ACCUMULATOR OVERFLOW (saturated) in {len(over)} layer(s): "
         + ", ".join(f"{n} needs {st.bits_needed} bits, {st.overflows} values" for n, st in list(over.items())[:3]))
     row.note = (f"integer-only engine, {engine.scale_bits}-bit multipliers; predictions differ from "
-                f"fake-quant on {check['disagree']} of {check['images']} images, logits within "
-                f"{check['max_logit_diff_steps']:.0f} output steps; size = packed deploy file; "
+                f"fake-quant on {check['disagree']} of {check['images']} images, {logit_gap(check)}; "
+                "size = packed deploy file; "
                 "latency not timed (a reference, float64 integer containers)" + overflow)
     report.add(row, correct)
     if over and ctx.is_global_zero:
@@ -89,5 +89,5 @@ def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Modul
                                 size=file_size(path), **bits)
     check = agreement(onnx_model, qmodel, ctx.dm.test_dataloader())
     row.note = (f"ONNX QDQ opset {ctx.cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
-                f"PyTorch fake-quant on {check['disagree']} image(s)")
+                f"PyTorch fake-quant on {check['disagree']} image(s), {logit_gap(check)}")
     report.add(row, correct)

@@ -16,12 +16,13 @@ import torch
 from lit_quant.classifier import LitClassifier
 from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.checkpoint import reusable_ptq
-from lit_quant.pipeline.config import QuantizeConfig, ptq_recipe
-from lit_quant.pipeline.context import RunContext
+from lit_quant.pipeline.config import LOGITS_COST, QuantizeConfig, ptq_recipe
+from lit_quant.pipeline.context import RunContext, evaluate_on_test
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
+from lit_quant.quant.prepare import QuantizedModel, logits_quantizer
 
 
 def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
@@ -131,6 +132,21 @@ def layerwise_steps(cfg: QuantizeConfig, model: torch.nn.Module, dm: Any) -> Lay
                          adaround_lr=cfg.adaround_lr)
 
 
+def logits_cost_note(ctx: RunContext, model: torch.nn.Module, row: Row) -> str:
+    """For a model whose logits are quantized (asked for with ``--io-bits`` or a plan's ``@output``): '; ' and
+    what that cost on the test split, from a second evaluation with the logits float; '' when they are float."""
+    fq = logits_quantizer(model) if isinstance(model, QuantizedModel) else None
+    if fq is None or not bool(fq.fake_quant_enabled) or row.top1 is None:
+        return ""
+    fq.fake_quant_enabled.fill_(False)
+    try:
+        metrics, _ = evaluate_on_test(ctx.trainer, model, ctx.num_classes, ctx.dm)
+    finally:
+        fq.fake_quant_enabled.fill_(True)
+    return (f"; {LOGITS_COST}{fq.spec.bits} bits as asked: with float logits (the default) top-1 would be "
+            f"{metrics['top1']:.2f}, so quantizing them cost {metrics['top1'] - row.top1:+.2f} points")
+
+
 def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[Row, torch.Tensor, torch.nn.Module, bool]:
     """Calibrate (or reuse) and evaluate one PTQ point: its row, per-image outcomes, the fake-quant model and
     whether the model was reused from the point's checkpoint.
@@ -164,4 +180,5 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
              + layerwise_done + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else "")
              + (f"; {ptq_recipe(cfg.ptq_recipe, cfg.weight_bits, cfg.act_bits).describe()} (flags given override it)"
                 if cfg.from_ptq_recipe and layerwise_done else ""))
+    row.note += logits_cost_note(ctx, lit.model, row)
     return row, correct, lit.model, reused is not None

@@ -22,7 +22,7 @@ from lit_quant.errors import UserError
 from lit_quant.io import atomic_write
 from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext, show_progress
-from lit_quant.pipeline.ptq import build_plan, layerwise_steps, overrides_note
+from lit_quant.pipeline.ptq import build_plan, layerwise_steps, logits_cost_note, overrides_note
 from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, prepare
 from lit_quant.training import BestCheckpoint, build_trainer, output_dir_lock, prepare_output_dir, read_checkpoint
@@ -186,7 +186,7 @@ def keep_best_epoch(lit: LitClassifier, best_cb: BestCheckpoint, start_file: Pat
 def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
     """The report row of our QAT result and its per-image outcomes."""
     cfg = ctx.cfg
-    return ctx.evaluate(
+    row, correct = ctx.evaluate(
         "qat", qat.model, real=False, backend="fake-quant", weight_bits=qat.plan.weight.bits,
         act_bits=qat.plan.act.bits, observer=qat.plan.act.observer, calib_s=qat.calib_s,
         note=f"our QAT ({cfg.qat_method}{recipe_note(cfg)}), {cfg.epochs} epochs in {qat.fit_s:.0f} s, kept epoch "
@@ -195,3 +195,5 @@ def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
                 + ("; --plan sets widths and ranges" if cfg.plan else "") + "); "
                 if cfg.recipe is not None and cfg.from_recipe else "")
              + "fake-quant simulation" + overrides_note(qat.plan))
+    row.note += logits_cost_note(ctx, qat.model, row)
+    return row, correct

@@ -10,11 +10,12 @@ Example YAML (every key optional)::
     overrides:
       - {pattern: "@first", weight: {bits: 8}, act: {bits: 8}}   # first Conv/Linear
       - {pattern: "@last", weight: {bits: 8}, act: {bits: 8}}    # last Conv/Linear
+      - {pattern: "@output", act: {bits: 0}}                     # the logits float (the accumulator)
       - {pattern: "layers.3.*", act: {observer: percentile, observer_args: {percentile: 99.9}}}
       - {pattern: "layers.8.conv2", skip: true}                  # leave in float
 
-Patterns are exact module names, ``fnmatch`` globs, ``@first`` / ``@last`` or ``input`` (the model input
-quantizer). Overrides apply in order, later ones win. A quantized activation that absorbs a ReLU (or an
+Patterns are exact module names, ``fnmatch`` globs, ``@first`` / ``@last``, ``@output`` (the Conv/Linear
+whose output is the model's output: the logits) or ``input`` (the model input quantizer). Overrides apply in order, later ones win. A quantized activation that absorbs a ReLU (or an
 unfolded BatchNorm) is governed by its producer's name, so ``conv1`` covers conv1's weights and the tensor
 after its fused ``bn1`` + ``relu``.
 """
@@ -41,7 +42,9 @@ from lit_quant.quant.spec import (
     check_choice,
 )
 
-FIRST, LAST, INPUT = "@first", "@last", "input"
+FIRST, LAST, OUTPUT, INPUT = "@first", "@last", "@output", "input"
+#: Patterns that name a role in the network rather than a module: they match in every model.
+ROLES: tuple[str, ...] = (INPUT, FIRST, LAST, OUTPUT)
 _GLOB_CHARS = set("*?[")
 
 
@@ -109,8 +112,9 @@ class LayerOverride:
         """One line for reports: ``input a8``, ``@first w8 a8``, ``fc float``, ``conv1 act observer=mse``."""
         parts = [self.pattern]
         for prefix, name, fields in (("w", "weight", dict(self.weight)), ("a", "act", dict(self.act))):
+            fields = {k: v for k, v in fields.items() if not (k == "observer_args" and not v)}
             if set(fields) == {"bits"}:
-                parts.append(f"{prefix}{fields['bits']}")
+                parts.append(f"{prefix}{fields['bits']}" if fields["bits"] else f"{name} float")
             elif fields:
                 parts.append(f"{name} " + ",".join(f"{k}={v}" for k, v in fields.items()))
         if self.skip:
@@ -201,10 +205,20 @@ class QuantPlan:
                   observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags.
 
-        ``first_last_bits`` puts the first and last Conv/Linear (weights and outputs) and the model input (the
-        first layer's input) at that width; ``io_bits`` puts only the model input (the image) and the last
-        layer's output (the logits) at that width, every weight keeping ``weight_bits`` (it comes after
-        ``first_last_bits``, so it wins for those two tensors);
+        Two tensors are treated apart from the other activations, because they are not like them:
+
+        * the logits (``@output``) stay float, the last layer's accumulator dequantized, as int8 runtimes
+          can do, unless ``io_bits`` asks for a width. A classifier's answer is the ordering of a few
+          logits; an 8-bit grid over their whole range ties or swaps close ones, which cost torchvision's
+          resnet18 on 32 px digits 7 points at W8A8 (docs/RESULTS.md);
+        * the model input, at 8 bits or more, keeps its full range (a ``minmax`` observer, whatever
+          ``act_observer`` is): an image is 8-bit data, so an 8-bit grid over its range loses nothing, and a
+          clipping observer removes the brightest pixels every later layer depends on.
+
+        ``first_last_bits`` puts the first and last Conv/Linear (weights, and the first layer's output) and
+        the model input at that width; ``io_bits`` puts the model input (the image) and the logits at that
+        width, every weight keeping ``weight_bits`` (it comes after ``first_last_bits``, so it wins for those
+        two tensors);
         ``skip`` lists layer names (or globs) left in float; ``observer_args`` maps an observer name to its
         options (``{"percentile": {"percentile": 99.9}}``), given to the weight or activation spec using it.
         """
@@ -214,9 +228,12 @@ class QuantPlan:
                            observer_args=args.get(weight_observer, ()))
         act = QuantSpec(bits=act_bits, scheme=act_scheme, observer=act_observer, quantizer=quantizer,
                         observer_args=args.get(act_observer, ()))
-        overrides = [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
-                     for p in (INPUT, FIRST, LAST) if first_last_bits]
-        overrides += [LayerOverride(p, act={"bits": io_bits}) for p in (INPUT, LAST) if io_bits]
+        input_bits = io_bits or first_last_bits or act_bits
+        overrides = [LayerOverride(INPUT, act={"observer": "minmax", "observer_args": {}})] \
+            if input_bits and input_bits >= 8 and act_observer != "minmax" else []
+        overrides += [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
+                      for p in (INPUT, FIRST, LAST) if first_last_bits]
+        overrides += [LayerOverride(p, act={"bits": io_bits or 0}) for p in (INPUT, OUTPUT) if io_bits or p == OUTPUT]
         overrides += [LayerOverride(name, skip=True) for name in skip]
         return cls(weight, act, tuple(overrides), accum_bits, fold_bn)
 
@@ -267,13 +284,13 @@ class QuantPlan:
         return LayerQuant(weight if weight.enabled else None, act if act.enabled else None, accum)
 
     def check_names(self, names: Iterable[str]) -> None:
-        """Raise if an override matches none of ``names`` (plus ``@first``, ``@last``, ``input``).
+        """Raise if an override matches none of ``names`` (or a role of :data:`ROLES`).
 
         The message lists the closest known names (difflib), since the usual cause is a typo.
         """
         known = list(names)
         for o in self.overrides:
-            if o.pattern in (FIRST, LAST, INPUT) or any(o.matches(n) for n in known):
+            if o.pattern in ROLES or any(o.matches(n) for n in known):
                 continue
             close = difflib.get_close_matches(o.pattern, known, n=5, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; quantizable layers: {', '.join(known[:20])}"

@@ -55,7 +55,7 @@ from lit_quant.quant.graph import (
 )
 from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, _QuantWeightLayer
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
-from lit_quant.quant.plan import FIRST, INPUT, LAST, QuantPlan
+from lit_quant.quant.plan import FIRST, INPUT, LAST, OUTPUT, QuantPlan
 
 #: Modules whose output is quantized by wrapping them in :class:`QuantOutput`.
 OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
@@ -102,14 +102,41 @@ def _input_quantizer(node: torch.fx.Node, modules: dict[str, nn.Module],
     while True:
         if node.op == "placeholder":
             return input_quant
-        if node.op == "call_module" and isinstance(modules[str(node.target)], PASSTHROUGH_TYPES) or (
-                node.op == "call_function" and node.target in SHAPE_FUNCTIONS) or (
-                node.op == "call_method" and node.target in SHAPE_METHODS):
+        if _passes_through(node, modules):
             node = node.args[0]
             continue
         if node.op == "call_module":
             return getattr(modules[str(node.target)], "act_quant", None)
         return None
+
+
+def _passes_through(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` keeps its first argument's values on their grid (a pass-through module or a reshape)."""
+    return (node.op == "call_module" and isinstance(modules[str(node.target)], PASSTHROUGH_TYPES)) or (
+        node.op == "call_function" and node.target in SHAPE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in SHAPE_METHODS)
+
+
+def output_layer(model: torch.fx.GraphModule) -> str | None:
+    """The Conv2d / Linear whose output the traced ``model`` returns (through reshapes and pass-through
+    modules): the layer that computes the logits, ``@output`` in a plan. None when the model returns
+    something else (several tensors, or the output of a pooling or an activation)."""
+    modules = dict(model.named_modules())
+    out = next(n for n in model.graph.nodes if n.op == "output")
+    node = out.args[0]
+    while isinstance(node, torch.fx.Node) and _passes_through(node, modules) and node.args:
+        node = node.args[0]
+    if isinstance(node, torch.fx.Node) and node.op == "call_module" \
+            and isinstance(modules[str(node.target)], WEIGHTED_TYPES):
+        return str(node.target)
+    return None
+
+
+def logits_quantizer(qmodel: QuantizedModel) -> FakeQuantize | None:
+    """The output quantizer of ``qmodel``'s logits layer (:func:`output_layer`); None when the logits are
+    float, as the default plans leave them."""
+    name = output_layer(qmodel.model)
+    return None if name is None else getattr(qmodel.model.get_submodule(name), "act_quant", None)
 
 
 def link_input_quantizers(qmodel: QuantizedModel) -> None:
@@ -202,6 +229,7 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     absorbed, owner = _absorbed(modules, graph, folded)
 
     weighted = [n for n in graph.order if isinstance(modules[n], WEIGHTED_TYPES)]
+    logits = output_layer(model)
     outputs = [n for n in graph.order if isinstance(modules[n], (*OUTPUT_TYPES, *BN_TYPES)) and n not in absorbed]
     stubs = [n for n in graph.order if is_ao_stub(modules[n])]
     if not weighted and not outputs:
@@ -213,7 +241,7 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     def resolve(name: str) -> Any:
         governing = owner.get(name, name)
         aliases = ([FIRST] if weighted and governing == weighted[0] else []) + (
-            [LAST] if weighted and governing == weighted[-1] else [])
+            [LAST] if weighted and governing == weighted[-1] else []) + ([OUTPUT] if name == logits else [])
         return plan.resolve(governing, aliases)
 
     for name in weighted:

@@ -139,14 +139,16 @@ def test_layerwise_on_a_qat_model_with_learned_step_sizes() -> None:
 
 
 def test_bias_correction_matches_the_float_mean_output() -> None:
-    """After bias correction the head's mean output per class on the calibration images (before its output
-    quantizer) is the float model's: each layer is corrected with every earlier one already corrected."""
+    """After bias correction the head's mean output per class on the calibration images (the float logits,
+    the plan's default) is the float model's: each layer is corrected with every earlier one already
+    corrected."""
     net, data = _net(), _data()
     q = prepare(net, QuantPlan.from_bits(3, 8))
     calibrate(q, data)
     head = [m for m in q.modules() if isinstance(m, _QuantWeightLayer)][-1]
+    assert head.act_quant is None
     seen: list[torch.Tensor] = []
-    head.act_quant.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    head.register_forward_hook(lambda _m, _args, out: seen.append(out))
     x = torch.cat(data)
     with torch.no_grad():
         ref = net(x).mean(0)

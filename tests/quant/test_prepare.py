@@ -113,7 +113,8 @@ def test_calibrate_then_fake_quant_changes_output_and_gradients_flow(resnet: nn.
     q(x).sum().backward()
     assert q.model.conv1.weight.grad is not None and q.model.fc.weight.grad.abs().sum() > 0
     qp = model_qparams(q)
-    assert qp["model.conv1.weight_quant"].scale.shape == (16,) and qp["model.fc.act_quant"].bits == 4
+    assert qp["model.conv1.weight_quant"].scale.shape == (16,) and qp["model.relu.act_quant"].bits == 4
+    assert "model.fc.act_quant" not in qp  # the logits stay float (the plan's default)
 
 
 def test_lsq_scales_receive_gradients(resnet: nn.Module) -> None:
@@ -234,7 +235,7 @@ def test_first_last_bits_cover_first_layer_input_and_last_layer(resnet: nn.Modul
     q = prepare(resnet, QuantPlan.from_bits(4, 4, first_last_bits=8))
     assert q.input_quant is not None and q.input_quant.spec.bits == 8  # the first layer's input
     assert q.model.conv1.weight_quant.spec.bits == 8
-    assert q.model.fc.weight_quant.spec.bits == 8 and q.model.fc.act_quant.spec.bits == 8
+    assert q.model.fc.weight_quant.spec.bits == 8 and q.model.fc.act_quant is None  # float logits
     assert q.model.layers[3].conv1.weight_quant.spec.bits == 4
     assert q.model.layers[3].relu1.act_quant.spec.bits == 4
     plain = prepare(resnet, QuantPlan.from_bits(4, 4))
@@ -246,10 +247,50 @@ def test_io_bits_cover_the_model_input_and_logits_only(resnet: nn.Module) -> Non
     assert q.input_quant.spec.bits == 8 and q.model.fc.act_quant.spec.bits == 8  # the image and the logits
     assert q.model.conv1.weight_quant.spec.bits == q.model.fc.weight_quant.spec.bits == 4
     assert q.model.relu.act_quant.spec.bits == 4  # the first layer's output is a hidden activation
-    assert [o.describe() for o in q.plan.overrides] == ["input a8", "@last a8"]
+    assert [o.describe() for o in q.plan.overrides] == ["input a8", "@output a8"]
     both = prepare(resnet, QuantPlan.from_bits(4, 4, first_last_bits=8, io_bits=6))
     assert both.input_quant.spec.bits == both.model.fc.act_quant.spec.bits == 6
     assert both.model.conv1.weight_quant.spec.bits == both.model.fc.weight_quant.spec.bits == 8
+
+
+class _Head(nn.Module):
+    """A conv, then the logits layer behind a flatten and a dropout: ``@output`` looks through both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.1)
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(torch.flatten(self.pool(self.relu(self.conv(x))), 1)))
+
+
+def test_default_plan_keeps_the_logits_float_and_the_image_range_whole() -> None:
+    """from_bits: the layer whose output the model returns has no output quantizer (its accumulator is the
+    float logits) unless io_bits asks for one; the input at 8 bits or more is observed by minmax whatever the
+    activation observer, below 8 bits by it."""
+    net = _Head().eval()
+    q = prepare(net, QuantPlan.from_bits(8, 8, act_observer="mse"))
+    assert q.model.classifier.act_quant is None and q.model.classifier.weight_quant is not None
+    assert q.model.pool.act_quant.spec.observer == "mse"
+    assert q.input_quant.spec.observer == "minmax" and q.input_quant.spec.bits == 8
+    assert [o.describe() for o in q.plan.overrides] == ["input act observer=minmax", "@output act float"]
+    low = prepare(net, QuantPlan.from_bits(4, 4, act_observer="mse"))
+    assert low.input_quant.spec.observer == "mse" and low.model.classifier.act_quant is None
+    asked = prepare(net, QuantPlan.from_bits(8, 8, act_observer="mse", io_bits=8))
+    assert asked.model.classifier.act_quant.spec.bits == 8 and asked.model.classifier.act_quant.spec.observer == "mse"
+    x = torch.rand(16, 1, 6, 6)
+    calibrate(q, [x])
+    with torch.no_grad():  # the float output is the accumulator on its integer grid, dequantized
+        feats = q.model.drop(torch.flatten(q.model.pool(q.model.relu(q.model.conv(q.input_quant(x)))), 1))
+        acc = feats @ q.model.classifier.quantized_weight().t() + q.model.classifier.deployed_bias()
+        assert torch.allclose(q(x), acc, atol=1e-6)
+    # a plan YAML names the same role
+    yaml_plan = QuantPlan.from_dict({"overrides": [{"pattern": "@output", "act": {"bits": 16}}]})
+    assert prepare(net, yaml_plan).model.classifier.act_quant.spec.bits == 16
 
 
 def test_calibration_observes_each_weight_once_as_it_is_now(resnet: nn.Module) -> None:
