@@ -11,6 +11,7 @@ Flags override ``--config`` YAML presets (``configs/``), which override the buil
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
-from lit_quant.config import TrainConfig, add_config_arguments, load_yaml, resolve_config
+from lit_quant.config import OWN_MODELS, TrainConfig, add_config_arguments, load_yaml, resolve_config, train_recipe
 
 if TYPE_CHECKING:
     from lit_quant.training import TrainResult
@@ -26,7 +27,13 @@ if TYPE_CHECKING:
 
 def build_parser() -> ArgumentParser:
     """The ``train.py`` argument parser: ``--config`` plus one flag per :class:`TrainConfig` field."""
-    parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    recipes = "\n".join(f"  {train_recipe(m).describe()}" for m in ("resnet20", "resnet18", "vit_b_16"))
+    parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="--optimizer, --lr, --weight-decay, --warmup-epochs, --batch-size and --bn-momentum "
+                                   "not given\n(here or in --config) come from the model family's recipe:\n" + recipes
+                                   + f"\n(lit-quant's own models: {', '.join(OWN_MODELS)}; transformers: torchvision's "
+                                     "vit_*, swin_*, maxvit_*;\nevery other torchvision classifier: the CNN recipe)")
     parser.add_argument("--config", metavar="YAML", help="YAML file of defaults (flags given here override it)")
     add_config_arguments(parser, TrainConfig)
     return parser
@@ -70,6 +77,8 @@ def summary_table(result: TrainResult) -> Table:
                             ("world_size", "processes", "{}")):
         if key in m:
             table.add_row(label, fmt.format(m[key]))
+    if result.recipe:
+        table.add_row("recipe", result.recipe)
     for label, path in (("best checkpoint", result.best_ckpt), ("last checkpoint", result.last_ckpt),
                         ("config", result.config_path), ("metrics", result.metrics_path)):
         table.add_row(label, str(path))

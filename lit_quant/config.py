@@ -48,6 +48,61 @@ def check_choices(config: Any) -> None:
                 raise UserError(f"invalid --{f.name.replace('_', '-')} '{item}'; choose from {', '.join(choices)}")
 
 
+#: lit-quant's own models (:mod:`lit_quant.models`); every other name is a torchvision classifier.
+OWN_MODELS = ("lenet5", "resnet20", "resnet32", "resnet56")
+#: torchvision's transformer classifiers, by name prefix.
+TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit_")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The optimisation settings a model family gets when their flags are not given (:func:`train_recipe`)."""
+
+    name: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    batch_size: int
+    bn_momentum: float | None  # BatchNorm running-statistics momentum (None: the model's own)
+
+    def warmup_for(self, epochs: int) -> float:
+        """The warm-up of a run of ``epochs``: the recipe's, at most a tenth of the run."""
+        return min(self.warmup_epochs, epochs / 10)
+
+    def describe(self) -> str:
+        """One line for --help and the run's summary."""
+        warm = f", {self.warmup_epochs:g} warm-up epoch (at most a tenth of the run)" if self.warmup_epochs else ""
+        bn = f", BatchNorm momentum {self.bn_momentum:g}" if self.bn_momentum is not None else ""
+        decay = f"weight decay {self.weight_decay:g}"
+        opt = "SGD with Nesterov momentum 0.9" if self.optimizer == "sgd" else "AdamW"
+        return f"{self.name}: {opt}, lr {self.lr:g}, {decay}, batch {self.batch_size}{warm}, cosine{bn}"
+
+
+def train_recipe(model: str) -> TrainRecipe:
+    """The training recipe of ``model``'s family, from the zoo benchmark (docs/RESULTS.md):
+
+    * lit-quant's own networks (CIFAR-style ResNets, LeNet-5): SGD with Nesterov momentum, lr 0.1, weight
+      decay 5e-4, batch 64 (He et al. 2016's CIFAR recipe, cosine instead of steps);
+    * torchvision's convolutional classifiers: AdamW, lr 0.003, weight decay 0.05, batch 32, one warm-up
+      epoch, BatchNorm momentum 0.1. Their ImageNet settings assume far more steps than a small data set
+      gives: SGD at lr 0.1 left efficientnet_b0 at chance and sent mnasnet0_5 to NaN in 15 epochs on
+      digits; batch 32 takes twice the steps of 64; lr 0.001 left RegNet and ShuffleNet underfitted and 0.01
+      overshot MobileNetV3; and the running statistics of MobileNetV3 (momentum 0.01) and MNASNet (0.0003)
+      had not caught up with the weights when they were evaluated;
+    * torchvision's transformers: AdamW at lr 0.0005, the same otherwise.
+    """
+    if model in OWN_MODELS:
+        return TrainRecipe("lit-quant CNN recipe", "sgd", 0.1, 5e-4, 0.0, 64, None)
+    if model.startswith(TRANSFORMER_PREFIXES):
+        return TrainRecipe("torchvision transformer recipe", "adamw", 5e-4, 0.05, 1.0, 32, None)
+    return TrainRecipe("torchvision CNN recipe", "adamw", 3e-3, 0.05, 1.0, 32, 0.1)
+
+
+#: TrainConfig fields filled from :func:`train_recipe` when not given.
+TRAIN_RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "warmup_epochs", "batch_size", "bn_momentum")
+
+
 @dataclass
 class TrainConfig:
     """Everything ``train.py`` needs; see the README for each flag."""
@@ -57,7 +112,7 @@ class TrainConfig:
     data_dir: str | None = option(None, "folder with the data set's files (default: Debian's Fashion-MNIST, else ./data)")
     download: bool = option(False, "download the data set with torchvision when missing (needs internet)")
     image_size: int | None = option(None, "image side the model sees (default: the data set's, raised to the model's need)")
-    batch_size: int = option(64, "batch size per process")
+    batch_size: int | None = option(None, "batch size per process (default: the model family's recipe)")
     num_workers: int = option(0, "data-loader worker processes")
     val_fraction: float = option(0.1, "share of the training data held out for validation")
     split_seed: int = option(0, "seed of the train/val/test split (kept apart from --seed)")
@@ -68,15 +123,18 @@ class TrainConfig:
     small_input: bool = option(False, "torchvision models: CIFAR-style stem (3x3 conv, no max-pool) for small images")
     # optimisation
     epochs: int = option(15, "training epochs")
-    optimizer: str = option("sgd", "optimizer", choices=("sgd", "adamw"))
-    lr: float = option(0.1, "peak learning rate")
+    optimizer: str | None = option(None, "optimizer (default: the model family's recipe)", choices=("sgd", "adamw"))
+    lr: float | None = option(None, "peak learning rate (default: the model family's recipe)")
     momentum: float = option(0.9, "SGD momentum")
     nesterov: bool = option(True, "Nesterov momentum (SGD)")
-    weight_decay: float = option(5e-4, "weight decay")
+    weight_decay: float | None = option(None, "weight decay (default: the model family's recipe)")
+    bn_momentum: float | None = option(None, "BatchNorm running-statistics momentum, in (0, 1] (default: the model "
+                                       "family's recipe; unset there: the model's own)")
     scheduler: str = option("cosine", "learning-rate schedule, stepped every batch", choices=("cosine", "onecycle", "none"))
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
-    warmup_epochs: float = option(0.0, "linear learning-rate warm-up from 1/100 of --lr over this many epochs "
-                                  "(fractions allowed; 0: none), with --scheduler cosine or none")
+    warmup_epochs: float | None = option(None, "linear learning-rate warm-up from 1/100 of --lr over this many "
+                                         "epochs (fractions allowed; 0: none), with --scheduler cosine or none "
+                                         "(default: the model family's recipe)")
     seed: int = option(42, "random seed of initialisation, shuffling and augmentation")
     deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
     # hardware
@@ -96,6 +154,21 @@ class TrainConfig:
     progress: bool = option(True, "rich progress bar")
     log_every_n_steps: int = option(10, "logging interval in steps")
 
+    def __post_init__(self) -> None:
+        # The recipe's values are part of the resolved config: config.yaml, the summary and --resume see them.
+        self.from_recipe = [name for name in TRAIN_RECIPE_FIELDS if getattr(self, name) is None]
+        if self.from_recipe and isinstance(self.model, str):
+            recipe = self.recipe
+            for name in self.from_recipe:
+                setattr(self, name, getattr(recipe, name))
+            if "warmup_epochs" in self.from_recipe and isinstance(self.epochs, int):
+                self.warmup_epochs = recipe.warmup_for(self.epochs)
+
+    @property
+    def recipe(self) -> TrainRecipe:
+        """The training recipe of this model's family (:func:`train_recipe`)."""
+        return train_recipe(self.model)
+
     def validate(self) -> None:
         """Check values that argparse cannot; raises :class:`UserError` with the allowed values."""
         for name in ("epochs", "batch_size", "num_nodes", "fake_size", "log_every_n_steps"):
@@ -109,6 +182,8 @@ class TrainConfig:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise UserError(f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         check_warmup(self.warmup_epochs, self.epochs, self.scheduler)
         check_choices(self)
 

@@ -26,6 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
+from lit_quant.config import OWN_MODELS
 from lit_quant.errors import UserError
 from lit_quant.quant.ops import Add
 
@@ -116,12 +117,14 @@ class ModelInfo:
     min_size: int
 
 
-_OWN: dict[str, Callable[[int, int], nn.Module]] = {
+_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "lenet5": lambda c, k: LeNet5(c, k),
     "resnet20": lambda c, k: CifarResNet(20, c, k),
     "resnet32": lambda c, k: CifarResNet(32, c, k),
     "resnet56": lambda c, k: CifarResNet(56, c, k),
 }
+#: The own models by the names the training recipes know them by (:data:`lit_quant.config.OWN_MODELS`).
+_OWN = {name: _BUILDERS[name] for name in OWN_MODELS}
 
 
 def torchvision_classifiers() -> list[str]:
@@ -169,18 +172,28 @@ def _replace_first_conv(model: nn.Module, in_channels: int, small_input: bool) -
                 return
 
 
-def _torchvision_model(name: str, in_channels: int, num_classes: int, small_input: bool) -> nn.Module:
+def _torchvision_model(name: str, in_channels: int, num_classes: int, small_input: bool,
+                       image_size: int | None) -> nn.Module:
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
-    model = torchvision.models.get_model(name, **kwargs)
+    if image_size is not None and name.startswith("vit_"):  # a position embedding per patch of this size
+        kwargs.update(image_size=image_size)
+    if image_size is not None and name.startswith("maxvit_"):
+        kwargs.update(input_size=(image_size, image_size))
+    try:
+        model = torchvision.models.get_model(name, **kwargs)
+    except (AssertionError, ValueError, TypeError) as exc:  # e.g. an image side the patches do not divide
+        raise UserError(f"cannot build torchvision's {name} for {image_size}x{image_size} images: "
+                        f"{str(exc).strip() or type(exc).__name__}") from None
     _replace_first_conv(model, in_channels, small_input)
     if small_input and hasattr(model, "maxpool"):
         model.maxpool = nn.Identity()
     return model
 
 
-def build_model(name: str, in_channels: int = 3, num_classes: int = 10, small_input: bool = False) -> nn.Module:
+def build_model(name: str, in_channels: int = 3, num_classes: int = 10, small_input: bool = False,
+                image_size: int | None = None) -> nn.Module:
     """Build classifier ``name`` for ``in_channels``-channel images and ``num_classes`` classes.
 
     Args:
@@ -188,6 +201,8 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, small_in
         in_channels: image channels (1 for digits and MNIST-style data, 3 for CIFAR / ImageNet).
         num_classes: number of output logits.
         small_input: torchvision models only — CIFAR-style stem for images of about 32x32.
+        image_size: the image side, for the torchvision models built for one (``vit_*``, ``maxvit_*``;
+            None: their ImageNet size).
 
     Raises:
         UserError: unknown name.
@@ -195,4 +210,4 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, small_in
     _check_name(name)
     if name in _OWN:
         return _OWN[name](in_channels, num_classes)
-    return _torchvision_model(name, in_channels, num_classes, small_input)
+    return _torchvision_model(name, in_channels, num_classes, small_input, image_size)

@@ -56,6 +56,7 @@ class TrainResult:
     metrics_path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     is_global_zero: bool = True  # False in the other DDP processes, which print and write nothing
+    recipe: str = ""  # the family recipe's settings this run took, '' when every one was given
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -183,12 +184,25 @@ def build_arch(cfg: TrainConfig, num_classes: int | None = None) -> dict[str, An
     info = dataset_info(cfg.data)
     return {"model": cfg.model, "data": cfg.data, "in_channels": info.in_channels,
             "num_classes": num_classes or info.num_classes, "image_size": resolve_image_size(cfg),
-            "small_input": cfg.small_input}
+            "small_input": cfg.small_input, "bn_momentum": cfg.bn_momentum}
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float | None) -> None:
+    """Give every BatchNorm of ``model`` running-statistics momentum ``momentum`` (None: keep the model's)."""
+    if momentum is None:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def model_from_arch(arch: dict[str, Any]) -> torch.nn.Module:
     """Build the (untrained) model an ``arch`` dict describes."""
-    return build_model(arch["model"], arch["in_channels"], arch["num_classes"], small_input=arch["small_input"])
+    model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], small_input=arch["small_input"],
+                        image_size=arch["image_size"])
+    # an arch without "bn_momentum" (or None) keeps the model's own
+    set_bn_momentum(model, arch.get("bn_momentum"))
+    return model
 
 
 def build_classifier(cfg: TrainConfig, arch: dict[str, Any]) -> LitClassifier:
@@ -448,7 +462,8 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
         result = TrainResult(run_dir, best, run_dir / "last.ckpt", config_path, run_dir / "metrics.json",
                              {**metrics, "epochs": trainer.current_epoch, "fit_time_s": fit_s,
                               "precision": str(trainer.precision), "world_size": trainer.world_size},
-                             trainer.is_global_zero)
+                             trainer.is_global_zero,
+                             f"{cfg.recipe.describe()} (flags given override it)" if cfg.from_recipe else "")
         if trainer.is_global_zero:
             payload = {"run": run_dir.name, "data": cfg.data, "model": cfg.model, **result.metrics,
                        "best_ckpt": str(best), "last_ckpt": str(result.last_ckpt), "config": str(config_path)}

@@ -15,7 +15,7 @@ from conftest import run_script, tiny_args
 import train
 from lit_quant.classifier import WARMUP_START_FACTOR, LitClassifier
 from lit_quant.cli import run_cli
-from lit_quant.config import TrainConfig
+from lit_quant.config import TrainConfig, train_recipe
 from lit_quant.data import ClassificationDataModule
 from lit_quant.models import build_model
 from lit_quant.training import build_datamodule, load_classifier
@@ -63,7 +63,8 @@ def test_yaml_defaults_cli_overrides(tmp_path: Path) -> None:
     preset.write_text("data: fake\nepochs: 7\nbatch-size: 16\nmodel: lenet5\n")
     cfg, resume = train.resolve_args(["--config", str(preset), "--epochs", "3", "--no-augment"])
     assert (cfg.data, cfg.epochs, cfg.batch_size, cfg.model, cfg.augment) == ("fake", 3, 16, "lenet5", False)
-    assert resume is None and cfg.lr == TrainConfig.lr
+    assert resume is None and cfg.lr == train_recipe("lenet5").lr and "lr" in cfg.from_recipe
+    assert "batch_size" not in cfg.from_recipe  # the preset gave it
 
 
 def test_shipped_presets_resolve() -> None:
