@@ -382,6 +382,21 @@ def prepare_output_dir(folder: Path, flag: str) -> None:
         remove_stale_temp_files(folder)
 
 
+def lock_folder(folder: Path, flag: str) -> int | None:
+    """Take the exclusive lock of ``folder`` (its ``.lock`` file) and return the descriptor holding it (None
+    where ``fcntl`` does not exist); :class:`UserError` naming ``flag`` when another run holds it."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{flag}: {folder} is in use by another run writing there; wait for it to end, or "
+                        "give this run its own folder") from None
+    return fd
+
+
 @contextlib.contextmanager
 def output_dir_lock(folder: Path, flag: str) -> Iterator[None]:
     """An exclusive lock on ``folder`` (its ``.lock`` file) for the ``with`` block, taken on rank 0.
@@ -392,19 +407,15 @@ def output_dir_lock(folder: Path, flag: str) -> Iterator[None]:
     the kernel when the process ends, killed or not, so a crashed run never leaves the folder locked;
     where ``fcntl`` does not exist (Windows) nothing is locked.
     """
-    if fcntl is None or rank_zero_only.rank != 0:
+    if rank_zero_only.rank != 0:
         yield
         return
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = lock_folder(folder, flag)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UserError(f"{flag}: {folder} is in use by another run writing there; wait for it to end, or "
-                            "give this run its own folder") from None
         yield
     finally:
-        os.close(fd)  # closing the only descriptor releases the lock
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor releases the lock
 
 
 def run_dir_for(cfg: TrainConfig) -> Path:

@@ -208,7 +208,7 @@ def test_write_that_fails_midway_is_one_line(tmp_path: Path, capsys, monkeypatch
     monkeypatch.setattr(lq_io.os, "fsync", fsync)
     code, err = _train(tiny_args(tmp_path, "--epochs", "1"), capsys)
     _one_line(code, err, "no space left on the device (the disk is full)")
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob("*.lit-quant.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------- stats files
@@ -250,15 +250,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsy
     assert (tmp_path / "run" / "last.ckpt").read_bytes() == last
 
 
-def test_stale_temporary_files_are_removed(run_copy: Path, capsys) -> None:
+def test_only_stale_temporary_files_of_ours_are_removed(run_copy: Path, capsys) -> None:
+    """A killed save's temporary file (our suffix, old, unlocked) goes; a user's own hidden ``.tmp`` file, and
+    the temporary file of a save another process is making (locked), stay."""
+    import fcntl
+    import os
+    import time
+
+    from lit_quant.io import TEMP_SUFFIX
+
     run = run_copy / "tiny"
-    for name in (".best.ckpt.k1ll3d.tmp", ".last.ckpt.x9.tmp"):
-        (run / name).write_bytes(b"half a checkpoint")
-    keep = run / "notes.tmp"  # not a name atomic_write gives its temporary files
-    keep.write_text("mine")
-    code, err = _quantize(["--checkpoint-dir", str(run_copy), "--calib-batches", "1", "--no-latency"], capsys)
+    hour_ago = time.time() - 3600
+    stale = [run / f".best.ckpt.k1ll3d{TEMP_SUFFIX}", run / f".last.ckpt.x9{TEMP_SUFFIX}"]
+    live = run / f".last.ckpt.s4v1ng{TEMP_SUFFIX}"
+    users = [run / "notes.tmp", run / ".thesis.tmp", run / ".best.ckpt.draft.tmp"]
+    for path in (*stale, live, *users):
+        path.write_bytes(b"half a checkpoint")
+        os.utime(path, (hour_ago, hour_ago))
+    with live.open("rb") as held:  # a save in progress elsewhere holds its lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        code, err = _quantize(["--checkpoint-dir", str(run_copy), "--calib-batches", "1", "--no-latency"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in run.glob("*.tmp")) == ["notes.tmp"]
+    assert not any(p.exists() for p in stale)
+    assert live.exists() and all(p.read_bytes() == b"half a checkpoint" for p in users)
 
 
 def test_folder_another_run_writes_is_refused(run_copy: Path, tmp_path: Path, capsys) -> None:

@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 from lit_quant.callbacks import PTQCalibration
 from lit_quant.classifier import LitClassifier
 from lit_quant.errors import UserError
+from lit_quant.io import publish
 from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.rows import Row
@@ -65,8 +66,9 @@ def file_size(path: Path) -> int | None:
 class RunContext:
     """The shared state of one quantize run.
 
-    ``run_dir`` is the fp32 checkpoint's run folder (quantized checkpoints and deploy files live beside
-    it); ``out_dir`` is this run's own report folder ``<run>/quantize/<name>/``.
+    ``out_dir`` is this run's own report folder ``<run>/quantize/<name>/``: its report, quantized checkpoints
+    and deploy files; ``run_dir`` is the fp32 checkpoint's run folder, where the newest of each is published
+    (:meth:`publish`).
     """
 
     cfg: QuantizeConfig
@@ -79,6 +81,12 @@ class RunContext:
     trainer: pl.Trainer
     run_dir: Path
     out_dir: Path
+
+    def publish(self, name: str) -> None:
+        """Make ``<run>/<name>`` the newest of this run's ``<out_dir>/<name>`` (rank 0; atomic, so runs
+        finishing at once each keep their own file and the newest name is one of them whole)."""
+        if self.is_global_zero:
+            publish(self.out_dir / name, self.run_dir / name)
 
     @property
     def float_model(self) -> torch.nn.Module:

@@ -28,9 +28,10 @@ def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn
         console.print(engine.explain(cfg.explain, ctx.example), markup=False, highlight=False, soft_wrap=True)
         engine.reset_stats()  # the overflow report covers the evaluation only
     bits = {"weight_bits": base.weight_bits, "act_bits": base.act_bits, "observer": base.observer}
-    deployed = ctx.run_dir / f"{stem}-deploy.pt"
+    deployed = ctx.out_dir / f"{stem}-deploy.pt"
     if cfg.export and ctx.is_global_zero:
         save_deployed(deployed, qmodel, ctx.arch, ctx.data_settings)
+        ctx.publish(deployed.name)
     if "int8" in cfg.export:
         _int8_rows(ctx, report, base, qmodel, bits)
     if "integer" in cfg.export:
@@ -79,9 +80,10 @@ def _integer_row(ctx: RunContext, report: Report, base: Row, engine: IntegerEngi
 
 def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:
     """The QDQ ONNX model run by onnxruntime, with its agreement with PyTorch fake-quant."""
-    path = ctx.run_dir / f"{stem}.onnx"
+    path = ctx.out_dir / f"{stem}.onnx"
     if ctx.is_global_zero:
         export_onnx(qmodel, path, ctx.example, ctx.cfg.onnx_opset)
+        ctx.publish(path.name)
     if ctx.trainer.world_size > 1:
         torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
     onnx_model = OnnxModel(path)

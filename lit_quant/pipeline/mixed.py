@@ -515,8 +515,9 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
     report.add(row, correct)
     report.describe(model)
     if ctx.is_global_zero:
-        save_quantized(ctx.run_dir / "ptq-mixed.ckpt", model, result.plan, ctx.arch, ctx.data_settings, row.to_dict(),
+        save_quantized(ctx.out_dir / "ptq-mixed.ckpt", model, result.plan, ctx.arch, ctx.data_settings, row.to_dict(),
                        source=ctx.source)
+        ctx.publish("ptq-mixed.ckpt")
     add_deploy_rows(row_ctx, report, row, model, "ptq-mixed")
     return out
 

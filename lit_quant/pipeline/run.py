@@ -10,7 +10,11 @@ Each run writes its report to its own folder ``<run>/quantize/<name>/``; ``<run>
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,6 @@ from typing import Any
 from lit_quant.config import TrainConfig, load_yaml, resolve_config
 from lit_quant.deploy.integer import check_layer_name
 from lit_quant.errors import UserError
-from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.checkpoint import save_quantized
 from lit_quant.pipeline.config import QuantizeConfig, is_sweep
 from lit_quant.pipeline.context import RunContext, build_eval_trainer
@@ -30,7 +33,7 @@ from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dyna
 from lit_quant.pipeline.rows import Report, plot_sweep, write_report
 from lit_quant.quant import prepare, read_stats
 from lit_quant.torchao_ref import check_backend
-from lit_quant.training import build_datamodule, load_classifier, prepare_output_dir
+from lit_quant.training import build_datamodule, load_classifier, lock_folder, prepare_output_dir
 
 #: Keys of the training run's config.yaml that decide which images are the test split.
 DATA_KEYS = ("data_dir", "split_seed", "val_fraction", "fake_size")
@@ -63,9 +66,42 @@ def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
     return candidates[-1]
 
 
-def report_name(cfg: QuantizeConfig) -> str:
-    """``--name``, else the UTC time (``20261203-093000``): reports sort by when they were made."""
-    return cfg.name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+#: Where rank 0 hands its report folder's name to the other DDP processes (they inherit its environment).
+REPORT_NAME_ENV = "LIT_QUANT_REPORT_NAME"
+
+
+@contextlib.contextmanager
+def claimed_report_dir(base: Path, name: str | None) -> Iterator[Path]:
+    """This run's own report folder ``<base>/<name>`` for the ``with`` block: ``--name``, else the UTC time and a
+    random suffix (``20261203-093000-3fa2c1``: reports sort by when they were made, and two runs started in
+    the same second get two folders). The folder is locked meanwhile, so a second run given the same
+    ``--name`` stops with one line instead of overwriting it; other DDP processes take rank 0's folder. A
+    folder this run created and left empty (it failed before writing) is removed at the end."""
+    inherited = os.environ.get(REPORT_NAME_ENV)
+    if inherited:
+        yield base / inherited
+        return
+    created = name is None or not (base / name).exists()
+    while name is None:
+        candidate = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        try:
+            (base / candidate).mkdir(parents=True)
+            name = candidate
+        except FileExistsError:
+            continue
+    folder = base / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = lock_folder(folder, f"--name {name}")
+    os.environ[REPORT_NAME_ENV] = name
+    try:
+        yield folder
+    finally:
+        os.environ.pop(REPORT_NAME_ENV, None)
+        if fd is not None:
+            os.close(fd)
+        if created and [p.name for p in folder.iterdir()] in ([], [".lock"]):
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
 
 
 def _data_config(ckpt_path: Path, arch: dict[str, Any], batch_size: int) -> TrainConfig:
@@ -122,17 +158,18 @@ def _check_stats_file(cfg: QuantizeConfig) -> None:
             prepare_output_dir(stats.parent, "--stats-file")
 
 
-def _context(cfg: QuantizeConfig, ckpt_path: Path) -> RunContext:
-    """Load the fp32 checkpoint once and set up data, Trainer and folders."""
+def _context(cfg: QuantizeConfig, ckpt_path: Path, stack: contextlib.ExitStack) -> RunContext:
+    """Load the fp32 checkpoint once and set up data, Trainer and folders (this run's report folder is
+    claimed for as long as ``stack`` is open)."""
     # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
     classifier = load_classifier(ckpt_path)
     classifier.model.eval()
     arch = classifier.hparams.arch
     _check_before_work(cfg, ckpt_path, classifier.model)
     run_dir = ckpt_path.parent
-    out_dir = run_dir / "quantize" / report_name(cfg)
     prepare_output_dir(run_dir, "the checkpoint's run folder")
     _check_stats_file(cfg)
+    out_dir = stack.enter_context(claimed_report_dir(run_dir / "quantize", cfg.name))
     train_cfg, dm = evaluation_data(ckpt_path, arch, cfg.batch_size, cfg.calib_batches)
     data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
                                                         "model", "image_size", "small_input")}
@@ -153,8 +190,9 @@ def add_ptq_rows(ctx: RunContext, report: Report, sweep_bits: list[int] | None, 
         report.add(row, correct)
         report.describe(model)
         if keep and ctx.is_global_zero and not reused:
-            save_quantized(ctx.run_dir / f"{point.stem}.ckpt", model, point.plan, ctx.arch, ctx.data_settings,
+            save_quantized(ctx.out_dir / f"{point.stem}.ckpt", model, point.plan, ctx.arch, ctx.data_settings,
                            row.to_dict(), source=ctx.source)
+            ctx.publish(f"{point.stem}.ckpt")
         add_deploy_rows(ctx, report, row, model, point.stem)
 
 
@@ -166,8 +204,9 @@ def add_qat_rows(ctx: RunContext, report: Report) -> None:
     report.add(row, correct)
     report.describe(qat.model)
     if ctx.is_global_zero:
-        save_quantized(qat.run_dir.with_suffix(".ckpt"), qat.model, qat.plan, ctx.arch, ctx.data_settings,
+        save_quantized(ctx.out_dir / f"{qat.run_dir.name}.ckpt", qat.model, qat.plan, ctx.arch, ctx.data_settings,
                        row.to_dict(), kind="qat", source=ctx.source)
+        ctx.publish(f"{qat.run_dir.name}.ckpt")
     add_deploy_rows(ctx, report, row, qat.model, qat.run_dir.name)
     if cfg.builtin_qat:
         report.add(*builtin_qat_row(ctx))
@@ -179,7 +218,7 @@ def write_outputs(ctx: RunContext, report: Report, pairs: list[dict[str, Any]], 
     rows = report.dicts()
     write_report(rows, ctx.out_dir, pairs, report.layers)
     for name in ("report.json", "report.csv"):
-        atomic_write_text(ctx.run_dir / name, (ctx.out_dir / name).read_text())
+        ctx.publish(name)
     if sweep_bits and len(sweep_bits) > 1:
         plot_sweep(rows, ctx.out_dir / "accuracy_vs_bits.png")
 
@@ -191,25 +230,27 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
     ``sweep_bits`` (ptq mode) quantizes weights and activations at each width in turn, with each activation
     observer of ``observers`` (default: ``cfg.act_observer``), and plots top-1 against bits.
     """
-    ctx = _context(cfg, find_checkpoint(cfg.ckpt, cfg.checkpoint_dir))
-    report = Report()
-    report.add(*ctx.evaluate("fp32", ctx.float_model, backend="float", weight_bits=32, act_bits=32,
-                             note="fp32 checkpoint"))
-    mixed = None
-    if cfg.sensitivity or cfg.max_drop is not None:
-        mixed = run_mixed(ctx, report, sweep_bits or [])
-    elif cfg.mode in ("ptq", "compare", "qat"):
-        add_ptq_rows(ctx, report, sweep_bits, observers)
-    if cfg.mode == "qat":
-        add_qat_rows(ctx, report)
-    elif cfg.mode == "dynamic":
-        report.add(*dynamic_row(ctx))
-    elif cfg.mode == "half":
-        report.add(*half_row(ctx))
-    else:  # torch.ao static int8: --backend, or with compare every backend that runs on this CPU
-        for row, correct in builtin_ptq_rows(ctx):
-            report.add(row, correct)
-    pairs = report.pairs()
-    if ctx.is_global_zero:
-        write_outputs(ctx, report, pairs, None if mixed is not None else sweep_bits)
-    return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers, mixed)
+    ckpt_path = find_checkpoint(cfg.ckpt, cfg.checkpoint_dir)
+    with contextlib.ExitStack() as stack:
+        ctx = _context(cfg, ckpt_path, stack)
+        report = Report()
+        report.add(*ctx.evaluate("fp32", ctx.float_model, backend="float", weight_bits=32, act_bits=32,
+                                 note="fp32 checkpoint"))
+        mixed = None
+        if cfg.sensitivity or cfg.max_drop is not None:
+            mixed = run_mixed(ctx, report, sweep_bits or [])
+        elif cfg.mode in ("ptq", "compare", "qat"):
+            add_ptq_rows(ctx, report, sweep_bits, observers)
+        if cfg.mode == "qat":
+            add_qat_rows(ctx, report)
+        elif cfg.mode == "dynamic":
+            report.add(*dynamic_row(ctx))
+        elif cfg.mode == "half":
+            report.add(*half_row(ctx))
+        else:  # torch.ao static int8: --backend, or with compare every backend that runs on this CPU
+            for row, correct in builtin_ptq_rows(ctx):
+                report.add(row, correct)
+        pairs = report.pairs()
+        if ctx.is_global_zero:
+            write_outputs(ctx, report, pairs, None if mixed is not None else sweep_bits)
+        return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers, mixed)
