@@ -59,7 +59,9 @@ def build_parser() -> ArgumentParser:
 def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] | None, list[str] | None]:
     """Parse ``argv`` into the config, the sweep's bit widths and its observers (``None`` when not sweeping);
     the rules between flags are :func:`lit_quant.pipeline.config.resolve_request`'s."""
-    request = resolve_request(vars(build_parser().parse_args(argv)))
+    args = vars(build_parser().parse_args(argv))
+    args.pop("verbose", None)  # run_cli's
+    request = resolve_request(args)
     return request.config, request.sweep_bits, request.observers
 
 

@@ -46,6 +46,7 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[TrainConfig, object]:
     run continues with its own settings; ``--config`` and flags still override it.
     """
     args = vars(build_parser().parse_args(argv))
+    args.pop("verbose", None)  # run_cli's
     from lit_quant.training import find_resume_checkpoint  # after parsing: --help needs no torch
 
     config_file = args.pop("config", None)
@@ -79,6 +80,8 @@ def summary_table(result: TrainResult) -> Table:
             table.add_row(label, fmt.format(m[key]))
     if result.recipe:
         table.add_row("recipe", result.recipe)
+    if result.resumed_from is not None:
+        table.add_row("resumed from", str(result.resumed_from))
     for label, path in (("best checkpoint", result.best_ckpt), ("last checkpoint", result.last_ckpt),
                         ("config", result.config_path), ("metrics", result.metrics_path)):
         table.add_row(label, str(path))
@@ -93,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_training(cfg, resume_path)
     if result.is_global_zero:
         console.print(summary_table(result))
+        skipped = result.metrics.get("skipped_images", 0)
+        if skipped:
+            console.print(f"skipped {skipped} unreadable image(s) of the data folder, each named in a warning above")
     return 0
 
 

@@ -48,7 +48,7 @@ from lit_quant.quant import (
     sync_observers,
     update_qparams,
 )
-from lit_quant.quant.errors import CalibrationError, QuantConfigError
+from lit_quant.quant.errors import CalibrationError, NonFiniteError, QuantConfigError
 from lit_quant.quant.fake_quant import set_step_qparams
 from lit_quant.quant.layers import freeze_bn_stats, refresh_weight_qparams
 from lit_quant.quant.plan import FIRST, INPUT, LAST, OUTPUT, ROLES
@@ -125,6 +125,19 @@ def _scoped_network(names: list[str], children: dict[str, nn.Module]) -> bool:
         return True
     child = children[names[0]]
     return isinstance(child.model, _Scope) if isinstance(child, QuantizedModel) else _is_leaf(child)
+
+
+@contextmanager
+def stop_when_non_finite(trainer: pl.Trainer | None) -> Iterator[None]:
+    """Training with a quantized model: a quantizer that meets NaN or infinity (the step before overflowed
+    the weights or their BatchNorm fold) stops the run with one :class:`NonFiniteError` saying where, instead
+    of an observer's complaint."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        where = f" at epoch {trainer.current_epoch}, step {trainer.global_step}" if trainer is not None else ""
+        raise NonFiniteError(f"the model's values turned non-finite{where} ({exc}); training stopped, checkpoints "
+                             "keep the last finite model; try a lower --lr") from None
 
 
 def _layer_names(name: str, child: nn.Module) -> set[str]:
@@ -467,6 +480,11 @@ class QATCallback(pl.Callback):
                  freeze_bn_epoch: int | None = None, *, calibration_batches: int | None = CALIBRATION_BATCHES,
                  dataloader: Iterable[Any] | None = None, modules: str | Sequence[str] | None = None) -> None:
         _check_batches(calibration_batches)
+        for name, epoch in (("freeze_observers_epoch", freeze_observers_epoch), ("freeze_bn_epoch", freeze_bn_epoch)):
+            if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+                raise QuantConfigError(f"QATCallback: {name} must be None or an epoch >= 0, got {epoch!r}")
+        if not isinstance(plan, QuantPlan):
+            raise QuantConfigError(f"QATCallback: plan must be a QuantPlan, got {type(plan).__name__}")
         self.plan = plan
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
@@ -520,13 +538,14 @@ class QATCallback(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._observing(trainer.current_epoch):
-            sync_observers(pl_module, kind="act")
-            update_qparams(pl_module, kind="act")
+            with stop_when_non_finite(trainer):
+                sync_observers(pl_module, kind="act")
+                update_qparams(pl_module, kind="act")
 
     def _to_eval_state(self, pl_module: pl.LightningModule) -> None:
         # The last optimizer step moved the weights after their qparams were computed: refresh them, so
         # evaluation and the checkpoint saved after it use the qparams of the weights they hold.
-        with _outside_inference():
+        with _outside_inference(), stop_when_non_finite(pl_module._trainer):
             refresh_weight_qparams(pl_module)
             enable_observer(pl_module, False)
             enable_fake_quant(pl_module, True)
@@ -544,7 +563,8 @@ class QATCallback(pl.Callback):
                                    "callback first, or restore a QAT checkpoint (ckpt_path=...)")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        refresh_weight_qparams(pl_module)
+        with stop_when_non_finite(trainer):
+            refresh_weight_qparams(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_eval_state(pl_module)

@@ -23,6 +23,7 @@ import torchmetrics
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 
+from lit_quant.callbacks import stop_when_non_finite
 from lit_quant.quant.fake_quant import FakeQuantize
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -52,6 +53,15 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_rng_state(state: dict[str, Any]) -> None:
+    """Raise (``TypeError`` / ``ValueError`` / ``KeyError`` ...) unless :func:`set_rng_state` can restore ``state``:
+    it is tried on throw-away generators, so the process's own stay as they are."""
+    random.Random().setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.RandomState().set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.Generator().set_state(state["torch"])
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -159,7 +169,8 @@ class LitClassifier(pl.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         # Loss and metrics in fp32 whatever the model's precision (O2/O3 give half logits).
-        logits = self(x).float()
+        with stop_when_non_finite(self._trainer if stage == "train" else None):
+            logits = self(x).float()
         loss = self.training_loss(logits, x, y) if stage == "train" else F.cross_entropy(logits, y)
         loss_metric, metrics = self.losses[f"{stage}_"], self.metrics[f"{stage}_"]
         loss_metric.update(loss.detach(), weight=y.numel())

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from rich.console import Console
 
-from lit_quant.errors import UserError
+from lit_quant.errors import LitQuantWarning, UserError
 from lit_quant.io import describe_os_error
 
 #: Exit status for bad input (argparse uses 2 as well).
@@ -26,6 +28,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.add_argument(VERBOSE, action="store_true", default=argparse.SUPPRESS,
+                          help="also show the messages of the libraries underneath (Lightning's start-up lines, "
+                               "known deprecation warnings); by default only lit-quant speaks")
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         """A value outside a flag's ``choices``: a :class:`UserError` ``invalid --flag 'value'; choose from a, b``
@@ -39,10 +44,44 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+#: The flag that lets the libraries underneath speak (:func:`quiet_libraries`).
+VERBOSE = "--verbose"
+#: Warnings of the libraries underneath that say nothing to a user of lit-quant (deprecations inside them,
+#: advice about settings lit-quant chooses), by message.
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning's use of torch's pytree
+    r"The number of training batches .* is smaller than the logging interval",
+    r"The '.*dataloader' does not have many workers",
+    r"Checkpoint directory .* exists and is not empty",
+    r"Encountered `nan` values in tensor",  # torchmetrics, before a non-finite loss stops the run in one line
+)
+
+
+def quiet_libraries() -> None:
+    """Leave the terminal to lit-quant: Lightning's informational start-up lines (accelerators found, tips,
+    checkpoint restores) and the warnings of :data:`QUIET_WARNINGS` are not shown; everything else is."""
+    # the loggers Lightning's rank_zero_info writes to: their package loggers are set to INFO on import
+    for package in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(f"{package}.utilities.rank_zero").setLevel(logging.WARNING)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prog: str = "lit-quant") -> int:
     """Run ``main(argv)``; a :class:`UserError` or the quantization core's :class:`QuantError` prints one
-    line on stderr and returns :data:`EXIT_USAGE`."""
+    line on stderr and returns :data:`EXIT_USAGE`. Unless ``--verbose`` is given, :func:`quiet_libraries`."""
+    if VERBOSE not in (sys.argv[1:] if argv is None else argv):
+        quiet_libraries()
+    show = warnings.showwarning
+
+    def show_ours(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, LitQuantWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show_ours
     try:
         return main(argv)
     except UserError as exc:
@@ -62,3 +101,5 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = show

@@ -22,6 +22,8 @@ import yaml
 
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write_text
+from lit_quant.quant.errors import QuantConfigError
+from lit_quant.quant.yamlio import read_yaml
 
 
 #: Allowed values of the flags whose lists live in heavy modules, copied here so that building the parsers
@@ -180,8 +182,15 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.batch_size > MAX_BATCH:
+            raise UserError(f"--batch-size must be at most {MAX_BATCH}, got {self.batch_size}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        check_optimisation(self.momentum, self.weight_decay, self.label_smoothing, self.seed)
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.run_name is not None:
+            check_folder_name(self.run_name, "--run-name")
         if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
             raise UserError(f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         check_warmup(self.warmup_epochs, self.epochs, self.scheduler)
@@ -189,6 +198,35 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: The largest batch a data loader takes (a 32-bit count of samples).
+MAX_BATCH = 2**31 - 1
+
+
+def check_optimisation(momentum: float, weight_decay: float, label_smoothing: float, seed: int) -> None:
+    """train.py's optimiser and loss settings: ``--momentum`` in [0, 1), ``--weight-decay`` >= 0,
+    ``--label-smoothing`` in [0, 1), and ``--seed`` (:func:`check_seed`)."""
+    if not 0 <= momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {momentum}")
+    if not weight_decay >= 0:
+        raise UserError(f"--weight-decay must be >= 0, got {weight_decay}")
+    if not 0 <= label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
+    check_seed(seed)
+
+
+def check_seed(seed: int) -> None:
+    """``--seed`` (train.py and QAT) in [0, 2^32): numpy's seed range, which Lightning seeds too."""
+    if not 0 <= seed < 2**32:
+        raise UserError(f"--seed must be in 0..{2**32 - 1}, got {seed}")
+
+
+def check_folder_name(name: str, flag: str) -> None:
+    """A run's or report's folder name: one plain path component, so that outputs stay inside the folder
+    they are meant for (no ``/``, ``..``, absolute paths or empty names)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+        raise UserError(f"{flag} must be a plain folder name (no '/', '..' or absolute path), got {name!r}")
 
 
 def check_warmup(warmup_epochs: float, epochs: int, scheduler: str = "cosine") -> None:
@@ -271,14 +309,13 @@ def _metavar(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config fields (dashes or underscores); :class:`UserError` when unreadable."""
+    """Read a YAML mapping of config fields (dashes or underscores); :class:`UserError` when unreadable
+    (:func:`lit_quant.quant.yamlio.read_yaml`)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        data = read_yaml(path, "config") or {}
+    except QuantConfigError as exc:
+        raise UserError(str(exc)) from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of settings")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

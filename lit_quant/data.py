@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import gzip
 import struct
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -41,7 +43,7 @@ from torch.utils.data import (
 )
 from torchvision.transforms import v2
 
-from lit_quant.errors import UserError
+from lit_quant.errors import LitQuantWarning, UserError
 from lit_quant.safe_load import load_cifar_batch
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST files.
@@ -297,6 +299,52 @@ def _cut_to_empty(batch: object) -> object:
     return batch
 
 
+class UnreadableImageWarning(LitQuantWarning):
+    """An image file of a folder data set that could not be read, and was skipped."""
+
+
+def _image_folder_class() -> type:
+    """:class:`torchvision.datasets.ImageFolder` that skips the files PIL cannot read (imported on use)."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    class SkippingImageFolder(ImageFolder):
+        """``ImageFolder`` whose unreadable files (truncated, not an image, a decompression bomb beyond PIL's
+        pixel limit) are skipped: ``__getitem__`` returns None for them (the loaders' collate drops it), warns
+        once with the path and the reason (:class:`UnreadableImageWarning`), and counts it in :attr:`skipped`,
+        a shared-memory counter that data-loader workers add to as well.
+
+        Why skip and count rather than refuse: a collection of a million images scraped or copied from
+        elsewhere has a few bad files; checking every file's pixels before training would read the whole
+        data set once more, and stopping a run hours in for one file loses the hours.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+        def __getitem__(self, index: int) -> Any:
+            path, target = self.samples[index]
+            try:
+                sample = self.loader(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                self.skipped += 1
+                warnings.warn(f"skipped unreadable image {path}: {exc}", UnreadableImageWarning, stacklevel=1)
+                return None
+            if self.transform is not None:
+                sample = self.transform(sample)
+            if self.target_transform is not None:
+                target = self.target_transform(target)
+            return sample, target
+
+    return SkippingImageFolder
+
+
+def collate_readable(samples: list) -> object:
+    """``default_collate`` of the samples a folder data set could read (unreadable ones are None)."""
+    return default_collate([s for s in samples if s is not None])
+
+
 class CollateOrEmpty:
     """``default_collate``; an empty batch (:class:`RankBatchSampler`'s stand-in) becomes ``dataset[0]``
     collated and cut to length 0: tensors of the right types and shapes, holding no sample."""
@@ -305,6 +353,7 @@ class CollateOrEmpty:
         self.dataset = dataset
 
     def __call__(self, samples: list) -> object:
+        samples = [s for s in samples if s is not None]
         return default_collate(samples) if samples else _cut_to_empty(default_collate([self.dataset[0]]))
 
 
@@ -436,19 +485,18 @@ class ClassificationDataModule(pl.LightningDataModule):
                                 f"{classes} classes)")
 
     def _setup_imagenet(self, size: int) -> None:
-        from torchvision.datasets import ImageFolder
-
+        image_folder = _image_folder_class()
         root = self.resolved_data_dir()
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise UserError(f"imagenet: {root / split} not found; expected class folders under "
                                 f"{root}/train/ and {root}/val/ (pass --data-dir)")
-        train = ImageFolder(str(root / "train"), build_imagenet_transforms(self.info, size, True, self.augment))
-        val = ImageFolder(str(root / "val"), build_imagenet_transforms(self.info, size, False, False))
+        train = image_folder(str(root / "train"), build_imagenet_transforms(self.info, size, True, self.augment))
+        val = image_folder(str(root / "val"), build_imagenet_transforms(self.info, size, False, False))
         if train.classes != val.classes:
             raise UserError(f"imagenet: train/ and val/ have different class folders under {root}")
         self.train_set, self.val_set, self.test_set = train, val, val
-        self.calib_set = ImageFolder(str(root / "train"), build_imagenet_transforms(self.info, size, False, False))
+        self.calib_set = image_folder(str(root / "train"), build_imagenet_transforms(self.info, size, False, False))
 
     @property
     def num_classes(self) -> int:
@@ -470,7 +518,7 @@ class ClassificationDataModule(pl.LightningDataModule):
                        else UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank,
                                                          shuffle=False))
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=train and sampler is None,
-                          sampler=sampler, num_workers=self.num_workers, drop_last=False,
+                          sampler=sampler, num_workers=self.num_workers, drop_last=False, collate_fn=collate_readable,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -509,4 +557,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         """The same calibration images, all of them in this process even under DDP: for calibrators that
         cannot merge statistics across ranks (torch.ao's observers), so every rank builds the same model."""
         return DataLoader(self._calib_subset(), batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, collate_fn=collate_readable)
+
+    def skipped_images(self) -> int:
+        """Unreadable images the folder data sets skipped so far (0 for the others)."""
+        sets = {id(d): d for d in (self.train_set, self.val_set, self.test_set, self.calib_set) if d is not None}
+        return sum(int(d.skipped) for d in sets.values() if hasattr(d, "skipped"))

@@ -107,6 +107,17 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _as_os_error(exc: RuntimeError, path: Path) -> OSError:
+    """The ``OSError`` behind a ``RuntimeError`` a writer raised (torch's zip writer: "unexpected pos",
+    "failed writing file"): ``ENOSPC`` when the folder's file system has no room left, else ``EIO``."""
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full or "unexpected pos" in str(exc) else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it onto ``path``.
 
@@ -122,8 +133,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         with os.fdopen(fd, "wb") as fh:
             if fcntl is not None:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            write(fh)
-            fh.flush()
+            try:
+                write(fh)
+                fh.flush()
+            except RuntimeError as exc:  # torch.save's own writer reports a failed write as RuntimeError
+                raise _as_os_error(exc, path) from exc
             os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
             if fcntl is not None:  # renamed while still locked; closing the file releases the lock

@@ -17,6 +17,8 @@ O3      pure half                                   ``16-true`` (CUDA) / ``bf16-
 
 from __future__ import annotations
 
+import importlib.util
+
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +61,9 @@ def resolve_precision(precision: str | None, opt_level: str | None, on_cuda: boo
         return "32-true"
     if precision not in PRECISIONS:
         raise UserError(f"invalid precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+    if precision.startswith("transformer-engine") and importlib.util.find_spec("transformer_engine") is None:
+        raise UserError(f"--precision {precision} needs NVIDIA's Transformer Engine on a GPU "
+                        "(pip install transformer-engine), which is not installed")
     return precision
 
 

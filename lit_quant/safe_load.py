@@ -42,8 +42,8 @@ _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 def _refusal(what: str, name: str | Path, global_name: str) -> UserError:
     """The one-line error for a file that names a global outside the allow-list."""
-    return UserError(f"{what} {name} holds a Python object lit-quant does not load (GLOBAL {global_name}); "
-                     "it may run code: refusing it")
+    return UserError(f"{what} {name} holds code or Python objects lit-quant does not load (GLOBAL {global_name}): "
+                     "refused, nothing in it was run")
 
 
 def _first_line(text: str) -> str:
@@ -72,7 +72,11 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
         refused = _REFUSED_GLOBAL.search(text)
         if refused:
             raise _refusal(what, path, refused.group(1)) from None
-        # torch's own text leads with advice to load with weights_only=False; its detail line is what matters
+        # torch's own text leads with advice to load with weights_only=False, which is never ours to give:
+        # its detail line is what matters
+        if "WeightsUnpickler error:" not in text and "weights_only" in text:
+            raise UserError(f"{what} {path} holds code or Python objects lit-quant does not load: refused, "
+                            "nothing in it was run") from None
         detail = _first_line(text.split("WeightsUnpickler error:", 1)[-1])
         raise UserError(f"cannot read {what} {path}: {type(exc).__name__}: {detail}") from None
     except Exception as exc:  # torch.load raises many types for corrupt or truncated files

@@ -10,7 +10,9 @@ renamed into place (:mod:`lit_quant.io`), so a kill during a save never leaves a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import math
 import os
 import time
 import warnings
@@ -27,7 +29,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
-from lit_quant.classifier import LitClassifier
+from lit_quant.classifier import LitClassifier, check_rng_state
 from lit_quant.config import TrainConfig, save_config
 from lit_quant.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
@@ -57,6 +59,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     is_global_zero: bool = True  # False in the other DDP processes, which print and write nothing
     recipe: str = ""  # the family recipe's settings this run took, '' when every one was given
+    resumed_from: Path | None = None  # the checkpoint this run continued, None for a fresh run
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -132,26 +135,50 @@ class BestCheckpoint(ModelCheckpoint):
         self.best_tie_break = state_dict.get("best_tie_break")
 
 
-class StopOnNonFiniteLoss(pl.Callback):
-    """Stop training with one line at the first step whose loss is NaN or infinite.
+class StopOnNonFinite(pl.Callback):
+    """Stop training with one line at the first step whose loss is NaN or infinite, or at the first validation
+    whose loss (or the model's weights and buffers) is.
 
-    Raised before the epoch's checkpoints are written, so ``best.ckpt`` and ``last.ckpt`` keep the last
-    model that trained on finite losses. Under DDP the ranks decide together (any rank's bad loss stops
-    all), so no rank waits in a collective for one that has stopped.
+    Raised before the epoch's checkpoints are written (Lightning runs checkpoint callbacks after the others),
+    so ``best.ckpt`` and ``last.ckpt`` keep the last finite model and the run exits with status 2. Under DDP
+    the ranks decide together (any rank's bad value stops all), so no rank waits in a collective for one that
+    has stopped.
     """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         bad = isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if bad:
+        if self._together(trainer, bad):
             value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float("nan")
-            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-            raise UserError(f"the training loss is {value} at epoch {trainer.current_epoch}, step "
-                            f"{trainer.global_step}: training stopped, checkpoints keep the last finite model; "
-                            f"the learning rate there was {lr:.3g}, try a lower --lr")
+            self._stop(trainer, f"the training loss is {value} (non-finite)")
+        # a finite loss whose step overflowed the weights: the next forward would fail inside the model
+        broken = next((name for name, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if self._together(trainer, broken is not None):
+            self._stop(trainer, f"the step turned parameter {broken or 'of another process'} non-finite")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        bad_loss = loss is not None and not bool(torch.isfinite(loss).all())
+        bad_tensor = next((name for name, t in pl_module.state_dict().items()
+                           if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if self._together(trainer, bad_loss or bad_tensor is not None):
+            what = f"tensor {bad_tensor} holds non-finite values" if bad_tensor else \
+                f"the validation loss is {float(loss)} (non-finite)"
+            self._stop(trainer, what)
+
+    @staticmethod
+    def _together(trainer: pl.Trainer, bad: bool) -> bool:
+        return trainer.strategy.reduce_boolean_decision(bad, all=False) if trainer.world_size > 1 else bad
+
+    @staticmethod
+    def _stop(trainer: pl.Trainer, what: str) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        raise UserError(f"{what} at epoch {trainer.current_epoch}, step {trainer.global_step}: training "
+                        f"stopped, checkpoints keep the last finite model; the learning rate there was {lr:.3g}, "
+                        "try a lower --lr or a longer --warmup-epochs")
 
 
 def resolve_image_size(cfg: TrainConfig) -> int:
@@ -243,7 +270,39 @@ def hardware_settings(cfg: Any) -> dict[str, Any]:
             strategy = "ddp"
     elif accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"--accelerator {accelerator}: CUDA is not available on this machine; use --accelerator cpu")
+    if devices == 0 or (isinstance(devices, list) and not devices):
+        raise UserError("--devices must name at least one device (a count >= 1, a list like 0,1, or auto)")
+    if cfg.num_nodes > 1:
+        strategy = multi_node_strategy(cfg.num_nodes, strategy)
     return {"accelerator": accelerator, "devices": devices, "strategy": strategy, "num_nodes": cfg.num_nodes}
+
+
+#: Environment variable: seconds a multi-node run waits for its other nodes (default 600).
+NODE_TIMEOUT_ENV = "LIT_QUANT_NODE_TIMEOUT"
+
+
+def multi_node_strategy(num_nodes: int, strategy: Any) -> Any:
+    """The DDP strategy of a ``--num-nodes`` run, which meets its other nodes at ``MASTER_ADDR:MASTER_PORT``:
+    refused with one line when neither those variables nor a cluster scheduler (SLURM, torchelastic,
+    LSF) say where the nodes meet (the run would wait forever), else
+    DDP with a rendezvous timeout of :data:`NODE_TIMEOUT_ENV` seconds, so that nodes that never come end the
+    run instead of holding it forever."""
+    from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    # a scheduler that tells each node where to meet (Kubeflow sets MASTER_ADDR itself)
+    managed = any(env.detect() for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment))
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if not os.environ.get(v)]
+    if missing and not managed:
+        raise UserError(f"--num-nodes {num_nodes} waits for the other nodes at MASTER_ADDR:MASTER_PORT; set "
+                        f"{', '.join(missing)} on every node (MASTER_ADDR: the address of node 0, NODE_RANK: "
+                        "0.. on each), or run on one machine with --devices")
+    if strategy not in ("auto", "ddp"):
+        return strategy
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    return DDPStrategy(timeout=timedelta(seconds=float(os.environ.get(NODE_TIMEOUT_ENV, "600"))))
 
 
 def _uses_cuda(accelerator: str) -> bool:
@@ -275,7 +334,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
     if not isinstance(precision, str):
         plugins.append(precision)
         precision = None  # the plugin decides
-    callbacks = [*(callbacks or []), StopOnNonFiniteLoss()]
+    callbacks = [*(callbacks or []), StopOnNonFinite()]
     if cfg.progress:
         callbacks.append(RichProgressBar())
     limits = {k: v for k, v in (("limit_train_batches", cfg.limit_train_batches),
@@ -295,15 +354,114 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file on the CPU; :class:`UserError` when missing, unreadable or not ours."""
+#: ``hparams.arch``: each field's type; ``bn_momentum`` may be absent (the model's own momentum).
+ARCH_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": str, "data": str, "in_channels": int, "num_classes": int, "image_size": int, "small_input": bool,
+    "bn_momentum": (float, type(None))}
+_ARCH_OPTIONAL = ("bn_momentum",)
+
+
+def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """``isinstance`` where a bool is not an int and an int is a float."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
+def check_arch(arch: Any, where: str) -> dict[str, Any]:
+    """The architecture record of a checkpoint (``where`` names the file), checked field by field before any
+    model is built: the fields of :data:`ARCH_FIELDS` with their types, positive sizes, a known model and data
+    set. :class:`UserError` naming the first field that is wrong."""
+    from lit_quant.config import DATASETS
+
+    if not isinstance(arch, dict):
+        raise UserError(f"{where}: its architecture record is not a mapping")
+    missing = [k for k in ARCH_FIELDS if k not in arch and k not in _ARCH_OPTIONAL]
+    unknown = sorted(set(arch) - set(ARCH_FIELDS))
+    if missing or unknown:
+        raise UserError(f"{where}: its architecture record " + (f"lacks {', '.join(missing)}" if missing else
+                                                                f"has unknown field(s) {', '.join(unknown)}"))
+    for key, kind in ARCH_FIELDS.items():
+        if key in arch and not _fits(arch[key], kind):
+            raise UserError(f"{where}: architecture field {key} has the wrong type ({arch[key]!r})")
+    for key in ("in_channels", "num_classes", "image_size"):
+        if arch[key] <= 0:
+            raise UserError(f"{where}: architecture field {key} must be positive, got {arch[key]}")
+    if arch["data"] not in DATASETS:
+        raise UserError(f"{where}: architecture field data names an unknown data set {arch['data']!r}")
+    model_info(arch["model"])  # an unknown model name: one line with the close names
+    return arch
+
+
+def check_hparams(hp: Any, where: str) -> None:
+    """A training checkpoint's hyper-parameters: exactly :class:`LitClassifier`'s (the network and the teacher
+    aside), each of its type, the architecture checked by :func:`check_arch`."""
+    params = {n: p for n, p in inspect.signature(LitClassifier.__init__).parameters.items()
+              if n not in ("self", "model", "teacher")}
+    if not isinstance(hp, dict):
+        raise UserError(f"{where}: its hyper-parameters are not a mapping")
+    missing, unknown = sorted(set(params) - set(hp)), sorted(set(hp) - set(params))
+    if missing or unknown:
+        raise UserError(f"{where}: its hyper-parameters " + (f"lack {', '.join(missing)}" if missing else
+                                                             f"include unknown {', '.join(unknown)}"))
+    check_arch(hp["arch"], where)
+    for name, param in params.items():
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(param.annotation).split(" |")[0])
+        if kind is not None and not _fits(hp[name], kind):
+            raise UserError(f"{where}: hyper-parameter {name} has the wrong type ({hp[name]!r})")
+        if kind is float and not math.isfinite(hp[name]):
+            raise UserError(f"{where}: hyper-parameter {name} is not finite ({hp[name]!r})")
+    if hp["num_classes"] != hp["arch"]["num_classes"]:
+        raise UserError(f"{where}: num_classes {hp['num_classes']} differs from its architecture's "
+                        f"{hp['arch']['num_classes']}")
+
+
+def check_weights(state_dict: Any, arch: dict[str, Any], where: str, prefix: str = "model.") -> None:
+    """The weights of a checkpoint against its architecture, before the model is built: the model is laid
+    out on the meta device (no memory), and every tensor must be there with its shape and finite. A small file
+    naming a huge architecture, or weights of another model, is refused without allocating it."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{where}: its state_dict is not a mapping of tensors")
+    with torch.device("meta"):
+        shapes = {prefix + k: tuple(v.shape) for k, v in model_from_arch(arch).state_dict().items()}
+    mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+    missing = [k for k in shapes if k not in mine]
+    unexpected = [k for k in mine if k not in shapes]
+    wrong = [f"{k} {tuple(mine[k].shape)} (the architecture's {shapes[k]})" for k in shapes
+             if k in mine and tuple(mine[k].shape) != shapes[k]]
+    for found, what in ((missing, "lacks"), (unexpected, "has unexpected"), (wrong, "has the wrong shape for")):
+        if found:
+            raise UserError(f"{where} does not match its architecture ({arch['model']}): it {what} "
+                            f"{', '.join(found[:3])}{' and more' if len(found) > 3 else ''}")
+    for name, tensor in mine.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{where}: tensor {name} holds NaN or infinite values; the model it saved is broken")
+
+
+def is_qat_checkpoint(ckpt: dict[str, Any]) -> bool:
+    """Whether a Lightning checkpoint was written by a QAT run (it holds the QAT callback's state)."""
+    return any("QATCallback" in str(key) for key in ckpt.get("callbacks") or {})
+
+
+def read_checkpoint(path: str | Path, qat: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint on the CPU and check it (:func:`check_hparams`, and for an fp32 one
+    :func:`check_weights`); ``qat``: a QAT run's Lightning checkpoint is wanted, else one of train.py.
+    :class:`UserError` with one line when it is missing, unreadable, of the other kind, or malformed."""
     path = Path(path)
     ckpt = load_checkpoint(path)  # weights-only: a checkpoint from elsewhere cannot run code here
-    if isinstance(ckpt, dict) and ckpt.get("lit_quant") == "ptq":
+    if isinstance(ckpt, dict) and ckpt.get("lit_quant") in ("ptq", "qat"):
         raise UserError(f"{path} is a quantized checkpoint written by quantize.py; re-evaluate it with "
                         "quantize.py --eval, or pass the fp32 best.ckpt it came from")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt.get("hyper_parameters", {}):
-        raise UserError(f"{path} is not a lit-quant training checkpoint (no state_dict / architecture)")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise UserError(f"{path} is not a lit-quant training checkpoint (no state_dict / hyper_parameters)")
+    if is_qat_checkpoint(ckpt) != qat:
+        raise UserError(f"{path} is a QAT run's checkpoint; continue it with quantize.py --mode qat --resume"
+                        if not qat else f"{path}: not a QAT checkpoint (no QAT state; it was written by train.py "
+                        "or another mode); resume QAT from quantize.py --mode qat's qat-w<W>a<A>/last.ckpt")
+    check_hparams(ckpt["hyper_parameters"], str(path))
+    if not qat:
+        check_weights(ckpt["state_dict"], ckpt["hyper_parameters"]["arch"], str(path))
     return ckpt
 
 
@@ -365,6 +523,12 @@ def check_resume_compatible(ckpt: dict[str, Any], arch: dict[str, Any], path: Pa
     diffs = [f"{k} {saved.get(k)!r} vs {arch.get(k)!r}" for k in ARCH_KEYS if saved.get(k) != arch.get(k)]
     if diffs:
         raise UserError(f"checkpoint {path} does not match this run (checkpoint vs run: {'; '.join(diffs)})")
+    if "rng_state" in ckpt:
+        try:
+            check_rng_state(ckpt["rng_state"])
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            raise UserError(f"checkpoint {path}: its saved random-number state (rng_state) is damaged "
+                            f"({type(exc).__name__}: {exc}); the run cannot continue exactly from it") from None
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -472,9 +636,11 @@ def run_training(cfg: TrainConfig, resume_path: Path | None = None) -> TrainResu
         metrics = {k: (100.0 * v if ("top" in k) else v) for k, v in metrics.items()}
         result = TrainResult(run_dir, best, run_dir / "last.ckpt", config_path, run_dir / "metrics.json",
                              {**metrics, "epochs": trainer.current_epoch, "fit_time_s": fit_s,
+                              "skipped_images": dm.skipped_images(),
                               "precision": str(trainer.precision), "world_size": trainer.world_size},
                              trainer.is_global_zero,
-                             f"{cfg.recipe.describe()} (flags given override it)" if cfg.from_recipe else "")
+                             f"{cfg.recipe.describe()} (flags given override it)" if cfg.from_recipe else "",
+                             Path(resume_path) if resume_path else None)
         if trainer.is_global_zero:
             payload = {"run": run_dir.name, "data": cfg.data, "model": cfg.model, **result.metrics,
                        "best_ckpt": str(best), "last_ckpt": str(result.last_ckpt), "config": str(config_path)}

@@ -87,7 +87,7 @@ def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> Non
     assert "ptq (reloaded)" in capsys.readouterr().out
     # an fp32 checkpoint is not a quantized one
     assert run_cli(quantize.main, ["--eval", str(trained / "tiny" / "best.ckpt")], prog="quantize.py") == 2
-    assert "not a quantized checkpoint" in capsys.readouterr().err
+    assert "is an fp32 training checkpoint: quantize it with --ckpt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("flags", "said"), [

@@ -34,7 +34,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path) -> 
 
     resumed = run_script("train.py", "--resume", "last", "--checkpoint-dir", str(ckpt_dir), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
     _assert_same_weights(ckpt_dir / "r" / "last.ckpt", tmp_path / "ref" / "r" / "last.ckpt")
     # optimizer momentum and scheduler position were restored too: the final learning rate matches
     a = torch.load(ckpt_dir / "r" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -46,7 +46,7 @@ from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
 from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS, tensor_nodes
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
-from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.quant.preparation import QuantizedModel
 
 #: What a :class:`QuantOutput` may wrap for export.
 REQUANT_TYPES: tuple[type[nn.Module], ...] = (
@@ -126,7 +126,7 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
         ExportError: no quantizers at all, a float layer, or an op no exporter can express.
     """
     if not isinstance(qmodel, QuantizedModel):
-        raise ExportError(f"export needs a model prepared by lit_quant.quant.prepare, got {type(qmodel).__name__}")
+        raise ExportError(f"export needs a model prepared by lit_quant.quant.preparation, got {type(qmodel).__name__}")
     if not any(True for _ in iter_quantizers(qmodel)):
         raise ExportError("the model has no quantizers (every layer float): nothing to export; quantize at least "
                           "one layer (check --no-quant-layers / the plan)")

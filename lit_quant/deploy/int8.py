@@ -42,7 +42,7 @@ from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph,
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.functional import QParams, dequantize
 from lit_quant.quant.ops import Add, Cat, MatMul, Mul
-from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.quant.preparation import QuantizedModel
 from lit_quant.torchao_ref import _quiet, check_backend, use_engine
 
 with warnings.catch_warnings():

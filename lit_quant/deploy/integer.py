@@ -42,7 +42,7 @@ from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph,
 from lit_quant.quant.functional import QParams, quantize
 from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
 from lit_quant.quant.ops import Add, Cat
-from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.quant.preparation import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.
 SCALE_APPROX_BITS = range(2, 32)

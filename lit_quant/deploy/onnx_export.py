@@ -60,7 +60,7 @@ from lit_quant.io import atomic_write
 from lit_quant.quant.fake_quant import enable_observer
 from lit_quant.quant.functional import QParams
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
-from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.quant.preparation import QuantizedModel
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (axis attribute) needs opset 13

@@ -26,7 +26,7 @@ from lit_quant.io import atomic_write
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.functional import QuantizedTensor, dequantize
 from lit_quant.quant.layers import _QuantWeightLayer
-from lit_quant.quant.prepare import QuantizedModel
+from lit_quant.quant.preparation import QuantizedModel
 from lit_quant.safe_load import load_checkpoint
 
 FORMAT = "lit_quant-deploy-1"

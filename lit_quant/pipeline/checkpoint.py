@@ -18,7 +18,7 @@ from lit_quant.io import atomic_write
 from lit_quant.pipeline.context import build_eval_trainer, evaluate_on_test
 from lit_quant.quant import QuantError, QuantPlan, enable_fake_quant, enable_observer, prepare
 from lit_quant.safe_load import load_checkpoint
-from lit_quant.training import build_datamodule, model_from_arch, state_dict_mismatch
+from lit_quant.training import build_datamodule, check_arch, model_from_arch, state_dict_mismatch
 
 
 def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],
@@ -35,14 +35,35 @@ def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: di
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
+#: The training run's settings a quantized checkpoint records (``data``): what rebuilds its test split.
+DATA_SETTINGS = ("data", "data_dir", "split_seed", "val_fraction", "fake_size", "model", "image_size", "small_input")
+_PAYLOAD_KEYS = ("lit_quant", "arch", "data", "plan", "state_dict", "row", "source")
+
+
 def load_quantized(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_quantized`; :class:`UserError` when it is not one."""
+    """Rebuild a model saved by :func:`save_quantized`; :class:`UserError` with one line naming the field
+    when it is not one, or is malformed (its architecture, data settings and plan are checked before any
+    model is built)."""
     path = Path(path)
     payload = load_checkpoint(path, "quantized checkpoint")  # weights-only: a file from elsewhere runs no code
     if not isinstance(payload, dict) or payload.get("lit_quant") not in ("ptq", "qat"):
+        if isinstance(payload, dict) and "hyper_parameters" in payload:
+            raise UserError(f"{path} is an fp32 training checkpoint: quantize it with --ckpt; --eval takes the "
+                            "ptq-w*a*.ckpt / qat-w*a*.ckpt quantize.py writes")
         raise UserError(f"{path} is not a quantized checkpoint written by quantize.py (an fp32 one goes to --ckpt)")
-    arch = payload["arch"]
-    model = prepare(model_from_arch(arch).eval(), QuantPlan.from_dict(payload["plan"]), qat=payload["lit_quant"] == "qat")
+    missing = [k for k in _PAYLOAD_KEYS if k not in payload]
+    if missing:
+        raise UserError(f"{path}: quantized checkpoint without {', '.join(missing)}")
+    arch = check_arch(payload["arch"], str(path))
+    data = payload["data"]
+    unknown = sorted(set(data) - set(DATA_SETTINGS)) if isinstance(data, dict) else ["(not a mapping)"]
+    if unknown:
+        raise UserError(f"{path}: unknown data setting(s) {', '.join(unknown)}; allowed: {', '.join(DATA_SETTINGS)}")
+    try:
+        plan = QuantPlan.from_dict(payload["plan"])
+    except QuantError as exc:
+        raise UserError(f"{path}: its plan is invalid: {exc}") from None
+    model = prepare(model_from_arch(arch).eval(), plan, qat=payload["lit_quant"] == "qat")
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

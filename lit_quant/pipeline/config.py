@@ -14,7 +14,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_quant.config import ACCELERATORS, PRECISIONS, check_choices, check_warmup, option, resolve_config
+from lit_quant.config import (
+    ACCELERATORS,
+    MAX_BATCH,
+    PRECISIONS,
+    check_choices,
+    check_folder_name,
+    check_seed,
+    check_warmup,
+    option,
+    resolve_config,
+)
 from lit_quant.errors import UserError
 
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
@@ -328,6 +338,9 @@ class QuantizeConfig:
         for name in ("calib_batches", "batch_size", "num_nodes", "adaround_iters", "sensitivity_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH:
+            raise UserError(f"--batch-size must be at most {MAX_BATCH}, got {self.batch_size}")
+        check_seed(self.seed)
         if self.epochs <= 0:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.lr is not None and self.lr <= 0:
@@ -358,9 +371,8 @@ class QuantizeConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a non-negative epoch, got {value}")
         if self.gpus is not None and self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
-        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
-                                      or "\\" in self.name):
-            raise UserError(f"--name must be a plain folder name, got {self.name!r}")
+        if self.name is not None:
+            check_folder_name(self.name, "--name")
         unknown = [e for e in self.export if e not in EXPORTS]
         if unknown:
             raise UserError(f"invalid --export '{unknown[0]}'; choose from {', '.join(EXPORTS)}")

@@ -198,13 +198,29 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _digest(entry: dict[str, Any]) -> str:
+    """The checksum a cached width carries: of its key and its figures, so a truncated or edited cache entry
+    is measured again rather than trusted."""
+    return _key(entry.get("key"), entry.get("knobs"))
+
+
+def read_cache(path: Path) -> dict[str, Any]:
+    """The sensitivity cache at ``path``; empty when it is missing or unreadable (its widths are measured
+    again and the file rewritten)."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> dict[str, Any]:
     """Per-knob SQNR and validation drop at each width (see the module docstring), with the cache of earlier
     runs of the same model, data, plan and images reused; also the seconds and passes it took."""
     cfg = ctx.cfg
     cache_dir = ctx.run_dir / "sensitivity"
     cache_path = cache_dir / "sensitivity.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = read_cache(cache_path)
     result: dict[str, Any] = {"fp32_val_top1": subset.fp32_top1, "images": len(subset.labels), "widths": {}}
     start, passes = time.perf_counter(), 0
     rank, world = _distributed()
@@ -212,8 +228,9 @@ def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> di
         plan = build_plan(cfg, bits=bits)
         key = _key(weights_fingerprint(ctx.float_model), ctx.data_settings, plan.to_dict(), len(subset.labels),
                    cfg.calib_batches, cfg.batch_size)
-        if cache.get(str(bits), {}).get("key") == key:
-            result["widths"][str(bits)] = cache[str(bits)]
+        entry = cache.get(str(bits))
+        if isinstance(entry, dict) and entry.get("key") == key and entry.get("digest") == _digest(entry):
+            result["widths"][str(bits)] = entry
             continue
         lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
         calibrate(ctx.trainer, lit, ctx.dm, str(cache_dir / f"stats-{key}.yaml"), ctx.source)
@@ -233,7 +250,8 @@ def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> di
                 advance()
         passes += 1 + len(knobs)
         merged = _gather(local)
-        result["widths"][str(bits)] = {"key": key, "knobs": {f"{n}|{k}": merged[f"{n}|{k}"] for n, k in knobs}}
+        entry = {"key": key, "knobs": {f"{n}|{k}": merged[f"{n}|{k}"] for n, k in knobs}}
+        result["widths"][str(bits)] = {**entry, "digest": _digest(entry)}
         cache[str(bits)] = result["widths"][str(bits)]
         if ctx.is_global_zero:
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from lit_quant.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
-from lit_quant.quant.prepare import QuantizedModel, logits_quantizer
+from lit_quant.quant.preparation import QuantizedModel, logits_quantizer
 
 
 def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,

@@ -95,10 +95,7 @@ def find_qat_resume(cfg: QuantizeConfig, qat_dir: Path) -> Path | None:
     if cfg.resume is None:
         return None
     path = qat_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
-    ckpt = read_checkpoint(path)
-    if not any("QATCallback" in str(key) for key in ckpt.get("callbacks", {})):
-        raise UserError(f"--resume {path}: not a QAT checkpoint (no QAT state; it was written by train.py or "
-                        "another mode); resume QAT from quantize.py --mode qat's qat-w<W>a<A>/last.ckpt")
+    read_checkpoint(path, qat=True)
     return path
 
 
@@ -176,7 +173,7 @@ def keep_best_epoch(lit: LitClassifier, best_cb: BestCheckpoint, start_file: Pat
     best_loss = best_cb.best_tie_break
     if best is not None and best_cb.best_model_path and \
             (float(best), -math.inf if best_loss is None else -best_loss) > start_key:
-        ckpt = read_checkpoint(best_cb.best_model_path)
+        ckpt = read_checkpoint(best_cb.best_model_path, qat=True)
         lit.load_state_dict(ckpt["state_dict"])
         return int(ckpt["epoch"]) + 1, 100.0 * float(best)
     lit.load_state_dict(start["state_dict"])

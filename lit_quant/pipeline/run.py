@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lit_quant.config import TrainConfig, load_yaml, resolve_config
 from lit_quant.deploy.integer import check_layer_name
 from lit_quant.errors import UserError
-from lit_quant.pipeline.checkpoint import save_quantized
+from lit_quant.io import check_writable, describe_os_error
+from lit_quant.pipeline.checkpoint import DATA_SETTINGS, save_quantized
 from lit_quant.pipeline.config import QuantizeConfig, is_sweep
 from lit_quant.pipeline.context import RunContext, build_eval_trainer
 from lit_quant.pipeline.deploy import add_deploy_rows
@@ -31,7 +34,7 @@ from lit_quant.pipeline.ptq import build_plan, ptq_points, ptq_row, weights_fing
 from lit_quant.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qat
 from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
 from lit_quant.pipeline.rows import Report, plot_sweep, write_report
-from lit_quant.quant import prepare, read_stats
+from lit_quant.quant import load_stats, prepare
 from lit_quant.torchao_ref import check_backend
 from lit_quant.training import build_datamodule, load_classifier, lock_folder, prepare_output_dir
 
@@ -82,15 +85,18 @@ def claimed_report_dir(base: Path, name: str | None) -> Iterator[Path]:
         yield base / inherited
         return
     created = name is None or not (base / name).exists()
-    while name is None:
-        candidate = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
-        try:
-            (base / candidate).mkdir(parents=True)
-            name = candidate
-        except FileExistsError:
-            continue
-    folder = base / name
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        while name is None:
+            candidate = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+            try:
+                (base / candidate).mkdir(parents=True)
+                name = candidate
+            except FileExistsError:
+                if not base.is_dir():
+                    raise
+        folder = check_writable(base / name)
+    except OSError as exc:
+        raise UserError(f"cannot write this run's report folder: {describe_os_error(exc)}") from None
     fd = lock_folder(folder, f"--name {name}")
     os.environ[REPORT_NAME_ENV] = name
     try:
@@ -136,26 +142,36 @@ def evaluation_data(ckpt_path: Path, arch: dict[str, Any], batch_size: int,
     return train_cfg, dm
 
 
-def _check_before_work(cfg: QuantizeConfig, ckpt_path: Path, float_model: Any) -> None:
-    """Fail on a bad backend, plan, ``--explain`` layer or ``--resume`` before any work is done or any file
-    written."""
+def _check_before_work(cfg: QuantizeConfig, ckpt_path: Path, float_model: Any, source: dict[str, Any]) -> None:
+    """Fail on a bad backend, plan (layer names, ``--no-quant-layers``, observer options), stats file,
+    ``--explain`` layer or ``--resume`` before any work is done or any file written: the plan is prepared
+    on the float model once here, and a stats file to reuse is loaded into that copy."""
     if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
     build_plan(cfg, qat=cfg.mode == "qat")
-    if cfg.explain:
-        check_layer_name(prepare(float_model, build_plan(cfg)), cfg.explain)
+    if cfg.mode in ("ptq", "compare", "qat"):
+        prepared = prepare(float_model, build_plan(cfg))
+        if cfg.mode == "qat":
+            prepare(float_model, build_plan(cfg, qat=True), qat=True)
+        if cfg.explain:
+            check_layer_name(prepared, cfg.explain)
+        if cfg.stats_file is not None and Path(cfg.stats_file).exists():
+            load_stats(prepared, cfg.stats_file, source)
+    if cfg.stats_file is not None and not Path(cfg.stats_file).exists():
+        prepare_output_dir(Path(cfg.stats_file).parent, "--stats-file")
     if cfg.mode == "qat":
         find_qat_resume(cfg, qat_dir_for(ckpt_path.parent, build_plan(cfg, qat=True)))
 
 
-def _check_stats_file(cfg: QuantizeConfig) -> None:
-    """A stats file to reuse is read now, a stats file to write must be able to go where it is asked to."""
-    if cfg.stats_file is not None:
-        stats = Path(cfg.stats_file)
-        if stats.exists():
-            read_stats(stats)
-        else:
-            prepare_output_dir(stats.parent, "--stats-file")
+def check_finite_outputs(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """:class:`UserError` when the fp32 model itself computes NaN or infinite logits on ``images`` (weights that
+    overflow): no quantization can be measured against it."""
+    with torch.no_grad():
+        logits = model(images)
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(dim=-1).sum()) if logits.dim() > 1 else len(logits)
+        raise UserError(f"the fp32 model itself produces non-finite logits (NaN or infinity) on {bad} of "
+                        f"{len(images)} test images: its weights overflow; retrain it or pass another --ckpt")
 
 
 def _context(cfg: QuantizeConfig, ckpt_path: Path, stack: contextlib.ExitStack) -> RunContext:
@@ -165,16 +181,15 @@ def _context(cfg: QuantizeConfig, ckpt_path: Path, stack: contextlib.ExitStack) 
     classifier = load_classifier(ckpt_path)
     classifier.model.eval()
     arch = classifier.hparams.arch
-    _check_before_work(cfg, ckpt_path, classifier.model)
+    source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(classifier.model)}
+    _check_before_work(cfg, ckpt_path, classifier.model, source)
     run_dir = ckpt_path.parent
     prepare_output_dir(run_dir, "the checkpoint's run folder")
-    _check_stats_file(cfg)
-    out_dir = stack.enter_context(claimed_report_dir(run_dir / "quantize", cfg.name))
     train_cfg, dm = evaluation_data(ckpt_path, arch, cfg.batch_size, cfg.calib_batches)
-    data_settings = {k: getattr(train_cfg, k) for k in ("data", "data_dir", "split_seed", "val_fraction", "fake_size",
-                                                        "model", "image_size", "small_input")}
-    source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(classifier.model)}
+    data_settings = {k: getattr(train_cfg, k) for k in DATA_SETTINGS}
     example = next(iter(dm.test_dataloader()))[0]
+    check_finite_outputs(classifier.model, example)
+    out_dir = stack.enter_context(claimed_report_dir(run_dir / "quantize", cfg.name))
     return RunContext(cfg, classifier, arch, data_settings, source, dm, example, build_eval_trainer(cfg), run_dir,
                       out_dir)
 

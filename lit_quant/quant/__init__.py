@@ -7,93 +7,56 @@ Typical PTQ::
     qmodel = prepare(float_model, plan)      # a copy; observers on, fake quant off
     calibrate(qmodel, loader)                # observe, sync across ranks, compute qparams, fake quant on
     Path("stats.yaml").write_text(dump_stats(qmodel))  # next run: load_stats(prepare(model, plan), "stats.yaml")
+
+Names are resolved on first use (PEP 562 module ``__getattr__``), as the root package's are: importing a
+torch-free part (``lit_quant.quant.spec``, ``lit_quant.quant.yamlio``) loads no torch.
 """
 
-from lit_quant.quant.errors import CalibrationError, QuantConfigError, QuantError
-from lit_quant.quant.fake_quant import (
-                                        FakeQuantize,
-                                        LSQFakeQuantize,
-                                        build_fake_quantize,
-                                        enable_fake_quant,
-                                        enable_observer,
-                                        iter_quantizers,
-                                        model_qparams,
-                                        reset_observers,
-                                        set_batch_index,
-                                        sync_observers,
-                                        update_qparams,
-)
-from lit_quant.quant.functional import (
-                                        QParams,
-                                        QuantizedTensor,
-                                        calculate_qparams,
-                                        dequantize,
-                                        fake_quantize,
-                                        lsq_fake_quantize,
-                                        quantize,
-)
-from lit_quant.quant.fuse import fold_bn, fold_bn_weights
-from lit_quant.quant.graph import fuse_conv_bn, module_graph, trace
-from lit_quant.quant.layers import QuantConv2d, QuantLinear, QuantOutput
-from lit_quant.quant.observers import OBSERVERS, Observer, build_observer
-from lit_quant.quant.plan import LayerOverride, LayerQuant, QuantPlan
-from lit_quant.quant.prepare import QuantizedModel, calibrate, finish_calibration, prepare, start_calibration
-from lit_quant.quant.spec import (
-                                        DEFAULT_ACT_SPEC,
-                                        DEFAULT_WEIGHT_SPEC,
-                                        OBSERVER_NAMES,
-                                        SCHEMES,
-                                        QuantSpec,
-)
-from lit_quant.quant.stats import dump_stats, load_stats, read_stats
+from __future__ import annotations
 
-__all__ = [
-                                        "DEFAULT_ACT_SPEC",
-                                        "DEFAULT_WEIGHT_SPEC",
-                                        "OBSERVERS",
-                                        "OBSERVER_NAMES",
-                                        "SCHEMES",
-                                        "CalibrationError",
-                                        "FakeQuantize",
-                                        "LSQFakeQuantize",
-                                        "LayerOverride",
-                                        "LayerQuant",
-                                        "Observer",
-                                        "QParams",
-                                        "QuantConfigError",
-                                        "QuantConv2d",
-                                        "QuantError",
-                                        "QuantLinear",
-                                        "QuantOutput",
-                                        "QuantPlan",
-                                        "QuantSpec",
-                                        "QuantizedModel",
-                                        "QuantizedTensor",
-                                        "build_fake_quantize",
-                                        "build_observer",
-                                        "calculate_qparams",
-                                        "calibrate",
-                                        "dequantize",
-                                        "dump_stats",
-                                        "enable_fake_quant",
-                                        "enable_observer",
-                                        "fake_quantize",
-                                        "finish_calibration",
-                                        "fold_bn",
-                                        "fold_bn_weights",
-                                        "fuse_conv_bn",
-                                        "iter_quantizers",
-                                        "load_stats",
-                                        "lsq_fake_quantize",
-                                        "model_qparams",
-                                        "module_graph",
-                                        "prepare",
-                                        "quantize",
-                                        "read_stats",
-                                        "reset_observers",
-                                        "set_batch_index",
-                                        "start_calibration",
-                                        "sync_observers",
-                                        "trace",
-                                        "update_qparams",
-]
+import importlib
+from typing import Any
+
+#: Public name -> the module that defines it, imported when the name is first used.
+_EXPORTS: dict[str, str] = {
+    **{name: "lit_quant.quant.errors" for name in (
+        "CalibrationError", "QuantConfigError", "QuantError")},
+    **{name: "lit_quant.quant.fake_quant" for name in (
+        "FakeQuantize", "LSQFakeQuantize", "build_fake_quantize", "enable_fake_quant", "enable_observer",
+        "iter_quantizers", "model_qparams", "reset_observers", "set_batch_index", "sync_observers",
+        "update_qparams")},
+    **{name: "lit_quant.quant.functional" for name in (
+        "QParams", "QuantizedTensor", "calculate_qparams", "dequantize", "fake_quantize",
+        "lsq_fake_quantize", "quantize")},
+    **{name: "lit_quant.quant.fuse" for name in (
+        "fold_bn", "fold_bn_weights")},
+    **{name: "lit_quant.quant.graph" for name in (
+        "fuse_conv_bn", "module_graph", "trace")},
+    **{name: "lit_quant.quant.layers" for name in (
+        "QuantConv2d", "QuantLinear", "QuantOutput")},
+    **{name: "lit_quant.quant.observers" for name in (
+        "OBSERVERS", "Observer", "build_observer")},
+    **{name: "lit_quant.quant.plan" for name in (
+        "LayerOverride", "LayerQuant", "QuantPlan")},
+    **{name: "lit_quant.quant.preparation" for name in (
+        "QuantizedModel", "calibrate", "finish_calibration", "prepare", "start_calibration")},
+    **{name: "lit_quant.quant.spec" for name in (
+        "DEFAULT_ACT_SPEC", "DEFAULT_WEIGHT_SPEC", "OBSERVER_NAMES", "SCHEMES", "QuantSpec")},
+    **{name: "lit_quant.quant.stats" for name in (
+        "dump_stats", "load_stats", "read_stats")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

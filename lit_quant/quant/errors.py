@@ -18,3 +18,8 @@ class QuantConfigError(QuantError, ValueError):
 
 class CalibrationError(QuantError, RuntimeError):
     """Bad calibration data or state: NaN/Inf observed, qparams asked for before any data, empty calibration."""
+
+
+class NonFiniteError(CalibrationError):
+    """A quantizer saw NaN or infinite values: the model computing them is broken (an overflow, a diverged
+    training step), not the quantizer."""

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lit_quant.quant.errors import CalibrationError, QuantConfigError
+from lit_quant.quant.errors import CalibrationError, NonFiniteError, QuantConfigError
 from lit_quant.quant.functional import calculate_qparams, fake_quantize
 from lit_quant.quant.spec import OBSERVER_NAMES, QuantSpec
 
@@ -280,7 +280,7 @@ class Observer(ResizingBuffersMixin, nn.Module):
         else:
             finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
         if not finite:
-            raise CalibrationError(f"observer {self.name!r} got a tensor with NaN or Inf values "
+            raise NonFiniteError(f"observer {self.name!r} got a tensor with NaN or Inf values "
                                    f"(min {lo.min().item()}, max {hi.max().item()})")
 
     def _update_running_minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> None:

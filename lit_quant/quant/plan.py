@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lit_quant.quant.errors import QuantConfigError
+from lit_quant.quant.yamlio import read_yaml
 from lit_quant.quant.spec import (
     ACCUM_BITS,
     DEFAULT_ACT_SPEC,
@@ -56,16 +55,6 @@ def _frozen(mapping: Any, what: str) -> tuple[tuple[str, Any], ...]:
     if not isinstance(mapping, Mapping):
         raise QuantConfigError(f"{what} must be a mapping of spec fields, got {mapping!r}")
     return tuple((str(k), dict(v) if isinstance(v, Mapping) else v) for k, v in mapping.items())
-
-
-def read_yaml(path: str | Path, what: str) -> Any:
-    """Parsed YAML of ``path``; an unreadable or invalid file is a :class:`QuantConfigError` naming ``what``."""
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise QuantConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise QuantConfigError(f"{what} file {path} is not valid YAML: {exc}") from None
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Iterable[str], what: str) -> None:

@@ -27,9 +27,11 @@ from torch import nn
 
 from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.fake_quant import iter_quantizers
-from lit_quant.quant.plan import read_yaml
+from lit_quant.quant.yamlio import read_yaml
 
 STATS_VERSION = 1
+#: The largest float32: a range beyond it would load as infinity.
+FLOAT32_MAX = 3.4028234663852886e38
 _SPEC_KEYS = ("kind", "observer", "bits", "scheme")
 
 
@@ -57,9 +59,10 @@ def dump_stats(model: nn.Module, include_weights: bool = False, source: Mapping[
 
 
 def _numbers(value: Any) -> bool:
-    """A non-empty list of finite numbers (booleans are not numbers here)."""
+    """A non-empty list of numbers finite in float32, the qparams' type (booleans are not numbers here)."""
     return isinstance(value, list) and bool(value) and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+        for v in value)
 
 
 def read_stats(path: str | Path) -> dict[str, Any]:
@@ -68,12 +71,7 @@ def read_stats(path: str | Path) -> dict[str, Any]:
     of finite numbers of one length with ``min <= max``. Raises :class:`QuantConfigError` naming the file,
     the entry and the key, so a bad file fails before calibration or evaluation starts."""
     path = Path(path)
-    if path.is_dir():
-        raise QuantConfigError(f"stats file {path} is a folder, not a file")
-    try:
-        data = read_yaml(path, "stats")
-    except UnicodeDecodeError:
-        raise QuantConfigError(f"stats file {path} is not text (a binary file?)") from None
+    data = read_yaml(path, "stats")
     if not isinstance(data, dict) or data.get("version") != STATS_VERSION or not isinstance(
             data.get("quantizers"), dict):
         raise QuantConfigError(f"{path} is not a version-{STATS_VERSION} lit-quant stats file")
@@ -93,10 +91,23 @@ def read_stats(path: str | Path) -> dict[str, Any]:
             raise QuantConfigError(f"{where}: bits must be an integer, got {entry['bits']!r}")
         for key in ("min", "max"):
             if not _numbers(entry[key]):
-                raise QuantConfigError(f"{where}: {key} must be a list of finite numbers, got {entry[key]!r}")
+                raise QuantConfigError(f"{where}: {key} must be a list of numbers finite in float32, got "
+                                       f"{_short(entry[key])}")
         if len(entry["min"]) != len(entry["max"]) or any(lo > hi for lo, hi in zip(entry["min"], entry["max"])):
             raise QuantConfigError(f"{where}: min and max must have one length and min <= max")
+    acts = {name: entry for name, entry in data["quantizers"].items() if entry["kind"] == "act"}
+    flat = [name for name, entry in acts.items() if entry["min"] == entry["max"]]
+    if acts and ("input" in flat or len(flat) == len(acts)):
+        which = "every activation range" if len(flat) == len(acts) else "the input range"
+        raise QuantConfigError(f"stats file {path}: {which} has zero width (e.g. {flat[0]!r}: min = max = {acts[flat[0]]['min'][0]}), which no "
+                               "calibration of a working model gives; delete the file to recalibrate")
     return data
+
+
+def _short(value: Any) -> str:
+    """``value`` for a message: at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_stats(model: nn.Module, path: str | Path, source: Mapping[str, Any] | None = None) -> int:

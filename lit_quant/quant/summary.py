@@ -17,7 +17,7 @@ from lit_quant.quant.fake_quant import FakeQuantize
 from lit_quant.quant.fuse import RELU_TYPES
 from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS, tensor_nodes
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
-from lit_quant.quant.prepare import QuantizedModel, is_ao_stub
+from lit_quant.quant.preparation import QuantizedModel, is_ao_stub, output_layer
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class OpSummary:
         weight_bits: bits of its weight; None when it has no weight or keeps a float one.
         act_bits: bits of its output; None when the output is not quantized here.
         status: ``quantized``; ``fused``, an accumulator the quantized ReLU after it requantizes (conv + relu,
-            add + relu: one integer op); or ``float``.
+            add + relu: one integer op); ``float output``, the logits layer: integer weights and input, its
+            accumulator dequantized to the model's float output; or ``float``.
     """
 
     name: str
@@ -52,6 +53,7 @@ def summarize(qmodel: QuantizedModel) -> list[OpSummary]:
     """The ops of ``qmodel`` in execution order (see the module docstring)."""
     gm = qmodel.model
     tensors = tensor_nodes(gm.graph)
+    logits = output_layer(gm)
     rows: list[OpSummary] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -60,7 +62,7 @@ def summarize(qmodel: QuantizedModel) -> list[OpSummary]:
                 rows.append(OpSummary("input", "input", None, _bits(fq), "quantized" if fq else "float"))
             continue
         if node.op == "call_module":
-            row = _module_row(gm, node)
+            row = _module_row(gm, node, logits)
             if row is not None:
                 rows.append(row)
         elif node.op in ("call_function", "call_method") and node in tensors:
@@ -84,7 +86,7 @@ def _requantized_by_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
             return isinstance(reader, QuantOutput) and isinstance(reader.module, RELU_TYPES)
 
 
-def _module_row(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSummary | None:
+def _module_row(gm: torch.fx.GraphModule, node: torch.fx.Node, logits: str | None) -> OpSummary | None:
     name = str(node.target)
     module = gm.get_submodule(name)
     if isinstance(module, PASSTHROUGH_TYPES):
@@ -92,8 +94,15 @@ def _module_row(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSummary | No
     if isinstance(module, _QuantWeightLayer):
         op = type(module).__name__.removeprefix("Quant")
         weight, act = _bits(module.weight_quant), _bits(module.act_quant)
-        fused = act is None and weight is not None and _requantized_by_relu(gm, node)
-        return OpSummary(name, op, weight, act, "quantized" if act is not None else "fused" if fused else "float")
+        if act is not None:
+            status = "quantized"
+        elif weight is not None and _requantized_by_relu(gm, node):
+            status = "fused"
+        elif weight is not None and name == logits:
+            status = "float output"
+        else:
+            status = "float"
+        return OpSummary(name, op, weight, act, status)
     if isinstance(module, QuantOutput):
         inner = module.module
         return OpSummary(name, "QuantStub" if is_ao_stub(inner) else type(inner).__name__, None,
