@@ -52,7 +52,7 @@ def test_int8_export_matches_fake_quant(setup: dict, backend: str, weight_bits: 
     """Real torch.ao kernels fed our integers, biases and qparams compute what our fake-quant model computes:
     same predictions, logits within one output step (rounding ties). 7-bit weights keep fbgemm's int16 pair
     sums exact on CPUs without VNNI."""
-    qmodel = _ptq(setup, weight_bits, 8)
+    qmodel = _ptq(setup, weight_bits, 8, io_bits=8)  # quantized logits: a step to measure them in
     int8 = export_int8(qmodel, backend)
     x = setup["x"]
     with torch.no_grad():
@@ -63,6 +63,20 @@ def test_int8_export_matches_fake_quant(setup: dict, backend: str, weight_bits: 
     assert size <= 0.3, size
     # real quantized modules, not float ones
     assert any(type(m).__module__.startswith("torch.ao.nn") for m in int8.modules())
+
+
+def test_float_logits_deploy_as_the_last_accumulator(setup: dict) -> None:
+    """The default plan's float logits: the int8 modules and the integer engine dequantize the last layer's
+    int32 accumulator, so they compute the fake-quant model's logits up to float32 rounding and the rare
+    one-step ties upstream."""
+    qmodel = _ptq(setup, 7, 8)
+    assert qmodel.model.fc.act_quant is None
+    x = setup["x"]
+    for deployed in (export_int8(qmodel, "x86"), IntegerEngine(qmodel)):
+        check = agreement(deployed, qmodel, [x])
+        assert check["max_logit_diff_steps"] is None
+        assert check["disagree"] <= 0.01 * len(x), check
+        assert check["max_logit_diff_share"] <= 0.01, check
 
 
 def test_reduce_range_said_not_hidden(setup: dict) -> None:
@@ -138,7 +152,7 @@ def _layerwise_steps(engine: IntegerEngine, qmodel: torch.nn.Module, x: torch.Te
 
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4), (16, 16)])
 def test_integer_engine_matches_fake_quant(setup: dict, bits: tuple[int, int]) -> None:
-    qmodel = _ptq(setup, *bits)
+    qmodel = _ptq(setup, *bits, io_bits=bits[1])  # quantized logits: a step to measure them in
     engine = IntegerEngine(qmodel)
     x = setup["x"]
     # every integer layer is within one step of the float simulation of that layer on the same input (plus,

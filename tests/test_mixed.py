@@ -144,7 +144,8 @@ def test_sensitivity_and_search_end_to_end(trained: Path, tmp_path: Path, capsys
     sens = json.loads((report / "sensitivity.json").read_text())
     assert set(sens["widths"]) == {"8", "3"} and sens["images"] == 48
     knobs = sens["widths"]["8"]["knobs"]
-    assert "conv1|weight" in knobs and "input|act" in knobs and "fc|act" in knobs
+    assert "conv1|weight" in knobs and "input|act" in knobs and "fc|weight" in knobs
+    assert "fc|act" not in knobs  # the logits stay float: no width to choose
     assert (report / "sensitivity.png").stat().st_size > 1000
     for name, knob in knobs.items():  # 3 bits is noisier than 8 for every tensor
         assert knob["sqnr_db"] > sens["widths"]["3"]["knobs"][name]["sqnr_db"], name
@@ -190,7 +191,9 @@ def test_impossible_budget_writes_the_widest_plan_and_fails(trained: Path, tmp_p
     assert len(err) == 1 and "even the widest assignment" in err[0]
     plan = (run / "quantize" / "impossible" / "mixed-plan.yaml").read_text()
     assert "does NOT meet --max-drop 0.5" in plan
-    assert QuantPlan.from_yaml(run / "quantize" / "impossible" / "mixed-plan.yaml").overrides == ()
+    widest = QuantPlan.from_yaml(run / "quantize" / "impossible" / "mixed-plan.yaml")
+    # no layer narrowed: only the default plan's own overrides (the image's observer, the float logits)
+    assert {o.pattern for o in widest.overrides} == {"input", "@output"}
 
 
 @pytest.mark.parametrize(("args", "message"), [

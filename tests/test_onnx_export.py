@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from lit_quant.deploy.graph import ExportError, act_qparams, deploy_graph
-from lit_quant.deploy.onnx_export import MIN_OPSET, export_onnx, run_onnx
+from lit_quant.deploy.graph import ExportError, act_qparams, agreement, deploy_graph
+from lit_quant.deploy.onnx_export import MIN_OPSET, OnnxModel, export_onnx, run_onnx
 from lit_quant.models import build_model
 from lit_quant.quant import QuantizedModel, QuantPlan, calibrate, prepare
 
@@ -84,7 +84,7 @@ def resnet() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def resnet_q8(resnet: nn.Module) -> QuantizedModel:
-    return _quantize(resnet, QuantPlan.from_bits(8, 8), 8)
+    return _quantize(resnet, QuantPlan.from_bits(8, 8, io_bits=8), 8)
 
 
 def test_resnet20_8bit_qdq_structure_and_agreement(resnet_q8: QuantizedModel, tmp_path: Path) -> None:
@@ -117,8 +117,23 @@ def test_resnet20_8bit_qdq_structure_and_agreement(resnet_q8: QuantizedModel, tm
     assert differing <= 0.05  # measured 1.6 % of logits
 
 
+def test_default_float_logits_end_in_the_last_gemm(resnet: nn.Module, tmp_path: Path) -> None:
+    """The default plan's float logits: the graph ends in the last layer's Gemm (no QuantizeLinear after it),
+    and onnxruntime computes the fake-quant model's predictions."""
+    qmodel = _quantize(resnet, QuantPlan.from_bits(8, 8), 8)
+    path = export_onnx(qmodel, tmp_path / "r20_float_logits.onnx", _inputs(8, 2))
+    model = onnx.load(str(path))
+    producer = next(n for n in model.graph.node if "logits" in n.output)
+    assert producer.op_type == "Gemm"
+    check = agreement(OnnxModel(path), qmodel, [_inputs(8)])
+    assert check["max_logit_diff_steps"] is None
+    assert check["disagree"] <= 0.01 * check["images"], check
+    # measured 1.4 % of the logits' range: the one-step rounding ties of 20 layers, as in the 8-bit test above
+    assert check["max_logit_diff_share"] <= 0.03, check
+
+
 def test_resnet20_4bit_clip_path_is_exact(resnet: nn.Module, tmp_path: Path) -> None:
-    qmodel = _quantize(resnet, QuantPlan.from_bits(4, 4), 8)
+    qmodel = _quantize(resnet, QuantPlan.from_bits(4, 4, io_bits=4), 8)
     path = export_onnx(qmodel, tmp_path / "r20_4.onnx", _inputs(8, 2))
     model = onnx.load(str(path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -138,7 +153,7 @@ def test_resnet20_4bit_clip_path_is_exact(resnet: nn.Module, tmp_path: Path) -> 
 
 
 def test_lenet5_maxpool_flatten_linear(tmp_path: Path) -> None:
-    qmodel = _quantize(_float_model("lenet5", 32), QuantPlan.from_bits(8, 8), 32)
+    qmodel = _quantize(_float_model("lenet5", 32), QuantPlan.from_bits(8, 8, io_bits=8), 32)
     path = export_onnx(qmodel, tmp_path / "lenet.onnx", _inputs(32, 1))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("MaxPool") == 2 and ops.count("Flatten") == 1 and ops.count("Gemm") == 3
@@ -195,7 +210,7 @@ class _Shapes(nn.Module):
 
 def test_functional_reshapes_relu6_avgpool(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    qmodel = _quantize(_Shapes().eval(), QuantPlan.from_bits(8, 8), 8)
+    qmodel = _quantize(_Shapes().eval(), QuantPlan.from_bits(8, 8, io_bits=8), 8)
     path = export_onnx(qmodel, tmp_path / "shapes.onnx", _inputs(8, 3))
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     for op in ("AveragePool", "Clip", "Reshape", "MatMul", "Flatten", "Gemm"):
@@ -231,7 +246,7 @@ class _Moves(nn.Module):
 
 def test_activations_attention_and_moves_export(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    qmodel = _quantize(_Moves().eval(), QuantPlan.from_bits(8, 8), 6)
+    qmodel = _quantize(_Moves().eval(), QuantPlan.from_bits(8, 8, io_bits=8), 6)
     path = export_onnx(qmodel, tmp_path / "moves.onnx", _inputs(6, 1))
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"Split", "Concat", "HardSwish", "Sigmoid", "Mul", "Transpose", "Expand", "LayerNormalization",
@@ -259,14 +274,14 @@ class _Unsupported(nn.Module):
 
 @pytest.mark.parametrize(("mode", "match"), [("pool", "AdaptiveAvgPool2d"), ("flip", "flip")])
 def test_unsupported_ops_raise(mode: str, match: str, tmp_path: Path) -> None:
-    qmodel = _quantize(_Unsupported(mode).eval(), QuantPlan.from_bits(8, 8), 8)
+    qmodel = _quantize(_Unsupported(mode).eval(), QuantPlan.from_bits(8, 8, io_bits=8), 8)
     with pytest.raises(ExportError, match=match):
         export_onnx(qmodel, tmp_path / "m.onnx", _inputs(8, 2))
     assert not list(tmp_path.iterdir())  # nothing (not even a temporary file) left behind
 
 
 def test_16bit_activations_need_opset_21(resnet: nn.Module, tmp_path: Path) -> None:
-    qmodel = _quantize(resnet, QuantPlan.from_bits(8, 16), 8)
+    qmodel = _quantize(resnet, QuantPlan.from_bits(8, 16, io_bits=16), 8)
     with pytest.raises(ExportError, match="opset 21"):
         export_onnx(qmodel, tmp_path / "m.onnx", _inputs(8, 2))
     path = export_onnx(qmodel, tmp_path / "m.onnx", _inputs(8, 2), opset=21)

@@ -128,7 +128,9 @@ def _quantized_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def _assert_on_output_grid(module: nn.Module, out: torch.Tensor) -> None:
-    """``out`` is on the grid of the network's last output quantizer: ``out / s + z`` integers in range."""
+    """``out`` is on the grid of the network's last output quantizer: ``out / s + z`` integers in range (the
+    tests that call this quantize the logits, ``io_bits=8``, so that the output shows the quantized model
+    ran)."""
     fq = [fq for _, fq in iter_quantizers(module, "act")][-1]
     q = out / fq.scale + fq.zero_point
     assert torch.allclose(q, q.round(), atol=1e-3)
@@ -163,7 +165,7 @@ def test_qat_one_callback_calibrates_then_fine_tunes(kind: str) -> None:
     pl.seed_everything(0, verbose=False)
     net = cls()
     before = copy.deepcopy(net)
-    plan = QuantPlan.from_bits(8, 8)
+    plan = QuantPlan.from_bits(8, 8, io_bits=8)
     record = Record()
     trainer = _trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1,
                        callbacks=[QATCallback(plan, calibration_batches=2), record])
@@ -280,7 +282,7 @@ def _reference_ptq(float_net: NetModule, plan: QuantPlan, batches: list[Any]) ->
 def test_ptq_one_callback_tests_the_calibrated_model(observer: str) -> None:
     pl.seed_everything(0, verbose=False)
     net = NetModule()
-    plan = QuantPlan.from_bits(8, 8, act_observer=observer)
+    plan = QuantPlan.from_bits(8, 8, act_observer=observer, io_bits=8)
     calib, test = _loader(64, 0), _loader(48, 2)
     reference = _reference_ptq(net, plan, list(itertools.islice(calib, 3)))
 
@@ -317,7 +319,7 @@ def test_ptq_calibrates_on_the_datamodule_train_data(kind: str) -> None:
     cls, names = MODULES[kind]
     pl.seed_everything(0, verbose=False)
     net = cls()
-    plan = QuantPlan.from_bits(8, 8)
+    plan = QuantPlan.from_bits(8, 8, io_bits=8)
     float_net = copy.deepcopy(net).eval()
     result = _trainer(callbacks=[PTQCalibration(plan, calibration_batches=2)]).test(
         net, datamodule=TrainData(), verbose=False)[0]
