@@ -213,15 +213,25 @@ class _QAdd(nn.Module):
 
 class _Clamp6(nn.Module):
     """``clamp(q, 0, 6)`` on the quantized tensor: with the ReLU6's own qparams, ``round(clamp(a, 0, 6) / s) + z``
-    equals ``clamp(round(a / s) + z, q(0), q(6))`` because rounding is monotone, so the fused op stays exact."""
+    equals ``clamp(round(a / s) + z, q(0), q(6))`` because rounding is monotone, so the fused op stays exact.
+
+    qnnpack's quantized clamp (and hardtanh, relu6) reads a channels-last tensor, the layout its convolutions
+    return, as if it were contiguous and scrambles it; there the tensor is made contiguous first.
+    """
+
+    def __init__(self, contiguous: bool = False) -> None:
+        super().__init__()
+        self.contiguous = contiguous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(x, 0.0, 6.0)
+        return torch.clamp(x.contiguous() if self.contiguous else x, 0.0, 6.0)
 
 
-def _clamp6(op: nn.Module, relu: Step) -> nn.Module:
+def _clamp6(op: nn.Module, relu: Step, backend: str) -> nn.Module:
     """``op`` (a fused op + ReLU), followed by the clamp at 6 when the ReLU it absorbs is a ReLU6."""
-    return nn.Sequential(op, _Clamp6()) if isinstance(relu.module.module, nn.ReLU6) else op
+    if not isinstance(relu.module.module, nn.ReLU6):
+        return op
+    return nn.Sequential(op, _Clamp6(contiguous=backend == "qnnpack"))
 
 
 class Int8Model(nn.Module):
@@ -295,11 +305,11 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
                     ops[step.name] = _quantized_layer(step, act_qparams(step), relu=False)
                 else:
                     relu = readers[step.name][0]
-                    ops[step.name] = _clamp6(_quantized_layer(step, act_qparams(relu), relu=True), relu)
+                    ops[step.name] = _clamp6(_quantized_layer(step, act_qparams(relu), relu=True), relu, backend)
                     fused.add(relu.name)
             elif step.kind == "add":
                 relu = readers[step.name][0]
-                ops[step.name] = _clamp6(_QAdd(act_qparams(relu), relu=True), relu)
+                ops[step.name] = _clamp6(_QAdd(act_qparams(relu), relu=True), relu, backend)
                 fused.add(relu.name)
             elif step.kind == "requant" and step.name not in fused:
                 ops[step.name] = _requant_op(step.module.module, act_qparams(step))
