@@ -53,6 +53,7 @@ QUIET_WARNINGS = (
     r"The number of training batches .* is smaller than the logging interval",
     r"The '.*dataloader' does not have many workers",
     r"Checkpoint directory .* exists and is not empty",
+    r"The dirpath has changed from",  # a resumed run folder that was moved or copied: the new place is used
     r"Encountered `nan` values in tensor",  # torchmetrics, before a non-finite loss stops the run in one line
 )
 

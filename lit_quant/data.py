@@ -341,8 +341,13 @@ def _image_folder_class() -> type:
 
 
 def collate_readable(samples: list) -> object:
-    """``default_collate`` of the samples a folder data set could read (unreadable ones are None)."""
-    return default_collate([s for s in samples if s is not None])
+    """``default_collate`` of the samples a folder data set could read (unreadable ones are None); a batch
+    none of whose files could be read stops the run (a folder of mostly bad files is not data to train on)."""
+    readable = [s for s in samples if s is not None]
+    if not readable:
+        raise UserError(f"none of the {len(samples)} images of a batch could be read (each is named in a warning "
+                        "above): check the data folder")
+    return default_collate(readable)
 
 
 class CollateOrEmpty:

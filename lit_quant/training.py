@@ -281,12 +281,12 @@ def hardware_settings(cfg: Any) -> dict[str, Any]:
 NODE_TIMEOUT_ENV = "LIT_QUANT_NODE_TIMEOUT"
 
 
-def multi_node_strategy(num_nodes: int, strategy: Any) -> Any:
-    """The DDP strategy of a ``--num-nodes`` run, which meets its other nodes at ``MASTER_ADDR:MASTER_PORT``:
-    refused with one line when neither those variables nor a cluster scheduler (SLURM, torchelastic,
-    LSF) say where the nodes meet (the run would wait forever), else
-    DDP with a rendezvous timeout of :data:`NODE_TIMEOUT_ENV` seconds, so that nodes that never come end the
-    run instead of holding it forever."""
+def check_nodes(num_nodes: int) -> None:
+    """Refuse, in one line, a ``--num-nodes`` above 1 when neither ``MASTER_ADDR`` / ``MASTER_PORT`` /
+    ``NODE_RANK`` nor a cluster scheduler (SLURM, torchelastic, LSF) say where the nodes meet: the run would
+    wait for them forever."""
+    if num_nodes <= 1:
+        return
     from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
 
     # a scheduler that tells each node where to meet (Kubeflow sets MASTER_ADDR itself)
@@ -296,6 +296,13 @@ def multi_node_strategy(num_nodes: int, strategy: Any) -> Any:
         raise UserError(f"--num-nodes {num_nodes} waits for the other nodes at MASTER_ADDR:MASTER_PORT; set "
                         f"{', '.join(missing)} on every node (MASTER_ADDR: the address of node 0, NODE_RANK: "
                         "0.. on each), or run on one machine with --devices")
+
+
+def multi_node_strategy(num_nodes: int, strategy: Any) -> Any:
+    """The DDP strategy of a ``--num-nodes`` run, which meets its other nodes at ``MASTER_ADDR:MASTER_PORT``
+    (:func:`check_nodes` first): DDP with a rendezvous timeout of :data:`NODE_TIMEOUT_ENV` seconds, so that
+    nodes that never come end the run instead of holding it forever."""
+    check_nodes(num_nodes)
     if strategy not in ("auto", "ddp"):
         return strategy
     from datetime import timedelta

@@ -293,8 +293,14 @@ def locked_temp_file(ws: Path) -> None:
     temp.write_bytes(b"half a checkpoint")
     old = time.time() - 3600
     os.utime(temp, (old, old))
+    _lock_in_child(ws, temp, "rb")
+
+
+def _lock_in_child(ws: Path, path: Path, mode: str) -> None:
+    """Lock ``path`` (opened with ``mode``) in a child process that holds it as long as the workspace exists;
+    returns once the lock is held."""
     subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time, os\n"
-                      f"fh = open({str(temp)!r}, 'rb'); fcntl.flock(fh.fileno(), fcntl.LOCK_EX)\n"
+                      f"fh = open({str(path)!r}, {mode!r}); fcntl.flock(fh.fileno(), fcntl.LOCK_EX)\n"
                       "open(sys.argv[1], 'w').close()\n"
                       f"while os.path.exists({str(ws)!r}): time.sleep(0.2)\n", str(ws / ".held")])
     while not (ws / ".held").exists():
@@ -375,7 +381,7 @@ def cases() -> list[Case]:
             (["--mode", "qat", "--seed", "-1"], "--seed"), (["--mode", "qat", "--lr", "-1"], "--lr"),
             (["--mode", "qat", "--epochs", "0"], "--epochs"), (["--mode", "qat", "--distill", "--distill-weight",
                                                                   "2"], "--distill-weight"),
-            (["--mode", "qat", "--resume", "last"], "last.ckpt"), (["--resume", "last"], "--mode qat"),
+            (["--mode", "qat", "--bits", "4", "--resume", "last"], "last.ckpt"), (["--resume", "last"], "--mode qat"),
             (["--sensitivity", "--mode", "qat"], "--sensitivity"), (["--mode", "builtin", "--export", "int8"],
                                                                     "--export"),
             (["--mode", "qat", "--precision", "transformer-engine"], "transformer"),
@@ -428,7 +434,8 @@ def cases() -> list[Case]:
             ("NaN weight", edit_checkpoint(set_tensor("conv1.weight", float("nan")), out="x.ckpt"), "conv1"),
             ("huge architecture", edit_checkpoint(lambda c: {"state_dict": {}, "hyper_parameters": {
                 **c["hyper_parameters"], "num_classes": 10 ** 7, "arch": {
-                    **c["hyper_parameters"]["arch"], "model": "vit_h_14", "num_classes": 10 ** 7}}}, out="x.ckpt"),
+                    **c["hyper_parameters"]["arch"], "model": "vit_h_14", "num_classes": 10 ** 7,
+                    "image_size": 224}}}, out="x.ckpt"),
              "does not match its architecture"),
             ("a quantized checkpoint", edit_checkpoint(lambda c: None, "ck/tiny/ptq-w8a8.ckpt", "x.ckpt"),
              "--eval")):
@@ -506,12 +513,7 @@ def _hold_lock(ws: Path, folder: Path) -> None:
     """Another live run holding ``folder``'s lock (a child process that lives as long as the workspace)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text("the other run's report")
-    subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time, os\n"
-                      f"fh = open({str(folder / '.lock')!r}, 'w'); fcntl.flock(fh.fileno(), fcntl.LOCK_EX)\n"
-                      "open(sys.argv[1], 'w').close()\n"
-                      f"while os.path.exists({str(ws)!r}): time.sleep(0.2)\n", str(ws / ".held")])
-    while not (ws / ".held").exists():
-        time.sleep(0.05)
+    _lock_in_child(ws, folder / ".lock", "w")
 
 
 def _overflow(ckpt: dict[str, Any]) -> None:

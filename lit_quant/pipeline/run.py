@@ -36,7 +36,7 @@ from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dyna
 from lit_quant.pipeline.rows import Report, plot_sweep, write_report
 from lit_quant.quant import load_stats, prepare
 from lit_quant.torchao_ref import check_backend
-from lit_quant.training import build_datamodule, load_classifier, lock_folder, prepare_output_dir
+from lit_quant.training import build_datamodule, check_nodes, load_classifier, lock_folder, prepare_output_dir
 
 #: Keys of the training run's config.yaml that decide which images are the test split.
 DATA_KEYS = ("data_dir", "split_seed", "val_fraction", "fake_size")
@@ -85,6 +85,7 @@ def claimed_report_dir(base: Path, name: str | None) -> Iterator[Path]:
         yield base / inherited
         return
     created = name is None or not (base / name).exists()
+    base_created = not base.exists()
     try:
         while name is None:
             candidate = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
@@ -108,6 +109,9 @@ def claimed_report_dir(base: Path, name: str | None) -> Iterator[Path]:
         if created and [p.name for p in folder.iterdir()] in ([], [".lock"]):
             (folder / ".lock").unlink(missing_ok=True)
             folder.rmdir()
+            if base_created:  # <run>/quantize itself, made for this folder alone (another run may fill it now)
+                with contextlib.suppress(OSError):
+                    base.rmdir()
 
 
 def _data_config(ckpt_path: Path, arch: dict[str, Any], batch_size: int) -> TrainConfig:
@@ -148,6 +152,7 @@ def _check_before_work(cfg: QuantizeConfig, ckpt_path: Path, float_model: Any, s
     on the float model once here, and a stats file to reuse is loaded into that copy."""
     if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
+    check_nodes(cfg.num_nodes)
     build_plan(cfg, qat=cfg.mode == "qat")
     if cfg.mode in ("ptq", "compare", "qat"):
         prepared = prepare(float_model, build_plan(cfg))

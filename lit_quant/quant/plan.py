@@ -277,7 +277,7 @@ class QuantPlan:
 
         The message lists the closest known names (difflib), since the usual cause is a typo.
         """
-        known = list(names)
+        known = list(dict.fromkeys(names))  # a layer reached twice (a folded BatchNorm's owner) is named once
         for o in self.overrides:
             if o.pattern in ROLES or any(o.matches(n) for n in known):
                 continue
