@@ -12,7 +12,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
 from lit_quant.callbacks import BuiltinQATSchedule
 from lit_quant.io import atomic_write_text
@@ -45,12 +44,9 @@ def builtin_ptq_rows(ctx: RunContext) -> list[tuple[Row, torch.Tensor]]:
     for backend in ptq_backends(ctx.cfg):
         # all calibration images in every process: torch.ao's observers cannot merge ranks' statistics
         result = builtin_ptq(ctx.float_model, ctx.dm.full_calibration_dataloader(), backend, ctx.example)
-        note = f"torch.ao {result.method} int8, real integer kernels"
-        if backend == "qnnpack" and any(isinstance(m, (nn.ReLU6, nn.Hardtanh)) for m in ctx.float_model.modules()):
-            note += ("; qnnpack's quantized clamp misreads the channels-last tensors its convolutions return, "
-                     "scrambling every ReLU6 (lit-quant's int8 export makes them contiguous first)")
         rows.append(ctx.evaluate("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8,
-                                 observer="histogram", calib_s=result.calib_s, note=note))
+                                 observer="histogram", calib_s=result.calib_s,
+                                 note=f"torch.ao {result.method} int8, real integer kernels"))
     return rows
 
 
