@@ -24,6 +24,7 @@ from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import add_config_arguments
+from lit_quant.quant.plan import DEFAULTS_TEXT
 from lit_quant.pipeline.config import (
     LOGITS_COST,
     OBSERVER_NAMES,
@@ -40,7 +41,7 @@ def build_parser() -> ArgumentParser:
     recipes = "\n".join(f"  {qat_recipe(b, b).describe(b)}" for b in (8, 4, 3, 2))
     parser = ArgumentParser(prog="quantize.py", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="--mode qat takes what --qat-method, --act-observer, --weight-observer, "
+                            epilog="default plan: " + DEFAULTS_TEXT + ".\n\n--mode qat takes what --qat-method, --act-observer, --weight-observer, "
                                    "--weight-rounding,\n--bias-correction, --lr, --warmup-epochs, --epochs, --distill, "
                                    "--freeze-bn-epoch and --first-last-bits\ndo not give from the recipe of its width (the narrower of "
                                    "weight and activation bits; 5-7 bits as 4):\n" + recipes)

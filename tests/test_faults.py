@@ -315,3 +315,29 @@ def test_third_party_warnings_stay_quiet(tmp_path: Path, capsys) -> None:
     dependencies are filtered at the entry points (``--verbose`` shows them)."""
     code, err = _train(tiny_args(tmp_path, "--epochs", "1"), capsys)
     assert code == 0 and err == "", err
+
+
+def test_torch_ao_failing_on_a_model_costs_only_its_row(run: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.ao's converted model raising on a model (an op it cannot run, as its shufflenet_v2 does on this
+    torch) leaves that backend's row without accuracy, its reason in the note, and every other row."""
+    from lit_quant.pipeline import reference
+
+    real = reference.builtin_ptq
+
+    def failing(model: torch.nn.Module, batches: Any, backend: str, example: torch.Tensor) -> Any:
+        result = real(model, batches, backend, example)
+        if backend == "qnnpack":
+            def broken(x: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("required rank 4 tensor to use channels_last format")
+            result.model.forward = broken
+        return result
+
+    monkeypatch.setattr(reference, "builtin_ptq", failing)
+    assert quantize.main(_q(run, "--backend", "qnnpack", "--name", "ao")) == 0
+    rows = json.loads((run / "tiny" / "quantize" / "ao" / "report.json").read_text())["rows"]
+    failed = [r for r in rows if r["variant"] == "builtin-ptq" and r["backend"] == "qnnpack"]
+    assert len(failed) == 1 and failed[0]["top1"] is None
+    assert "torch.ao qnnpack int8 failed on this model: required rank 4" in failed[0]["note"]
+    assert all(r["top1"] is not None for r in rows if r is not failed[0])
+    assert {r["variant"] for r in rows} >= {"fp32", "ptq", "builtin-ptq"}
+    capsys.readouterr()

@@ -5,6 +5,8 @@ dynamic int8 and the half-precision copy. The torch.ao calls themselves live in 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext
 from lit_quant.pipeline.qat import qat_classifier, qat_train_config, recipe_note, sync_bn
 from lit_quant.pipeline.rows import ROW_KEYS, Row
+from lit_quant.quant.errors import QuantError
 from lit_quant.torchao_ref import (
     available_backends,
     builtin_dynamic,
@@ -38,15 +41,26 @@ def ptq_backends(cfg: QuantizeConfig) -> list[str]:
     return available_backends() if cfg.mode == "compare" else [cfg.backend]
 
 
-def builtin_ptq_rows(ctx: RunContext) -> list[tuple[Row, torch.Tensor]]:
+def builtin_ptq_rows(ctx: RunContext) -> list[tuple[Row, torch.Tensor | None]]:
     """torch.ao static int8 on each of :func:`ptq_backends`."""
     rows = []
     for backend in ptq_backends(ctx.cfg):
-        # all calibration images in every process: torch.ao's observers cannot merge ranks' statistics
-        result = builtin_ptq(ctx.float_model, ctx.dm.full_calibration_dataloader(), backend, ctx.example)
-        rows.append(ctx.evaluate("builtin-ptq", result.model, backend=backend, weight_bits=8, act_bits=8,
-                                 observer="histogram", calib_s=result.calib_s,
-                                 note=f"torch.ao {result.method} int8, real integer kernels"))
+        info = {"backend": backend, "weight_bits": 8, "act_bits": 8, "observer": "histogram"}
+        try:
+            # all calibration images in every process: torch.ao's observers cannot merge ranks' statistics
+            result = builtin_ptq(ctx.float_model, ctx.dm.full_calibration_dataloader(), backend, ctx.example)
+            # one batch first, its stderr kept: torch.fx prints a failing op's traceback itself before raising
+            with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+                result.model(ctx.example)
+            rows.append(ctx.evaluate("builtin-ptq", result.model, calib_s=result.calib_s,
+                                     note=f"torch.ao {result.method} int8, real integer kernels", **info))
+        except QuantError:
+            raise
+        except (RuntimeError, NotImplementedError, AssertionError, TypeError) as exc:
+            # the reference failing on a model (an op its converted model cannot run) costs only its own row
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            rows.append((Row(variant="builtin-ptq", **info, note=f"torch.ao {backend} int8 failed on this model: "
+                                                                 f"{first}"), None))
     return rows
 
 

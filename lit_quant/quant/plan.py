@@ -44,6 +44,14 @@ from lit_quant.quant.spec import (
 FIRST, LAST, OUTPUT, INPUT = "@first", "@last", "@output", "input"
 #: Patterns that name a role in the network rather than a module: they match in every model.
 ROLES: tuple[str, ...] = (INPUT, FIRST, LAST, OUTPUT)
+
+#: What :meth:`QuantPlan.from_bits` chooses beyond the widths, in the words ``quantize.py --help`` shows.
+DEFAULTS_TEXT = (
+    "weights per output channel, symmetric; the image (the model input) keeps its whole range (a minmax\n"
+    "observer) at 8 bits and more; the logits stay float: the last layer's integer accumulator is\n"
+    "dequantized, as int8 runtimes can do, since a classifier's answer is the order of a few close logits\n"
+    "and an 8-bit grid over their range erases it (--io-bits N quantizes image and logits at N bits, and\n"
+    "the report states what that cost)")
 _GLOB_CHARS = set("*?[")
 
 
