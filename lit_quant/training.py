@@ -427,11 +427,18 @@ def check_hparams(hp: Any, where: str) -> None:
 def check_weights(state_dict: Any, arch: dict[str, Any], where: str, prefix: str = "model.") -> None:
     """The weights of a checkpoint against its architecture, before the model is built: the model is laid
     out on the meta device (no memory), and every tensor must be there with its shape and finite. A small file
-    naming a huge architecture, or weights of another model, is refused without allocating it."""
+    naming a huge architecture, or weights of another model, is refused without allocating it (except for
+    the architectures whose constructors compute with tensors, RegNet's, which are laid out on the CPU)."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{where}: its state_dict is not a mapping of tensors")
-    with torch.device("meta"):
-        shapes = {prefix + k: tuple(v.shape) for k, v in model_from_arch(arch).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            model = model_from_arch(arch)
+    except NotImplementedError:
+        # a constructor that computes with tensors (RegNet's block widths) cannot run on the meta device: such
+        # an architecture is laid out on the CPU
+        model = model_from_arch(arch)
+    shapes = {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
     mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     missing = [k for k in shapes if k not in mine]
     unexpected = [k for k in mine if k not in shapes]

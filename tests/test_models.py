@@ -59,3 +59,20 @@ def test_model_info_sizes() -> None:
     assert model_info("lenet5").fixed_size == 32
     assert model_info("resnet20").fixed_size is None and model_info("resnet20").min_size == 8
     assert model_info("resnet18").min_size == 32
+
+
+@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf"])
+def test_checkpoint_weights_are_checked_against_the_architecture(name: str) -> None:
+    """A torchvision checkpoint's weights pass the shape and finiteness check of its architecture, whether the
+    architecture lays out on the meta device (resnet18) or its constructor computes with tensors and is laid
+    out on the CPU (RegNet's block widths); a tensor of the wrong shape is named."""
+    from lit_quant.training import check_weights, model_from_arch
+
+    arch = {"model": name, "data": "digits", "in_channels": 1, "num_classes": 10, "image_size": 32,
+            "small_input": False, "bn_momentum": 0.1}
+    weights = {f"model.{k}": v for k, v in model_from_arch(arch).state_dict().items()}
+    check_weights(weights, arch, "x.ckpt")
+    first = next(k for k, v in weights.items() if v.dim() == 4)
+    weights[first] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(UserError, match=f"has the wrong shape for {first} "):
+        check_weights(weights, arch, "x.ckpt")
