@@ -10,8 +10,8 @@ on the same float model and the same calibration batches:
   calibrate → ``convert``);
 * :func:`builtin_qat_prepare` / :func:`builtin_qat_convert` — FX quantization-aware training; the training
   in between is done by the Lightning layer;
-* :func:`builtin_dynamic` — dynamic int8 ``nn.Linear`` (``quantize_dynamic``), the seed's "dynamic" mode;
-* :func:`builtin_half` — a half-precision copy, the seed's ``model.half()`` mode.
+* :func:`builtin_dynamic` — dynamic int8 ``nn.Linear`` (``quantize_dynamic``);
+* :func:`builtin_half` — a half-precision copy (``model.half()``).
 
 Backends (``torch.backends.quantized.engine``) decide both the default qconfig and the packed weight format:
 
@@ -372,7 +372,7 @@ def _half_runs(model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype
 
 def builtin_half(model: nn.Module, example_input: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None) -> HalfPrecision:
-    """A half-precision copy of ``model`` (the seed's ``model.half()``), wrapped as :class:`HalfPrecision`.
+    """A half-precision copy of ``model`` (``model.half()``), wrapped as :class:`HalfPrecision`.
 
     Choice of format: fp16 when a forward on ``example_input`` runs on this CPU in fp16 and gives finite
     logits, else bf16. fp16 is what the seed does (``model.half()``) and keeps 10 mantissa bits, so its

@@ -1,4 +1,4 @@
-"""Integer-only reference engine (Jacob et al. 2018, "integer-arithmetic-only inference"; seed 001's "freeze").
+"""Integer-only reference engine (Jacob et al. 2018, "integer-arithmetic-only inference").
 
 Runs a calibrated / QAT-trained model with integers only between the input quantizer and the output
 dequantization, following :func:`lit_quant.deploy.graph.deploy_graph`:
@@ -397,7 +397,7 @@ class IntegerEngine(nn.Module):
         return [layer.step.target for layer in self.layers.values()]
 
     def explain(self, target: str, x: torch.Tensor) -> str:
-        """Seed 001's question for one real layer: the integer dataflow and the bit width at each step,
+        """One real layer's integer dataflow and the bit width at each step,
         with this layer's scales, multiplier and the ranges observed on ``x``."""
         check_layer_name(self.layer_names(), target)
         layer = next(lay for lay in self.layers.values() if lay.step.target == target)

@@ -11,7 +11,7 @@ Conventions (identical to torch.ao so results compare with ``atol=0``)::
 
 Integer values only ever leave :func:`quantize` inside a :class:`QuantizedTensor` that carries its scale
 and zero point, and :func:`fake_quantize` always maps them back through the scale — the failure of using
-raw integers as float weights (seed 000) cannot be expressed with this API.
+raw integers as float weights cannot be expressed with this API.
 """
 
 from __future__ import annotations

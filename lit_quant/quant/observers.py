@@ -600,7 +600,7 @@ class HistogramObserverBase(Observer):
 class PercentileObserver(HistogramObserverBase):
     """Clip at a percentile: ``max`` at the ``percentile``-th, ``min`` at the ``(100 - percentile)``-th.
 
-    Seed 001's "fake-hist". Read off the cumulative histogram with linear interpolation inside the bin —
+    Read off the cumulative histogram with linear interpolation inside the bin —
     no sort of the data. The lower bound only moves for data with negative values (for ReLU outputs it is
     the minimum, 0). Option ``percentile`` (default 99.99).
     """
