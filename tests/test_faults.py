@@ -181,25 +181,6 @@ def _edit(path: Path, change: Callable[[dict[str, Any]], Any], out: Path | None 
     return out or path
 
 
-def _hparams(**changes: Any) -> Callable[[dict[str, Any]], None]:
-    def change(ckpt: dict[str, Any]) -> None:
-        for key, value in changes.items():
-            target = ckpt["hyper_parameters"]["arch"] if key.startswith("arch.") else ckpt["hyper_parameters"]
-            key = key.removeprefix("arch.")
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-    return change
-
-
-def _first(suffix: str, value: float) -> Callable[[dict[str, Any]], None]:
-    def change(ckpt: dict[str, Any]) -> None:
-        name = next(k for k in ckpt["state_dict"] if k.endswith(suffix))
-        ckpt["state_dict"][name].view(-1)[0] = value
-    return change
-
-
 def _huge(ckpt: dict[str, Any]) -> dict[str, Any]:
     """16 KB naming a vit_h_14 with ten million classes for 224-pixel images (13 billion parameters): refused
     from the shapes alone, without building the model."""
@@ -209,12 +190,12 @@ def _huge(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case,change,needle", [
-    ("without arch", _hparams(arch=None), "arch"),
-    ("arch without in_channels", _hparams(**{"arch.in_channels": None}), "in_channels"),
-    ("negative class count", _hparams(**{"arch.num_classes": -3}), "num_classes"),
-    ("extra hyper-parameter", _hparams(colour="blue"), "colour"),
-    ("missing hyper-parameter", _hparams(lr=None), "lr"),
-    ("inf in a BatchNorm variance", _first("bn1.running_var", float("inf")), "running_var"),
+    ("without arch", hostile.hparams(arch=hostile.DROP), "arch"),
+    ("arch without in_channels", hostile.arch(in_channels=hostile.DROP), "in_channels"),
+    ("negative class count", hostile.arch(num_classes=-3), "num_classes"),
+    ("extra hyper-parameter", hostile.hparams(colour="blue"), "colour"),
+    ("missing hyper-parameter", hostile.hparams(lr=hostile.DROP), "lr"),
+    ("inf in a BatchNorm variance", hostile.set_tensor("bn1.running_var", float("inf")), "running_var"),
     ("huge architecture", _huge, "does not match its architecture"),
 ])
 def test_malformed_checkpoints_name_the_field(run: Path, case: str, change: Callable, needle: str, capsys,
@@ -260,12 +241,7 @@ def test_train_resume_refuses_a_bad_rng_state(run: Path, capsys, monkeypatch: py
 
 
 def test_fp32_model_that_overflows_is_named(run: Path, capsys) -> None:
-    def overflow(ckpt: dict[str, Any]) -> None:
-        for name, tensor in ckpt["state_dict"].items():
-            if name.endswith(("conv1.weight", "conv2.weight")):
-                tensor.mul_(1e12)
-
-    bad = _edit(run / "tiny" / "best.ckpt", overflow, run / "tiny" / "overflow.ckpt")
+    bad = _edit(run / "tiny" / "best.ckpt", hostile.overflowing_weights, run / "tiny" / "overflow.ckpt")
     before = _files(run)
     code, err = _quantize(_q(run, "--ckpt", str(bad)), capsys)
     _one_line(code, err, "fp32 model")

@@ -501,7 +501,7 @@ def output_cases() -> list[Case]:
                                                         "--lr", "1e38", "--no-builtin-qat"],
              expect="fault", needle="non-finite"),
         Case("quantize of an fp32 model that overflows", QZ, [*Q, "--ckpt", "{ws}/x.ckpt"], expect="fault",
-             needle="fp32 model", setup=edit_checkpoint(_overflow, out="x.ckpt")),
+             needle="fp32 model", setup=edit_checkpoint(overflowing_weights, out="x.ckpt")),
         Case("train onto a full disk", T, [*TINY, "--epochs", "3", "--checkpoint-dir", "{ws}/small"],
              expect="fault", needle="disk is full", setup=_tmpfs("small", "1500k")),
         Case("quantize into a read-only run folder", QZ, [*Q, "--checkpoint-dir", "{ws}/ro"], needle="read-only",
@@ -516,7 +516,7 @@ def _hold_lock(ws: Path, folder: Path) -> None:
     _lock_in_child(ws, folder / ".lock", "w")
 
 
-def _overflow(ckpt: dict[str, Any]) -> None:
+def overflowing_weights(ckpt: dict[str, Any]) -> None:
     """Weights whose products overflow float32 in the forward pass."""
     for name, tensor in ckpt["state_dict"].items():
         if name.endswith("conv1.weight") or name.endswith("conv2.weight"):
