@@ -24,16 +24,9 @@ from rich.table import Table
 
 from lit_quant.cli import ArgumentParser, console, run_cli
 from lit_quant.config import add_config_arguments
+from lit_quant.pipeline.config import LOGITS_COST, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
 from lit_quant.quant.plan import DEFAULTS_TEXT
-from lit_quant.pipeline.config import (
-    LOGITS_COST,
-    OBSERVER_NAMES,
-    SCHEMES,
-    SWEEP_BITS,
-    QuantizeConfig,
-    qat_recipe,
-    resolve_request,
-)
+from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
 
 
 def build_parser() -> ArgumentParser:

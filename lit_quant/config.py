@@ -26,13 +26,34 @@ from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.yamlio import read_yaml
 
 
-#: Allowed values of the flags whose lists live in heavy modules, copied here so that building the parsers
-#: imports neither torch nor Lightning (a test checks each against its source): the data sets of
-#: :data:`lit_quant.data.DATASETS`, Lightning's accelerators and :data:`lit_quant.precision.PRECISIONS`.
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "fake")
+#: Lightning's accelerators and accepted precision values (``Trainer(precision=...)``), defined here rather
+#: than read from Lightning so that building the parsers imports neither torch nor Lightning.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 PRECISIONS = ("64-true", "64", "32-true", "32", "16-true", "16-mixed", "16", "bf16-true", "bf16-mixed", "bf16",
               "transformer-engine", "transformer-engine-float16")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a data set: channels, classes, native image size, normalisation."""
+
+    in_channels: int
+    num_classes: int
+    native_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether horizontal flips are label-preserving augmentation
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(1, 10, 8, (0.305,), (0.375,), hflip=False),
+    "mnist": DatasetInfo(1, 10, 28, (0.1307,), (0.3081,), hflip=False),
+    "fashion-mnist": DatasetInfo(1, 10, 28, (0.2860,), (0.3530,), hflip=True),
+    "cifar10": DatasetInfo(3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True),
+    "cifar100": DatasetInfo(3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True),
+    "imagenet": DatasetInfo(3, 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), hflip=True),
+    "fake": DatasetInfo(3, 10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=False),
+}
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> Any:

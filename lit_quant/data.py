@@ -23,7 +23,6 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +42,13 @@ from torch.utils.data import (
 )
 from torchvision.transforms import v2
 
+from lit_quant.config import DATASETS, DatasetInfo
 from lit_quant.errors import LitQuantWarning, UserError
 from lit_quant.safe_load import load_cifar_batch
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a data set: channels, classes, native image size, normalisation."""
-
-    in_channels: int
-    num_classes: int
-    native_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    hflip: bool  # whether horizontal flips are label-preserving augmentation
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(1, 10, 8, (0.305,), (0.375,), hflip=False),
-    "mnist": DatasetInfo(1, 10, 28, (0.1307,), (0.3081,), hflip=False),
-    "fashion-mnist": DatasetInfo(1, 10, 28, (0.2860,), (0.3530,), hflip=True),
-    "cifar10": DatasetInfo(3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True),
-    "cifar100": DatasetInfo(3, 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True),
-    "imagenet": DatasetInfo(3, 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), hflip=True),
-    "fake": DatasetInfo(3, 10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=False),
-}
 
 _MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _MNIST_FILES = {

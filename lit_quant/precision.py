@@ -30,14 +30,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from lit_quant.config import PRECISIONS
 from lit_quant.errors import UserError
 from lit_quant.quant.fake_quant import FakeQuantize
 from lit_quant.quant.observers import Observer
 
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
-#: Lightning's accepted precision values (``Trainer(precision=...)``).
-PRECISIONS = ("64-true", "64", "32-true", "32", "16-true", "16-mixed", "16", "bf16-true", "bf16-mixed", "bf16",
-              "transformer-engine", "transformer-engine-float16")
 
 
 def resolve_precision(precision: str | None, opt_level: str | None, on_cuda: bool) -> str | Precision:

@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lit_quant.deploy.options import BACKENDS
 from lit_quant.errors import UserError
 
 with warnings.catch_warnings():
@@ -62,8 +63,6 @@ with warnings.catch_warnings():
     )
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
-#: Every quantized engine the built-in side knows; :func:`available_backends` says which run here.
-BACKENDS: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 #: Values of ``method`` for :func:`builtin_ptq`.
 METHODS: tuple[str, ...] = ("auto", "fx", "eager")
 #: Key under which :func:`builtin_qat_prepare` records the backend in the prepared ``GraphModule.meta``.

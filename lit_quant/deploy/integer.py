@@ -42,14 +42,11 @@ from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph,
 from lit_quant.quant.functional import QParams, quantize
 from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
 from lit_quant.quant.ops import Add, Cat
+from lit_quant.deploy.options import DEFAULT_SCALE_APPROX_BITS
 from lit_quant.quant.preparation import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.
 SCALE_APPROX_BITS = range(2, 32)
-#: Default ``M0`` width: 31 bits, the Q31 multiplier of gemmlowp / TFLite (``QuantizeMultiplier``). A 16-bit
-#: ``M0`` (relative error up to 2^-16) flipped the rounding of about 0.01 % of each layer's outputs against
-#: the fake-quant model, which compounded to two-step logit differences end to end.
-DEFAULT_SCALE_APPROX_BITS = 31
 #: Accumulator widths accepted by ``--accum-bits``.
 ACCUM_BITS = range(8, 65)
 #: Extra fractional bits of the common scale of a residual add.

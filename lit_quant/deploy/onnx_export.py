@@ -57,12 +57,12 @@ from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.io import atomic_write
+from lit_quant.deploy.options import DEFAULT_OPSET
 from lit_quant.quant.fake_quant import enable_observer
 from lit_quant.quant.functional import QParams
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
 from lit_quant.quant.preparation import QuantizedModel
 
-DEFAULT_OPSET = 17
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (axis attribute) needs opset 13
 MIN_OPSET_16BIT = 21  # int16 / uint16 QuantizeLinear / DequantizeLinear arrived in opset 21
 INPUT_NAME, OUTPUT_NAME = "input", "logits"

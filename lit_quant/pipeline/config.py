@@ -3,9 +3,9 @@
 shorthands, QAT-only flags, sweeps, the mode-dependent activation observer).
 
 Light on purpose: no torch, no Lightning at module level, so building the parser (``quantize.py --help``)
-costs a fraction of a second. The allowed values the quantization core and the exporters define are
-repeated here as plain tuples (``tests/pipeline/test_config.py`` checks they agree); checks that need the
-heavy modules import them inside :meth:`QuantizeConfig.validate`.
+costs a fraction of a second. The allowed values the quantization core and the exporters define come from
+their torch-free modules (:mod:`lit_quant.quant.spec`, :mod:`lit_quant.deploy.options`); checks that need
+the heavy modules import them inside :meth:`QuantizeConfig.validate`.
 """
 
 from __future__ import annotations
@@ -25,21 +25,14 @@ from lit_quant.config import (
     option,
     resolve_config,
 )
+from lit_quant.deploy.options import BACKENDS, DEFAULT_OPSET, DEFAULT_SCALE_APPROX_BITS
 from lit_quant.errors import UserError
+from lit_quant.quant.errors import QuantConfigError
+from lit_quant.quant.spec import MAX_BITS, MIN_BITS, OBSERVER_NAMES, ROUNDINGS, SCHEMES, check_bits
 
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
 EXPORTS = ("int8", "integer", "onnx")
 QAT_METHODS = ("ste", "lsq")
-#: Same as :data:`lit_quant.quant.layerwise.ROUNDINGS`.
-WEIGHT_ROUNDINGS = ("nearest", "gptq", "adaround")
-#: Same as :data:`lit_quant.quant.spec.SCHEMES` / ``OBSERVER_NAMES``.
-SCHEMES = ("sym", "asym_u", "asym_s")
-OBSERVER_NAMES = ("minmax", "ema", "percentile", "mse", "entropy", "nstd", "avg")
-#: Same as :data:`lit_quant.torchao_ref.BACKENDS`.
-BACKENDS = ("fbgemm", "x86", "qnnpack", "onednn")
-#: Same as :data:`lit_quant.deploy.integer.DEFAULT_SCALE_APPROX_BITS` / :data:`lit_quant.deploy.onnx_export.DEFAULT_OPSET`.
-DEFAULT_SCALE_APPROX_BITS = 31
-DEFAULT_OPSET = 17
 #: ``--sweep``: the widths of the accuracy-against-bits figure.
 SWEEP_BITS = (16, 8, 6, 4, 3, 2)
 #: Widths of ``--sensitivity`` without ``--bits``; ``--max-drop`` without ``--bits`` chooses between 8 and 4.
@@ -181,8 +174,8 @@ class QuantizeConfig:
                                     "point's ptq-w*a*.ckpt (a single-width run always keeps its own)")
     mode: str = option("ptq", "ptq (fp32, ours, torch.ao --backend), qat (fp32, PTQ, our QAT, torch.ao QAT), builtin (torch.ao only), compare (fp32, ours, "
                        "torch.ao on every backend of this CPU), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
-    weight_bits: int = option(8, "weight bits, 2..16")
-    act_bits: int = option(8, "activation bits, 2..16")
+    weight_bits: int = option(8, f"weight bits, {MIN_BITS}..{MAX_BITS}")
+    act_bits: int = option(8, f"activation bits, {MIN_BITS}..{MAX_BITS}")
     weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
     act_scheme: str = option("asym_u", "activation scheme", choices=SCHEMES)
     per_channel: bool = option(True, "per-channel weight quantization (--no-per-channel: per tensor)")
@@ -195,7 +188,7 @@ class QuantizeConfig:
                                          "calibration inputs, Frantar et al. 2022); adaround (each weight rounded "
                                          "up or down as learned on the calibration inputs, Nagel et al. 2020) "
                                          "(default: the --ptq-recipe's; the QAT recipe's with --mode qat)",
-                                         choices=WEIGHT_ROUNDINGS)
+                                         choices=ROUNDINGS)
     ptq_recipe: str = option("auto", "PTQ steps after range calibration that --weight-rounding and "
                              "--bias-correction do not give: nearest (none), gptq (GPTQ, bias correction), "
                              "adaround (AdaRound, bias correction), auto (nearest at 8 bits and more, gptq "
@@ -319,8 +312,8 @@ class QuantizeConfig:
         """Range checks with one-line messages."""
         for name in ("weight_bits", "act_bits", "first_last_bits", "io_bits"):
             value = getattr(self, name)
-            if value is not None and not 2 <= value <= 16:
-                raise UserError(f"--{name.replace('_', '-')} must be in 2..16, got {value}")
+            if value is not None:
+                check_bits_flag(value, name)
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.n_std <= 0:
@@ -407,6 +400,14 @@ class QuantizeRequest:
     observers: list[str] | None
 
 
+def check_bits_flag(value: int, name: str) -> None:
+    """The width range of :func:`lit_quant.quant.spec.check_bits`, as a one-line error naming the flag."""
+    try:
+        check_bits(value)
+    except QuantConfigError:
+        raise UserError(f"--{name.replace('_', '-')} must be in {MIN_BITS}..{MAX_BITS}, got {value}") from None
+
+
 def resolve_request(args: Mapping[str, Any]) -> QuantizeRequest:
     """Apply the rules between flags to parsed flags (given ones only, as ``add_config_arguments`` leaves
     them) and build the validated config.
@@ -424,9 +425,6 @@ def resolve_request(args: Mapping[str, Any]) -> QuantizeRequest:
             raise UserError("--sensitivity / --max-drop take their widths from --bits; drop --sweep / --observers")
         default = SEARCH_BITS if args.get("max_drop") is not None else SENSITIVITY_BITS
         sweep, bits = sorted(set(bits or default), reverse=True), None
-        for value in sweep:
-            if not 2 <= value <= 16:
-                raise UserError(f"--bits must be in 2..16, got {value}")
         if args.get("max_drop") is not None and len(sweep) < 2:
             raise UserError(f"--max-drop chooses between widths: give two or more, e.g. --bits {sweep[0]} 8")
         for name in ("weight_bits", "act_bits"):  # the PTQ recipe of the narrowest width
@@ -442,8 +440,7 @@ def resolve_request(args: Mapping[str, Any]) -> QuantizeRequest:
                 args.setdefault(target, value)
     cfg = resolve_config(args, cls=QuantizeConfig)
     for value in sweep or []:
-        if not 2 <= value <= 16:
-            raise UserError(f"--bits must be in 2..16, got {value}")
+        check_bits_flag(value, "bits")
     for name in observers or []:
         if name not in OBSERVER_NAMES:
             raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")

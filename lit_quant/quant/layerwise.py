@@ -56,10 +56,8 @@ from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.fake_quant import enable_fake_quant, iter_quantizers
 from lit_quant.quant.functional import fake_quantize
 from lit_quant.quant.layers import _QuantWeightLayer
+from lit_quant.quant.spec import ROUNDINGS
 
-
-#: Weight roundings of :func:`layerwise_ptq`.
-ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "adaround")
 
 #: AdaRound's rectified sigmoid stretch (Nagel et al. 2020, sec. 4.1) and its regulariser's schedule.
 _ZETA, _GAMMA = 1.1, -0.1

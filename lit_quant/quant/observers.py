@@ -817,7 +817,8 @@ def _kl_divergences(hist: torch.Tensor, thresholds: torch.Tensor, levels: int) -
 OBSERVERS: dict[str, type[Observer]] = {cls.name: cls for cls in (
     MinMaxObserver, EMAMinMaxObserver, PercentileObserver, MSEObserver, EntropyObserver, NStdObserver,
     AvgMinMaxObserver)}
-assert set(OBSERVERS) == set(OBSERVER_NAMES), "observer registry out of sync with spec.OBSERVER_NAMES"
+if set(OBSERVERS) != set(OBSERVER_NAMES):  # a real check: ``python -O`` strips asserts
+    raise ImportError(f"observer classes {sorted(OBSERVERS)} do not match spec.OBSERVER_NAMES {sorted(OBSERVER_NAMES)}")
 
 
 def build_observer(spec: QuantSpec) -> Observer:

@@ -27,6 +27,8 @@ OBSERVER_NAMES: tuple[str, ...] = ("minmax", "ema", "percentile", "mse", "entrop
 PER_CHANNEL_OBSERVERS: tuple[str, ...] = ("minmax", "ema", "nstd", "avg", "mse")
 #: ``ste``: fixed scale from the observer, straight-through rounding; ``lsq``: learned step size (QAT).
 QUANTIZERS: tuple[str, ...] = ("ste", "lsq")
+#: Weight roundings of :func:`lit_quant.quant.layerwise.layerwise_ptq`.
+ROUNDINGS: tuple[str, ...] = ("nearest", "gptq", "adaround")
 MIN_BITS, MAX_BITS = 2, 16
 ACCUM_BITS: tuple[int, ...] = (16, 24, 32, 64)
 

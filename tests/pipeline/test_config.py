@@ -107,24 +107,6 @@ def test_choice_flags_refuse_other_values_with_one_line(capsys) -> None:
     assert err.count("\n") == 1 and "invalid --mode 'int4'; choose from ptq, qat, builtin" in err
 
 
-def test_light_constants_agree_with_the_modules_that_define_them() -> None:
-    from lit_quant.deploy.integer import DEFAULT_SCALE_APPROX_BITS
-    from lit_quant.deploy.onnx_export import DEFAULT_OPSET
-    from lit_quant.pipeline import config
-    from lit_quant.quant.layerwise import ROUNDINGS
-    from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
-    from lit_quant.torchao_ref import BACKENDS
-
-    assert (config.SCHEMES, config.OBSERVER_NAMES, config.BACKENDS) == (SCHEMES, OBSERVER_NAMES, BACKENDS)
-    assert config.WEIGHT_ROUNDINGS == ROUNDINGS
-    assert (config.DEFAULT_SCALE_APPROX_BITS, config.DEFAULT_OPSET) == (DEFAULT_SCALE_APPROX_BITS, DEFAULT_OPSET)
-    import lit_quant.config as train_config
-    from lit_quant.data import DATASETS
-    from lit_quant.precision import PRECISIONS
-
-    assert train_config.DATASETS == tuple(DATASETS) and train_config.PRECISIONS == PRECISIONS
-
-
 @pytest.mark.parametrize("script", ["train", "quantize"])
 def test_parsers_build_without_torch_or_lightning(script: str) -> None:
     code = (f"import sys, {script}; {script}.build_parser().format_help(); "
