@@ -28,7 +28,16 @@ from lit_quant.config import (
 from lit_quant.deploy.options import BACKENDS, DEFAULT_OPSET, DEFAULT_SCALE_APPROX_BITS
 from lit_quant.errors import UserError
 from lit_quant.quant.errors import QuantConfigError
-from lit_quant.quant.spec import MAX_BITS, MIN_BITS, OBSERVER_NAMES, ROUNDINGS, SCHEMES, check_bits
+from lit_quant.quant.spec import (
+    DEFAULT_ACT_SPEC,
+    DEFAULT_WEIGHT_SPEC,
+    MAX_BITS,
+    MIN_BITS,
+    OBSERVER_NAMES,
+    ROUNDINGS,
+    SCHEMES,
+    check_bits,
+)
 
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
 EXPORTS = ("int8", "integer", "onnx")
@@ -156,7 +165,8 @@ def ptq_recipe(name: str, weight_bits: int, act_bits: int) -> PTQRecipe:
 
 
 #: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
-RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": "mse", "weight_observer": "minmax",
+RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": DEFAULT_ACT_SPEC.observer,
+                                 "weight_observer": DEFAULT_WEIGHT_SPEC.observer,
                                  "weight_rounding": "nearest", "bias_correction": False, "warmup_epochs": 0.0,
                                  "epochs": 5, "distill": False}
 
@@ -176,13 +186,14 @@ class QuantizeConfig:
                        "torch.ao on every backend of this CPU), dynamic (torch.ao dynamic int8 Linear), half (16-bit copy)", choices=MODES)
     weight_bits: int = option(8, f"weight bits, {MIN_BITS}..{MAX_BITS}")
     act_bits: int = option(8, f"activation bits, {MIN_BITS}..{MAX_BITS}")
-    weight_scheme: str = option("sym", "weight scheme", choices=SCHEMES)
-    act_scheme: str = option("asym_u", "activation scheme", choices=SCHEMES)
-    per_channel: bool = option(True, "per-channel weight quantization (--no-per-channel: per tensor)")
-    weight_observer: str | None = option(None, "weight observer (default: minmax; the QAT recipe's below 8 bits)",
-                                         choices=OBSERVER_NAMES)
-    act_observer: str | None = option(None, "activation observer (default: mse; the QAT recipe's with --mode qat)",
-                                      choices=OBSERVER_NAMES)
+    weight_scheme: str = option(DEFAULT_WEIGHT_SPEC.scheme, "weight scheme", choices=SCHEMES)
+    act_scheme: str = option(DEFAULT_ACT_SPEC.scheme, "activation scheme", choices=SCHEMES)
+    per_channel: bool = option(DEFAULT_WEIGHT_SPEC.per_channel, "per-channel weight quantization "
+                               "(--no-per-channel: per tensor)")
+    weight_observer: str | None = option(None, f"weight observer (default: {DEFAULT_WEIGHT_SPEC.observer}; the QAT "
+                                         "recipe's below 8 bits)", choices=OBSERVER_NAMES)
+    act_observer: str | None = option(None, f"activation observer (default: {DEFAULT_ACT_SPEC.observer}; the QAT "
+                                      "recipe's with --mode qat)", choices=OBSERVER_NAMES)
     weight_rounding: str | None = option(None, "PTQ weight rounding on the calibrated grid: nearest; gptq (each "
                                          "layer's rounding error compensated by its remaining weights on the "
                                          "calibration inputs, Frantar et al. 2022); adaround (each weight rounded "

@@ -194,13 +194,16 @@ class QuantPlan:
 
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_bits(cls, weight_bits: int | None = 8, act_bits: int | None = 8, *, weight_scheme: str = "sym",
-                  act_scheme: str = "asym_u", weight_observer: str = "minmax", act_observer: str = "minmax",
-                  per_channel: bool = True, narrow_range: bool = False, quantizer: str = "ste",
+    def from_bits(cls, weight_bits: int | None = 8, act_bits: int | None = 8, *,
+                  weight_scheme: str = DEFAULT_WEIGHT_SPEC.scheme, act_scheme: str = DEFAULT_ACT_SPEC.scheme,
+                  weight_observer: str = DEFAULT_WEIGHT_SPEC.observer, act_observer: str = DEFAULT_ACT_SPEC.observer,
+                  per_channel: bool = DEFAULT_WEIGHT_SPEC.per_channel, narrow_range: bool = False, quantizer: str = "ste",
                   first_last_bits: int | None = None, io_bits: int | None = None, skip: Iterable[str] = (),
                   accum_bits: int | None = None, fold_bn: bool = True,
                   observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
-        """The plan behind ``--weight-bits / --act-bits``-style flags.
+        """The plan behind ``--weight-bits / --act-bits``-style flags; unset choices take the default recipe
+        (:data:`~lit_quant.quant.spec.DEFAULT_WEIGHT_SPEC`, :data:`~lit_quant.quant.spec.DEFAULT_ACT_SPEC`),
+        which ``quantize.py`` uses too.
 
         Two tensors are treated apart from the other activations, because they are not like them:
 

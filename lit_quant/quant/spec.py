@@ -163,6 +163,9 @@ def spec_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(QuantSpec))
 
 
-#: Defaults: weights signed symmetric per output channel; activations unsigned affine per tensor.
+#: The default recipe, read by the library (:meth:`lit_quant.quant.plan.QuantPlan.from_bits`, YAML plans) and
+#: by ``quantize.py``'s flags alike. Weights: signed symmetric per output channel, each channel's whole range
+#: (a weight outlier is rare and real). Activations: unsigned affine per tensor, the range that minimises the
+#: squared quantization error (``mse``), which clips rare outliers where min/max would spend the grid on them.
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, scheme="sym", per_channel=True, axis=0, observer="minmax")
-DEFAULT_ACT_SPEC = QuantSpec(bits=8, scheme="asym_u", observer="minmax")
+DEFAULT_ACT_SPEC = QuantSpec(bits=8, scheme="asym_u", observer="mse")

@@ -247,7 +247,8 @@ def test_io_bits_cover_the_model_input_and_logits_only(resnet: nn.Module) -> Non
     assert q.input_quant.spec.bits == 8 and q.model.fc.act_quant.spec.bits == 8  # the image and the logits
     assert q.model.conv1.weight_quant.spec.bits == q.model.fc.weight_quant.spec.bits == 4
     assert q.model.relu.act_quant.spec.bits == 4  # the first layer's output is a hidden activation
-    assert [o.describe() for o in q.plan.overrides] == ["input a8", "@output a8"]
+    # the image keeps its whole range at 8 bits, whatever the activation observer
+    assert [o.describe() for o in q.plan.overrides] == ["input act observer=minmax", "input a8", "@output a8"]
     both = prepare(resnet, QuantPlan.from_bits(4, 4, first_last_bits=8, io_bits=6))
     assert both.input_quant.spec.bits == both.model.fc.act_quant.spec.bits == 6
     assert both.model.conv1.weight_quant.spec.bits == both.model.fc.weight_quant.spec.bits == 8
