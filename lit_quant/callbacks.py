@@ -33,6 +33,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch import nn
+from typing_extensions import override
 
 from lit_quant.quant import (
     QuantizedModel,
@@ -52,7 +53,6 @@ from lit_quant.quant.errors import CalibrationError, NonFiniteError, QuantConfig
 from lit_quant.quant.fake_quant import set_step_qparams
 from lit_quant.quant.layers import freeze_bn_stats, refresh_weight_qparams
 from lit_quant.quant.plan import FIRST, INPUT, LAST, OUTPUT, ROLES
-from lit_quant.torchao_ref import builtin_qat_switches
 
 #: Batches a callback calibrates on unless told otherwise: quantize.py's ``--calib-batches`` default, a
 #: small sample of the training data (a few thousand images at usual batch sizes) observed in seconds.
@@ -341,6 +341,15 @@ class PTQCalibration(pl.Callback):
     Raises:
         CalibrationError: with a plan, no calibration data anywhere (the message says what to pass); an
             empty calibration set.
+
+    Example::
+
+        import pytorch_lightning as pl
+        from lit_quant import PTQCalibration, QuantPlan
+
+        ptq = PTQCalibration(QuantPlan.from_bits(8, 8), dataloader=calib_loader, calibration_batches=4)
+        trainer = pl.Trainer(callbacks=[ptq], logger=False, enable_progress_bar=False)
+        trainer.test(module, test_loader)   # module: any LightningModule; its network is now quantized
     """
 
     def __init__(self, plan: QuantPlan | None = None, *, dataloader: Iterable[Any] | None = None,
@@ -359,6 +368,7 @@ class PTQCalibration(pl.Callback):
         """Whether the callback prepares and calibrates by itself before evaluating (a plan or a data loader)."""
         return self.plan is not None or self.dataloader is not None
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "predict":
             self._calibrated = False
@@ -387,19 +397,23 @@ class PTQCalibration(pl.Callback):
                     "PTQCalibration has no calibration data: pass PTQCalibration(plan, dataloader=...), or give "
                     "the Trainer a datamodule or LightningModule with train_dataloader()")
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning forgets the loader fit trained on when the next trainer call attaches its data: keep it
         # for calibrating a later validate / test of this Trainer.
         loader = trainer.train_dataloader
         self._fit_loader = None if isinstance(loader, (Mapping, list, tuple)) else loader
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._quantize_for_evaluation(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._quantize_for_evaluation(trainer, pl_module)
 
     # --- predict: the calibration pass without a plan; the quantized model's predictions with one ------
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.automatic:
             self._quantize_for_evaluation(trainer, pl_module)
@@ -409,17 +423,20 @@ class PTQCalibration(pl.Callback):
         set_batch_index(pl_module, None)  # the weights observed here belong to no batch
         start_calibration(pl_module)
 
+    @override
     def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.automatic:
             set_batch_index(pl_module, batch_idx * trainer.world_size + trainer.global_rank)
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.automatic:
             set_batch_index(pl_module, None)
             finish_calibration(pl_module)
         self._calibrated = True
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "predict" or self.automatic:
             return
@@ -430,7 +447,7 @@ class PTQCalibration(pl.Callback):
             raise CalibrationError("PTQ calibration saw no batches: the calibration set is empty")
 
 
-def _frozen(epoch: int, freeze_epoch: int | None) -> bool:
+def frozen_at(epoch: int, freeze_epoch: int | None) -> bool:
     """Whether a schedule that freezes at ``freeze_epoch`` (None: never) has frozen by ``epoch``."""
     return freeze_epoch is not None and epoch >= freeze_epoch
 
@@ -474,6 +491,21 @@ class QATCallback(pl.Callback):
             calibrated; None: a whole epoch).
         dataloader: calibration batches other than the training data.
         modules: the network's module names in the LightningModule (default: found).
+
+    Its state in a checkpoint (the plan and the freeze epochs) is keyed by the network it quantizes
+    (:attr:`state_key`), so two callbacks on two networks of one module keep theirs apart, and a resumed run
+    with another plan is refused.
+
+    Example::
+
+        import pytorch_lightning as pl
+        from lit_quant import QATCallback, QuantPlan
+
+        qat = QATCallback(QuantPlan.from_bits(4, 8, quantizer="lsq"), freeze_bn_epoch=1, calibration_batches=4)
+        trainer = pl.Trainer(max_epochs=2, callbacks=[qat], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False)
+        trainer.fit(module, train_loader)   # module: any LightningModule; its network trains quantized
+        trainer.test(module, test_loader)
     """
 
     def __init__(self, plan: QuantPlan, freeze_observers_epoch: int | None = None,
@@ -492,6 +524,7 @@ class QATCallback(pl.Callback):
         self.dataloader = dataloader
         self.modules = modules
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         with _outside_inference():
             for name in prepare_network(pl_module, self.plan, qat=True, modules=self.modules):
@@ -509,13 +542,14 @@ class QATCallback(pl.Callback):
             pl_module.train()
 
     def _observing(self, epoch: int) -> bool:
-        return not _frozen(epoch, self.freeze_observers_epoch)
+        return not frozen_at(epoch, self.freeze_observers_epoch)
 
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         enable_observer(pl_module, self._observing(epoch))
-        freeze_bn_stats(pl_module, _frozen(epoch, self.freeze_bn_epoch))
+        freeze_bn_stats(pl_module, frozen_at(epoch, self.freeze_bn_epoch))
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         missing = uncalibrated(pl_module)
         if missing and self.calibration_batches == 0:
@@ -532,9 +566,11 @@ class QATCallback(pl.Callback):
             calibrate_from(trainer, pl_module, loader, self.calibration_batches, shard=False)
         enable_fake_quant(pl_module, True)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_schedule(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._observing(trainer.current_epoch):
@@ -562,57 +598,42 @@ class QATCallback(pl.Callback):
             raise CalibrationError("QATCallback: the network has no qparams to evaluate with; fit it with this "
                                    "callback first, or restore a QAT checkpoint (ckpt_path=...)")
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with stop_when_non_finite(trainer):
             refresh_weight_qparams(pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_eval_state(pl_module)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_evaluation(trainer, pl_module)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             with _outside_inference():
                 self._apply_schedule(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._to_evaluation(trainer, pl_module)
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(modules=self.modules)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "freeze_observers_epoch": self.freeze_observers_epoch,
                 "freeze_bn_epoch": self.freeze_bn_epoch}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if QuantPlan.from_dict(state_dict["plan"]) != self.plan:
             raise QuantConfigError("the checkpoint was trained with another quantization plan than this run's")
         self.freeze_observers_epoch = state_dict["freeze_observers_epoch"]
         self.freeze_bn_epoch = state_dict["freeze_bn_epoch"]
-
-
-class BuiltinQATSchedule(pl.Callback):
-    """The :class:`QATCallback` schedule for torch.ao's QAT model (``builtin_qat_prepare``), so the two QAT
-    rows of a report follow the same recipe: observers run until ``freeze_observers_epoch`` and BatchNorm
-    statistics update until ``freeze_bn_epoch`` (None: never), as torchvision's QAT reference script does
-    to its torch.ao model. Observers are off during validation, as in ours: torch.ao's fake-quantize modules
-    observe whenever their observer is enabled, eval mode included, so validation batches would otherwise
-    move the ranges the model is trained and converted with."""
-
-    def __init__(self, freeze_observers_epoch: int | None = None, freeze_bn_epoch: int | None = None) -> None:
-        self.freeze_observers_epoch = freeze_observers_epoch
-        self.freeze_bn_epoch = freeze_bn_epoch
-
-    def _observing(self, trainer: pl.Trainer) -> bool:
-        return not _frozen(trainer.current_epoch, self.freeze_observers_epoch)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        builtin_qat_switches(pl_module.model, self._observing(trainer),
-                             bn_training=not _frozen(trainer.current_epoch, self.freeze_bn_epoch))
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        builtin_qat_switches(pl_module.model, observing=False)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING:
-            builtin_qat_switches(pl_module.model, self._observing(trainer))

@@ -50,7 +50,8 @@ def test_wheel_holds_the_library_and_declares_its_dependencies(tmp_path: Path) -
     requires = meta.get_all("Requires-Dist")
     assert "torch==2.14.1" in requires and "torchvision==0.29.1" in requires  # the pair requirements.txt pins
     base = {r.split(";")[0].split("=")[0].split("~")[0].split(">")[0] for r in requires if "extra ==" not in r}
-    assert base == {"torch", "torchvision", "pytorch-lightning", "torchmetrics", "rich", "pyyaml"}
+    assert base == {"torch", "torchvision", "pytorch-lightning", "torchmetrics", "rich", "pyyaml",
+                    "typing-extensions"}
     assert set(meta.get_all("Provides-Extra")) == {"app", "onnx", "all"}
 
 

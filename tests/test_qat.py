@@ -15,11 +15,12 @@ from qat_script import run as run_qat_script
 from torch.ao.quantization import FakeQuantizeBase
 
 import quantize
-from lit_quant.callbacks import BuiltinQATSchedule, PTQCalibration, QATCallback
+from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.classifier import LitClassifier
 from lit_quant.cli import run_cli
 from lit_quant.data import ClassificationDataModule
 from lit_quant.models import build_model
+from lit_quant.pipeline.reference import BuiltinQATSchedule
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize
 from lit_quant.quant.layers import QuantConvBn2d, freeze_bn_stats

@@ -14,8 +14,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from typing_extensions import override
 
-from lit_quant.callbacks import BuiltinQATSchedule
+from lit_quant.callbacks import frozen_at
 from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext
@@ -29,11 +31,42 @@ from lit_quant.torchao_ref import (
     builtin_ptq,
     builtin_qat_convert,
     builtin_qat_prepare,
+    builtin_qat_switches,
 )
 from lit_quant.training import build_trainer
 
 #: File in a run folder holding torch.ao's QAT row and its per-image outcomes, reused by a resumed QAT run.
 BUILTIN_QAT_RESULT = "builtin-qat-result.json"
+
+
+class BuiltinQATSchedule(pl.Callback):
+    """The :class:`QATCallback` schedule for torch.ao's QAT model (``builtin_qat_prepare``), so the two QAT
+    rows of a report follow the same recipe: observers run until ``freeze_observers_epoch`` and BatchNorm
+    statistics update until ``freeze_bn_epoch`` (None: never), as torchvision's QAT reference script does
+    to its torch.ao model. Observers are off during validation, as in ours: torch.ao's fake-quantize modules
+    observe whenever their observer is enabled, eval mode included, so validation batches would otherwise
+    move the ranges the model is trained and converted with."""
+
+    def __init__(self, freeze_observers_epoch: int | None = None, freeze_bn_epoch: int | None = None) -> None:
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+
+    def _observing(self, trainer: pl.Trainer) -> bool:
+        return not frozen_at(trainer.current_epoch, self.freeze_observers_epoch)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        builtin_qat_switches(pl_module.model, self._observing(trainer),
+                             bn_training=not frozen_at(trainer.current_epoch, self.freeze_bn_epoch))
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        builtin_qat_switches(pl_module.model, observing=False)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            builtin_qat_switches(pl_module.model, self._observing(trainer))
 
 
 def ptq_backends(cfg: QuantizeConfig) -> list[str]:
