@@ -25,7 +25,6 @@ from lit_quant.io import atomic_write_text
 from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.yamlio import read_yaml
 
-
 #: Lightning's accelerators and accepted precision values (``Trainer(precision=...)``), defined here rather
 #: than read from Lightning so that building the parsers imports neither torch nor Lightning.
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")

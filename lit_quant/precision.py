@@ -18,7 +18,6 @@ O3      pure half                                   ``16-true`` (CUDA) / ``bf16-
 from __future__ import annotations
 
 import importlib.util
-
 from collections.abc import Callable
 from typing import Any
 

@@ -24,25 +24,24 @@ onednn    oneDNN kernels; full 8-bit activations (torch warns that this may lose
 ========  ==========================================================================================
 
 ``torch.ao.quantization`` is deprecated upstream (it moves to torchao) and warns on every call; those
-warnings are silenced inside :func:`_quiet` only, never with a global filter, so that the rest of the
+warnings are silenced inside :func:`lit_quant.deploy.engines.quiet_torch_ao` only, never with a global filter, so that the rest of the
 program still sees every other warning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lit_quant.deploy.options import BACKENDS
+from lit_quant.deploy.engines import check_backend, quiet_torch_ao, use_engine
 from lit_quant.errors import UserError
 
 with warnings.catch_warnings():
@@ -67,86 +66,6 @@ with warnings.catch_warnings():
 METHODS: tuple[str, ...] = ("auto", "fx", "eager")
 #: Key under which :func:`builtin_qat_prepare` records the backend in the prepared ``GraphModule.meta``.
 _META_BACKEND = "lit_quant_builtin_backend"
-
-# Warnings torch.ao emits on every call that say nothing about the model: the module-level deprecation,
-# the deprecation of quantized tensor dtypes (raised from C++ as a UserWarning), and the notice that torch's
-# *own* default fbgemm / x86 qconfig uses the old ``reduce_range`` argument. oneDNN's warning about
-# ``reduce_range=False`` without VNNI stays visible: it is a real accuracy caveat on CPUs like this one.
-_NOISE = (
-    r".*quantized tensor creation functions.*deprecated",
-    r"Please use quant_min and quant_max to specify the range for observers",
-)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence torch.ao's deprecation noise for the duration of the block (restored on exit)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for pattern in _NOISE:
-            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-        yield
-
-
-@contextlib.contextmanager
-def use_engine(backend: str) -> Iterator[None]:
-    """Set ``torch.backends.quantized.engine`` to ``backend`` for the block and restore the previous one.
-
-    The engine is process-global state: it decides how weights are packed at convert time, so every
-    conversion runs under its backend's engine, and nothing leaks to the caller afterwards.
-    """
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = backend
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
-def _engine_runs(backend: str) -> bool:
-    """Whether a tiny conv quantized for ``backend`` converts and runs on this CPU."""
-    try:
-        with _quiet(), use_engine(backend), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the probe's accuracy is irrelevant, so is oneDNN's VNNI caveat
-            model = nn.Sequential(QuantStub(), nn.Conv2d(1, 2, 1), DeQuantStub()).eval()
-            model.qconfig = get_default_qconfig(backend)
-            prepare(model, inplace=True)
-            x = torch.randn(1, 1, 4, 4)
-            model(x)
-            convert(model, inplace=True)
-            return bool(torch.isfinite(model(x)).all())
-    except Exception:  # noqa: BLE001 - any failure (kernels missing or unsupported by this CPU) means "not here"
-        return False
-
-
-@functools.cache
-def _available() -> tuple[str, ...]:
-    # Listed in supported_engines only means "compiled in"; running a real quantized conv proves the kernels
-    # work on this CPU. Cached because the probe costs a prepare/convert per engine.
-    supported = set(torch.backends.quantized.supported_engines)
-    return tuple(b for b in BACKENDS if b in supported and _engine_runs(b))
-
-
-def available_backends() -> list[str]:
-    """Backends of :data:`BACKENDS` whose quantized conv runs on this CPU, in :data:`BACKENDS` order.
-
-    The check runs once per process (a tiny conv is prepared, calibrated, converted and run per engine).
-    """
-    return list(_available())
-
-
-def check_backend(backend: str) -> str:
-    """Return ``backend`` if it is available here.
-
-    Raises:
-        UserError: unknown or unavailable backend; the message lists the available ones.
-    """
-    available = available_backends()
-    if backend not in available:
-        what = "unknown quantized backend" if backend not in BACKENDS else "quantized backend not available on this CPU:"
-        raise UserError(f"{what} '{backend}'; available here: {', '.join(available) or 'none'}")
-    return backend
-
 
 @dataclass(frozen=True)
 class BuiltinResult:
@@ -254,7 +173,7 @@ def builtin_ptq(model: nn.Module, calib_batches: Iterable, backend: str, example
     if method not in METHODS:
         raise UserError(f"unknown built-in quantization method '{method}'; choose from {', '.join(METHODS)}")
     example_input = example_input.cpu()
-    with _quiet(), use_engine(backend):
+    with quiet_torch_ao(), use_engine(backend):
         fx_error: str | None = None
         if method in ("auto", "fx"):
             try:
@@ -286,7 +205,7 @@ def builtin_qat_prepare(model: nn.Module, backend: str, example_input: torch.Ten
         UserError: unknown or unavailable backend.
     """
     check_backend(backend)
-    with _quiet(), use_engine(backend):
+    with quiet_torch_ao(), use_engine(backend):
         prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping(backend),
                                   (example_input.cpu(),))
     prepared.meta[_META_BACKEND] = backend
@@ -322,7 +241,7 @@ def builtin_qat_convert(model: nn.Module, backend: str | None = None) -> nn.Modu
         if backend is None:
             raise UserError("builtin_qat_convert needs a model from builtin_qat_prepare or an explicit backend")
     check_backend(backend)
-    with _quiet(), use_engine(backend):
+    with quiet_torch_ao(), use_engine(backend):
         return convert_fx(copy.deepcopy(model).eval())
 
 
@@ -340,7 +259,7 @@ def builtin_dynamic(model: nn.Module, backend: str | None = None) -> nn.Module:
         UserError: unknown or unavailable backend.
     """
     backend = check_backend(backend) if backend is not None else torch.backends.quantized.engine
-    with _quiet(), use_engine(backend):
+    with quiet_torch_ao(), use_engine(backend):
         return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
 
 

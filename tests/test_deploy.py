@@ -21,7 +21,7 @@ from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
 from lit_quant.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
-from lit_quant.training import build_datamodule, load_classifier
+from lit_quant.training import build_datamodule, load_classifier, model_from_arch
 
 
 @pytest.fixture(scope="module")
@@ -226,14 +226,14 @@ def test_deploy_file_size_and_roundtrip(setup: dict, tmp_path: Path, weight_bits
     size = save_deployed(path, qmodel, setup["arch"])
     fp32 = model_size_bytes(setup["model"])
     assert size <= limit * fp32, (size, fp32)
-    loaded, _ = load_deployed(path)
+    loaded, _ = load_deployed(path, model_from_arch)
     x = setup["x"][:64]
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
         assert torch.equal(IntegerEngine(loaded)(x), IntegerEngine(qmodel)(x))
     path.write_bytes(b"not a model")
     with pytest.raises(ExportError, match="cannot read"):
-        load_deployed(path)
+        load_deployed(path, model_from_arch)
 
 
 # --- quantize.py ------------------------------------------------------------------------------------------------

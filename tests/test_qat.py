@@ -19,13 +19,14 @@ from lit_quant.callbacks import PTQCalibration, QATCallback
 from lit_quant.classifier import LitClassifier
 from lit_quant.cli import run_cli
 from lit_quant.data import ClassificationDataModule
+from lit_quant.deploy.engines import available_backends
 from lit_quant.models import build_model
 from lit_quant.pipeline.reference import BuiltinQATSchedule
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize
 from lit_quant.quant.layers import QuantConvBn2d, freeze_bn_stats
 from lit_quant.quant.spec import QuantSpec
-from lit_quant.torchao_ref import available_backends, builtin_qat_prepare
+from lit_quant.torchao_ref import builtin_qat_prepare
 
 
 def _bn_model() -> torch.nn.Module:

@@ -11,19 +11,19 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from lit_quant.deploy.engines import available_backends, use_engine
+from lit_quant.deploy.graph import ExportError
+from lit_quant.deploy.options import BACKENDS
 from lit_quant.errors import UserError
 from lit_quant.measure import latency_ms, model_size_bytes
 from lit_quant.models import build_model
 from lit_quant.torchao_ref import (
-    BACKENDS,
     HalfPrecision,
-    available_backends,
     builtin_dynamic,
     builtin_half,
     builtin_ptq,
     builtin_qat_convert,
     builtin_qat_prepare,
-    use_engine,
 )
 
 AVAILABLE = available_backends()
@@ -179,17 +179,17 @@ def test_ptq_forced_eager_on_torchvision_quantizable_model() -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # caller's model not fused
 
 
-def test_unknown_backend_and_method_are_user_errors() -> None:
+def test_unknown_backend_and_method_are_one_line_errors() -> None:
     model = _model()
     batches = _batches(1)
-    with pytest.raises(UserError, match="unknown quantized backend 'tensorrt'") as err:
+    with pytest.raises(ExportError, match="unknown quantized backend 'tensorrt'") as err:
         builtin_ptq(model, batches, "tensorrt", batches[0][0])
     assert all(b in str(err.value) for b in AVAILABLE) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="choose from auto, fx, eager"):
         builtin_ptq(model, batches, AVAILABLE[0], batches[0][0], method="graph")
     with pytest.raises(UserError, match="no calibration batches"):
         builtin_ptq(model, [], AVAILABLE[0], batches[0][0])
-    with pytest.raises(UserError):
+    with pytest.raises(ExportError):
         builtin_qat_prepare(model, "tensorrt", batches[0][0])
 
 

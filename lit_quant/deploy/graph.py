@@ -40,7 +40,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from lit_quant.errors import UserError
+from lit_quant.quant.errors import QuantError
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
 from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS, tensor_nodes
@@ -54,7 +54,7 @@ REQUANT_TYPES: tuple[type[nn.Module], ...] = (
     MatMul, Cat, Mean, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
-class ExportError(UserError):
+class ExportError(QuantError):
     """The model or plan cannot be exported to the requested target: the message says what to change."""
 
 

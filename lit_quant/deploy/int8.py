@@ -38,12 +38,12 @@ import torch
 import torch.fx
 from torch import nn
 
+from lit_quant.deploy.engines import check_backend, quiet_torch_ao, use_engine
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, float_output, layer_weight
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.functional import QParams, dequantize
 from lit_quant.quant.ops import Add, Cat, MatMul, Mul
 from lit_quant.quant.preparation import QuantizedModel
-from lit_quant.torchao_ref import _quiet, check_backend, use_engine
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -296,7 +296,7 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
     readers = {s.name: [r for r in steps if s.name in r.inputs] for s in steps}
     ops: dict[str, nn.Module] = {}
     fused: set[str] = set()  # ReLU steps computed by the op before them
-    with _quiet(), use_engine(backend):
+    with quiet_torch_ao(), use_engine(backend):
         for step in steps:
             if step.kind == "layer":
                 if float_output(step, steps):

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
+from lit_quant.deploy.options import DEFAULT_SCALE_APPROX_BITS
 from lit_quant.quant.functional import QParams, quantize
 from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
 from lit_quant.quant.ops import Add, Cat
-from lit_quant.deploy.options import DEFAULT_SCALE_APPROX_BITS
 from lit_quant.quant.preparation import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.

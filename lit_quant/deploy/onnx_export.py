@@ -56,8 +56,8 @@ import torch
 from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
-from lit_quant.io import atomic_write
 from lit_quant.deploy.options import DEFAULT_OPSET
+from lit_quant.io import atomic_write
 from lit_quant.quant.fake_quant import enable_observer
 from lit_quant.quant.functional import QParams
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul

@@ -15,10 +15,12 @@ restored, fake quant on), from which every exporter (int8 kernels, integer engin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lit_quant.deploy.graph import ExportError, layer_weight
 from lit_quant.errors import UserError
@@ -112,10 +114,13 @@ def save_deployed(path: str | Path, qmodel: QuantizedModel, arch: dict[str, Any]
     return Path(path).stat().st_size
 
 
-def load_deployed(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
-    """Rebuild the quantized model of a file written by :func:`save_deployed` (and return the payload)."""
-    from lit_quant.training import model_from_arch  # the model zoo lives with the training code
+def load_deployed(path: str | Path, build_model: Callable[[dict[str, Any]], nn.Module]) -> tuple[QuantizedModel,
+                                                                                             dict[str, Any]]:
+    """Rebuild the quantized model of a file written by :func:`save_deployed` (and return the payload).
 
+    ``build_model`` makes the untrained float model of the file's ``arch`` record (the application's
+    ``lit_quant.training.model_from_arch`` for its own runs): the file holds weights and qparams, not code.
+    """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"deployed model {path} not found")
@@ -125,7 +130,7 @@ def load_deployed(path: str | Path) -> tuple[QuantizedModel, dict[str, Any]]:
         raise ExportError(str(exc)) from None
     if not isinstance(payload, dict) or payload.get("lit_quant") != FORMAT:
         raise ExportError(f"{path} is not a deployed model written by quantize.py --export")
-    qmodel = prepare(model_from_arch(payload["arch"]).eval(), QuantPlan.from_dict(payload["plan"]))
+    qmodel = prepare(build_model(payload["arch"]).eval(), QuantPlan.from_dict(payload["plan"]))
     floats, ints, data = payload["floats"], payload["ints"], payload["weights"]
 
     def f(ref: list[int]) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lit_quant.callbacks import frozen_at
+from lit_quant.deploy.engines import available_backends
 from lit_quant.io import atomic_write_text
 from lit_quant.pipeline.config import QuantizeConfig
 from lit_quant.pipeline.context import RunContext
@@ -25,7 +26,6 @@ from lit_quant.pipeline.qat import qat_classifier, qat_train_config, recipe_note
 from lit_quant.pipeline.rows import ROW_KEYS, Row
 from lit_quant.quant.errors import QuantError
 from lit_quant.torchao_ref import (
-    available_backends,
     builtin_dynamic,
     builtin_half,
     builtin_ptq,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lit_quant.config import TrainConfig, load_yaml, resolve_config
+from lit_quant.deploy.engines import check_backend
 from lit_quant.deploy.integer import check_layer_name
 from lit_quant.errors import UserError
 from lit_quant.io import check_writable, describe_os_error
@@ -35,7 +36,6 @@ from lit_quant.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qa
 from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
 from lit_quant.pipeline.rows import Report, plot_sweep, write_report
 from lit_quant.quant import load_stats, prepare
-from lit_quant.torchao_ref import check_backend
 from lit_quant.training import build_datamodule, check_nodes, load_classifier, lock_folder, prepare_output_dir
 
 #: Keys of the training run's config.yaml that decide which images are the test split.

@@ -58,7 +58,6 @@ from lit_quant.quant.functional import fake_quantize
 from lit_quant.quant.layers import _QuantWeightLayer
 from lit_quant.quant.spec import ROUNDINGS
 
-
 #: AdaRound's rectified sigmoid stretch (Nagel et al. 2020, sec. 4.1) and its regulariser's schedule.
 _ZETA, _GAMMA = 1.1, -0.1
 _ADAROUND_LAMBDA = 0.01

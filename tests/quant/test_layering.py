@@ -39,3 +39,27 @@ def test_quant_core_imports_no_torch_ao_and_nothing_of_lit_quant_outside_it() ->
            if name.startswith(("torch.ao", "torch.quantization", "torch.nn.quantized"))
            or (name.split(".")[0] == "lit_quant" and not name.startswith("lit_quant.quant"))]
     assert not bad, bad
+
+
+#: The library's layers, each with the lit_quant modules it may import (at any depth of its files). The
+#: application (pipeline, training, data, config, CLI, classifier, models, precision, measure, the torch.ao
+#: reference harness) sits above them all and is imported by none.
+SHARED = ("lit_quant.errors", "lit_quant.io", "lit_quant.safe_load")
+LIBRARY: dict[str, tuple[str, ...]] = {
+    "lit_quant/deploy": ("lit_quant.quant", "lit_quant.deploy", *SHARED),
+    "lit_quant/callbacks.py": ("lit_quant.quant", "lit_quant.deploy", "lit_quant.callbacks", "lit_quant.QuantPlan",
+                               "lit_quant.PTQCalibration", "lit_quant.QATCallback", *SHARED),
+    "lit_quant/io.py": (),
+    "lit_quant/safe_load.py": ("lit_quant.errors",),
+    "lit_quant/errors.py": (),
+}
+
+
+def test_library_layers_import_only_what_is_below_them() -> None:
+    bad = []
+    for layer, allowed in LIBRARY.items():
+        files = sorted((Path(ROOT) / layer).rglob("*.py")) if (Path(ROOT) / layer).is_dir() else [Path(ROOT) / layer]
+        assert files and all(f.is_file() for f in files), layer
+        bad += [f"{path.relative_to(ROOT)}: {name}" for path in files for name in _imports(path)
+                if name.split(".")[0] == "lit_quant" and name != "lit_quant" and not name.startswith(allowed)]
+    assert not bad, bad
