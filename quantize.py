@@ -22,9 +22,9 @@ from typing import Any
 
 from rich.table import Table
 
-from lit_quant.cli import ArgumentParser, console, run_cli
-from lit_quant.config import add_config_arguments
-from lit_quant.pipeline.config import LOGITS_COST, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
+from lit_quant.app.cli import ArgumentParser, console, run_cli
+from lit_quant.app.config import add_config_arguments
+from lit_quant.app.pipeline.config import LOGITS_COST, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
 from lit_quant.quant.plan import DEFAULTS_TEXT
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
 
@@ -52,7 +52,7 @@ def build_parser() -> ArgumentParser:
 
 def resolve_args(argv: Sequence[str] | None) -> tuple[QuantizeConfig, list[int] | None, list[str] | None]:
     """Parse ``argv`` into the config, the sweep's bit widths and its observers (``None`` when not sweeping);
-    the rules between flags are :func:`lit_quant.pipeline.config.resolve_request`'s."""
+    the rules between flags are :func:`lit_quant.app.pipeline.config.resolve_request`'s."""
     args = vars(build_parser().parse_args(argv))
     args.pop("verbose", None)  # run_cli's
     request = resolve_request(args)
@@ -80,7 +80,7 @@ def _versus_fp32(r: dict[str, Any]) -> str:
 
 
 def pair_line(pair: dict[str, Any]) -> str:
-    """One sentence for an ours-against-torch.ao pair of :func:`lit_quant.pipeline.rows.paired_rows`."""
+    """One sentence for an ours-against-torch.ao pair of :func:`lit_quant.app.pipeline.rows.paired_rows`."""
     verdict = "a real difference" if pair["p_value"] < 0.05 else "not distinguishable on this test set"
     return (f"{pair['ours']} vs {pair['theirs']}, image by image: only ours right on {pair['ours_only']}, only "
             f"torch.ao's on {pair['theirs_only']} (exact McNemar p = {pair['p_value']:.3g}: {verdict} at 5 %)")
@@ -89,7 +89,7 @@ def pair_line(pair: dict[str, Any]) -> str:
 def print_mixed(mixed: dict[str, Any]) -> int:
     """The sensitivity table and, after a search, where its plan went; exit status 1 when the plan found does
     not meet --max-drop (the widest assignment is still written, labelled as such)."""
-    from lit_quant.pipeline.mixed import sensitivity_rows
+    from lit_quant.app.pipeline.mixed import sensitivity_rows
 
     sens = mixed["sensitivity"]
     widths = sorted(sens["widths"], key=int, reverse=True)
@@ -181,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, quantize, print the table; returns the exit status."""
     cfg, sweep, observers = resolve_args(argv)
     # imported here, after parsing: torch and Lightning take seconds to load, --help and flag errors need neither
-    from lit_quant.pipeline.checkpoint import evaluate_quantized
-    from lit_quant.pipeline.run import run_quantize
+    from lit_quant.app.pipeline.checkpoint import evaluate_quantized
+    from lit_quant.app.pipeline.run import run_quantize
 
     announce_kernel_build()
     if cfg.eval is not None:

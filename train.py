@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from lit_quant.cli import ArgumentParser, console, run_cli
-from lit_quant.config import OWN_MODELS, TrainConfig, add_config_arguments, load_yaml, resolve_config, train_recipe
+from lit_quant.app.cli import ArgumentParser, console, run_cli
+from lit_quant.app.config import OWN_MODELS, TrainConfig, add_config_arguments, load_yaml, resolve_config, train_recipe
 
 if TYPE_CHECKING:
-    from lit_quant.training import TrainResult
+    from lit_quant.app.training import TrainResult
 
 
 def build_parser() -> ArgumentParser:
@@ -47,7 +47,7 @@ def resolve_args(argv: Sequence[str] | None) -> tuple[TrainConfig, object]:
     """
     args = vars(build_parser().parse_args(argv))
     args.pop("verbose", None)  # run_cli's
-    from lit_quant.training import find_resume_checkpoint  # after parsing: --help needs no torch
+    from lit_quant.app.training import find_resume_checkpoint  # after parsing: --help needs no torch
 
     config_file = args.pop("config", None)
     yaml_defaults = load_yaml(config_file) if config_file else {}
@@ -91,7 +91,7 @@ def summary_table(result: TrainResult) -> Table:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, train, print the summary; returns the exit status."""
     cfg, resume_path = resolve_args(argv)
-    from lit_quant.training import run_training  # after parsing: --help and flag errors need no torch
+    from lit_quant.app.training import run_training  # after parsing: --help and flag errors need no torch
 
     result = run_training(cfg, resume_path)
     if result.is_global_zero:

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
-from lit_quant.models import build_model, model_info
+from lit_quant.app.models import build_model, model_info
 from lit_quant.quant import (
     OBSERVER_NAMES,
     OBSERVERS,
@@ -122,7 +122,7 @@ def make_model(seed: int, name: str = "resnet20") -> nn.Module:
 
 def load_trained(path: str) -> nn.Module:
     """The fp32 model of a ``train.py`` checkpoint, eval mode (lit_quant's own loader and its errors)."""
-    from lit_quant.training import load_classifier
+    from lit_quant.app.training import load_classifier
 
     return load_classifier(path).model.eval()
 

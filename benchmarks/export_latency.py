@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
 
-from lit_quant.config import TrainConfig
+from lit_quant.app.config import TrainConfig
 from lit_quant.deploy.engines import available_backends
 from lit_quant.deploy.int8 import export_int8
-from lit_quant.models import build_model
+from lit_quant.app.models import build_model
 from lit_quant.quant import QuantPlan, calibrate, prepare
-from lit_quant.torchao_ref import builtin_ptq
-from lit_quant.training import build_datamodule, load_classifier
+from lit_quant.app.torchao_ref import builtin_ptq
+from lit_quant.app.training import build_datamodule, load_classifier
 
 #: Sizes of ``--smoke``: seconds on one core (one calibration batch, a few timed forwards, batches 1 and 4, and
 #: only the first available backend unless ``--backends`` names some).

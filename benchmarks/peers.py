@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smoke import add_smoke_arguments, parse_with_smoke
 
 import quantize
-from lit_quant.pipeline.run import evaluation_data, run_quantize
-from lit_quant.training import load_classifier
+from lit_quant.app.pipeline.run import evaluation_data, run_quantize
+from lit_quant.app.training import load_classifier
 
 #: The settings: name -> (weight bits, activation bits, bits of the first and last layers or None).
 SETTINGS: dict[str, tuple[int, int, int | None]] = {

@@ -7,7 +7,7 @@ fake quantization of weights and activations, moving-average activation observer
 what :class:`lit_quant.callbacks.QATCallback` does after each step (recompute activation qparams; the DDP
 sync is a no-op in one process). torch.ao's is ``prepare_qat_fx`` with the backend's default QAT qconfig
 (fused fake-quant + moving-average observers, ``ConvBn2d`` modules). The ``--distill`` row is our STE step
-with ``quantize.py --distill``'s loss (:meth:`lit_quant.classifier.LitClassifier.training_loss`: one more
+with ``quantize.py --distill``'s loss (:meth:`lit_quant.app.classifier.LitClassifier.training_loss`: one more
 forward of the frozen fp32 teacher in eval mode, and the KL term). ``--frozen-bn`` times every QAT variant
 with BatchNorm statistics frozen (``quantize.py``'s default ``--freeze-bn-epoch 0``, applied to torch.ao's
 model with its own ``freeze_bn_stats``): the folded weight uses running statistics, no batch statistics
@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from smoke import add_smoke_arguments, parse_with_smoke  # noqa: E402
-from lit_quant.classifier import LitClassifier
-from lit_quant.models import build_model, model_info
+from lit_quant.app.classifier import LitClassifier
+from lit_quant.app.models import build_model, model_info
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, prepare, update_qparams
 from lit_quant.quant.fake_quant import set_step_qparams
 from lit_quant.quant.layers import freeze_bn_stats
-from lit_quant.torchao_ref import builtin_qat_prepare, builtin_qat_switches
+from lit_quant.app.torchao_ref import builtin_qat_prepare, builtin_qat_switches
 
 #: Sizes of ``--smoke``: seconds on one core; two repeats so the median is taken over more than one run.
 SMOKE_SIZES: dict[str, Any] = {"batch_size": 8, "steps": 1, "repeats": 2, "threads": 1}

@@ -12,12 +12,12 @@ The package is layered so imports only go one way:
 
 * :mod:`lit_quant.quant` — pure PyTorch quantization core (imports only torch, yaml and itself), with
   :mod:`lit_quant.quant.ops` the ``nn.Module`` operations our models are built from;
-* :mod:`lit_quant.models`, :mod:`lit_quant.torchao_ref` (torch.ao's quantization, the reference) and
+* :mod:`lit_quant.app.models`, :mod:`lit_quant.app.torchao_ref` (torch.ao's quantization, the reference) and
   :mod:`lit_quant.deploy` — plain PyTorch around the core;
-* :mod:`lit_quant.callbacks`, :mod:`lit_quant.data`, :mod:`lit_quant.classifier`, :mod:`lit_quant.training`,
-  :mod:`lit_quant.pipeline` — the Lightning layer;
+* :mod:`lit_quant.callbacks`, :mod:`lit_quant.app.data`, :mod:`lit_quant.app.classifier`, :mod:`lit_quant.app.training`,
+  :mod:`lit_quant.app.pipeline` — the Lightning layer;
 * ``train.py`` / ``quantize.py`` — thin command-line entry points (their parsers, in
-  :mod:`lit_quant.config` and :mod:`lit_quant.pipeline.config`, import no torch).
+  :mod:`lit_quant.app.config` and :mod:`lit_quant.app.pipeline.config`, import no torch).
 
 Importing the package itself is cheap and side-effect free: the names below are resolved on first use
 (PEP 562 module ``__getattr__``), so ``import lit_quant`` loads neither torch nor Lightning, and a script's

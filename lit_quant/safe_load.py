@@ -7,7 +7,7 @@ format needs and refuses anything else with one line naming the file and the ref
 
 * :func:`load_checkpoint` (``train.py --resume``, ``quantize.py --ckpt`` / ``--eval`` / ``--resume``, and
   Lightning's own ``fit(ckpt_path=...)`` / ``test(ckpt_path=...)`` through
-  :class:`lit_quant.training.AtomicCheckpointIO`): ``torch.load(weights_only=True)``. The checkpoints
+  :class:`lit_quant.app.training.AtomicCheckpointIO`): ``torch.load(weights_only=True)``. The checkpoints
   lit-quant writes (Lightning's ``best.ckpt`` / ``last.ckpt`` of fp32 and QAT runs, with their optimizer,
   scheduler, callback, RNG and precision-plugin state; ``quantize.py``'s ``ptq-*.ckpt`` / ``qat-*.ckpt``) hold
   only tensors, plain containers and scalars, which torch's weights-only unpickler builds by default, so no

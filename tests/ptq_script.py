@@ -15,9 +15,9 @@ import pytorch_lightning as pl
 import torch
 
 from lit_quant.callbacks import PTQCalibration
-from lit_quant.classifier import LitClassifier
-from lit_quant.data import ClassificationDataModule
-from lit_quant.models import build_model
+from lit_quant.app.classifier import LitClassifier
+from lit_quant.app.data import ClassificationDataModule
+from lit_quant.app.models import build_model
 from lit_quant.quant import QuantPlan, model_qparams, prepare
 
 

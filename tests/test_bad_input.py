@@ -21,8 +21,8 @@ from test_data import write_idx, write_mnist
 
 import quantize
 import train
-from lit_quant.cli import run_cli
-from lit_quant.training import output_dir_lock
+from lit_quant.app.cli import run_cli
+from lit_quant.app.training import output_dir_lock
 
 
 def _run(main, prog: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

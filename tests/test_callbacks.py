@@ -11,9 +11,9 @@ from conftest import run_script
 from ptq_script import run
 
 from lit_quant.callbacks import PTQCalibration
-from lit_quant.classifier import LitClassifier
-from lit_quant.data import ClassificationDataModule
-from lit_quant.models import build_model
+from lit_quant.app.classifier import LitClassifier
+from lit_quant.app.data import ClassificationDataModule
+from lit_quant.app.models import build_model
 from lit_quant.quant import CalibrationError, QuantPlan, calibrate, iter_quantizers, model_qparams, prepare
 
 

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
-from lit_quant.data import ClassificationDataModule, read_idx
+from lit_quant.app.data import ClassificationDataModule, read_idx
 from lit_quant.errors import UserError
 
 
@@ -178,7 +178,7 @@ def test_fake_data_is_learnable_signal() -> None:
 
 def test_debian_fashion_mnist_full_files() -> None:
     """The benchmark set from Debian's dataset-fashion-mnist (installed by .ci/run), found without --data-dir."""
-    from lit_quant.data import DEBIAN_FASHION_MNIST
+    from lit_quant.app.data import DEBIAN_FASHION_MNIST
 
     assert DEBIAN_FASHION_MNIST.is_dir(), "apt-get install dataset-fashion-mnist"
     dm = ClassificationDataModule("fashion-mnist")

@@ -9,8 +9,8 @@ import pytest
 import pytorch_lightning as pl
 from conftest import run_script, tiny_args
 
-from lit_quant.config import TrainConfig
-from lit_quant.training import build_datamodule, load_classifier
+from lit_quant.app.config import TrainConfig
+from lit_quant.app.training import build_datamodule, load_classifier
 
 
 def test_cpu_ddp_two_processes(tmp_path: Path) -> None:

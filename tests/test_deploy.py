@@ -13,15 +13,15 @@ import pytest
 import torch
 from conftest import report_rows, run_script
 
-from lit_quant.config import TrainConfig
+from lit_quant.app.config import TrainConfig
 from lit_quant.deploy.graph import ExportError, agreement, deploy_graph
 from lit_quant.deploy.int8 import cpu_has_vnni, export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import IntegerEngine, fixed_point, mul_shift_round, shift_round
 from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
-from lit_quant.measure import model_size_bytes
+from lit_quant.app.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
-from lit_quant.training import build_datamodule, load_classifier, model_from_arch
+from lit_quant.app.training import build_datamodule, load_classifier, model_from_arch
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from test_bad_input import _one_line, _quantize, _train
 
 import quantize
 import train
-from lit_quant.cli import run_cli
+from lit_quant.app.cli import run_cli
 
 STAGES = ("fit", "validate", "test", "predict")
 _spec = importlib.util.spec_from_file_location("hostile", Path(__file__).resolve().parents[1] / "tools" / "hostile.py")
@@ -296,7 +296,7 @@ def test_third_party_warnings_stay_quiet(tmp_path: Path, capsys) -> None:
 def test_torch_ao_failing_on_a_model_costs_only_its_row(run: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.ao's converted model raising on a model (an op it cannot run, as its shufflenet_v2 does on this
     torch) leaves that backend's row without accuracy, its reason in the note, and every other row."""
-    from lit_quant.pipeline import reference
+    from lit_quant.app.pipeline import reference
 
     real = reference.builtin_ptq
 

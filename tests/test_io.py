@@ -11,7 +11,7 @@ from conftest import tiny_args
 import lit_quant.io as lq_io
 import train
 from lit_quant.io import atomic_write_text
-from lit_quant.training import AtomicCheckpointIO
+from lit_quant.app.training import AtomicCheckpointIO
 
 
 def test_interrupted_text_write_keeps_old_file(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_a_report_folder_another_run_writes_is_refused(trained: Path, capsys) ->
     """--name of a folder another live run holds: one line, and that folder is not touched."""
     import fcntl
 
-    from lit_quant.cli import run_cli
+    from lit_quant.app.cli import run_cli
 
     import quantize
 

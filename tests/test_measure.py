@@ -8,10 +8,10 @@ import pytorch_lightning as pl
 import torch
 from scipy.stats import binomtest
 
-from lit_quant.classifier import LitClassifier
-from lit_quant.data import ClassificationDataModule
-from lit_quant.measure import paired_comparison
-from lit_quant.models import build_model
+from lit_quant.app.classifier import LitClassifier
+from lit_quant.app.data import ClassificationDataModule
+from lit_quant.app.measure import paired_comparison
+from lit_quant.app.models import build_model
 
 
 def _outcomes(only_a: int, only_b: int, both: int, neither: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,10 +14,10 @@ from conftest import report_rows, run_script
 from torch import nn
 
 import quantize
-from lit_quant.cli import run_cli
-from lit_quant.models import build_model
-from lit_quant.pipeline import mixed
-from lit_quant.pipeline.mixed import (
+from lit_quant.app.cli import run_cli
+from lit_quant.app.models import build_model
+from lit_quant.app.pipeline import mixed
+from lit_quant.app.pipeline.mixed import (
     LayerCost,
     Step,
     assignment,
@@ -217,7 +217,7 @@ def test_bad_mixed_precision_flags(args: list[str], message: str, capsys: pytest
 
 
 def test_plan_chooses_the_recipe_of_its_narrowest_width(tmp_path: Path) -> None:
-    from lit_quant.pipeline.config import QuantizeConfig
+    from lit_quant.app.pipeline.config import QuantizeConfig
 
     path = tmp_path / "plan.yaml"
     plan = mixed_plan(QuantPlan.from_bits(8, 8), {("conv1", "weight"): 4, ("fc", "act"): 8}, 8)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lit_quant.errors import UserError
-from lit_quant.models import available_models, build_model, model_info
+from lit_quant.app.models import available_models, build_model, model_info
 from lit_quant.quant.ops import Add
 
 
@@ -66,7 +66,7 @@ def test_checkpoint_weights_are_checked_against_the_architecture(name: str) -> N
     """A torchvision checkpoint's weights pass the shape and finiteness check of its architecture, whether the
     architecture lays out on the meta device (resnet18) or its constructor computes with tensors and is laid
     out on the CPU (RegNet's block widths); a tensor of the wrong shape is named."""
-    from lit_quant.training import check_weights, model_from_arch
+    from lit_quant.app.training import check_weights, model_from_arch
 
     arch = {"model": name, "data": "digits", "in_channels": 1, "num_classes": 10, "image_size": 32,
             "small_input": False, "bn_momentum": 0.1}

@@ -25,7 +25,7 @@ from torch import nn
 
 from lit_quant.deploy.graph import ExportError, act_qparams, agreement, deploy_graph
 from lit_quant.deploy.onnx_export import MIN_OPSET, OnnxModel, export_onnx, run_onnx
-from lit_quant.models import build_model
+from lit_quant.app.models import build_model
 from lit_quant.quant import QuantizedModel, QuantPlan, calibrate, prepare
 
 N_TEST = 256

@@ -42,7 +42,7 @@ def test_wheel_holds_the_library_and_declares_its_dependencies(tmp_path: Path) -
     wheel = next(out.glob("lit_quant-*.whl"))
     names, meta = _metadata(wheel)
     assert "lit_quant/quant/preparation.py" in names and "lit_quant/callbacks.py" in names
-    assert "lit_quant/pipeline/qat.py" in names and "lit_quant/deploy/onnx_export.py" in names
+    assert "lit_quant/app/pipeline/qat.py" in names and "lit_quant/deploy/onnx_export.py" in names
     assert {n.split("/")[0] for n in names} == {"lit_quant", wheel.name.split("-py3")[0] + ".dist-info"}
     import lit_quant
 

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import train
 from lit_quant.errors import UserError
-from lit_quant.precision import ApexO2Precision, resolve_precision
-from lit_quant.training import build_arch, build_classifier
+from lit_quant.app.precision import ApexO2Precision, resolve_precision
+from lit_quant.app.training import build_arch, build_classifier
 
 
 def test_opt_level_mapping() -> None:

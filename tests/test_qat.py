@@ -16,17 +16,17 @@ from torch.ao.quantization import FakeQuantizeBase
 
 import quantize
 from lit_quant.callbacks import PTQCalibration, QATCallback
-from lit_quant.classifier import LitClassifier
-from lit_quant.cli import run_cli
-from lit_quant.data import ClassificationDataModule
+from lit_quant.app.classifier import LitClassifier
+from lit_quant.app.cli import run_cli
+from lit_quant.app.data import ClassificationDataModule
 from lit_quant.deploy.engines import available_backends
-from lit_quant.models import build_model
-from lit_quant.pipeline.reference import BuiltinQATSchedule
+from lit_quant.app.models import build_model
+from lit_quant.app.pipeline.reference import BuiltinQATSchedule
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.fake_quant import FakeQuantize, LSQFakeQuantize
 from lit_quant.quant.layers import QuantConvBn2d, freeze_bn_stats
 from lit_quant.quant.spec import QuantSpec
-from lit_quant.torchao_ref import builtin_qat_prepare
+from lit_quant.app.torchao_ref import builtin_qat_prepare
 
 
 def _bn_model() -> torch.nn.Module:
@@ -245,7 +245,7 @@ def test_qat_report_and_reload(trained: Path, capsys) -> None:
     assert (trained / "tiny" / "qat-w4a4" / "last.ckpt").is_file()
     assert quantize.main(["--eval", str(saved)]) == 0
     assert "qat (reloaded)" in capsys.readouterr().out
-    from lit_quant.pipeline.checkpoint import evaluate_quantized
+    from lit_quant.app.pipeline.checkpoint import evaluate_quantized
 
     assert evaluate_quantized(saved, batch_size=50)["top1"] == pytest.approx(rows["qat"]["top1"], abs=1e-9)
     # the kept epoch: the calibrated start (epoch 0) unless an epoch's validation top-1 beat it; its Lightning
@@ -333,7 +333,7 @@ def test_callback_refuses_a_model_quantized_with_another_plan() -> None:
 
 
 def test_quantizers_stay_fp32_under_o2() -> None:
-    from lit_quant.precision import ApexO2Precision
+    from lit_quant.app.precision import ApexO2Precision
 
     q = prepare(_bn_model(), QuantPlan.from_bits(8, 8), qat=True)
     ApexO2Precision(torch.bfloat16).convert_module(q)
@@ -356,7 +356,7 @@ def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Pat
     assert set(rows) == {"fp32", "ptq", "qat"}
     assert "distilled from fp32 w=1 T=1, lr warm-up 0.5 epochs" in rows["qat"]["note"]
     assert torch.load(run / "qat-w4a4" / "last.ckpt", weights_only=True)["epoch"] == 1
-    from lit_quant.pipeline.checkpoint import evaluate_quantized
+    from lit_quant.app.pipeline.checkpoint import evaluate_quantized
 
     # the saved model (rank 0's) reproduces the accuracy both ranks evaluated together
     assert evaluate_quantized(run / "qat-w4a4.ckpt", batch_size=32)["top1"] == pytest.approx(rows["qat"]["top1"],

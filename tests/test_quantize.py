@@ -11,8 +11,8 @@ from conftest import report_rows, run_script, tiny_args
 
 import quantize
 import train
-from lit_quant.cli import run_cli
-from lit_quant.pipeline.rows import ROW_KEYS
+from lit_quant.app.cli import run_cli
+from lit_quant.app.pipeline.rows import ROW_KEYS
 
 
 def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
@@ -74,7 +74,7 @@ def test_no_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_eval_reloads_quantized_checkpoint_exactly(trained: Path, capsys) -> None:
-    from lit_quant.pipeline.checkpoint import evaluate_quantized
+    from lit_quant.app.pipeline.checkpoint import evaluate_quantized
 
     assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "4", "--act-bits", "6",
                           "--calib-batches", "4", "--no-latency"]) == 0
@@ -98,7 +98,7 @@ def test_layerwise_rows_reload_exactly(trained: Path, flags: list[str], said: st
     """GPTQ with bias correction, AdaRound after cross-layer equalization: the row says what ran, the model
     stays on its grid, and --eval of the saved checkpoint reproduces the row (the equalized, rounded weights
     and shifted biases are in it)."""
-    from lit_quant.pipeline.checkpoint import evaluate_quantized, load_quantized
+    from lit_quant.app.pipeline.checkpoint import evaluate_quantized, load_quantized
     from lit_quant.quant.layers import _QuantWeightLayer
 
     assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "3", "--act-bits", "8", *flags,

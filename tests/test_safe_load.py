@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import quantize
 import train
-from lit_quant.data import ClassificationDataModule
+from lit_quant.app.data import ClassificationDataModule
 from lit_quant.errors import UserError
-from lit_quant.pipeline.checkpoint import load_quantized
+from lit_quant.app.pipeline.checkpoint import load_quantized
 from lit_quant.safe_load import load_checkpoint, load_cifar_batch
-from lit_quant.training import AtomicCheckpointIO, load_classifier
+from lit_quant.app.training import AtomicCheckpointIO, load_classifier
 
 REFUSAL = "holds code or Python objects lit-quant does not load (GLOBAL io.open): refused, nothing in it was run"
 

@@ -1,4 +1,4 @@
-"""torch.ao reference (lit_quant.torchao_ref) and size / latency measurement (lit_quant.measure), on real torch.ao."""
+"""torch.ao reference (lit_quant.app.torchao_ref) and size / latency measurement (lit_quant.app.measure), on real torch.ao."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from lit_quant.deploy.engines import available_backends, use_engine
 from lit_quant.deploy.graph import ExportError
 from lit_quant.deploy.options import BACKENDS
 from lit_quant.errors import UserError
-from lit_quant.measure import latency_ms, model_size_bytes
-from lit_quant.models import build_model
-from lit_quant.torchao_ref import (
+from lit_quant.app.measure import latency_ms, model_size_bytes
+from lit_quant.app.models import build_model
+from lit_quant.app.torchao_ref import (
     HalfPrecision,
     builtin_dynamic,
     builtin_half,

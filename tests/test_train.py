@@ -13,12 +13,12 @@ import yaml
 from conftest import run_script, tiny_args
 
 import train
-from lit_quant.classifier import WARMUP_START_FACTOR, LitClassifier
-from lit_quant.cli import run_cli
-from lit_quant.config import TrainConfig, train_recipe
-from lit_quant.data import ClassificationDataModule
-from lit_quant.models import build_model
-from lit_quant.training import build_datamodule, load_classifier
+from lit_quant.app.classifier import WARMUP_START_FACTOR, LitClassifier
+from lit_quant.app.cli import run_cli
+from lit_quant.app.config import TrainConfig, train_recipe
+from lit_quant.app.data import ClassificationDataModule
+from lit_quant.app.models import build_model
+from lit_quant.app.training import build_datamodule, load_classifier
 
 
 def _test_accuracy(ckpt: Path, cfg: TrainConfig) -> float:
@@ -164,7 +164,7 @@ def test_best_checkpoint_breaks_top1_ties_with_the_lower_loss(tmp_path: Path) ->
     """Lightning keeps the first maximum; best.ckpt keeps the tied model of lower val/loss (real Trainer)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from lit_quant.training import BestCheckpoint
+    from lit_quant.app.training import BestCheckpoint
 
     top1 = [0.5, 0.9, 0.8, 0.9, 0.9, 0.7]
     loss = [2.0, 0.6, 0.5, 0.4, 0.45, 0.1]  # epoch 3: same top-1 as epoch 1, lower loss; epoch 4 does not beat it

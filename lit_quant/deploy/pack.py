@@ -119,7 +119,7 @@ def load_deployed(path: str | Path, build_model: Callable[[dict[str, Any]], nn.M
     """Rebuild the quantized model of a file written by :func:`save_deployed` (and return the payload).
 
     ``build_model`` makes the untrained float model of the file's ``arch`` record (the application's
-    ``lit_quant.training.model_from_arch`` for its own runs): the file holds weights and qparams, not code.
+    ``lit_quant.app.training.model_from_arch`` for its own runs): the file holds weights and qparams, not code.
     """
     path = Path(path)
     if not path.is_file():

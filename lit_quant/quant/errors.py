@@ -1,7 +1,7 @@
 """Errors of the quantization core: one base, :class:`QuantError`, that a caller catches to report bad
 quantization input (a spec, a plan, a stats file, calibration data) as one line instead of a traceback.
 
-The core knows nothing of the command line; ``lit_quant.cli.run_cli`` maps :class:`QuantError` to the
+The core knows nothing of the command line; ``lit_quant.app.cli.run_cli`` maps :class:`QuantError` to the
 same one-line message and exit status as its own ``UserError``.
 """
 

@@ -4,7 +4,7 @@ Quantization swaps modules (``from_float``) instead of patching ``forward``. A r
 ``torch.cat`` or an ``F.relu`` written inline in ``forward`` has no module to swap, so
 :func:`lit_quant.quant.graph.trace` rewrites each of them into a call of one of these modules (or of the
 ``torch.nn`` module that computes the same function), one instance per use so that each tensor gets its own
-quantizer. Models in :mod:`lit_quant.models` use :class:`Add` directly.
+quantizer. Models in :mod:`lit_quant.app.models` use :class:`Add` directly.
 """
 
 from __future__ import annotations

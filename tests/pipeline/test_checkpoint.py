@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lit_quant.errors import UserError
-from lit_quant.models import build_model
-from lit_quant.pipeline.checkpoint import load_quantized, reusable_ptq, save_quantized
-from lit_quant.pipeline.rows import Row
+from lit_quant.app.models import build_model
+from lit_quant.app.pipeline.checkpoint import load_quantized, reusable_ptq, save_quantized
+from lit_quant.app.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, calibrate, prepare
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lit_quant.pipeline.rows import ROW_KEYS, Report, Row, paired_rows, plot_sweep, write_report
+from lit_quant.app.pipeline.rows import ROW_KEYS, Report, Row, paired_rows, plot_sweep, write_report
 
 
 def test_row_to_dict_has_every_key_in_order() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lit_quant.models import build_model
+from lit_quant.app.models import build_model
 from lit_quant.quant import QuantPlan, calibrate, prepare
 from lit_quant.quant.equalize import equalize
 

@@ -41,9 +41,9 @@ def test_quant_core_imports_no_torch_ao_and_nothing_of_lit_quant_outside_it() ->
     assert not bad, bad
 
 
-#: The library's layers, each with the lit_quant modules it may import (at any depth of its files). The
-#: application (pipeline, training, data, config, CLI, classifier, models, precision, measure, the torch.ao
-#: reference harness) sits above them all and is imported by none.
+#: The library's layers, each with the lit_quant modules it may import (at any depth of its files): core <
+#: deploy < callbacks / public API. The application (:mod:`lit_quant.app`) sits above them all and is imported
+#: by none; the scripts sit above the application.
 SHARED = ("lit_quant.errors", "lit_quant.io", "lit_quant.safe_load")
 LIBRARY: dict[str, tuple[str, ...]] = {
     "lit_quant/deploy": ("lit_quant.quant", "lit_quant.deploy", *SHARED),
@@ -52,6 +52,7 @@ LIBRARY: dict[str, tuple[str, ...]] = {
     "lit_quant/io.py": (),
     "lit_quant/safe_load.py": ("lit_quant.errors",),
     "lit_quant/errors.py": (),
+    "lit_quant/__init__.py": ("lit_quant.callbacks", "lit_quant.quant"),
 }
 
 
@@ -62,4 +63,15 @@ def test_library_layers_import_only_what_is_below_them() -> None:
         assert files and all(f.is_file() for f in files), layer
         bad += [f"{path.relative_to(ROOT)}: {name}" for path in files for name in _imports(path)
                 if name.split(".")[0] == "lit_quant" and name != "lit_quant" and not name.startswith(allowed)]
+    assert not bad, bad
+
+
+def test_every_library_file_is_in_a_layer_and_only_the_app_and_scripts_import_the_app() -> None:
+    package = Path(ROOT) / "lit_quant"
+    layered = [Path(ROOT) / layer for layer in LIBRARY] + [CORE, package / "app"]
+    loose = [p.relative_to(ROOT) for p in package.rglob("*.py")
+             if not any(p == layer or layer in p.parents for layer in layered)]
+    assert not loose, f"files in no layer: {loose}"
+    outside = [p for p in package.rglob("*.py") if package / "app" not in p.parents]
+    bad = [f"{p.relative_to(ROOT)}: {n}" for p in outside for n in _imports(p) if n.startswith("lit_quant.app")]
     assert not bad, bad

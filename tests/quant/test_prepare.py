@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_quant.models import build_model
+from lit_quant.app.models import build_model
 from lit_quant.quant import (
     CalibrationError,
     FakeQuantize,

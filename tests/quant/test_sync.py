@@ -192,7 +192,7 @@ def test_histograms_do_not_depend_on_the_order_of_batches() -> None:
 def test_calibration_batches_are_dealt_out_whole() -> None:
     """``RankBatchSampler`` (the calibration loader under DDP): global batch ``b`` is one process's batch ``b``
     on any number of ranks; a rank left without a batch gets one empty batch, collated to empty tensors."""
-    from lit_quant.data import CollateOrEmpty, RankBatchSampler
+    from lit_quant.app.data import CollateOrEmpty, RankBatchSampler
 
     one = list(RankBatchSampler(range(10), 3))
     for world in (2, 3, 4):

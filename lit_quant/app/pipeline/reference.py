@@ -1,6 +1,6 @@
 """torch.ao's rows, the reference every row of ours is compared with: static int8 PTQ (``builtin-ptq``, per
 backend), QAT (``builtin-qat``, trained with our QAT recipe; its result is saved so a resumed run reuses it),
-dynamic int8 and the half-precision copy. The torch.ao calls themselves live in :mod:`lit_quant.torchao_ref`.
+dynamic int8 and the half-precision copy. The torch.ao calls themselves live in :mod:`lit_quant.app.torchao_ref`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing_extensions import override
 from lit_quant.callbacks import frozen_at
 from lit_quant.deploy.engines import available_backends
 from lit_quant.io import atomic_write_text
-from lit_quant.pipeline.config import QuantizeConfig
-from lit_quant.pipeline.context import RunContext
-from lit_quant.pipeline.qat import qat_classifier, qat_train_config, recipe_note, sync_bn
-from lit_quant.pipeline.rows import ROW_KEYS, Row
+from lit_quant.app.pipeline.config import QuantizeConfig
+from lit_quant.app.pipeline.context import RunContext
+from lit_quant.app.pipeline.qat import qat_classifier, qat_train_config, recipe_note, sync_bn
+from lit_quant.app.pipeline.rows import ROW_KEYS, Row
 from lit_quant.quant.errors import QuantError
-from lit_quant.torchao_ref import (
+from lit_quant.app.torchao_ref import (
     builtin_dynamic,
     builtin_half,
     builtin_ptq,
@@ -33,7 +33,7 @@ from lit_quant.torchao_ref import (
     builtin_qat_prepare,
     builtin_qat_switches,
 )
-from lit_quant.training import build_trainer
+from lit_quant.app.training import build_trainer
 
 #: File in a run folder holding torch.ao's QAT row and its per-image outcomes, reused by a resumed QAT run.
 BUILTIN_QAT_RESULT = "builtin-qat-result.json"

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from lit_quant.cli import console
+from lit_quant.app.cli import console
 from lit_quant.deploy.graph import agreement, logit_gap
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import IntegerEngine
 from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
 from lit_quant.deploy.pack import save_deployed
-from lit_quant.pipeline.context import RunContext, file_size
-from lit_quant.pipeline.reference import ptq_backends
-from lit_quant.pipeline.rows import Report, Row
+from lit_quant.app.pipeline.context import RunContext, file_size
+from lit_quant.app.pipeline.reference import ptq_backends
+from lit_quant.app.pipeline.rows import Report, Row
 
 
 def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, stem: str) -> None:

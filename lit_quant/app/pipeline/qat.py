@@ -16,16 +16,16 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lit_quant.callbacks import PTQCalibration, QATCallback
-from lit_quant.classifier import LitClassifier
-from lit_quant.config import TrainConfig
+from lit_quant.app.classifier import LitClassifier
+from lit_quant.app.config import TrainConfig
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write
-from lit_quant.pipeline.config import QuantizeConfig
-from lit_quant.pipeline.context import RunContext, show_progress
-from lit_quant.pipeline.ptq import build_plan, layerwise_steps, logits_cost_note, overrides_note
-from lit_quant.pipeline.rows import Row
+from lit_quant.app.pipeline.config import QuantizeConfig
+from lit_quant.app.pipeline.context import RunContext, show_progress
+from lit_quant.app.pipeline.ptq import build_plan, layerwise_steps, logits_cost_note, overrides_note
+from lit_quant.app.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, prepare
-from lit_quant.training import BestCheckpoint, build_trainer, output_dir_lock, prepare_output_dir, read_checkpoint
+from lit_quant.app.training import BestCheckpoint, build_trainer, output_dir_lock, prepare_output_dir, read_checkpoint
 
 
 @dataclass

@@ -29,13 +29,13 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
-from lit_quant.classifier import LitClassifier, check_rng_state
-from lit_quant.config import TrainConfig, save_config
-from lit_quant.data import ClassificationDataModule, dataset_info
+from lit_quant.app.classifier import LitClassifier, check_rng_state
+from lit_quant.app.config import TrainConfig, save_config
+from lit_quant.app.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text, check_writable, describe_os_error, remove_stale_temp_files
-from lit_quant.models import build_model, model_info
-from lit_quant.precision import resolve_precision
+from lit_quant.app.models import build_model, model_info
+from lit_quant.app.precision import resolve_precision
 from lit_quant.safe_load import load_checkpoint
 
 try:
@@ -380,7 +380,7 @@ def check_arch(arch: Any, where: str) -> dict[str, Any]:
     """The architecture record of a checkpoint (``where`` names the file), checked field by field before any
     model is built: the fields of :data:`ARCH_FIELDS` with their types, positive sizes, a known model and data
     set. :class:`UserError` naming the first field that is wrong."""
-    from lit_quant.config import DATASETS
+    from lit_quant.app.config import DATASETS
 
     if not isinstance(arch, dict):
         raise UserError(f"{where}: its architecture record is not a mapping")

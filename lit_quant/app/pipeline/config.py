@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_quant.config import (
+from lit_quant.app.config import (
     ACCELERATORS,
     MAX_BATCH,
     PRECISIONS,
@@ -394,7 +394,7 @@ class QuantizeConfig:
         that building the parser stays light."""
         from lit_quant.deploy.integer import check_engine_widths
         from lit_quant.deploy.onnx_export import check_opset
-        from lit_quant.precision import resolve_precision
+        from lit_quant.app.precision import resolve_precision
 
         check_engine_widths(self.accum_bits, self.scale_approx_bits)
         if "onnx" in self.export:

@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lit_quant.config import OWN_MODELS
+from lit_quant.app.config import OWN_MODELS
 from lit_quant.errors import UserError
 from lit_quant.quant.ops import Add
 
@@ -123,7 +123,7 @@ _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "resnet32": lambda c, k: CifarResNet(32, c, k),
     "resnet56": lambda c, k: CifarResNet(56, c, k),
 }
-#: The own models by the names the training recipes know them by (:data:`lit_quant.config.OWN_MODELS`).
+#: The own models by the names the training recipes know them by (:data:`lit_quant.app.config.OWN_MODELS`).
 _OWN = {name: _BUILDERS[name] for name in OWN_MODELS}
 
 

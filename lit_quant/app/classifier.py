@@ -6,7 +6,7 @@ Metrics are torchmetrics objects logged once per epoch, so DDP ranks are synchro
 (with uneven per-rank batch counts too).
 
 The checkpoint carries the *architecture* (``hparams.arch``: model name, channels, classes, image size,
-data set) so that a checkpoint can rebuild its own model (:func:`lit_quant.training.load_classifier`), and
+data set) so that a checkpoint can rebuild its own model (:func:`lit_quant.app.training.load_classifier`), and
 the RNG states of every generator so that ``--resume`` continues bit-for-bit where the run left off.
 """
 
@@ -80,7 +80,7 @@ class LitClassifier(pl.LightningModule):
     Args:
         model: the network; its output are logits ``(N, num_classes)``.
         num_classes: number of classes (for the metrics).
-        arch: how to rebuild ``model`` (stored in the checkpoint; see :func:`lit_quant.models.build_model`).
+        arch: how to rebuild ``model`` (stored in the checkpoint; see :func:`lit_quant.app.models.build_model`).
         optimizer: ``sgd`` (momentum, optional Nesterov) or ``adamw``.
         lr: peak learning rate.
         momentum: SGD momentum.
@@ -124,7 +124,7 @@ class LitClassifier(pl.LightningModule):
         self.losses = nn.ModuleDict({f"{s}_": torchmetrics.MeanMetric() for s in ("train", "val", "test")})
         # Per-image top-1 outcome of the last test run, in the test loader's order (under DDP: rank 0's
         # shard, then rank 1's, ... the same order for every model evaluated on the same ranks), for paired
-        # comparisons of two models (lit_quant.measure.paired_comparison).
+        # comparisons of two models (lit_quant.app.measure.paired_comparison).
         self.test_outcomes = torchmetrics.CatMetric()
         self.test_correct: torch.Tensor | None = None
 

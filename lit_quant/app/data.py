@@ -42,7 +42,7 @@ from torch.utils.data import (
 )
 from torchvision.transforms import v2
 
-from lit_quant.config import DATASETS, DatasetInfo
+from lit_quant.app.config import DATASETS, DatasetInfo
 from lit_quant.errors import LitQuantWarning, UserError
 from lit_quant.safe_load import load_cifar_batch
 

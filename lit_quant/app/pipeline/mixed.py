@@ -40,13 +40,13 @@ import torch
 import yaml
 from torch import nn
 
-from lit_quant.classifier import LitClassifier
+from lit_quant.app.classifier import LitClassifier
 from lit_quant.io import atomic_write_text
-from lit_quant.pipeline.checkpoint import save_quantized
-from lit_quant.pipeline.context import RunContext, show_progress
-from lit_quant.pipeline.deploy import add_deploy_rows
-from lit_quant.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row, weights_fingerprint
-from lit_quant.pipeline.rows import Report, new_figure, save_figure
+from lit_quant.app.pipeline.checkpoint import save_quantized
+from lit_quant.app.pipeline.context import RunContext, show_progress
+from lit_quant.app.pipeline.deploy import add_deploy_rows
+from lit_quant.app.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row, weights_fingerprint
+from lit_quant.app.pipeline.rows import Report, new_figure, save_figure
 from lit_quant.quant import FakeQuantize, LayerOverride, QuantPlan, enable_fake_quant, iter_quantizers, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layers import _QuantWeightLayer

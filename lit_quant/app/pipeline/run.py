@@ -21,22 +21,22 @@ from typing import Any
 
 import torch
 
-from lit_quant.config import TrainConfig, load_yaml, resolve_config
+from lit_quant.app.config import TrainConfig, load_yaml, resolve_config
 from lit_quant.deploy.engines import check_backend
 from lit_quant.deploy.integer import check_layer_name
 from lit_quant.errors import UserError
 from lit_quant.io import check_writable, describe_os_error
-from lit_quant.pipeline.checkpoint import DATA_SETTINGS, save_quantized
-from lit_quant.pipeline.config import QuantizeConfig, is_sweep
-from lit_quant.pipeline.context import RunContext, build_eval_trainer
-from lit_quant.pipeline.deploy import add_deploy_rows
-from lit_quant.pipeline.mixed import run_mixed
-from lit_quant.pipeline.ptq import build_plan, ptq_points, ptq_row, weights_fingerprint
-from lit_quant.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qat
-from lit_quant.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
-from lit_quant.pipeline.rows import Report, plot_sweep, write_report
+from lit_quant.app.pipeline.checkpoint import DATA_SETTINGS, save_quantized
+from lit_quant.app.pipeline.config import QuantizeConfig, is_sweep
+from lit_quant.app.pipeline.context import RunContext, build_eval_trainer
+from lit_quant.app.pipeline.deploy import add_deploy_rows
+from lit_quant.app.pipeline.mixed import run_mixed
+from lit_quant.app.pipeline.ptq import build_plan, ptq_points, ptq_row, weights_fingerprint
+from lit_quant.app.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qat
+from lit_quant.app.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
+from lit_quant.app.pipeline.rows import Report, plot_sweep, write_report
 from lit_quant.quant import load_stats, prepare
-from lit_quant.training import build_datamodule, check_nodes, load_classifier, lock_folder, prepare_output_dir
+from lit_quant.app.training import build_datamodule, check_nodes, load_classifier, lock_folder, prepare_output_dir
 
 #: Keys of the training run's config.yaml that decide which images are the test split.
 DATA_KEYS = ("data_dir", "split_seed", "val_fraction", "fake_size")

@@ -34,7 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         """A value outside a flag's ``choices``: a :class:`UserError` ``invalid --flag 'value'; choose from a, b``
-        (the wording of :func:`lit_quant.config.check_choices`, so a flag and a YAML key are refused alike,
+        (the wording of :func:`lit_quant.app.config.check_choices`, so a flag and a YAML key are refused alike,
         and :func:`run_cli` prints it as one line with exit status 2)."""
         if action.choices is not None and value not in action.choices:
             flag = action.option_strings[-1] if action.option_strings else action.dest

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
-from lit_quant.config import PRECISIONS
+from lit_quant.app.config import PRECISIONS
 from lit_quant.errors import UserError
 from lit_quant.quant.fake_quant import FakeQuantize
 from lit_quant.quant.observers import Observer

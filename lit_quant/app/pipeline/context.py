@@ -1,6 +1,6 @@
 """What every part of a quantize run shares: the Trainer that calibrates and evaluates, the data, the fp32
 model and where files go (:class:`RunContext`), and :meth:`RunContext.evaluate`, which turns a model into a
-report :class:`~lit_quant.pipeline.rows.Row`.
+report :class:`~lit_quant.app.pipeline.rows.Row`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import RichProgressBar
 
 from lit_quant.callbacks import PTQCalibration
-from lit_quant.classifier import LitClassifier
+from lit_quant.app.classifier import LitClassifier
 from lit_quant.errors import UserError
 from lit_quant.io import publish
-from lit_quant.measure import latency_ms, model_size_bytes
-from lit_quant.pipeline.config import QuantizeConfig
-from lit_quant.pipeline.rows import Row
-from lit_quant.training import hardware_settings
+from lit_quant.app.measure import latency_ms, model_size_bytes
+from lit_quant.app.pipeline.config import QuantizeConfig
+from lit_quant.app.pipeline.rows import Row
+from lit_quant.app.training import hardware_settings
 
 
 def show_progress(cfg: QuantizeConfig) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from lit_quant.io import atomic_write, atomic_write_text
-from lit_quant.measure import paired_comparison
+from lit_quant.app.measure import paired_comparison
 from lit_quant.quant.summary import summarize
 
 
@@ -70,7 +70,7 @@ def paired_rows(rows: list[Row], outcomes: dict[int, torch.Tensor]) -> list[dict
     against torch.ao: ``builtin-qat`` against ``qat``, each ``builtin-ptq`` against the PTQ row when there
     is exactly one. Returns those pairs as ``{"ours", "theirs", "ours_only", "theirs_only", "p_value"}``,
     ``ours_only`` counting the images only our model gets right (``p_value``: exact McNemar,
-    :func:`lit_quant.measure.paired_comparison`).
+    :func:`lit_quant.app.measure.paired_comparison`).
     """
     fp32 = next((i for i, r in enumerate(rows) if r.variant == "fp32" and i in outcomes), None)
     for i, correct in outcomes.items():

@@ -70,7 +70,7 @@ def check_choices(config: Any) -> None:
                 raise UserError(f"invalid --{f.name.replace('_', '-')} '{item}'; choose from {', '.join(choices)}")
 
 
-#: lit-quant's own models (:mod:`lit_quant.models`); every other name is a torchvision classifier.
+#: lit-quant's own models (:mod:`lit_quant.app.models`); every other name is a torchvision classifier.
 OWN_MODELS = ("lenet5", "resnet20", "resnet32", "resnet56")
 #: torchvision's transformer classifiers, by name prefix.
 TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit_")

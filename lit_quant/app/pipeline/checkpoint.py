@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from lit_quant.config import TrainConfig
+from lit_quant.app.config import TrainConfig
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write
-from lit_quant.pipeline.context import build_eval_trainer, evaluate_on_test
+from lit_quant.app.pipeline.context import build_eval_trainer, evaluate_on_test
 from lit_quant.quant import QuantError, QuantPlan, enable_fake_quant, enable_observer, prepare
 from lit_quant.safe_load import load_checkpoint
-from lit_quant.training import build_datamodule, check_arch, model_from_arch, state_dict_mismatch
+from lit_quant.app.training import build_datamodule, check_arch, model_from_arch, state_dict_mismatch
 
 
 def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],
