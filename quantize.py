@@ -141,7 +141,7 @@ def report_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> Table | None:
-    """Seed 001's layout for a sweep: one line per bit width, one column of top-1 per observer."""
+    """A sweep's table: one line per bit width, one column of top-1 per observer."""
     ptq = [r for r in rows if r["variant"] == "ptq"]
     widths = sorted({r["act_bits"] for r in ptq}, reverse=True)
     if len(widths) < 2:

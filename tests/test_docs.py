@@ -23,6 +23,10 @@ FORBIDDEN = [
                re.IGNORECASE),
     re.compile(r"\bsessions? (ago|before|later)\b", re.IGNORECASE),
     re.compile(r"\bat the start of this\b", re.IGNORECASE),
+    # the documents the project grew from
+    re.compile(r"\bseeds? \d{3}\b", re.IGNORECASE),
+    re.compile(r"\bthe seed'?s\b(?! (value|rng|generator))", re.IGNORECASE),
+    re.compile(r"\bseed (documents?|provenance)\b", re.IGNORECASE),
 ]
 
 #: Where the word list itself has to be written down.

@@ -169,7 +169,7 @@ def test_bit_sweep_table_and_plot(trained: Path, capsys) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "4", "2", "--observers", "minmax", "mse",
                           "--calib-batches", "2", "--no-latency", "--name", "sweep", "--save-checkpoints"]) == 0
     out = capsys.readouterr().out
-    assert "top-1 % against bits" in out  # seed 001's layout: a line per width, a column per observer
+    assert "top-1 % against bits" in out  # a line per width, a column per observer
     rows = report_rows(trained / "tiny")
     ptq = {(r["act_bits"], r["observer"]): r["top1"] for r in rows if r["variant"] == "ptq"}
     assert set(ptq) == {(b, o) for b in (8, 4, 2) for o in ("minmax", "mse")}

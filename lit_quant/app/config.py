@@ -102,16 +102,13 @@ class TrainRecipe:
 
 
 def train_recipe(model: str) -> TrainRecipe:
-    """The training recipe of ``model``'s family, from the zoo benchmark (docs/RESULTS.md):
+    """The training recipe of ``model``'s family (fp32 results: docs/RESULTS.md, the zoo):
 
     * lit-quant's own networks (CIFAR-style ResNets, LeNet-5): SGD with Nesterov momentum, lr 0.1, weight
       decay 5e-4, batch 64 (He et al. 2016's CIFAR recipe, cosine instead of steps);
     * torchvision's convolutional classifiers: AdamW, lr 0.003, weight decay 0.05, batch 32, one warm-up
-      epoch, BatchNorm momentum 0.1. Their ImageNet settings assume far more steps than a small data set
-      gives: SGD at lr 0.1 left efficientnet_b0 at chance and sent mnasnet0_5 to NaN in 15 epochs on
-      digits; batch 32 takes twice the steps of 64; lr 0.001 left RegNet and ShuffleNet underfitted and 0.01
-      overshot MobileNetV3; and the running statistics of MobileNetV3 (momentum 0.01) and MNASNet (0.0003)
-      had not caught up with the weights when they were evaluated;
+      epoch, BatchNorm momentum 0.1. Why: their ImageNet settings (SGD at lr 0.1, BatchNorm momentum down to
+      0.0003) assume far more steps than a small data set gives, and do not train there;
     * torchvision's transformers: AdamW at lr 0.0005, the same otherwise.
     """
     if model in OWN_MODELS:

@@ -208,12 +208,9 @@ def build_fake_quantize(spec: QuantSpec, kind: str = "act") -> FakeQuantize:
 
     Why: a learned weight step ``s`` moves by ``lr g sum_i (round(w_i/s) - w_i/s) dL/dq_i`` per step, ``g =
     1/sqrt(N Q_P)``; at 8 bits almost no weight clips, so that sum is rounding noise, and it is large next to
-    ``s = max|w| / 127``. Per channel of a 3x3 single-channel stem conv (``N`` = 9) or of a classifier row,
-    the steps of the 8-bit first and last layers of a low-bit recipe drifted from their calibrated values
-    (one stem channel's to ``eps`` for good in the first epoch, two classifier rows' up 55-60x by the second)
-    and took the model from 97.8 to 86 % on digits; with these weights on observer ranges the same runs end
-    above their PTQ start (docs/RESULTS.md, QAT on digits). Activation steps stay learned at 8 bits (they did
-    not drift).
+    ``s = max|w| / 127``: per channel of a small layer (a stem conv, ``N`` = 9; a classifier row) the step
+    drifts away from its calibrated value. Activation steps stay learned at 8 bits (they have many elements
+    per step and do not drift).
     """
     lsq = spec.quantizer == "lsq" and not (kind == "weight" and spec.bits >= LSQ_WEIGHT_BITS_LIMIT)
     return (LSQFakeQuantize if lsq else FakeQuantize)(spec, kind)

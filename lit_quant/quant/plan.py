@@ -209,8 +209,7 @@ class QuantPlan:
 
         * the logits (``@output``) stay float, the last layer's accumulator dequantized, as int8 runtimes
           can do, unless ``io_bits`` asks for a width. A classifier's answer is the ordering of a few
-          logits; an 8-bit grid over their whole range ties or swaps close ones, which cost torchvision's
-          resnet18 on 32 px digits 7 points at W8A8 (docs/RESULTS.md);
+          logits; an 8-bit grid over their whole range ties or swaps close ones (docs/RESULTS.md, the zoo);
         * the model input, at 8 bits or more, keeps its full range (a ``minmax`` observer, whatever
           ``act_observer`` is): an image is 8-bit data, so an 8-bit grid over its range loses nothing, and a
           clipping observer removes the brightest pixels every later layer depends on.

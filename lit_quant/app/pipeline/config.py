@@ -88,26 +88,23 @@ class QATRecipe:
 
 
 def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
-    """The QAT recipe for a width (the narrower of the weight and activation widths), from the measurements in
-    docs/RESULTS.md:
+    """The QAT recipe for a width (the narrower of the weight and activation widths); the measurements that
+    chose it are in docs/RESULTS.md, "Quantization-aware training".
 
     * 8 bits and more: fixed ranges (STE) tracked by a moving average (``ema``, as torch.ao's QAT), 1/100 of
-      the fp32 learning rate, 5 epochs: QAT only has to undo small rounding errors.
-    * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the best PTQ model below 8
-      bits: ``mse`` ranges, GPTQ rounding and bias correction (``mse`` weight ranges alone lose most of the
-      accuracy at 2-3 bits: clipping shrinks each channel's output, a shift the bias correction removes);
-      the input image and the first and last layers at 8 bits (the image at 4 bits alone costs more than
-      every other tensor; their weights keep ranges that follow them, as LSQ learns weight steps below 8 bits
-      only: :func:`lit_quant.quant.fake_quant.build_fake_quantize`); one warm-up epoch (without it the first
-      steps after calibration diverged at 3-4 bits); 1/10 of the fp32 learning rate for 5 epochs (8 at 3
-      bits, 30 at 2 bits).
-    * distillation from the fp32 model at 2-3 bits only (without it one of three 3-bit runs on digits ended
-      below PTQ). At 4-7 bits the labels alone: a student distilled from fp32 does not pass its teacher,
-      and on a 1-epoch Fashion-MNIST checkpoint the distilled 4-bit run ended 0.61 points below fp32, the
-      undistilled one 1.98 above.
-    * BatchNorm normalises with batch statistics until the last epoch below 8 bits, which folds the running
-      statistics as deployment does: folded from the first step, the distilled 4-bit run on the 1-epoch
-      Fashion-MNIST checkpoint ended 0.20 points lower on validation and 0.09 lower on test.
+      the fp32 learning rate, 5 epochs. Why: QAT only has to undo small rounding errors.
+    * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the best PTQ model: ``mse``
+      ranges, GPTQ rounding and bias correction (clipping shrinks each channel's output, a shift the bias
+      correction removes); the input image and the first and last layers at 8 bits (the image at 4 bits
+      costs more than any other tensor; LSQ learns weight steps below 8 bits only, see
+      :func:`lit_quant.quant.fake_quant.build_fake_quantize`); one warm-up epoch (the first steps after
+      calibration have gradients several times an fp32 model's); 1/10 of the fp32 learning rate for 5
+      epochs (8 at 3 bits, 30 at 2 bits).
+    * distillation from the fp32 model at 2-3 bits only. Why: there the labels alone can end below PTQ, while
+      at 4-7 bits a student distilled from fp32 does not pass its teacher and the labels do better.
+    * below 8 bits BatchNorm normalises with batch statistics until the last epoch, which then folds the
+      running statistics as deployment does. Why: folding from the first step trains on statistics the
+      network no longer has.
     """
     bits = min(weight_bits, act_bits)
     if bits >= 8:
