@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smoke import add_smoke_arguments, parse_with_smoke
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The zoo of tests/test_zoo.py: torchvision's classifier families, convolutional and transformer.
+#: The zoo of tests/app/test_zoo.py: torchvision's classifier families, convolutional and transformer.
 ZOO = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
        "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16")
 #: Models without convolutions: the W4A8 and QAT targets are for convolutional models.

@@ -446,9 +446,9 @@ def resolve_request(args: Mapping[str, Any]) -> QuantizeRequest:
         if value is not None:
             for target in targets:
                 args.setdefault(target, value)
-    cfg = resolve_config(args, cls=QuantizeConfig)
-    for value in sweep or []:
+    for value in sweep or []:  # before the config, whose width fields the sweep's narrowest value fills
         check_bits_flag(value, "bits")
+    cfg = resolve_config(args, cls=QuantizeConfig)
     for name in observers or []:
         if name not in OBSERVER_NAMES:
             raise UserError(f"invalid observer '{name}'; choose from {', '.join(OBSERVER_NAMES)}")

@@ -1,6 +1,6 @@
 """Hostile input refused before any work, faults found during it, and the files a run must not touch.
 
-Each case runs the real entry point in-process (as ``tests/test_bad_input.py`` does) and asserts: exit status 2,
+Each case runs the real entry point in-process (as ``tests/app/test_bad_input.py`` does) and asserts: exit status 2,
 one line on stderr naming what is wrong, no Lightning stage started (``fit`` / ``validate`` / ``test`` /
 ``predict``: the work) for input that can be checked without a forward pass, and nothing new in the folders the
 run was given. ``tools/hostile.py`` runs the same kinds of case, and more, as separate processes.
@@ -29,7 +29,7 @@ import train
 from lit_quant.app.cli import run_cli
 
 STAGES = ("fit", "validate", "test", "predict")
-_spec = importlib.util.spec_from_file_location("hostile", Path(__file__).resolve().parents[1] / "tools" / "hostile.py")
+_spec = importlib.util.spec_from_file_location("hostile", Path(__file__).resolve().parents[2] / "tools" / "hostile.py")
 hostile = importlib.util.module_from_spec(_spec)
 sys.modules["hostile"] = hostile  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(hostile)

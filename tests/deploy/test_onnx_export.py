@@ -327,7 +327,7 @@ def test_missing_packages(resnet_q8: QuantizedModel, tmp_path: Path, monkeypatch
 def test_module_imports_without_onnx(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnx", None)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    source = Path(__file__).resolve().parents[1] / "lit_quant" / "deploy" / "onnx_export.py"
+    source = Path(__file__).resolve().parents[2] / "lit_quant" / "deploy" / "onnx_export.py"
     spec = importlib.util.spec_from_file_location("_onnx_export_without_onnx", source)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # a fresh copy: raises if onnx / onnxruntime are imported at import time
