@@ -23,6 +23,8 @@ from torch import nn
 
 from lit_quant.quant import QuantOutput, QuantPlan, calibrate, prepare
 
+pytestmark = pytest.mark.slow
+
 #: Keys whose values are ratios or times: each must be a positive, finite number.
 POSITIVE_KEYS = ("ratio", "geomean_ratio", "seconds", "ms_per_step", "fp32_ms", "ao_ms", "ours_ms", "ao_speedup",
                  "ours_speedup", "ours_over_ao", "rel_err_ours", "rel_err_ao")

@@ -16,6 +16,8 @@ from lit_quant.app.data import ClassificationDataModule
 from lit_quant.app.models import build_model
 from lit_quant.quant import CalibrationError, QuantPlan, calibrate, iter_quantizers, model_qparams, prepare
 
+pytestmark = pytest.mark.slow
+
 
 def test_callback_calibration_equals_core_calibrate(tmp_path: Path) -> None:
     ours = run(tmp_path, 1, "minmax")
@@ -33,6 +35,7 @@ def test_callback_calibration_equals_core_calibrate(tmp_path: Path) -> None:
         assert torch.equal(scale, ref.scale) and torch.equal(zp, ref.zero_point), name
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("observer", ["minmax", "mse"])
 def test_ddp_two_processes_calibrate_like_one(tmp_path: Path, observer: str) -> None:
     single = run(tmp_path / "one", 1, observer)

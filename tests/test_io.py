@@ -13,6 +13,8 @@ import train
 from lit_quant.io import atomic_write_text
 from lit_quant.app.training import AtomicCheckpointIO
 
+pytestmark = pytest.mark.slow
+
 
 def test_interrupted_text_write_keeps_old_file(tmp_path: Path) -> None:
     target = tmp_path / "metrics.json"

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow
+
 
 def _sources(tmp_path: Path) -> Path:
     """What a build reads: pyproject.toml, the README (the long description) and the package."""

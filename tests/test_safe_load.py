@@ -25,6 +25,8 @@ from lit_quant.app.pipeline.checkpoint import load_quantized
 from lit_quant.safe_load import load_checkpoint, load_cifar_batch
 from lit_quant.app.training import AtomicCheckpointIO, load_classifier
 
+pytestmark = pytest.mark.slow
+
 REFUSAL = "holds code or Python objects lit-quant does not load (GLOBAL io.open): refused, nothing in it was run"
 
 

@@ -33,6 +33,8 @@ from lit_quant import (
 from lit_quant.quant.fake_quant import LSQFakeQuantize
 from lit_quant.quant.layers import QuantConv2d, QuantConvBn2d, QuantLinear, QuantOutput
 
+pytestmark = pytest.mark.slow
+
 CLASSES = 4
 
 
@@ -365,6 +367,7 @@ def test_ptq_without_calibration_data_is_one_clear_error() -> None:
         trainer.test(NetModule(), _loader(16, 2))
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_quantize_like_one(tmp_path) -> None:
     """Two CPU processes: every rank calibrates to the qparams of one process on the same batches (QAT on
     the training batches Lightning splits by rank, PTQ on an explicit loader the callback splits)."""

@@ -24,6 +24,8 @@ import train
 from lit_quant.app.cli import run_cli
 from lit_quant.app.training import output_dir_lock
 
+pytestmark = pytest.mark.slow
+
 
 def _run(main, prog: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     try:

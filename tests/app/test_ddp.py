@@ -12,6 +12,8 @@ from conftest import run_script, tiny_args
 from lit_quant.app.config import TrainConfig
 from lit_quant.app.training import build_datamodule, load_classifier
 
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
 
 def test_cpu_ddp_two_processes(tmp_path: Path) -> None:
     proc = run_script("train.py", *tiny_args(tmp_path, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",

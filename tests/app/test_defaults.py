@@ -11,6 +11,8 @@ import pytest
 import quantize
 import train
 
+pytestmark = pytest.mark.slow
+
 #: One test image of the digits split (359 images), in points.
 IMAGE = 100 / 359
 

@@ -28,6 +28,8 @@ import quantize
 import train
 from lit_quant.app.cli import run_cli
 
+pytestmark = pytest.mark.slow
+
 STAGES = ("fit", "validate", "test", "predict")
 _spec = importlib.util.spec_from_file_location("hostile", Path(__file__).resolve().parents[2] / "tools" / "hostile.py")
 hostile = importlib.util.module_from_spec(_spec)

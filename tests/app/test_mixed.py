@@ -31,6 +31,8 @@ from lit_quant.app.pipeline.mixed import (
 )
 from lit_quant.quant import QuantPlan, iter_quantizers, prepare
 
+pytestmark = pytest.mark.slow
+
 
 def resnet20() -> nn.Module:
     return build_model("resnet20", 1, 10).eval()
@@ -228,6 +230,7 @@ def test_plan_chooses_the_recipe_of_its_narrowest_width(tmp_path: Path) -> None:
     assert QuantizeConfig(plan=str(path)).weight_rounding == "nearest"
 
 
+@pytest.mark.ddp
 def test_two_processes_split_the_sensitivity_passes(trained: Path, tmp_path: Path) -> None:
     """Under DDP each process measures every other knob and the results are gathered: the same table as one
     process (the calibration statistics are merged bit for bit, so the drops agree exactly)."""

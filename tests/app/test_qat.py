@@ -28,6 +28,8 @@ from lit_quant.quant.layers import QuantConvBn2d, freeze_bn_stats
 from lit_quant.quant.spec import QuantSpec
 from lit_quant.app.torchao_ref import builtin_qat_prepare
 
+pytestmark = pytest.mark.slow
+
 
 def _bn_model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -161,6 +163,7 @@ def test_fake_quant_runs_in_fp32_under_autocast() -> None:
     assert not torch.equal(out, naive.bfloat16())
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_share_qparams_at_every_step(tmp_path: Path) -> None:
     proc = run_script("tests/qat_script.py", str(tmp_path), "2", "ste")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -342,6 +345,7 @@ def test_quantizers_stay_fp32_under_o2() -> None:
     assert next(m for m in q.modules() if isinstance(m, QuantConvBn2d)).weight.dtype == torch.bfloat16
 
 
+@pytest.mark.ddp
 def test_qat_from_the_command_line_on_two_processes(trained: Path, tmp_path: Path) -> None:
     run = tmp_path / "tiny"
     run.mkdir()

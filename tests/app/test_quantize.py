@@ -14,6 +14,8 @@ import train
 from lit_quant.app.cli import run_cli
 from lit_quant.app.pipeline.rows import ROW_KEYS
 
+pytestmark = pytest.mark.slow
+
 
 def test_ptq_8bit_report_matches_fp32_and_builtin(trained: Path) -> None:
     assert quantize.main(["--checkpoint-dir", str(trained), "--bits", "8", "--calib-batches", "4",
@@ -281,6 +283,7 @@ def _pairs(run: Path) -> list[dict]:
 OBSERVERS = ("minmax", "ema", "avg", "nstd", "percentile", "mse", "entropy")
 
 
+@pytest.mark.ddp
 def test_two_processes_give_the_single_process_report(trained: Path, tmp_path: Path) -> None:
     """Every activation observer calibrates bit for bit alike in one process and in two: three calibration
     batches of 80 images (rank 0 gets batches 0 and 2, rank 1 batch 1; 80 x 16 x 8 x 8 activations, so the

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 import torch
 from conftest import kill_after_checkpoint, run_script, tiny_args
 
 import train
+
+pytestmark = pytest.mark.slow
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from lit_quant.app.data import ClassificationDataModule
 from lit_quant.app.models import build_model
 from lit_quant.app.training import build_datamodule, load_classifier
 
+pytestmark = pytest.mark.slow
+
 
 def _test_accuracy(ckpt: Path, cfg: TrainConfig) -> float:
     """Top-1 of a checkpoint on the test split, computed here without Lightning."""

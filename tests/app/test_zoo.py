@@ -12,6 +12,8 @@ from torch import nn
 from lit_quant.quant import QuantPlan, calibrate, enable_fake_quant, iter_quantizers, prepare
 from lit_quant.quant.summary import summarize
 
+pytestmark = pytest.mark.slow
+
 ZOO = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
        "shufflenet_v2_x0_5", "convnext_tiny", "vit_b_16"]
 

@@ -23,6 +23,8 @@ from lit_quant.quant import QuantPlan, calibrate, prepare
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
 from lit_quant.app.training import build_datamodule, load_classifier, model_from_arch
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def setup(trained: Path) -> dict:

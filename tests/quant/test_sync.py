@@ -15,6 +15,8 @@ from torch import nn
 
 from lit_quant.quant import FakeQuantize, QuantSpec, build_observer, set_batch_index, sync_observers
 
+pytestmark = pytest.mark.ddp
+
 # default options (histograms subsample 65536 of each batch's 131072 elements), per tensor and per channel
 SPECS = {
     "minmax": QuantSpec(8, "asym_u"),
