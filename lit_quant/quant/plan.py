@@ -41,9 +41,15 @@ from lit_quant.quant.spec import (
     check_choice,
 )
 
-FIRST, LAST, OUTPUT, INPUT = "@first", "@last", "@output", "input"
+FIRST, LAST, OUTPUT, INPUT, DEPTHWISE = "@first", "@last", "@output", "input", "@depthwise"
 #: Patterns that name a role in the network rather than a module: they match in every model.
-ROLES: tuple[str, ...] = (INPUT, FIRST, LAST, OUTPUT)
+#: ``@depthwise`` is every Conv2d with one input channel per group (``groups == in_channels > 1``).
+ROLES: tuple[str, ...] = (INPUT, FIRST, LAST, OUTPUT, DEPTHWISE)
+#: Weight width of depthwise convolutions when the other weights are at :data:`LOW_WEIGHT_BITS` or fewer
+#: (:meth:`QuantPlan.from_bits`); at 5-7 bits they keep the others' width, which an x86 int8 runtime without
+#: VNNI needs (7-bit weights are exact there, 8-bit ones saturate).
+DEPTHWISE_BITS = 8
+LOW_WEIGHT_BITS = 4
 
 #: What :meth:`QuantPlan.from_bits` chooses beyond the widths, in the words ``quantize.py --help`` shows.
 DEFAULTS_TEXT = (
@@ -51,7 +57,9 @@ DEFAULTS_TEXT = (
     "observer) at 8 bits and more; the logits stay float: the last layer's integer accumulator is\n"
     "dequantized, as int8 runtimes can do, since a classifier's answer is the order of a few close logits\n"
     "and an 8-bit grid over their range erases it (--io-bits N quantizes image and logits at N bits, and\n"
-    "the report states what that cost)")
+    "the report states what that cost); with 4-bit weights or fewer, depthwise convolutions keep 8-bit weights\n"
+    "(--depthwise-bits): nine weights per output channel leave a 4-bit grid no error to average out, and they\n"
+    "are a few percent of a MobileNet-style model's weights")
 _GLOB_CHARS = set("*?[")
 
 
@@ -198,7 +206,8 @@ class QuantPlan:
                   weight_scheme: str = DEFAULT_WEIGHT_SPEC.scheme, act_scheme: str = DEFAULT_ACT_SPEC.scheme,
                   weight_observer: str = DEFAULT_WEIGHT_SPEC.observer, act_observer: str = DEFAULT_ACT_SPEC.observer,
                   per_channel: bool = DEFAULT_WEIGHT_SPEC.per_channel, narrow_range: bool = False, quantizer: str = "ste",
-                  first_last_bits: int | None = None, io_bits: int | None = None, skip: Iterable[str] = (),
+                  first_last_bits: int | None = None, io_bits: int | None = None,
+                  depthwise_bits: int | None = DEPTHWISE_BITS, skip: Iterable[str] = (),
                   accum_bits: int | None = None, fold_bn: bool = True,
                   observer_args: Mapping[str, Mapping[str, Any]] | None = None) -> QuantPlan:
         """The plan behind ``--weight-bits / --act-bits``-style flags; unset choices take the default recipe
@@ -218,6 +227,10 @@ class QuantPlan:
         the model input at that width; ``io_bits`` puts the model input (the image) and the logits at that
         width, every weight keeping ``weight_bits`` (it comes after ``first_last_bits``, so it wins for those
         two tensors);
+        ``depthwise_bits`` is the weight width of depthwise convolutions (``@depthwise``) when ``weight_bits``
+        is :data:`LOW_WEIGHT_BITS` or fewer (None or 0: ``weight_bits`` like every other layer): with nine weights per output channel a
+        3x3 depthwise kernel has no other weights to absorb its rounding, and such layers hold a few percent
+        of a model's weights (docs/RESULTS.md, the zoo);
         ``skip`` lists layer names (or globs) left in float; ``observer_args`` maps an observer name to its
         options (``{"percentile": {"percentile": 99.9}}``), given to the weight or activation spec using it.
         """
@@ -230,6 +243,8 @@ class QuantPlan:
         input_bits = io_bits or first_last_bits or act_bits
         overrides = [LayerOverride(INPUT, act={"observer": "minmax", "observer_args": {}})] \
             if input_bits and input_bits >= 8 and act_observer != "minmax" else []
+        if weight_bits and depthwise_bits and weight_bits <= LOW_WEIGHT_BITS < depthwise_bits:
+            overrides.append(LayerOverride(DEPTHWISE, weight={"bits": depthwise_bits}))
         overrides += [LayerOverride(p, weight={"bits": first_last_bits}, act={"bits": first_last_bits})
                       for p in (INPUT, FIRST, LAST) if first_last_bits]
         overrides += [LayerOverride(p, act={"bits": io_bits or 0}) for p in (INPUT, OUTPUT) if io_bits or p == OUTPUT]

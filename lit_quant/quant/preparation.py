@@ -55,7 +55,7 @@ from lit_quant.quant.graph import (
 )
 from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, _QuantWeightLayer
 from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
-from lit_quant.quant.plan import FIRST, INPUT, LAST, OUTPUT, QuantPlan
+from lit_quant.quant.plan import DEPTHWISE, FIRST, INPUT, LAST, OUTPUT, QuantPlan
 
 #: Modules whose output is quantized by wrapping them in :class:`QuantOutput`.
 OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
@@ -64,6 +64,11 @@ OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
 QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput)
 
 M = TypeVar("M", bound=nn.Module)
+
+
+def is_depthwise(module: nn.Module | None) -> bool:
+    """A Conv2d with one input channel per group (``@depthwise`` in a plan)."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 class QuantizedModel(nn.Module):
@@ -241,7 +246,8 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     def resolve(name: str) -> Any:
         governing = owner.get(name, name)
         aliases = ([FIRST] if weighted and governing == weighted[0] else []) + (
-            [LAST] if weighted and governing == weighted[-1] else []) + ([OUTPUT] if name == logits else [])
+            [LAST] if weighted and governing == weighted[-1] else []) + ([OUTPUT] if name == logits else []) + (
+            [DEPTHWISE] if is_depthwise(modules.get(governing)) else [])
         return plan.resolve(governing, aliases)
 
     for name in weighted:

@@ -248,7 +248,8 @@ def test_io_bits_cover_the_model_input_and_logits_only(resnet: nn.Module) -> Non
     assert q.model.conv1.weight_quant.spec.bits == q.model.fc.weight_quant.spec.bits == 4
     assert q.model.relu.act_quant.spec.bits == 4  # the first layer's output is a hidden activation
     # the image keeps its whole range at 8 bits, whatever the activation observer
-    assert [o.describe() for o in q.plan.overrides] == ["input act observer=minmax", "input a8", "@output a8"]
+    assert [o.describe() for o in q.plan.overrides] == ["input act observer=minmax", "@depthwise w8", "input a8",
+                                                        "@output a8"]
     both = prepare(resnet, QuantPlan.from_bits(4, 4, first_last_bits=8, io_bits=6))
     assert both.input_quant.spec.bits == both.model.fc.act_quant.spec.bits == 6
     assert both.model.conv1.weight_quant.spec.bits == both.model.fc.weight_quant.spec.bits == 8
@@ -351,3 +352,21 @@ def test_accumulator_width_follows_the_operands_and_bounds_the_bias(resnet: nn.M
     assert torch.allclose(layer_w.deployed_bias(), b, rtol=1e-6, atol=0.0)  # on the int64 grid: kept
     saturated = layer_p.deployed_bias()
     assert torch.allclose(saturated, (2 ** 31 - 1) * acc_scale.reshape(-1), rtol=1e-6)  # int32 register full
+
+
+def _depthwise_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),  # depthwise
+                         nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),  # grouped, not depthwise
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def test_depthwise_convolutions_keep_8_bit_weights_below_8_bits() -> None:
+    q = prepare(_depthwise_net(), QuantPlan.from_bits(4, 8))
+    bits = {name: m.weight_quant.spec.bits for name, m in q.model.named_modules() if hasattr(m, "weight_quant")}
+    assert bits == {"0": 4, "3": 8, "6": 4, "10": 4}, bits
+    assert "@depthwise w8" in [o.describe() for o in q.plan.overrides]
+    same = prepare(_depthwise_net(), QuantPlan.from_bits(4, 8, depthwise_bits=0))
+    assert {m.weight_quant.spec.bits for m in same.model.modules() if hasattr(m, "weight_quant")} == {4}
+    for bits in (5, 7, 8):  # the others' width above 4 bits (7: what x86 int8 without VNNI runs exactly)
+        assert not [o for o in QuantPlan.from_bits(bits, 8).overrides if o.pattern == "@depthwise"]

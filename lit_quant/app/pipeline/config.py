@@ -28,6 +28,7 @@ from lit_quant.app.config import (
 from lit_quant.deploy.options import BACKENDS, DEFAULT_OPSET, DEFAULT_SCALE_APPROX_BITS
 from lit_quant.errors import UserError
 from lit_quant.quant.errors import QuantConfigError
+from lit_quant.quant.plan import DEPTHWISE_BITS
 from lit_quant.quant.spec import (
     DEFAULT_ACT_SPEC,
     DEFAULT_WEIGHT_SPEC,
@@ -217,6 +218,10 @@ class QuantizeConfig:
                                  "dequantized as int8 runtimes can do, since quantized logits tie or swap close "
                                  "classes; the image at the activation width, its whole range kept at 8 bits and "
                                  "more); quantized logits add what they cost to the row's note")
+    depthwise_bits: int = option(DEPTHWISE_BITS, "weight bits of depthwise convolutions when --weight-bits is "
+                                 "4 or fewer (0: --weight-bits like every other layer): a 3x3 depthwise kernel has nine "
+                                 "weights per channel to share a 4-bit grid's error, and such layers are a few "
+                                 "percent of a model's weights")
     no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
     plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
     stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
@@ -318,14 +323,17 @@ class QuantizeConfig:
 
     def validate(self) -> None:
         """Range checks with one-line messages."""
-        for name in ("weight_bits", "act_bits", "first_last_bits", "io_bits"):
+        for name in ("weight_bits", "act_bits", "first_last_bits", "io_bits", "depthwise_bits"):
             value = getattr(self, name)
-            if value is not None:
+            if value is not None and not (name == "depthwise_bits" and value == 0):
                 check_bits_flag(value, name)
         if not 50.0 < self.percentile <= 100.0:
             raise UserError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.n_std <= 0:
             raise UserError(f"--n-std must be positive, got {self.n_std}")
+        if self.plan is not None and self.depthwise_bits != DEPTHWISE_BITS:
+            raise UserError("--depthwise-bits is a setting of the bit flags; with --plan, write an override of "
+                            "@depthwise in the plan")
         if self.cle and self.stats_file:
             raise UserError("--cle with --stats-file: the statistics would be of the model before equalization; "
                             "give one of them")

@@ -22,7 +22,8 @@ from lit_quant.app.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
-from lit_quant.quant.preparation import QuantizedModel, logits_quantizer
+from lit_quant.quant.plan import DEPTHWISE
+from lit_quant.quant.preparation import QuantizedModel, is_depthwise, logits_quantizer
 
 
 def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
@@ -41,18 +42,20 @@ def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | Non
     return QuantPlan.from_bits(bits or cfg.weight_bits, bits or cfg.act_bits, weight_scheme=cfg.weight_scheme,
                                act_scheme=cfg.act_scheme, weight_observer=cfg.weight_observer,
                                act_observer=observer or cfg.act_observer, per_channel=cfg.per_channel,
-                               first_last_bits=cfg.first_last_bits, io_bits=cfg.io_bits, skip=cfg.no_quant_layers,
+                               first_last_bits=cfg.first_last_bits, io_bits=cfg.io_bits,
+                               depthwise_bits=cfg.depthwise_bits, skip=cfg.no_quant_layers,
                                quantizer=cfg.qat_method if qat else "ste",
                                observer_args={"percentile": {"percentile": cfg.percentile},
                                               "nstd": {"n_std": cfg.n_std}})
 
 
-def overrides_note(plan: QuantPlan) -> str:
+def overrides_note(plan: QuantPlan, model: torch.nn.Module) -> str:
     """The plan's per-layer overrides for a row's note ('; overrides: input a8, @last a8'); '' without any, so
-    a row whose W/A bits column says 4/4 still tells which tensors were kept wider."""
-    if not plan.overrides:
-        return ""
-    return "; overrides: " + ", ".join(o.describe() for o in plan.overrides)
+    a row whose W/A bits column says 4/4 still tells which tensors were kept wider. ``@depthwise`` is left out
+    of the note of a ``model`` without depthwise convolutions, where it changed nothing."""
+    depthwise = any(is_depthwise(m) for m in model.modules())
+    kept = [o.describe() for o in plan.overrides if o.pattern != DEPTHWISE or depthwise]
+    return "; overrides: " + ", ".join(kept) if kept else ""
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -176,7 +179,7 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     row, correct = ctx.evaluate(
         "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
         observer=plan.act.observer, calib_s=calib_s,
-        note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan)
+        note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan, lit.model)
              + layerwise_done + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else "")
              + (f"; {ptq_recipe(cfg.ptq_recipe, cfg.weight_bits, cfg.act_bits).describe()} (flags given override it)"
                 if cfg.from_ptq_recipe and layerwise_done else ""))

@@ -191,6 +191,6 @@ def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
              + (f"{cfg.recipe.describe(min(cfg.weight_bits, cfg.act_bits))} (flags given override it"
                 + ("; --plan sets widths and ranges" if cfg.plan else "") + "); "
                 if cfg.recipe is not None and cfg.from_recipe else "")
-             + "fake-quant simulation" + overrides_note(qat.plan))
+             + "fake-quant simulation" + overrides_note(qat.plan, qat.model))
     row.note += logits_cost_note(ctx, qat.model, row)
     return row, correct
