@@ -219,7 +219,8 @@ class LitClassifier(pl.LightningModule):
         ``lr(t) = lr * (1 + cos(pi t / T)) / 2`` and ``none`` a constant ``lr``. With ``W`` warm-up steps
         (``warmup_epochs``) that is multiplied by the linear ramp ``s + (1 - s) min(t, W) / W``, ``s`` =
         :data:`WARMUP_START_FACTOR`. Why: the first steps after calibration, whose gradients are several times
-        an fp32 model's at low widths, must take a small fraction of the rate. Warm-up and cosine are torch's ``LinearLR`` and ``CosineAnnealingLR``, chained, so
+        an fp32 model's at low widths, must take a small fraction of the rate. Warm-up and cosine are torch's
+        ``LinearLR`` and ``CosineAnnealingLR``, chained, so
         a run without warm-up is the plain ``CosineAnnealingLR`` it always was.
 
         Learned quantizer scales (LSQ) get no weight decay: decay would shrink every step size towards 0.

@@ -24,7 +24,8 @@ onednn    oneDNN kernels; full 8-bit activations (torch warns that this may lose
 ========  ==========================================================================================
 
 ``torch.ao.quantization`` is deprecated upstream (it moves to torchao) and warns on every call; those
-warnings are silenced inside :func:`lit_quant.deploy.engines.quiet_torch_ao` only, never with a global filter, so that the rest of the
+warnings are silenced inside :func:`lit_quant.deploy.engines.quiet_torch_ao` only, never with a global
+filter, so that the rest of the
 program still sees every other warning.
 """
 

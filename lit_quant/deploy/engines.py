@@ -99,6 +99,7 @@ def check_backend(backend: str) -> str:
     """
     available = available_backends()
     if backend not in available:
-        what = "unknown quantized backend" if backend not in BACKENDS else "quantized backend not available on this CPU:"
+        what = ("unknown quantized backend" if backend not in BACKENDS
+                else "quantized backend not available on this CPU:")
         raise ExportError(f"{what} '{backend}'; available here: {', '.join(available) or 'none'}")
     return backend

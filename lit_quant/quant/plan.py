@@ -205,7 +205,8 @@ class QuantPlan:
     def from_bits(cls, weight_bits: int | None = 8, act_bits: int | None = 8, *,
                   weight_scheme: str = DEFAULT_WEIGHT_SPEC.scheme, act_scheme: str = DEFAULT_ACT_SPEC.scheme,
                   weight_observer: str = DEFAULT_WEIGHT_SPEC.observer, act_observer: str = DEFAULT_ACT_SPEC.observer,
-                  per_channel: bool = DEFAULT_WEIGHT_SPEC.per_channel, narrow_range: bool = False, quantizer: str = "ste",
+                  per_channel: bool = DEFAULT_WEIGHT_SPEC.per_channel, narrow_range: bool = False,
+                  quantizer: str = "ste",
                   first_last_bits: int | None = None, io_bits: int | None = None,
                   depthwise_bits: int | None = DEPTHWISE_BITS, skip: Iterable[str] = (),
                   accum_bits: int | None = None, fold_bn: bool = True,
@@ -228,9 +229,9 @@ class QuantPlan:
         width, every weight keeping ``weight_bits`` (it comes after ``first_last_bits``, so it wins for those
         two tensors);
         ``depthwise_bits`` is the weight width of depthwise convolutions (``@depthwise``) when ``weight_bits``
-        is :data:`LOW_WEIGHT_BITS` or fewer (None or 0: ``weight_bits`` like every other layer): with nine weights per output channel a
-        3x3 depthwise kernel has no other weights to absorb its rounding, and such layers hold a few percent
-        of a model's weights (docs/RESULTS.md, the zoo);
+        is :data:`LOW_WEIGHT_BITS` or fewer (None or 0: ``weight_bits`` like every other layer): with nine
+        weights per output channel a 3x3 depthwise kernel has no other weights to absorb its rounding, and
+        such layers hold a few percent of a model's weights (docs/RESULTS.md, the zoo);
         ``skip`` lists layer names (or globs) left in float; ``observer_args`` maps an observer name to its
         options (``{"percentile": {"percentile": 99.9}}``), given to the weight or activation spec using it.
         """

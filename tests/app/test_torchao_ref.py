@@ -1,4 +1,5 @@
-"""torch.ao reference (lit_quant.app.torchao_ref) and size / latency measurement (lit_quant.app.measure), on real torch.ao."""
+"""torch.ao reference (lit_quant.app.torchao_ref) and size / latency measurement (lit_quant.app.measure), on
+real torch.ao."""
 
 from __future__ import annotations
 
