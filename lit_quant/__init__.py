@@ -8,16 +8,15 @@ The public API imports from the package root::
     trainer = pl.Trainer(callbacks=[QATCallback(plan)])   # prepares, calibrates, fine-tunes
     trainer.fit(my_lightning_module, train_loader)
 
-The package is layered so imports only go one way:
+The package is layered so imports only go one way (``tests/quant/test_layering.py``):
 
 * :mod:`lit_quant.quant` — pure PyTorch quantization core (imports only torch, yaml and itself), with
   :mod:`lit_quant.quant.ops` the ``nn.Module`` operations our models are built from;
-* :mod:`lit_quant.app.models`, :mod:`lit_quant.app.torchao_ref` (torch.ao's quantization, the reference) and
-  :mod:`lit_quant.deploy` — plain PyTorch around the core;
-* :mod:`lit_quant.callbacks`, :mod:`lit_quant.app.data`, :mod:`lit_quant.app.classifier`, :mod:`lit_quant.app.training`,
-  :mod:`lit_quant.app.pipeline` — the Lightning layer;
-* ``train.py`` / ``quantize.py`` — thin command-line entry points (their parsers, in
-  :mod:`lit_quant.app.config` and :mod:`lit_quant.app.pipeline.config`, import no torch).
+* :mod:`lit_quant.deploy` — the exporters (torch.ao int8 modules, integer engine, ONNX) on the core;
+* :mod:`lit_quant.callbacks` and this package's names — Lightning around the core;
+* :mod:`lit_quant.app` — the application behind ``train.py`` / ``quantize.py`` (flags, data, models,
+  training, torch.ao's reference rows, the pipeline), which the library never imports; its parsers
+  (:mod:`lit_quant.app.config`, :mod:`lit_quant.app.pipeline.config`) import no torch.
 
 Importing the package itself is cheap and side-effect free: the names below are resolved on first use
 (PEP 562 module ``__getattr__``), so ``import lit_quant`` loads neither torch nor Lightning, and a script's
@@ -26,8 +25,9 @@ Importing the package itself is cheap and side-effect free: the names below are 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lit_quant.quant.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -87,16 +87,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
         start_calibration,
     )
 
-
-def __getattr__(name: str) -> Any:
-    """Import the module behind a public name on first use and cache the object in this module."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lit_quant' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups no longer reach __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,23 +7,11 @@ Names are resolved on first use (PEP 562), so that the torch-free :mod:`.options
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lit_quant.quant.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {name: "lit_quant.deploy.graph" for name in ("ExportError", "Step", "agreement",
                                                                         "deploy_graph")}
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

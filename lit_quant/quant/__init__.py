@@ -14,8 +14,7 @@ torch-free part (``lit_quant.quant.spec``, ``lit_quant.quant.yamlio``) loads no 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lit_quant.quant.lazy import lazy_exports
 
 #: Public name -> the module that defines it, imported when the name is first used.
 _EXPORTS: dict[str, str] = {
@@ -48,15 +47,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -57,9 +57,9 @@ DEFAULTS_TEXT = (
     "observer) at 8 bits and more; the logits stay float: the last layer's integer accumulator is\n"
     "dequantized, as int8 runtimes can do, since a classifier's answer is the order of a few close logits\n"
     "and an 8-bit grid over their range erases it (--io-bits N quantizes image and logits at N bits, and\n"
-    "the report states what that cost); with 4-bit weights or fewer, depthwise convolutions keep 8-bit weights\n"
-    "(--depthwise-bits): nine weights per output channel leave a 4-bit grid no error to average out, and they\n"
-    "are a few percent of a MobileNet-style model's weights")
+    f"the report states what that cost); with {LOW_WEIGHT_BITS}-bit weights or fewer, depthwise convolutions keep\n"
+    f"{DEPTHWISE_BITS}-bit weights (--depthwise-bits): nine weights per output channel leave a low-bit grid no\n"
+    "error to average out, and they are a few percent of a MobileNet-style model's weights")
 _GLOB_CHARS = set("*?[")
 
 

@@ -28,7 +28,7 @@ from lit_quant.app.config import (
 from lit_quant.deploy.options import BACKENDS, DEFAULT_OPSET, DEFAULT_SCALE_APPROX_BITS
 from lit_quant.errors import UserError
 from lit_quant.quant.errors import QuantConfigError
-from lit_quant.quant.plan import DEPTHWISE_BITS
+from lit_quant.quant.plan import DEPTHWISE_BITS, LOW_WEIGHT_BITS
 from lit_quant.quant.spec import (
     DEFAULT_ACT_SPEC,
     DEFAULT_WEIGHT_SPEC,
@@ -219,9 +219,8 @@ class QuantizeConfig:
                                  "classes; the image at the activation width, its whole range kept at 8 bits and "
                                  "more); quantized logits add what they cost to the row's note")
     depthwise_bits: int = option(DEPTHWISE_BITS, "weight bits of depthwise convolutions when --weight-bits is "
-                                 "4 or fewer (0: --weight-bits like every other layer): a 3x3 depthwise "
-                                 "kernel has nine weights per channel to share a 4-bit grid's error, and such "
-                                 "layers are a few percent of a model's weights")
+                                 f"{LOW_WEIGHT_BITS} or fewer (0: --weight-bits like every other layer; why: "
+                                 "the defaults below)")
     no_quant_layers: tuple[str, ...] = option((), "layers left in float: names or globs (fc 'layers.0.*')")
     plan: str | None = option(None, "YAML quantization plan with per-layer overrides (replaces the bit/scheme flags)")
     stats_file: str | None = option(None, "calibration statistics YAML: reused when it exists, else written")
