@@ -12,8 +12,9 @@ kind             meaning
                  quantized by its own ``act_quant``, or (``act_quant is None``) it is an accumulator that
                  the single consumer (a ReLU) requantizes, or that is the model's output, dequantized to
                  float (the logits: :func:`float_output`)
-``requant``      :class:`QuantOutput`: ``module`` (an activation, Add / Mul / MatMul / Cat, LayerNorm, softmax,
-                 mean, average pooling: :data:`REQUANT_TYPES`) then its quantizer
+``requant``      :class:`QuantOutput`: ``module`` (an op of :data:`lit_quant.quant.optable.OPS` whose output is
+                 quantized: an activation, Add / Mul / MatMul / Cat, LayerNorm, softmax, mean, average
+                 pooling) then its quantizer
 ``add``          a plain :class:`lit_quant.quant.ops.Add` whose sum a following ReLU requantizes (add + relu fused)
 ``passthrough``  max pooling, reshapes, permutes, slices, ``chunk`` / ``split``, ``expand``: integers stay on
                  the input's grid (identity and eval-mode dropout are removed, their readers rewired)
@@ -33,25 +34,30 @@ function) raises :class:`ExportError` naming the node and what to change.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from lit_quant.quant.errors import QuantError
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
-from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS, tensor_nodes
+from lit_quant.quant.graph import tensor_nodes
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
-from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
+from lit_quant.quant.optable import (
+    OPS,
+    OUTPUT_TYPES,
+    PASSTHROUGH_TYPES,
+    RELU_ABSORBING_TYPES,
+    RELU_TYPES,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+)
 from lit_quant.quant.preparation import QuantizedModel
-
-#: What a :class:`QuantOutput` may wrap for export.
-REQUANT_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Softmax, nn.LayerNorm, Add, Mul,
-    MatMul, Cat, Mean, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 class ExportError(QuantError):
@@ -156,7 +162,7 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
             steps.append(Step(node.name, "passthrough", _callee(node), inputs=inputs, node=node))
         else:
             raise ExportError(f"cannot export node {node.name} ({node.op} {_callee(node)}): only modules "
-                              f"({', '.join(t.__name__ for t in (*REQUANT_TYPES, *PASSTHROUGH_TYPES))}, "
+                              f"({', '.join(t.__name__ for t in (*OUTPUT_TYPES, *PASSTHROUGH_TYPES))}, "
                               "quantized Conv2d / Linear) and reshapes are supported; express it as a module")
     # identity / dropout (folded BatchNorms, eval-mode dropout) compute nothing: rewire their readers
     alias = {s.name: s.inputs[0] for s in steps if isinstance(s.module, (nn.Identity, nn.Dropout))}
@@ -174,7 +180,7 @@ def deploy_graph(qmodel: QuantizedModel) -> list[Step]:
             if step.kind == "layer" and [r.kind for r in readers] == ["output"]:
                 continue
             if len(readers) != 1 or readers[0].kind != "requant" or not isinstance(readers[0].module.module,
-                                                                                     (nn.ReLU, nn.ReLU6)):
+                                                                                     RELU_TYPES):
                 raise ExportError(f"{step.target}: output not quantized and not followed by a quantized ReLU; "
                                   "give it an output quantizer (activation bits in the plan)")
     return steps
@@ -214,11 +220,11 @@ def _module_kind(name: str, module: nn.Module) -> str:
                               "weights (drop it from --no-quant-layers or give it weight bits)")
         return "layer"
     if isinstance(module, QuantOutput):
-        if not isinstance(module.module, REQUANT_TYPES):
+        if not isinstance(module.module, OUTPUT_TYPES):
             raise ExportError(f"{name}: a quantized {type(module.module).__name__} cannot be exported (only "
-                              f"{', '.join(t.__name__ for t in REQUANT_TYPES)}); fold BatchNorm into the layer before it")
+                              f"{', '.join(t.__name__ for t in OUTPUT_TYPES)}); fold BatchNorm into the layer before it")
         return "requant"
-    if isinstance(module, Add):
+    if isinstance(module, RELU_ABSORBING_TYPES):
         return "add"
     if isinstance(module, PASSTHROUGH_TYPES):
         return "passthrough"
@@ -279,3 +285,36 @@ def logit_gap(check: dict[str, Any]) -> str:
     if check["max_logit_diff_steps"] is not None:
         return f"logits within {check['max_logit_diff_steps']:.0f} output steps"
     return f"logits within {100 * check['max_logit_diff_share']:.2g} % of their range"
+
+
+_OPERATORS = {"add": "+", "iadd": "+=", "mul": "*", "imul": "*=", "matmul": "@"}
+
+
+def _form(form: Any) -> str:
+    """How a user writes an op's form: ``F.relu``, ``torch.cat``, ``x.relu()``, ``+``."""
+    if isinstance(form, str):
+        return f"`x.{form}()`"
+    name = form.__name__
+    if getattr(operator, name, None) is form:
+        return f"`{_OPERATORS.get(name, name)}`"
+    return f"`F.{name}`" if getattr(F, name, None) is form else f"`torch.{name}`"
+
+
+def op_coverage_markdown() -> str:
+    """The docs' table of how each exporter computes each op of :data:`lit_quant.quant.optable.OPS`
+    (docs/design.md holds it, and a test keeps the two equal)."""
+    rows = ["| op | module, forms | output | `onnx` | `int8` | `integer` |", "|---|---|---|---|---|---|"]
+    for op in OPS:
+        forms = ", ".join([f"`nn.{op.module.__name__}`" if op.module.__module__.startswith("torch")
+                           else f"`{op.module.__name__}`", *dict.fromkeys(_form(f) for f in op.forms)])
+        if not op.quantized:
+            output, onnx, int8, integer = "on its input's grid", "yes", "yes", "yes"
+        else:
+            output = "fused into the layer / add before it" if op.relu is not None else "quantized"
+            onnx = f"`{op.onnx}`" if op.onnx else "refused"
+            int8 = f"`quantized::{op.int8_kernel}`" if op.int8_kernel else "float op, requantized"
+            if op.relu is not None:
+                int8 = f"fused (`ConvReLU2d`, `LinearReLU`, `quantized::add_relu`); else {int8}"
+            integer = "yes" if op.integer else "refused"
+        rows.append(f"| {op.name} | {forms} | {output} | {onnx} | {int8} | {integer} |")
+    return "\n".join(rows) + "\n"

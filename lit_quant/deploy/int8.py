@@ -9,10 +9,10 @@ Mapping of :func:`lit_quant.deploy.graph.deploy_graph` steps:
   (:func:`layer_weight`) wrapped as a per-channel (axis 0) or per-tensor ``qint8`` tensor, output scale /
   zero point from our activation quantizer;
 * add (+ ReLU): ``quantized::add`` / ``quantized::add_relu`` with our output qparams;
-* mul, matmul, cat, softmax, hardswish, layer norm: torch's ``quantized::`` kernels with our output
-  qparams;
-* average pooling, mean, sigmoid, SiLU, GELU, hardsigmoid and a ReLU after a non-accumulator (no kernel
-  takes any output qparams on every backend: qnnpack's sigmoid only writes scale 1/256): dequantize, float
+* the other ops with an output quantizer: the op table's ``quantized::`` kernel that takes our output
+  qparams where it names one (mul, matmul, cat, softmax, hardswish, layer norm); otherwise (average pooling,
+  mean, sigmoid, SiLU, tanh, ELU, Mish, GELU, hardsigmoid and a ReLU after a non-accumulator: no kernel
+  takes any output qparams on every backend, qnnpack's sigmoid only writes scale 1/256) dequantize, float
   op, quantize with our qparams (one rounding, as the fake-quant model does);
 * max pooling, reshapes, permutes, slices, splits: on the quantized tensor (values stay on the grid), and
   the shape arithmetic they read as in the float model;
@@ -42,7 +42,7 @@ from lit_quant.deploy.engines import check_backend, quiet_torch_ao, use_engine
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, float_output, layer_weight
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.functional import QParams, dequantize
-from lit_quant.quant.ops import Add, Cat, MatMul, Mul
+from lit_quant.quant.optable import op_of
 from lit_quant.quant.preparation import QuantizedModel
 
 with warnings.catch_warnings():
@@ -178,60 +178,37 @@ class _QKernel(nn.Module):
 
 
 def _requant_op(module: nn.Module, qp: QParams) -> nn.Module:
-    """The int8 op for a requant step: a ``quantized::`` kernel where torch has one, else :class:`_Requant`."""
-    kernels = torch.ops.quantized
-    if isinstance(module, Add):
-        return _QAdd(qp, relu=False)
-    if isinstance(module, Mul):
-        return _QKernel(kernels.mul, qp)
-    if isinstance(module, MatMul):
-        return _QKernel(kernels.matmul, qp)
-    if isinstance(module, Cat):
-        return _QKernel(kernels.cat, qp, (module.dim,), as_list=True)
-    if isinstance(module, nn.Softmax):
-        return _QKernel(kernels.softmax, qp, (module.dim,))
-    if isinstance(module, nn.Hardswish):
-        return _QKernel(kernels.hardswish, qp)
-    if isinstance(module, nn.LayerNorm):
-        return _QKernel(kernels.layer_norm, qp, (list(module.normalized_shape), module.weight, module.bias,
-                                                 module.eps))
-    return _Requant(module, qp)
+    """The int8 op for a requant step: the op table's ``quantized::`` kernel where torch has one, else
+    :class:`_Requant`."""
+    op = op_of(module)
+    if op is None or op.int8_kernel is None:
+        return _Requant(module, qp)
+    return _QKernel(getattr(torch.ops.quantized, op.int8_kernel), qp, op.int8_args(module), as_list=op.arity == "list")
 
 
-class _QAdd(nn.Module):
-    """``quantized::add`` / ``add_relu`` into our output qparams."""
-
-    def __init__(self, qp: QParams, relu: bool) -> None:
-        super().__init__()
-        self.scale, self.zero_point = _quint8(qp)
-        self.relu = relu
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
-        return op(a, b, self.scale, self.zero_point)
-
-
-class _Clamp6(nn.Module):
-    """``clamp(q, 0, 6)`` on the quantized tensor: with the ReLU6's own qparams, ``round(clamp(a, 0, 6) / s) + z``
-    equals ``clamp(round(a / s) + z, q(0), q(6))`` because rounding is monotone, so the fused op stays exact.
+class _ClampHigh(nn.Module):
+    """``clamp(q, 0, high)`` on the quantized tensor: with the ReLU's own qparams, ``round(clamp(a, 0, h) / s) + z``
+    equals ``clamp(round(a / s) + z, q(0), q(h))`` because rounding is monotone, so the fused op stays exact.
 
     qnnpack's quantized clamp (and hardtanh, relu6) reads a channels-last tensor, the layout its convolutions
     return, as if it were contiguous and scrambles it; there the tensor is made contiguous first.
     """
 
-    def __init__(self, contiguous: bool = False) -> None:
+    def __init__(self, high: float, contiguous: bool = False) -> None:
         super().__init__()
+        self.high = high
         self.contiguous = contiguous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(x.contiguous() if self.contiguous else x, 0.0, 6.0)
+        return torch.clamp(x.contiguous() if self.contiguous else x, 0.0, self.high)
 
 
-def _clamp6(op: nn.Module, relu: Step, backend: str) -> nn.Module:
-    """``op`` (a fused op + ReLU), followed by the clamp at 6 when the ReLU it absorbs is a ReLU6."""
-    if not isinstance(relu.module.module, nn.ReLU6):
+def _clamp_high(op: nn.Module, relu: Step, backend: str) -> nn.Module:
+    """``op`` (a fused op + ReLU), followed by a clamp at the ReLU's upper bound when it has one (ReLU6)."""
+    bounds = op_of(relu.module.module).relu
+    if bounds is None or bounds[1] is None:
         return op
-    return nn.Sequential(op, _Clamp6(contiguous=backend == "qnnpack"))
+    return nn.Sequential(op, _ClampHigh(bounds[1], contiguous=backend == "qnnpack"))
 
 
 class Int8Model(nn.Module):
@@ -305,11 +282,11 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
                     ops[step.name] = _quantized_layer(step, act_qparams(step), relu=False)
                 else:
                     relu = readers[step.name][0]
-                    ops[step.name] = _clamp6(_quantized_layer(step, act_qparams(relu), relu=True), relu, backend)
+                    ops[step.name] = _clamp_high(_quantized_layer(step, act_qparams(relu), relu=True), relu, backend)
                     fused.add(relu.name)
             elif step.kind == "add":
                 relu = readers[step.name][0]
-                ops[step.name] = _clamp6(_QAdd(act_qparams(relu), relu=True), relu, backend)
+                ops[step.name] = _clamp_high(_QKernel(torch.ops.quantized.add_relu, act_qparams(relu)), relu, backend)
                 fused.add(relu.name)
             elif step.kind == "requant" and step.name not in fused:
                 ops[step.name] = _requant_op(step.module.module, act_qparams(step))

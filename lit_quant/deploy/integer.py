@@ -12,13 +12,14 @@ dequantization, following :func:`lit_quant.deploy.graph.deploy_graph`:
 * requantization to the output scale by a fixed-point multiplier and a right shift:
   ``M = s_x s_w / s_y ~ M0 / 2^n`` with ``M0`` an integer of ``--scale-approx-bits`` bits (Distiller's
   ``--qe-scale-approx-bits``), ``q_y = clamp(((acc M0 + 2^(n-1)) >> n) + z_y, q_min, q_max)``;
-* ReLU is the lower clamp bound ``z_y`` (ReLU6 also clamps at ``z_y + round(6 / s_y)``);
+* ReLU is the lower clamp bound ``z_y`` (ReLU6 also clamps at ``z_y + round(6 / s_y)``: the op table's
+  range of each ReLU-like op);
 * a residual add rescales both operands to a common fine scale ``max(s_a, s_b) / 2^20`` with fixed-point
   multipliers, adds, and requantizes; average pooling sums integers and folds ``1 / count`` into ``M``;
   a concatenation requantizes each input to the output grid;
-* reshapes, permutes, slices and splits move integers; the engine has no integer-only activation other than
-  ReLU / ReLU6 (a model with Hardswish, SiLU, GELU, softmax, LayerNorm, mul or matmul is refused, naming
-  the op).
+* reshapes, permutes, slices and splits move integers; the engine computes only the op table's ops marked
+  ``integer`` (ReLU / ReLU6, add, cat, average pooling): a model with Hardswish, SiLU, GELU, softmax,
+  LayerNorm, mul or matmul is refused, naming the op.
 
 Integer convolutions run as float64 convolutions of integer-valued tensors: every product and partial sum
 is an integer below ``2^53`` (checked), so float64 holds them exactly — it is an exact integer container,
@@ -42,7 +43,7 @@ from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph,
 from lit_quant.deploy.options import DEFAULT_SCALE_APPROX_BITS
 from lit_quant.quant.functional import QParams, quantize
 from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
-from lit_quant.quant.ops import Add, Cat
+from lit_quant.quant.optable import OPS, op_of
 from lit_quant.quant.preparation import QuantizedModel
 
 #: Fixed-point multiplier widths accepted by ``--scale-approx-bits``: ``acc * M0`` must fit int64.
@@ -116,8 +117,8 @@ def mul_shift_round(x: torch.Tensor, m0: torch.Tensor, n: torch.Tensor) -> torch
     return (x * h + carry) >> (n - _SPLIT)
 
 
-#: What a requantized op may be in the engine: the ops with an integer-only form.
-INTEGER_OPS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, Add, Cat, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+#: What a requantized op may be in the engine: the op table's ops with an integer-only form.
+INTEGER_OPS: tuple[type[nn.Module], ...] = tuple(op.module for op in OPS if op.integer)
 
 
 @dataclass
@@ -323,11 +324,12 @@ class IntegerEngine(nn.Module):
 
     def _requant_step(self, step: Step, values: list[IntValue]) -> IntValue:
         module, out = step.module.module, self.out_qparams[step.name]
-        if isinstance(module, Add):
+        op = op_of(module)
+        if op.arity == "binary":  # the add: INTEGER_OPS has no other two-input op
             return self.requantize(self.add(*values), out)
-        if isinstance(module, (nn.ReLU, nn.ReLU6)):
-            return self.requantize(values[0], out, 0.0, 6.0 if isinstance(module, nn.ReLU6) else None)
-        if isinstance(module, Cat):  # each input requantized to the output grid, then joined
+        if op.relu is not None:
+            return self.requantize(values[0], out, *op.relu)
+        if op.arity == "list":  # each input requantized to the output grid, then joined
             parts = [self.requantize(v, out) for v in values]
             return IntValue(torch.cat([p.q for p in parts], module.dim), parts[0].scale, parts[0].zero_point,
                             out.quant_min, out.quant_max)

@@ -18,10 +18,11 @@ Per step kind (see :mod:`lit_quant.deploy.graph`):
 ``input``        graph input ``input`` (float32, dynamic batch) -> fake-quantize with the input quantizer
 ``layer``        ``Conv`` / ``Gemm(transB=1)`` on ``DequantizeLinear(int8 weight)`` and the bias on its accumulator grid;
                  fake-quantized with the layer's ``act_quant``, or left as the accumulator a ReLU requantizes
-``requant``      the float op, then fake-quantize: ``Relu``, ``Clip(0, 6)``, ``HardSwish``, ``HardSigmoid``,
-                 ``Sigmoid``, ``x * Sigmoid(x)`` (SiLU), ``Gelu`` (opset 20, else its ``Erf`` / ``Tanh``
-                 formula), ``Softmax``, ``LayerNormalization`` (opset 17), ``Add``, ``Mul``, ``MatMul``,
-                 ``Concat``, ``ReduceMean``, ``AveragePool``, ``GlobalAveragePool``
+``requant``      the op table's ONNX op (:data:`lit_quant.quant.optable.OPS`), then fake-quantize: ``Relu``,
+                 ``Clip(0, 6)``, ``HardSwish``, ``Sigmoid``, ``Tanh``, ``Elu``, ``Softmax``, ``Concat``,
+                 ... An op newer than the opset is written as its formula (``Gelu`` before opset 20 with
+                 ``Erf`` / ``Tanh``, ``Mish`` before 18 as ``x Tanh(Softplus(x))``), SiLU always as
+                 ``x * Sigmoid(x)``; ``LayerNormalization`` needs opset 17
 ``add``          ``Add`` (the sum a following ReLU requantizes)
 ``passthrough``  ``MaxPool``, ``Flatten``, ``Reshape``, ``Transpose``, ``Expand``, ``Slice`` / ``Gather``,
                  ``Split``: values stay on their input's grid
@@ -60,7 +61,7 @@ from lit_quant.deploy.options import DEFAULT_OPSET
 from lit_quant.io import atomic_write
 from lit_quant.quant.fake_quant import enable_observer
 from lit_quant.quant.functional import QParams
-from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
+from lit_quant.quant.optable import op_of, pair
 from lit_quant.quant.preparation import QuantizedModel
 
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (axis attribute) needs opset 13
@@ -131,10 +132,6 @@ def _probe_values(qmodel: QuantizedModel, steps: list[Step], example: torch.Tens
 
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
-
-
-def _pair(v: Any) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
 
 class _Builder:
@@ -257,14 +254,14 @@ def _emit_layer(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out:
     if isinstance(layer, nn.Conv2d):
         if layer.padding_mode != "zeros":
             raise ExportError(f"{step.target}: padding_mode {layer.padding_mode!r} cannot be exported; use zero padding")
-        kernel, dilation = _pair(layer.kernel_size), _pair(layer.dilation)
+        kernel, dilation = pair(layer.kernel_size), pair(layer.dilation)
         if layer.padding == "same":  # torch pads the extra pixel of an odd total at the end
             total = [d * (k - 1) for d, k in zip(dilation, kernel)]
             pads = [t // 2 for t in total] + [t - t // 2 for t in total]
         else:
-            pads = [0, 0] if layer.padding == "valid" else _pair(layer.padding)
+            pads = [0, 0] if layer.padding == "valid" else pair(layer.padding)
             pads = pads + pads  # ONNX: [h_begin, w_begin, h_end, w_end]
-        y = b.node("Conv", [x, w, bias_name], acc, kernel_shape=kernel, strides=_pair(layer.stride), pads=pads,
+        y = b.node("Conv", [x, w, bias_name], acc, kernel_shape=kernel, strides=pair(layer.stride), pads=pads,
                    dilations=dilation, group=int(layer.groups))
     elif isinstance(layer, nn.Linear):
         if len(in_shape) == 2:  # y = x W^T + b
@@ -280,89 +277,67 @@ def _emit_layer(b: _Builder, step: Step, x: str, in_shape: tuple[int, ...], out:
     return b.fake_quant(y, act_qparams(step), out, step.target)
 
 
-def _gelu(b: _Builder, x: str, approximate: str, name: str) -> str:
-    """``x Phi(x)``: ONNX ``Gelu`` from opset 20, otherwise its formula (``erf``, or the ``tanh`` form)."""
-    if b.opset >= 20:
-        return b.node("Gelu", [x], name, approximate=approximate)
+#: Opsets that introduced the ONNX ops the op table names, where newer than :data:`MIN_OPSET`; None: not an
+#: ONNX op, always written as its formula.
+_SINCE: dict[str, int | None] = {"HardSwish": 14, "LayerNormalization": 17, "Mish": 18, "Gelu": 20, "SiLU": None}
+
+
+def _gelu(b: _Builder, xs: list[str], name: str, attrs: dict[str, Any]) -> str:
+    """``x Phi(x)``: ``0.5 x (1 + erf(x / sqrt 2))``, or its ``tanh`` form."""
+    x = xs[0]
     f32 = np.float32
     half = b.node("Mul", [x, b.const(f"{name}.half", np.array(0.5, f32))], f"{name}.half_x")
-    if approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    if attrs["approximate"] == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         cube = b.node("Mul", [b.node("Mul", [x, x], f"{name}.x2"), x], f"{name}.x3")
         inner = b.node("Add", [x, b.node("Mul", [cube, b.const(f"{name}.c", np.array(0.044715, f32))],
                                          f"{name}.cx3")], f"{name}.inner")
         t = b.node("Tanh", [b.node("Mul", [inner, b.const(f"{name}.k", np.array(np.sqrt(2 / np.pi), f32))],
                                    f"{name}.scaled")], f"{name}.tanh")
-    else:  # 0.5 x (1 + erf(x / sqrt 2))
+    else:
         t = b.node("Erf", [b.node("Div", [x, b.const(f"{name}.sqrt2", np.array(np.sqrt(2.0), f32))],
                                   f"{name}.x_sqrt2")], f"{name}.erf")
     return b.node("Mul", [half, b.node("Add", [t, b.const(f"{name}.one", np.array(1.0, f32))], f"{name}.1p")], name)
 
 
+#: Formulas in older ONNX ops, for the ops of :data:`_SINCE`, as torch defines them.
+_FORMULAS = {
+    # x hardsigmoid(x), hardsigmoid(x) = clip(x / 6 + 1/2, 0, 1)
+    "HardSwish": lambda b, xs, name, attrs: b.node(
+        "Mul", [xs[0], b.node("HardSigmoid", xs, f"{name}.gate", alpha=1.0 / 6.0, beta=0.5)], name),
+    "SiLU": lambda b, xs, name, attrs: b.node("Mul", [xs[0], b.node("Sigmoid", xs, f"{name}.gate")], name),
+    "Mish": lambda b, xs, name, attrs: b.node(  # x tanh(softplus(x))
+        "Mul", [xs[0], b.node("Tanh", [b.node("Softplus", xs, f"{name}.softplus")], f"{name}.gate")], name),
+    "Gelu": _gelu,
+}
+
+
+def _onnx_op(b: _Builder, op_type: str, inputs: list[str], name: str, attrs: dict[str, Any], what: str) -> str:
+    """The ONNX op ``op_type`` at the builder's opset: the op itself, or its formula where the opset predates
+    it (:data:`_SINCE`); raises :class:`ExportError` when it has no formula."""
+    since = _SINCE.get(op_type, MIN_OPSET)
+    if since is not None and b.opset >= since:
+        if op_type == "ReduceMean" and b.opset >= 18:  # axes became an input in opset 18
+            axes = b.const(f"{name}.axes", np.array(attrs.pop("axes"), np.int64))
+            return b.node(op_type, [*inputs, axes], name, **attrs)
+        return b.node(op_type, inputs, name, **attrs)
+    if op_type not in _FORMULAS:
+        raise ExportError(f"{what} needs ONNX {op_type}, opset {since} or newer; pass --onnx-opset {since}")
+    return _FORMULAS[op_type](b, inputs, name, attrs)
+
+
 def _emit_requant(b: _Builder, step: Step, xs: list[str], out: str) -> str:
+    """The op table's ONNX op for the wrapped module, then fake quantization with its output qparams."""
     inner = step.module.module
-    name = f"{step.name}.float"
-    f32 = np.float32
-    if isinstance(inner, nn.ReLU):
-        y = b.node("Relu", xs, name)
-    elif isinstance(inner, nn.ReLU6):
-        y = b.node("Clip", [xs[0], b.const(f"{name}.min", np.array(0.0, f32)),
-                            b.const(f"{name}.max", np.array(6.0, f32))], name)
-    elif isinstance(inner, (nn.Hardswish, nn.Hardsigmoid)):
-        # hardsigmoid(x) = clip(x / 6 + 1/2, 0, 1), hardswish(x) = x hardsigmoid(x), as torch defines them
-        if isinstance(inner, nn.Hardswish) and b.opset >= 14:
-            y = b.node("HardSwish", xs, name)
-        else:
-            gate = b.node("HardSigmoid", xs, f"{name}.gate" if isinstance(inner, nn.Hardswish) else name,
-                          alpha=1.0 / 6.0, beta=0.5)
-            y = b.node("Mul", [xs[0], gate], name) if isinstance(inner, nn.Hardswish) else gate
-    elif isinstance(inner, nn.Sigmoid):
-        y = b.node("Sigmoid", xs, name)
-    elif isinstance(inner, nn.SiLU):  # x sigmoid(x)
-        y = b.node("Mul", [xs[0], b.node("Sigmoid", xs, f"{name}.gate")], name)
-    elif isinstance(inner, nn.GELU):
-        y = _gelu(b, xs[0], inner.approximate, name)
-    elif isinstance(inner, nn.Softmax):
-        y = b.node("Softmax", xs, name, axis=int(inner.dim))
-    elif isinstance(inner, nn.LayerNorm):
-        if b.opset < 17:
-            raise ExportError(f"{step.target}: LayerNorm needs ONNX LayerNormalization, opset 17 or newer; pass "
-                              "--onnx-opset 17")
-        shape = tuple(inner.normalized_shape)
-        weight = inner.weight.detach() if inner.weight is not None else torch.ones(shape)
-        bias = inner.bias.detach() if inner.bias is not None else torch.zeros(shape)
-        y = b.node("LayerNormalization", [xs[0], b.const(f"{name}.weight", weight.cpu().float().numpy()),
-                                          b.const(f"{name}.bias", bias.cpu().float().numpy())], name,
-                   axis=-len(shape), epsilon=float(inner.eps))
-    elif isinstance(inner, Add):
-        y = b.node("Add", xs, name)
-    elif isinstance(inner, Mul):
-        y = b.node("Mul", xs, name)
-    elif isinstance(inner, MatMul):
-        y = b.node("MatMul", xs, name)
-    elif isinstance(inner, Cat):
-        y = b.node("Concat", xs, name, axis=int(inner.dim))
-    elif isinstance(inner, Mean):
-        dims = [inner.dim] if isinstance(inner.dim, int) else list(inner.dim)
-        if b.opset >= 18:  # axes became an input in opset 18
-            y = b.node("ReduceMean", [xs[0], b.const(f"{name}.axes", np.array(dims, np.int64))], name,
-                       keepdims=int(inner.keepdim))
-        else:
-            y = b.node("ReduceMean", xs, name, axes=dims, keepdims=int(inner.keepdim))
-    elif isinstance(inner, nn.AvgPool2d):
-        if inner.divisor_override is not None:
-            raise ExportError(f"{step.target}: AvgPool2d with divisor_override cannot be exported; remove it")
-        kernel = _pair(inner.kernel_size)
-        y = b.node("AveragePool", xs, name, kernel_shape=kernel, strides=_pair(inner.stride or kernel),
-                   pads=_pair(inner.padding) * 2, ceil_mode=int(inner.ceil_mode),
-                   count_include_pad=int(inner.count_include_pad))
-    elif isinstance(inner, nn.AdaptiveAvgPool2d):
-        size = inner.output_size
-        if size not in (1, (1, 1), [1, 1]):
-            raise ExportError(f"{step.target}: AdaptiveAvgPool2d({size}) cannot be exported; only output size 1 "
-                              "(global average pooling)")
-        y = b.node("GlobalAveragePool", xs, name)
-    else:
+    op = op_of(inner)
+    if op is None or op.onnx is None:
         raise ExportError(f"{step.target}: a quantized {type(inner).__name__} cannot be exported to ONNX")
+    name = f"{step.name}.float"
+    try:
+        attrs = op.onnx_attrs(inner)
+    except ValueError as exc:
+        raise ExportError(f"{step.target}: {exc}") from None
+    consts = [b.const(f"{name}.{k}", t.numpy()) for k, t in enumerate(op.onnx_inputs(inner))]
+    y = _onnx_op(b, op.onnx, [*xs, *consts], name, attrs, f"{step.target}: {type(inner).__name__}")
     return b.fake_quant(y, act_qparams(step), out, step.target)
 
 
@@ -372,9 +347,9 @@ def _emit_module_passthrough(b: _Builder, step: Step, x: str, ins: tuple[tuple[i
     if isinstance(mod, nn.MaxPool2d):
         if mod.return_indices:
             raise ExportError(f"{step.target}: MaxPool2d with return_indices cannot be exported; remove it")
-        kernel = _pair(mod.kernel_size)
-        return b.node("MaxPool", [x], out, kernel_shape=kernel, strides=_pair(mod.stride or kernel),
-                      pads=_pair(mod.padding) * 2, dilations=_pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
+        kernel = pair(mod.kernel_size)
+        return b.node("MaxPool", [x], out, kernel_shape=kernel, strides=pair(mod.stride or kernel),
+                      pads=pair(mod.padding) * 2, dilations=pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
     if isinstance(mod, nn.Flatten):
         return _emit_reshape(b, step.name, x, ins, outs, out)
     raise ExportError(f"{step.target}: {type(mod).__name__} cannot be exported to ONNX")

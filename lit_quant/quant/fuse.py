@@ -10,8 +10,6 @@ import copy
 import torch
 from torch import nn
 
-#: Modules whose output can absorb a following ReLU (conv+relu, add+relu are one integer op).
-RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 WEIGHTED_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 

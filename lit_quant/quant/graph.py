@@ -4,12 +4,10 @@
 nodes are module calls wherever an int8 backend computes an integer op:
 
 * every ``torch.nn`` module (and our quantized layers, quantizers and :mod:`lit_quant.quant.ops`) is a leaf;
-* functional ops on tensors become module calls: ``x + y`` / ``torch.add`` / ``add_`` -> :class:`Add`,
-  ``x * y`` -> :class:`Mul`, ``torch.cat`` -> :class:`Cat`, ``matmul`` / ``bmm`` / ``@`` -> :class:`MatMul`,
-  ``F.relu`` / ``relu6`` / ``hardswish`` / ``hardsigmoid`` / ``silu`` / ``sigmoid`` / ``gelu`` /
-  ``softmax`` / ``avg_pool2d`` / ``adaptive_avg_pool2d`` / ``max_pool2d`` / ``layer_norm`` -> the
-  ``torch.nn`` module computing the same function, named after the op in the module that called it
-  (``layer1.0.add``, ``features.3.relu_1``);
+* functional ops on tensors become module calls: each form of an op in :data:`lit_quant.quant.optable.OPS`
+  (``x + y`` / ``torch.add`` / ``add_`` -> :class:`Add`, ``torch.cat`` -> :class:`Cat`, ``F.relu`` /
+  ``x.relu()`` -> ``nn.ReLU``, ``F.layer_norm`` -> ``nn.LayerNorm`` sharing its parameters, ...) becomes
+  that op's module, named after the op in the module that called it (``layer1.0.add``, ``features.3.relu_1``);
 * ``nn.MultiheadAttention`` becomes :class:`lit_quant.quant.attention.DecomposedMultiheadAttention`: its
   projections, score and value products and softmax are separate modules;
 * a parameter-free module called more than once (torchvision's ResNet blocks call one ``relu`` twice) gets
@@ -28,13 +26,12 @@ from __future__ import annotations
 import copy
 import operator
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from lit_quant.quant.attention import decompose_attention
@@ -42,18 +39,12 @@ from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.fake_quant import FakeQuantize
 from lit_quant.quant.fuse import BN_TYPES, WEIGHTED_TYPES, fold_bn, set_submodule
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
-from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
+from lit_quant.quant.optable import FORMS, OP_TYPES
 
-#: Modules that keep an integer tensor on its input's grid (monotone or shape-only): not quantized again.
-PASSTHROUGH_TYPES: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-#: ``call_function`` / ``call_method`` targets that only move integers around.
-SHAPE_FUNCTIONS: tuple[Callable[..., Any], ...] = (
-    torch.flatten, torch.reshape, operator.getitem, torch.transpose, torch.chunk, torch.permute, torch.squeeze,
-    torch.unsqueeze, F.dropout)
-SHAPE_METHODS: tuple[str, ...] = ("flatten", "reshape", "view", "contiguous", "transpose", "permute", "squeeze",
-                                  "unsqueeze", "expand", "chunk", "split")
-#: Modules a trace never enters: their call is one node.
-LEAF_TYPES: tuple[type[nn.Module], ...] = (_QuantWeightLayer, QuantOutput, FakeQuantize, Add, Mul, MatMul, Cat, Mean)  # type: ignore[assignment]
+#: Modules a trace never enters: their call is one node. ``torch.nn``'s own modules are leaves already, and
+#: listing them here would also make their subclasses leaves (torchvision's channels-first ``LayerNorm2d``).
+LEAF_TYPES: tuple[type[nn.Module], ...] = (  # type: ignore[assignment]
+    _QuantWeightLayer, QuantOutput, FakeQuantize, *(t for t in OP_TYPES if not t.__module__.startswith("torch.nn")))
 #: Containers whose children are indexed or iterated: new op modules go to the nearest other ancestor.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 #: ``Tensor`` methods whose result is not a tensor.
@@ -104,11 +95,6 @@ def tensor_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return tensors
 
 
-def _bind(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of a call ``f(x, *args, **kwargs)`` whose parameters after ``x`` are ``names``."""
-    return {**dict(zip(names, args)), **kwargs}
-
-
 def _constant(values: Iterable[Any]) -> bool:
     """Whether no value is (or contains) a graph node: the op's configuration is fixed at trace time."""
     found: list[torch.fx.Node] = []
@@ -116,70 +102,9 @@ def _constant(values: Iterable[Any]) -> bool:
     return not found
 
 
-_POOL_AVG = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-_POOL_MAX = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-
-
-def _unary(name: str, build: Callable[[dict[str, Any]], nn.Module | None], names: tuple[str, ...] = ()
-           ) -> tuple[str, Callable[[tuple[Any, ...], dict[str, Any]], nn.Module | None]]:
-    def make(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module | None:
-        kw = _bind(names, args, kwargs)
-        kw.pop("inplace", None)
-        return build(kw) if _constant(kw.values()) else None
-    return name, make
-
-
-def _max_pool(kw: dict[str, Any]) -> nn.Module | None:
-    return None if kw.get("return_indices") else nn.MaxPool2d(**kw)
-
-
-def _mean(kw: dict[str, Any]) -> nn.Module | None:
-    return Mean(kw["dim"], bool(kw.get("keepdim", False))) if kw.get("dim") is not None and kw.get("dtype") is None else None
-
-
-def _softmax(kw: dict[str, Any]) -> nn.Module | None:
-    kw.pop("_stacklevel", None)
-    return nn.Softmax(kw["dim"]) if kw.get("dim") is not None and kw.get("dtype") is None and len(kw) <= 2 else None
-
-
-#: Unary functions / methods on one tensor -> (op name, builder of the equivalent module from the other arguments).
-_UNARY: dict[Any, tuple[str, Callable[[tuple[Any, ...], dict[str, Any]], nn.Module | None]]] = {
-    F.relu: _unary("relu", lambda kw: nn.ReLU(), ("inplace",)),
-    torch.relu: _unary("relu", lambda kw: nn.ReLU()),
-    "relu": _unary("relu", lambda kw: nn.ReLU()),
-    "relu_": _unary("relu", lambda kw: nn.ReLU()),
-    F.relu6: _unary("relu6", lambda kw: nn.ReLU6(), ("inplace",)),
-    F.hardswish: _unary("hardswish", lambda kw: nn.Hardswish(), ("inplace",)),
-    F.hardsigmoid: _unary("hardsigmoid", lambda kw: nn.Hardsigmoid(), ("inplace",)),
-    F.silu: _unary("silu", lambda kw: nn.SiLU(), ("inplace",)),
-    torch.sigmoid: _unary("sigmoid", lambda kw: nn.Sigmoid()),
-    F.sigmoid: _unary("sigmoid", lambda kw: nn.Sigmoid()),
-    "sigmoid": _unary("sigmoid", lambda kw: nn.Sigmoid()),
-    F.gelu: _unary("gelu", lambda kw: nn.GELU(**kw), ("approximate",)),
-    F.softmax: _unary("softmax", _softmax, ("dim", "_stacklevel", "dtype")),
-    torch.softmax: _unary("softmax", _softmax, ("dim", "dtype")),
-    "softmax": _unary("softmax", _softmax, ("dim", "dtype")),
-    F.adaptive_avg_pool2d: _unary("adaptive_avg_pool2d", lambda kw: nn.AdaptiveAvgPool2d(**kw), ("output_size",)),
-    F.avg_pool2d: _unary("avg_pool2d", lambda kw: nn.AvgPool2d(**kw), _POOL_AVG),
-    F.max_pool2d: _unary("max_pool2d", _max_pool, _POOL_MAX),
-    torch.mean: _unary("mean", _mean, ("dim", "keepdim", "dtype")),
-    "mean": _unary("mean", _mean, ("dim", "keepdim", "dtype")),
-}
-#: Binary ops of two tensors -> (op name, module class).
-_BINARY: dict[Any, tuple[str, type[nn.Module]]] = {
-    operator.add: ("add", Add), torch.add: ("add", Add), "add": ("add", Add), "add_": ("add", Add),
-    operator.iadd: ("add", Add),
-    operator.mul: ("mul", Mul), torch.mul: ("mul", Mul), "mul": ("mul", Mul), "mul_": ("mul", Mul),
-    operator.imul: ("mul", Mul),
-    operator.matmul: ("matmul", MatMul), torch.matmul: ("matmul", MatMul), torch.bmm: ("matmul", MatMul),
-    "matmul": ("matmul", MatMul), "bmm": ("matmul", MatMul),
-}
-_CAT = (torch.cat, torch.concat, torch.concatenate)
-
-
 def _layer_norm(root: nn.Module, node: torch.fx.Node) -> tuple[nn.Module, tuple[Any, ...]] | None:
     """``F.layer_norm(x, shape, weight, bias, eps)`` with attribute weights -> an ``nn.LayerNorm`` sharing them."""
-    kw = _bind(("normalized_shape", "weight", "bias", "eps"), node.args[1:], dict(node.kwargs))
+    kw = {**dict(zip(("normalized_shape", "weight", "bias", "eps"), node.args[1:])), **node.kwargs}
     params = {k: kw.get(k) for k in ("weight", "bias")}
     if any(p is not None and not (isinstance(p, torch.fx.Node) and p.op == "get_attr") for p in params.values()):
         return None
@@ -199,24 +124,28 @@ def _op_module(root: nn.Module, node: torch.fx.Node, tensors: set[torch.fx.Node]
     """The module (with its op name and tensor arguments) that computes ``node``'s op, or None to leave it."""
     if node.op not in ("call_function", "call_method"):
         return None
-    key = node.target
+    op = FORMS.get(node.target)
     args, kwargs = node.args, dict(node.kwargs)
-    if key in _BINARY and len(args) == 2 and not kwargs and all(a in tensors for a in args):
-        name, cls = _BINARY[key]
-        return name, cls(), tuple(args)
-    if key in _CAT and args and isinstance(args[0], (list, tuple)) and all(a in tensors for a in args[0]):
-        kw = _bind(("dim",), args[1:], kwargs)
-        if _constant(kw.values()) and set(kw) <= {"dim"}:
-            return "cat", Cat(kw.get("dim", 0)), tuple(args[0])
+    if op is None or not args:
         return None
-    if key is F.layer_norm and args and args[0] in tensors:
+    if op.arity == "binary":
+        if len(args) == 2 and not kwargs and all(a in tensors for a in args):
+            return op.name, op.module(), tuple(args)
+        return None
+    if op.arity == "list":
+        if isinstance(args[0], (list, tuple)) and all(a in tensors for a in args[0]):
+            kw = op.bind(node.target, tuple(args[1:]), kwargs)
+            if _constant(kw.values()) and set(kw) <= set(op.params):
+                return op.name, op.make(kw), tuple(args[0])
+        return None
+    if args[0] not in tensors:
+        return None
+    if op.arity == "norm":
         built = _layer_norm(root, node)
-        return ("layer_norm", *built) if built else None
-    if key in _UNARY and args and args[0] in tensors:
-        name, make = _UNARY[key]
-        module = make(tuple(args[1:]), kwargs)
-        return (name, module, (args[0],)) if module is not None else None
-    return None
+        return (op.name, *built) if built else None
+    kw = op.bind(node.target, tuple(args[1:]), kwargs)
+    module = op.make(kw) if _constant(kw.values()) else None
+    return (op.name, module, (args[0],)) if module is not None else None
 
 
 def _owner(root: nn.Module, path: str) -> str:

@@ -9,11 +9,12 @@ every tensor that is an integer tensor on a real int8 backend:
 * the output of every ``Conv2d`` / ``Linear`` / unfolded ``BatchNorm`` / ``add`` — unless a ReLU (or, for a
   layer, an unfolded BatchNorm) is its only consumer, in which case the tensor after that consumer is
   quantized instead (conv+bn+relu and add+relu are single integer ops);
-* the output of every activation (ReLU, ReLU6, Hardswish, Hardsigmoid, SiLU, Sigmoid, GELU), average
-  pooling, ``mul``, ``cat``, ``matmul``, LayerNorm and softmax.
+* the output of every other op of the op table (:data:`lit_quant.quant.optable.OPS`) marked ``quantized``:
+  activations, average pooling, ``mul``, ``cat``, ``matmul``, LayerNorm, softmax, mean.
 
-Max pooling, flatten, reshapes, dropout and identity are left alone: their outputs stay on the input's
-grid. BatchNorm following a Conv/Linear is folded first when ``plan.fold_bn`` (inference / PTQ).
+The table's other ops (max pooling, flatten, dropout, identity), reshapes and slices are left alone: their
+outputs stay on the input's grid. BatchNorm following a Conv/Linear is folded first when ``plan.fold_bn``
+(inference / PTQ).
 """
 
 from __future__ import annotations
@@ -37,30 +38,19 @@ from lit_quant.quant.fake_quant import (
     sync_observers,
     update_qparams,
 )
-from lit_quant.quant.fuse import (
-    BN_TYPES,
-    RELU_TYPES,
-    WEIGHTED_TYPES,
-    fold_bn,
-    set_submodule,
-)
-from lit_quant.quant.graph import (
+from lit_quant.quant.fuse import BN_TYPES, WEIGHTED_TYPES, fold_bn, set_submodule
+from lit_quant.quant.graph import ModuleGraph, bn_pairs, module_graph, trace
+from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.optable import (
+    OUTPUT_TYPES,
     PASSTHROUGH_TYPES,
+    RELU_ABSORBING_TYPES,
+    RELU_TYPES,
     SHAPE_FUNCTIONS,
     SHAPE_METHODS,
-    ModuleGraph,
-    bn_pairs,
-    module_graph,
-    trace,
 )
-from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, _QuantWeightLayer
-from lit_quant.quant.ops import Add, Cat, MatMul, Mean, Mul
 from lit_quant.quant.plan import DEPTHWISE, FIRST, INPUT, LAST, OUTPUT, QuantPlan
 
-#: Modules whose output is quantized by wrapping them in :class:`QuantOutput`.
-OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
-    *RELU_TYPES, Add, Mul, MatMul, Cat, Mean, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Hardswish, nn.Hardsigmoid, nn.SiLU,
-    nn.Sigmoid, nn.GELU, nn.LayerNorm, nn.Softmax)
 QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput)
 
 M = TypeVar("M", bound=nn.Module)
@@ -175,7 +165,7 @@ def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str
             continue
         m, n = modules[name], modules[nxt]
         if (isinstance(m, WEIGHTED_TYPES) and isinstance(n, BN_TYPES)) or (
-                isinstance(m, (*WEIGHTED_TYPES, *BN_TYPES, Add)) and isinstance(n, RELU_TYPES)):
+                isinstance(m, (*WEIGHTED_TYPES, *BN_TYPES, *RELU_ABSORBING_TYPES)) and isinstance(n, RELU_TYPES)):
             absorbed.add(name)
             owner[nxt] = owner.get(name, name)
     return absorbed, owner

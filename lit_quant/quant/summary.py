@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from lit_quant.quant.fake_quant import FakeQuantize
-from lit_quant.quant.fuse import RELU_TYPES
-from lit_quant.quant.graph import PASSTHROUGH_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS, tensor_nodes
+from lit_quant.quant.graph import tensor_nodes
 from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.optable import PASSTHROUGH_TYPES, RELU_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS
 from lit_quant.quant.preparation import QuantizedModel, is_ao_stub, output_layer
 
 

@@ -174,3 +174,31 @@ def test_model_with_nothing_to_quantize_is_an_error() -> None:
 
     with pytest.raises(QuantConfigError, match="nothing to quantize"):
         prepare(Nothing())
+
+
+def test_a_subclass_of_a_table_module_with_its_own_forward_is_traced_through() -> None:
+    """torchvision's ConvNeXt normalizes channels-first with a LayerNorm subclass that permutes around
+    ``F.layer_norm``: the trace enters it, so the permutes stay in the graph around a plain LayerNorm."""
+
+    class ChannelsFirstNorm(nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.permute(0, 2, 3, 1)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.norm = ChannelsFirstNorm(4)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+    net = Net().eval()
+    q = prepare(net, QuantPlan.from_bits(8, 8))
+    wrapped = {name: type(m.module) for name, m in q.model.named_modules() if isinstance(m, QuantOutput)}
+    assert wrapped["norm.layer_norm"] is nn.LayerNorm and ChannelsFirstNorm not in wrapped.values()
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(q(x), net(x), atol=1e-5)  # observers only: the float function, permutes included
