@@ -47,7 +47,7 @@ from lit_quant.quant.errors import QuantError
 from lit_quant.quant.fake_quant import FakeQuantize, iter_quantizers
 from lit_quant.quant.functional import QParams, QuantizedTensor, quantize
 from lit_quant.quant.graph import tensor_nodes
-from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import QuantOutput, QuantWeightLayer
 from lit_quant.quant.optable import (
     OPS,
     OUTPUT_TYPES,
@@ -214,7 +214,7 @@ def _attribute(root: nn.Module, target: str) -> Any:
 
 
 def _module_kind(name: str, module: nn.Module) -> str:
-    if isinstance(module, _QuantWeightLayer):
+    if isinstance(module, QuantWeightLayer):
         if module.weight_quant is None:
             raise ExportError(f"layer {name} has float weights in this plan; every exported layer needs quantized "
                               "weights (drop it from --no-quant-layers or give it weight bits)")
@@ -222,7 +222,8 @@ def _module_kind(name: str, module: nn.Module) -> str:
     if isinstance(module, QuantOutput):
         if not isinstance(module.module, OUTPUT_TYPES):
             raise ExportError(f"{name}: a quantized {type(module.module).__name__} cannot be exported (only "
-                              f"{', '.join(t.__name__ for t in OUTPUT_TYPES)}); fold BatchNorm into the layer before it")
+                              f"{', '.join(t.__name__ for t in OUTPUT_TYPES)}); fold BatchNorm into the layer "
+                              "before it")
         return "requant"
     if isinstance(module, RELU_ABSORBING_TYPES):
         return "add"
@@ -235,7 +236,7 @@ def _module_kind(name: str, module: nn.Module) -> str:
                       "BatchNorm or an unsupported module)")
 
 
-def layer_weight(layer: _QuantWeightLayer) -> QuantizedTensor:
+def layer_weight(layer: QuantWeightLayer) -> QuantizedTensor:
     """The deployed layer's integer weight: ``clamp(round(w / s) + z)`` of the (BN-folded) float weight with
     the weight quantizer's qparams; ``dequantize`` of it is exactly what the fake-quant layer multiplies by."""
     qp = layer.weight_quant.qparams()

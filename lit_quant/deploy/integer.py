@@ -42,7 +42,7 @@ from torch import nn
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, layer_weight
 from lit_quant.deploy.options import DEFAULT_SCALE_APPROX_BITS
 from lit_quant.quant.functional import QParams, quantize
-from lit_quant.quant.layers import _QuantWeightLayer, bias_range, signed_range
+from lit_quant.quant.layers import QuantWeightLayer, bias_range, signed_range
 from lit_quant.quant.optable import OPS, op_of
 from lit_quant.quant.preparation import QuantizedModel
 
@@ -458,7 +458,7 @@ class IntegerEngine(nn.Module):
 def check_layer_name(model_or_names: nn.Module | list[str], target: str) -> None:
     """:class:`ExportError` with the closest names unless ``target`` is a quantized Conv2d / Linear."""
     names = model_or_names if isinstance(model_or_names, list) else [
-        n for n, m in model_or_names.named_modules() if isinstance(m, _QuantWeightLayer)]
+        n for n, m in model_or_names.named_modules() if isinstance(m, QuantWeightLayer)]
     prefix = "model."  # a QuantizedModel's layers sit under .model; users name them as in the float model
     names = [n.removeprefix(prefix) for n in names]
     if target not in names:

@@ -27,7 +27,7 @@ from lit_quant.errors import UserError
 from lit_quant.io import atomic_write
 from lit_quant.quant import QuantPlan, enable_fake_quant, enable_observer, iter_quantizers, prepare
 from lit_quant.quant.functional import QuantizedTensor, dequantize
-from lit_quant.quant.layers import _QuantWeightLayer
+from lit_quant.quant.layers import QuantWeightLayer
 from lit_quant.quant.preparation import QuantizedModel
 from lit_quant.safe_load import load_checkpoint
 
@@ -92,7 +92,7 @@ def save_deployed(path: str | Path, qmodel: QuantizedModel, arch: dict[str, Any]
     w = _Writer()
     layers: dict[str, Any] = {}
     for name, module in qmodel.model.named_modules():
-        if not isinstance(module, _QuantWeightLayer):
+        if not isinstance(module, QuantWeightLayer):
             continue
         if module.weight_quant is None:
             raise ExportError(f"layer {name} has float weights; the deployed file holds integer layers only")
@@ -141,7 +141,7 @@ def load_deployed(path: str | Path, build_model: Callable[[dict[str, Any]], nn.M
 
     modules = dict(qmodel.model.named_modules())
     quantizers = dict(iter_quantizers(qmodel, "act"))
-    if set(payload["layers"]) != {n for n, m in modules.items() if isinstance(m, _QuantWeightLayer)} or \
+    if set(payload["layers"]) != {n for n, m in modules.items() if isinstance(m, QuantWeightLayer)} or \
             set(payload["acts"]) != set(quantizers):
         raise ExportError(f"{path}: its layers do not match its plan and architecture (file damaged?)")
     with torch.no_grad():
@@ -157,9 +157,9 @@ def load_deployed(path: str | Path, build_model: Callable[[dict[str, Any]], nn.M
                                                           layer.weight_quant.axis)))
             if entry["bias"] is not None:
                 layer.bias.copy_(f(entry["bias"]))
-            layer.weight_quant._store(scale, zp)
+            layer.weight_quant.set_qparams(scale, zp)
         for name, entry in payload["acts"].items():
-            quantizers[name]._store(f(entry["scale"]), i(entry["zero_point"]))
+            quantizers[name].set_qparams(f(entry["scale"]), i(entry["zero_point"]))
     enable_observer(qmodel, False)
     enable_fake_quant(qmodel, True)
     return qmodel.eval(), payload

@@ -32,7 +32,9 @@ _EXPORTS: dict[str, str] = {
     **{name: "lit_quant.quant.graph" for name in (
         "fuse_conv_bn", "module_graph", "trace")},
     **{name: "lit_quant.quant.layers" for name in (
-        "QuantConv2d", "QuantLinear", "QuantOutput")},
+        "QuantConv2d", "QuantLinear", "QuantOutput", "QuantWeightLayer")},
+    **{name: "lit_quant.quant.optable" for name in (
+        "OPS", "OpDef")},
     **{name: "lit_quant.quant.observers" for name in (
         "OBSERVERS", "Observer", "build_observer")},
     **{name: "lit_quant.quant.plan" for name in (

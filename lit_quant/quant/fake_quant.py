@@ -126,13 +126,15 @@ class FakeQuantize(ResizingBuffersMixin, nn.Module):
 
     def update_qparams(self) -> None:
         """Recompute ``scale`` / ``zero_point`` from the observer (raises if it has seen no data)."""
-        self._store(*self.observer.calculate_qparams())
+        self.set_qparams(*self.observer.calculate_qparams())
 
     def set_range(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
         """Set qparams from a known range (a stats file) through the same qparams function as the observers."""
-        self._store(*calculate_qparams(min_val.to(self.scale.device), max_val.to(self.scale.device), self.spec))
+        self.set_qparams(*calculate_qparams(min_val.to(self.scale.device), max_val.to(self.scale.device), self.spec))
 
-    def _store(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set ``scale`` / ``zero_point`` (reshaped to the given ones) and mark them valid: qparams computed
+        elsewhere (a deploy file, an initial step size) take effect as the observer's would."""
         with torch.no_grad():
             if self.scale.shape != scale.shape:
                 self.scale = torch.empty_like(scale, device=self.scale.device)
@@ -175,10 +177,10 @@ class LSQFakeQuantize(FakeQuantize):
     def _needs_qparams(self) -> bool:
         return not bool(self.qparams_valid)
 
-    def _store(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         if self.scale.shape != scale.shape:
             self.scale = nn.Parameter(torch.empty_like(scale, device=self.scale.device))
-        super()._store(scale, zero_point)
+        super().set_qparams(scale, zero_point)
 
     def qparams(self) -> QParams:
         """As :meth:`FakeQuantize.qparams`, with the scale forward really uses, ``max(scale, eps)``."""

@@ -38,13 +38,13 @@ from lit_quant.quant.attention import decompose_attention
 from lit_quant.quant.errors import QuantConfigError
 from lit_quant.quant.fake_quant import FakeQuantize
 from lit_quant.quant.fuse import BN_TYPES, WEIGHTED_TYPES, fold_bn, set_submodule
-from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import QuantOutput, QuantWeightLayer
 from lit_quant.quant.optable import FORMS, OP_TYPES
 
 #: Modules a trace never enters: their call is one node. ``torch.nn``'s own modules are leaves already, and
 #: listing them here would also make their subclasses leaves (torchvision's channels-first ``LayerNorm2d``).
 LEAF_TYPES: tuple[type[nn.Module], ...] = (  # type: ignore[assignment]
-    _QuantWeightLayer, QuantOutput, FakeQuantize, *(t for t in OP_TYPES if not t.__module__.startswith("torch.nn")))
+    QuantWeightLayer, QuantOutput, FakeQuantize, *(t for t in OP_TYPES if not t.__module__.startswith("torch.nn")))
 #: Containers whose children are indexed or iterated: new op modules go to the nearest other ancestor.
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 #: ``Tensor`` methods whose result is not a tensor.
@@ -111,8 +111,8 @@ def _layer_norm(root: nn.Module, node: torch.fx.Node) -> tuple[nn.Module, tuple[
     if not _constant([kw["normalized_shape"], kw.get("eps", 1e-5)]) or (params["weight"] is None) != (
             params["bias"] is None):
         return None
-    norm = nn.LayerNorm(kw["normalized_shape"], eps=kw.get("eps", 1e-5), elementwise_affine=params["weight"] is not None,
-                        device="meta")
+    norm = nn.LayerNorm(kw["normalized_shape"], eps=kw.get("eps", 1e-5),
+                        elementwise_affine=params["weight"] is not None, device="meta")
     for key, p in params.items():
         if p is not None:
             setattr(norm, key, root.get_parameter(str(p.target)))

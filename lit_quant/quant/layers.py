@@ -72,10 +72,10 @@ def _lsq_weight_init(fq: FakeQuantize, weight: torch.Tensor) -> None:
     w = weight.detach().float()
     mean_abs = w.abs().mean() if fq.axis is None else w.abs().transpose(0, fq.axis).reshape(w.shape[fq.axis], -1).mean(1)
     scale = (2.0 * mean_abs / math.sqrt(fq.spec.quant_max)).clamp_min(SCALE_EPS).reshape(-1)
-    fq._store(scale, torch.zeros_like(scale, dtype=torch.int32))
+    fq.set_qparams(scale, torch.zeros_like(scale, dtype=torch.int32))
 
 
-class _QuantWeightLayer:
+class QuantWeightLayer:
     """Shared part of :class:`QuantConv2d` and :class:`QuantLinear`."""
 
     _FLOAT: ClassVar[type[nn.Module]]
@@ -153,8 +153,14 @@ class _QuantWeightLayer:
 
     def input_quantizer(self) -> FakeQuantize | None:
         """The quantizer of this layer's input, linked by ``prepare`` (None: unknown or a float input)."""
-        linked = self.__dict__.get("_input_quant")  # a plain list, so the quantizer is not a submodule here
+        linked = self.__dict__.get("_input_quant")
         return linked[0] if linked else None
+
+    def link_input_quantizer(self, fq: FakeQuantize | None) -> None:
+        """Record ``fq`` as the quantizer of this layer's input (None: a float input), for
+        :meth:`deployed_bias`. Held in a plain list, so the quantizer stays owned by its producer and is not a
+        submodule (nor a state-dict entry) of this layer."""
+        self.__dict__["_input_quant"] = [fq] if fq is not None else []
 
     def deployed_bias(self) -> torch.Tensor | None:
         """The bias as an integer deployment adds it: an integer on the accumulator's grid ``s_x s_w``,
@@ -199,7 +205,7 @@ class _QuantWeightLayer:
         return y if self.act_quant is None else self.act_quant(y)
 
 
-class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
+class QuantConv2d(QuantWeightLayer, nn.Conv2d):
     """``Conv2d`` with fake-quantized weight and (optionally) output; see :meth:`from_float`."""
 
     _FLOAT = nn.Conv2d
@@ -377,7 +383,7 @@ class QuantConvBn2d(QuantConv2d):
 def refresh_weight_qparams(model: nn.Module) -> None:
     """Every quantized layer's weight qparams from its current weight (end of QAT, before evaluating)."""
     for module in model.modules():
-        if isinstance(module, _QuantWeightLayer):
+        if isinstance(module, QuantWeightLayer):
             module.refresh_weight_qparams()
 
 
@@ -389,7 +395,7 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
             module.bn_frozen.fill_(bool(frozen))
 
 
-class QuantLinear(_QuantWeightLayer, nn.Linear):
+class QuantLinear(QuantWeightLayer, nn.Linear):
     """``Linear`` with fake-quantized weight and (optionally) output; see :meth:`from_float`."""
 
     _FLOAT = nn.Linear
@@ -431,4 +437,4 @@ class QuantOutput(nn.Module):
 
 
 #: Float type -> quantized type for weighted layers (exact types; subclasses of these are swapped too).
-WEIGHTED_QUANT: dict[type[nn.Module], type[_QuantWeightLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+WEIGHTED_QUANT: dict[type[nn.Module], type[QuantWeightLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

@@ -55,7 +55,7 @@ from torch import nn
 from lit_quant.quant.errors import CalibrationError, QuantConfigError
 from lit_quant.quant.fake_quant import enable_fake_quant, iter_quantizers
 from lit_quant.quant.functional import fake_quantize
-from lit_quant.quant.layers import _QuantWeightLayer
+from lit_quant.quant.layers import QuantWeightLayer
 from lit_quant.quant.spec import ROUNDINGS
 
 #: AdaRound's rectified sigmoid stretch (Nagel et al. 2020, sec. 4.1) and its regulariser's schedule.
@@ -92,13 +92,13 @@ def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
 
 
-def _grouped(layer: _QuantWeightLayer, w: torch.Tensor) -> torch.Tensor:
+def _grouped(layer: QuantWeightLayer, w: torch.Tensor) -> torch.Tensor:
     """The weight as ``(groups, out / groups, D)``."""
     g = layer.groups if isinstance(layer, nn.Conv2d) else 1
     return w.reshape(g, w.shape[0] // g, -1)
 
 
-def _rounder(layer: _QuantWeightLayer) -> Any:
+def _rounder(layer: QuantWeightLayer) -> Any:
     """Round-to-nearest on the layer's calibrated grid for ``(groups, out / groups)`` weight columns: the
     weight quantizer's own :func:`fake_quantize` (float32 arithmetic, as the model computes it)."""
     fq = layer.weight_quant
@@ -146,7 +146,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, round_: Any, damp: float = 0.0
     return q
 
 
-def _grid(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _grid(layer: QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The layer's weight grid as ``(scale, zero point)`` shaped ``(G, O / G, 1)`` for grouped weights, and
     ``(q_min, q_max)``."""
     fq = layer.weight_quant
@@ -202,14 +202,14 @@ def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     return float((num / den.clamp_min(1e-300)).clamp_min(0).sqrt())
 
 
-def _weight_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, _QuantWeightLayer]]:
+def _weight_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, QuantWeightLayer]]:
     """Weight-quantized conv / linear layers in the order the forward pass of ``x`` first calls them (an LSQ
     quantizer's grid is its current step size: the start QAT goes on to learn from)."""
-    order: list[tuple[str, _QuantWeightLayer]] = []
+    order: list[tuple[str, QuantWeightLayer]] = []
     called: set[int] = set()
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, _QuantWeightLayer) and m.weight_quant is not None:
+        if isinstance(m, QuantWeightLayer) and m.weight_quant is not None:
             def seen(mod: nn.Module, _args: Any, name: str = name) -> None:
                 if id(mod) not in called:
                     called.add(id(mod))
@@ -236,7 +236,7 @@ class LayerwiseResult:
     bias_shift: dict[str, float]  # layer -> max |shift| of its bias
 
 
-def _output_means(model: nn.Module, layers: list[tuple[str, _QuantWeightLayer]], inputs: list[torch.Tensor],
+def _output_means(model: nn.Module, layers: list[tuple[str, QuantWeightLayer]], inputs: list[torch.Tensor],
                   device: torch.device) -> dict[str, torch.Tensor]:
     """Per-channel mean output of each layer in the float model: the same prepared model with fake
     quantization off (BatchNorm folded, nothing rounded), before any layer is changed."""

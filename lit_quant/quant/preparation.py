@@ -40,7 +40,7 @@ from lit_quant.quant.fake_quant import (
 )
 from lit_quant.quant.fuse import BN_TYPES, WEIGHTED_TYPES, fold_bn, set_submodule
 from lit_quant.quant.graph import ModuleGraph, bn_pairs, module_graph, trace
-from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import WEIGHTED_QUANT, QuantConvBn2d, QuantOutput, QuantWeightLayer
 from lit_quant.quant.optable import (
     OUTPUT_TYPES,
     PASSTHROUGH_TYPES,
@@ -51,7 +51,7 @@ from lit_quant.quant.optable import (
 )
 from lit_quant.quant.plan import DEPTHWISE, FIRST, INPUT, LAST, OUTPUT, QuantPlan
 
-QUANTIZED_TYPES: tuple[type, ...] = (_QuantWeightLayer, QuantOutput)
+QUANTIZED_TYPES: tuple[type, ...] = (QuantWeightLayer, QuantOutput)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -143,9 +143,9 @@ def link_input_quantizers(qmodel: QuantizedModel) -> None:
     modules = dict(qmodel.model.named_modules())
     for node in qmodel.model.graph.nodes:
         module = modules.get(str(node.target)) if node.op == "call_module" else None
-        if isinstance(module, _QuantWeightLayer) and node.args and isinstance(node.args[0], torch.fx.Node):
+        if isinstance(module, QuantWeightLayer) and node.args and isinstance(node.args[0], torch.fx.Node):
             fq = _input_quantizer(node.args[0], modules, qmodel.input_quant)
-            module.__dict__["_input_quant"] = [fq] if fq is not None else []
+            module.link_input_quantizer(fq)
 
 
 def _absorbed(modules: dict[str, nn.Module], graph: ModuleGraph, folded: set[str]
@@ -290,7 +290,7 @@ def start_calibration(model: nn.Module) -> None:
     enable_observer(model, True)
     enable_fake_quant(model, False)
     for module in model.modules():
-        if isinstance(module, _QuantWeightLayer) and module.weight_quant is not None:
+        if isinstance(module, QuantWeightLayer) and module.weight_quant is not None:
             module.weight_quant.observer.reset()
             module.weight_quant.observer(module.float_weight().detach())
 

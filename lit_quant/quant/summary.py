@@ -15,7 +15,7 @@ from torch import nn
 
 from lit_quant.quant.fake_quant import FakeQuantize
 from lit_quant.quant.graph import tensor_nodes
-from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import QuantOutput, QuantWeightLayer
 from lit_quant.quant.optable import PASSTHROUGH_TYPES, RELU_TYPES, SHAPE_FUNCTIONS, SHAPE_METHODS
 from lit_quant.quant.preparation import QuantizedModel, is_ao_stub, output_layer
 
@@ -91,7 +91,7 @@ def _module_row(gm: torch.fx.GraphModule, node: torch.fx.Node, logits: str | Non
     module = gm.get_submodule(name)
     if isinstance(module, PASSTHROUGH_TYPES):
         return None
-    if isinstance(module, _QuantWeightLayer):
+    if isinstance(module, QuantWeightLayer):
         op = type(module).__name__.removeprefix("Quant")
         weight, act = _bits(module.weight_quant), _bits(module.act_quant)
         if act is not None:

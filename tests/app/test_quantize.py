@@ -101,7 +101,7 @@ def test_layerwise_rows_reload_exactly(trained: Path, flags: list[str], said: st
     stays on its grid, and --eval of the saved checkpoint reproduces the row (the equalized, rounded weights
     and shifted biases are in it)."""
     from lit_quant.app.pipeline.checkpoint import evaluate_quantized, load_quantized
-    from lit_quant.quant.layers import _QuantWeightLayer
+    from lit_quant.quant.layers import QuantWeightLayer
 
     assert quantize.main(["--checkpoint-dir", str(trained), "--weight-bits", "3", "--act-bits", "8", *flags,
                           "--calib-batches", "4", "--no-latency"]) == 0
@@ -110,7 +110,7 @@ def test_layerwise_rows_reload_exactly(trained: Path, flags: list[str], said: st
     saved = trained / "tiny" / "ptq-w3a8.ckpt"
     assert evaluate_quantized(saved, batch_size=64)["top1"] == pytest.approx(row["top1"], abs=1e-9)
     model, _ = load_quantized(saved)
-    for layer in (m for m in model.modules() if isinstance(m, _QuantWeightLayer)):
+    for layer in (m for m in model.modules() if isinstance(m, QuantWeightLayer)):
         w, qp = layer.float_weight().detach(), layer.weight_quant.qparams()
         k = w / qp.scale.reshape(-1, *[1] * (w.dim() - 1))
         assert torch.allclose(k, k.round(), atol=1e-3)

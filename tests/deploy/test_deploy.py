@@ -20,7 +20,7 @@ from lit_quant.deploy.integer import IntegerEngine, fixed_point, mul_shift_round
 from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
 from lit_quant.app.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare
-from lit_quant.quant.layers import QuantOutput, _QuantWeightLayer
+from lit_quant.quant.layers import QuantOutput, QuantWeightLayer
 from lit_quant.app.training import build_datamodule, load_classifier, model_from_arch
 
 pytestmark = pytest.mark.slow
@@ -289,5 +289,5 @@ def test_quant_modules_are_what_the_graph_sees(setup: dict) -> None:
     steps = deploy_graph(qmodel)
     targets = {s.target for s in steps}
     for name, module in qmodel.model.named_modules():
-        if isinstance(module, (_QuantWeightLayer, QuantOutput)):
+        if isinstance(module, (QuantWeightLayer, QuantOutput)):
             assert name in targets, name

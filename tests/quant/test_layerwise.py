@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lit_quant.quant import CalibrationError, QuantPlan, calibrate, enable_fake_quant, iter_quantizers, prepare
-from lit_quant.quant.layers import _QuantWeightLayer
+from lit_quant.quant.layers import QuantWeightLayer
 from lit_quant.quant.layerwise import adaround_weight, gptq_weight, layerwise_ptq
 
 
@@ -31,7 +31,7 @@ def _data() -> list[torch.Tensor]:
     return [torch.rand(32, 3, 12, 12, generator=g) for _ in range(4)]
 
 
-def _on_grid(layer: _QuantWeightLayer) -> bool:
+def _on_grid(layer: QuantWeightLayer) -> bool:
     qp = layer.weight_quant.qparams()
     w = layer.float_weight().detach()
     s = qp.scale.reshape(-1, *[1] * (w.dim() - 1))
@@ -95,7 +95,7 @@ def test_layerwise_rounding_and_bias_correction_on_a_network(rounding: str) -> N
     q = prepare(net, plan)
     calibrate(q, data)
     result = layerwise_ptq(q, data, rounding=rounding, bias_correction=True, adaround_iters=300)
-    layers = [m for m in q.modules() if isinstance(m, _QuantWeightLayer)]
+    layers = [m for m in q.modules() if isinstance(m, QuantWeightLayer)]
     assert result.layers == len(layers) == 4 and result.samples == 128
     assert all(_on_grid(m) for m in layers)
     # every layer's output error on its inputs is no worse than round-to-nearest's, and better on average
@@ -132,7 +132,7 @@ def test_layerwise_on_a_qat_model_with_learned_step_sizes() -> None:
         results.append(layerwise_ptq(q, data, rounding="gptq", bias_correction=True))
     assert results[1].layers == results[0].layers == 4
     assert results[1].bias_shift == pytest.approx(results[0].bias_shift, rel=1e-4)
-    assert all(_on_grid(m) for m in qat.modules() if isinstance(m, _QuantWeightLayer))
+    assert all(_on_grid(m) for m in qat.modules() if isinstance(m, QuantWeightLayer))
     x = torch.cat(data)
     with torch.no_grad():
         assert torch.allclose(qat.eval()(x), ptq.eval()(x), atol=1e-4)
@@ -145,7 +145,7 @@ def test_bias_correction_matches_the_float_mean_output() -> None:
     net, data = _net(), _data()
     q = prepare(net, QuantPlan.from_bits(3, 8))
     calibrate(q, data)
-    head = [m for m in q.modules() if isinstance(m, _QuantWeightLayer)][-1]
+    head = [m for m in q.modules() if isinstance(m, QuantWeightLayer)][-1]
     assert head.act_quant is None
     seen: list[torch.Tensor] = []
     head.register_forward_hook(lambda _m, _args, out: seen.append(out))

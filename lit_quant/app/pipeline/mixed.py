@@ -49,7 +49,7 @@ from lit_quant.app.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwis
 from lit_quant.app.pipeline.rows import Report, new_figure, save_figure
 from lit_quant.quant import FakeQuantize, LayerOverride, QuantPlan, enable_fake_quant, iter_quantizers, prepare
 from lit_quant.quant.equalize import equalize
-from lit_quant.quant.layers import _QuantWeightLayer
+from lit_quant.quant.layers import QuantWeightLayer
 
 #: SQNR reported when the knob changes no logit at all (a finite number JSON can hold).
 MAX_SQNR_DB = 200.0
@@ -81,7 +81,7 @@ def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]
     costs: dict[str, LayerCost] = {}
     hooks = []
     for module in model.modules():
-        if isinstance(module, _QuantWeightLayer) and module.weight_quant is not None:
+        if isinstance(module, QuantWeightLayer) and module.weight_quant is not None:
             fq = module.weight_quant
             source = module.input_quantizer()
             knob = (source.plan_name, "act") if source is not None and source.plan_name is not None else None
