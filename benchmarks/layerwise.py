@@ -34,7 +34,7 @@ from calibration import load_images, load_trained, make_model
 from smoke import add_smoke_arguments, parse_with_smoke
 
 from lit_quant.quant import QuantPlan, calibrate, prepare
-from lit_quant.quant.layerwise import layerwise_ptq
+from lit_quant.quant.layerwise import layerwise_ptq, weight_rounding
 
 #: Sizes of ``--smoke``.
 SMOKE_SIZES: dict[str, Any] = {"images": 32, "batch_size": 16, "adaround_iters": 20, "threads": 1}
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"args": vars(args), "calibration": {"seconds": calib_s}}
     for name, kwargs in STEPS.items():
         q = copy.deepcopy(calibrated)
-        result = layerwise_ptq(q, batches, adaround_iters=args.adaround_iters, **kwargs)
+        rounding = weight_rounding(kwargs.get("rounding", "gptq"), iters=args.adaround_iters)
+        result = layerwise_ptq(q, batches, rounding, bias_correction=kwargs.get("bias_correction", False))
         errors = list(result.errors.values())
         used, nearest = (sum(e[i] for e in errors) / len(errors) for i in (1, 0))
         print(f"{name:<16} {result.seconds:>8.1f} {result.seconds / calib_s:>14.2f} {used:>12.4f} {nearest:>8.4f}")

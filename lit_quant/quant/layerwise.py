@@ -1,5 +1,6 @@
-"""Layer-wise PTQ on the calibration data, after calibration has set the grids: GPTQ or AdaRound weight
-rounding, and empirical bias correction.
+"""Layer-wise PTQ on the calibration data, after calibration has set the grids: weight rounding behind one
+interface (:class:`WeightRounding`: GPTQ, AdaRound, round-to-nearest, or a user's own), and empirical bias
+correction.
 
 **GPTQ** (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers", Algorithm 1): each conv / linear layer's weights are rounded one input column at a time, the
@@ -42,11 +43,12 @@ computes it, with every layer before it already processed: later layers compensa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +196,89 @@ def adaround_weight(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero:
     return scale * (torch.clamp(base + up + zero, qmin, qmax) - zero)
 
 
+class WeightRounding(Protocol):
+    """How :func:`layerwise_ptq` rounds one layer's weights onto its calibrated grid.
+
+    Called with the layer, its float weight as ``(groups, out / groups, D)`` float64, the Hessian
+    ``H = X X^T`` of its calibration inputs ``(groups, D, D)`` and the number of input columns summed into
+    ``H``; returns the rounded weights, shaped like ``w`` and on the layer's grid. :attr:`name` is the
+    ``--weight-rounding`` value; :attr:`changes_weights` is False for a rounding that leaves the weights to
+    fake quantization.
+    """
+
+    name: ClassVar[str]
+    changes_weights: ClassVar[bool]
+
+    def __call__(self, layer: QuantWeightLayer, w: torch.Tensor, h: torch.Tensor, samples: int) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class NearestRounding:
+    """Round-to-nearest on the layer's grid: what fake quantization does; the weights are left as they are."""
+
+    name: ClassVar[str] = "nearest"
+    changes_weights: ClassVar[bool] = False
+
+    def __call__(self, layer: QuantWeightLayer, w: torch.Tensor, h: torch.Tensor, samples: int) -> torch.Tensor:
+        return _grouped(layer, layer.quantized_weight().detach().double())
+
+
+@dataclass(frozen=True)
+class GPTQRounding:
+    """GPTQ on the layer's grid (:func:`gptq_weight`).
+
+    Attributes:
+        damp: ``lambda`` as a fraction of the mean of ``diag H`` (the paper's 1 %).
+        act_order: round the inputs with the largest ``diag H`` first.
+        block: columns per lazy-update block.
+    """
+
+    damp: float = 0.01
+    act_order: bool = True
+    block: int = 128
+    name: ClassVar[str] = "gptq"
+    changes_weights: ClassVar[bool] = True
+
+    def __call__(self, layer: QuantWeightLayer, w: torch.Tensor, h: torch.Tensor, samples: int) -> torch.Tensor:
+        return gptq_weight(w, h, _rounder(layer), damp=self.damp, act_order=self.act_order, block=self.block)
+
+
+@dataclass(frozen=True)
+class AdaRoundRounding:
+    """AdaRound on the layer's grid (:func:`adaround_weight`).
+
+    Attributes:
+        iters: Adam steps per layer.
+        lr: Adam learning rate.
+    """
+
+    iters: int = 2000
+    lr: float = 1e-2
+    name: ClassVar[str] = "adaround"
+    changes_weights: ClassVar[bool] = True
+
+    def __call__(self, layer: QuantWeightLayer, w: torch.Tensor, h: torch.Tensor, samples: int) -> torch.Tensor:
+        return adaround_weight(w, h, *_grid(layer), samples=samples, iters=self.iters, lr=self.lr)
+
+
+#: Each weight rounding by its name (:data:`lit_quant.quant.spec.ROUNDINGS`).
+ROUNDING_STRATEGIES: dict[str, type[WeightRounding]] = {
+    cls.name: cls for cls in (NearestRounding, GPTQRounding, AdaRoundRounding)}
+if tuple(ROUNDING_STRATEGIES) != ROUNDINGS:  # a real check: python -O keeps it
+    raise ImportError(f"weight roundings {tuple(ROUNDING_STRATEGIES)} differ from spec.ROUNDINGS {ROUNDINGS}")
+
+
+def weight_rounding(name: str, **options: Any) -> WeightRounding:
+    """The rounding called ``name`` with its ``options`` (``weight_rounding("adaround", iters=500)``);
+    options another rounding takes are ignored, so one set of flags serves them all."""
+    if name not in ROUNDING_STRATEGIES:
+        raise QuantConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {name!r}")
+    cls = ROUNDING_STRATEGIES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in options.items() if k in fields})
+
+
 def _output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     """``||(W - Q) X|| / ||W X||`` from ``H = X X^T``: ``trace(E H E^T) / trace(W H W^T)``, square-rooted."""
     e = w - q
@@ -263,15 +348,14 @@ def _output_means(model: nn.Module, layers: list[tuple[str, QuantWeightLayer]], 
     return {name: sums[name] / count[name] for name in sums}
 
 
-def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gptq", bias_correction: bool = False,
-                  damp: float = 0.01, act_order: bool = True, block: int = 128, adaround_iters: int = 2000,
-                  adaround_lr: float = 1e-2, progress: Any = None) -> LayerwiseResult:
+def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str | WeightRounding = "gptq",
+                  bias_correction: bool = False, progress: Any = None) -> LayerwiseResult:
     """Layer by layer, in forward order (module docstring), round the weights of every weight-quantized
     conv / linear layer of a calibrated ``model`` and optionally correct its bias, on the inputs
     ``batches`` (tensors or ``(inputs, targets)`` pairs) give it.
 
-    * ``rounding="gptq"``: GPTQ on the layer's grid (:func:`gptq_weight`); ``"adaround"``: AdaRound on it
-      (:func:`adaround_weight`); ``"nearest"``: the weights are left to fake quantization's round-to-nearest.
+    * ``rounding``: a :class:`WeightRounding` (:class:`GPTQRounding`, :class:`AdaRoundRounding`,
+      :class:`NearestRounding`: the weights are left to fake quantization), or its name with default options.
     * ``bias_correction`` (empirical bias correction, Nagel et al. 2019 sec. 4.2; AIMET's empirical
       variant): the per-channel mean output of the quantized model at this layer, with every earlier layer
       already corrected, is set to the float model's, ``b_c += E[y_float]_c - (Q_c E[x_q] + b_c)``, where
@@ -285,18 +369,12 @@ def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gpt
     gets the same model.
 
     Args:
-        damp: GPTQ's ``lambda`` as a fraction of the mean of ``diag H`` (the paper's 1 %).
-        act_order: GPTQ rounds the inputs with the largest ``diag H`` first.
-        block: GPTQ columns per lazy-update block.
-        adaround_iters: AdaRound's Adam steps per layer.
-        adaround_lr: AdaRound's Adam learning rate.
         progress: called as ``progress(done, total)`` after each layer.
 
     Raises:
         CalibrationError: no batches, or the model is not calibrated.
     """
-    if rounding not in ROUNDINGS:
-        raise QuantConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}; got {rounding!r}")
+    round_layer = weight_rounding(rounding) if isinstance(rounding, str) else rounding
     start = time.perf_counter()
     inputs = _inputs(batches)
     if not inputs:
@@ -333,17 +411,10 @@ def layerwise_ptq(model: nn.Module, batches: Iterable[Any], rounding: str = "gpt
             finally:
                 hook.remove()
             w = _grouped(layer, layer.float_weight().detach().double())
-            round_ = _rounder(layer)
-            nearest = _grouped(layer, layer.quantized_weight().detach().double())
-            if rounding == "gptq":
-                q = gptq_weight(w, stats["h"], round_, damp=damp, act_order=act_order, block=block)
-            elif rounding == "adaround":
-                q = adaround_weight(w, stats["h"], *_grid(layer), samples=stats["n"], iters=adaround_iters,
-                                    lr=adaround_lr)
-            else:
-                q = nearest
+            nearest = NearestRounding()(layer, w, stats["h"], stats["n"])
+            q = round_layer(layer, w, stats["h"], stats["n"])
             errors[name] = (_output_error(w, nearest, stats["h"]), _output_error(w, q, stats["h"]))
-            if rounding != "nearest":
+            if round_layer.changes_weights:
                 layer.set_float_weight(q.reshape(layer.weight.shape).to(layer.weight.dtype))
             bias = layer.float_bias()
             if bias_correction and bias is not None:

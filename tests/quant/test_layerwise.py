@@ -9,7 +9,7 @@ from torch import nn
 
 from lit_quant.quant import CalibrationError, QuantPlan, calibrate, enable_fake_quant, iter_quantizers, prepare
 from lit_quant.quant.layers import QuantWeightLayer
-from lit_quant.quant.layerwise import adaround_weight, gptq_weight, layerwise_ptq
+from lit_quant.quant.layerwise import adaround_weight, gptq_weight, layerwise_ptq, weight_rounding
 
 
 def _net() -> nn.Module:
@@ -94,7 +94,7 @@ def test_layerwise_rounding_and_bias_correction_on_a_network(rounding: str) -> N
     calibrate(base, data)
     q = prepare(net, plan)
     calibrate(q, data)
-    result = layerwise_ptq(q, data, rounding=rounding, bias_correction=True, adaround_iters=300)
+    result = layerwise_ptq(q, data, rounding=weight_rounding(rounding, iters=300), bias_correction=True)
     layers = [m for m in q.modules() if isinstance(m, QuantWeightLayer)]
     assert result.layers == len(layers) == 4 and result.samples == 128
     assert all(_on_grid(m) for m in layers)
@@ -169,3 +169,30 @@ def test_layerwise_needs_data_and_a_calibrated_model() -> None:
 
     with pytest.raises(QuantConfigError, match="rounding must be one of nearest, gptq, adaround"):
         layerwise_ptq(q, _data(), rounding="stochastic")
+
+
+def test_a_user_rounding_plugs_in_behind_the_same_interface() -> None:
+    """A rounding is any callable with a name: layerwise_ptq hands it each layer's weight and Hessian, in
+    forward order, and installs what it returns."""
+
+    class Floor:
+        name = "floor"
+        changes_weights = True
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []
+
+        def __call__(self, layer: QuantWeightLayer, w: torch.Tensor, h: torch.Tensor, samples: int) -> torch.Tensor:
+            self.seen.append((w.shape[-1], samples))
+            qp = layer.weight_quant.qparams()  # symmetric, per output channel
+            s = qp.scale.double().reshape(w.shape[0], w.shape[1], 1)
+            return s * torch.clamp(torch.floor(w / s), qp.quant_min, qp.quant_max)
+
+    net, data = _net(), _data()
+    q = prepare(net, QuantPlan.from_bits(4, 8))
+    calibrate(q, data)
+    floor = Floor()
+    result = layerwise_ptq(q, data, rounding=floor)
+    assert len(floor.seen) == result.layers == 4 and all(n > 0 for _, n in floor.seen)
+    assert all(used > nearest for nearest, used in result.errors.values())  # flooring is worse than nearest
+    assert all(_on_grid(m) for m in q.modules() if isinstance(m, QuantWeightLayer))

@@ -21,7 +21,7 @@ from lit_quant.app.pipeline.context import RunContext, evaluate_on_test
 from lit_quant.app.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
 from lit_quant.quant.equalize import equalize
-from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq
+from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq, weight_rounding
 from lit_quant.quant.plan import DEPTHWISE
 from lit_quant.quant.preparation import QuantizedModel, is_depthwise, logits_quantizer
 
@@ -130,9 +130,9 @@ def layerwise_steps(cfg: QuantizeConfig, model: torch.nn.Module, dm: Any) -> Lay
     (or the QAT recipe) ask; None when neither is on."""
     if not layerwise_on(cfg):
         return None
-    return layerwise_ptq(model, dm.full_calibration_dataloader(), rounding=cfg.weight_rounding,
-                         bias_correction=bool(cfg.bias_correction), adaround_iters=cfg.adaround_iters,
-                         adaround_lr=cfg.adaround_lr)
+    rounding = weight_rounding(cfg.weight_rounding, iters=cfg.adaround_iters, lr=cfg.adaround_lr)
+    return layerwise_ptq(model, dm.full_calibration_dataloader(), rounding=rounding,
+                         bias_correction=bool(cfg.bias_correction))
 
 
 def logits_cost_note(ctx: RunContext, model: torch.nn.Module, row: Row) -> str:
