@@ -92,16 +92,16 @@ def print_mixed(mixed: dict[str, Any]) -> int:
     from lit_quant.app.pipeline.mixed import sensitivity_rows
 
     sens = mixed["sensitivity"]
-    widths = sorted(sens["widths"], key=int, reverse=True)
+    widths = sorted(sens.widths, reverse=True)
     table = Table(title=f"sensitivity: one tensor quantized at a time, everything else float "
-                        f"({sens['images']} validation images, fp32 {sens['fp32_val_top1']:.2f} %)",
+                        f"({sens.images} validation images, fp32 {sens.fp32_val_top1:.2f} %)",
                   caption="each cell: SQNR of the logits (dB) / validation top-1 drop (points)")
     for name in ("layer", "tensor", *(f"{w} bits" for w in widths)):
         table.add_column(name, justify="left" if name in ("layer", "tensor") else "right")
     for row in sensitivity_rows(sens):
         table.add_row(*row)
     console.print(table)
-    done = f"{sens['passes']} passes in {sens['seconds']:.1f} s" if sens["passes"] else "all widths from the cache"
+    done = f"{sens.passes} passes in {sens.seconds:.1f} s" if sens.passes else "all widths from the cache"
     console.print(f"sensitivity: {done}; "
                   + ", ".join(f"{k} {v}" for k, v in mixed["files"].items()), markup=False, highlight=False)
     search = mixed.get("search")

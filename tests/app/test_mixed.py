@@ -1,5 +1,5 @@
-"""Mixed precision: knobs map back to plan overrides, the cost model's formulas, the greedy order, the search's
-bisection and the ``--sensitivity`` / ``--max-drop`` command line end to end on a tiny trained model."""
+"""Mixed precision in the application: knobs map back to plan overrides, the search's bisection and the
+``--sensitivity`` / ``--max-drop`` command line end to end on a tiny trained model."""
 
 from __future__ import annotations
 
@@ -17,19 +17,17 @@ import quantize
 from lit_quant.app.cli import run_cli
 from lit_quant.app.models import build_model
 from lit_quant.app.pipeline import mixed
-from lit_quant.app.pipeline.mixed import (
+from lit_quant.quant import QuantPlan, iter_quantizers, prepare
+from lit_quant.quant.mixed import (
+    Knob,
+    KnobScore,
     LayerCost,
-    Step,
+    Sensitivity,
     assignment,
-    bit_operations,
     knob_quantizers,
-    layer_costs,
     mixed_plan,
-    packed_weight_bytes,
-    sqnr_db,
     step_order,
 )
-from lit_quant.quant import QuantPlan, iter_quantizers, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -54,47 +52,6 @@ def test_every_knob_is_a_plan_override_of_exactly_its_quantizers() -> None:
             assert [fq.spec.bits for fq in quantizers] == [4 if k == knob else 8] * len(quantizers), (knob, k)
 
 
-def test_costs_follow_their_formulas() -> None:
-    """Conv 3->8, 3x3, padding 1 on 6x6, then Linear 288->5: MACs 6*6*8*27 and 288*5; packed bytes
-    ceil(n * bits / 8); bit-operations MACs x weight bits x input bits."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(288, 5)).eval()
-    q = prepare(model, QuantPlan.from_bits(8, 8))
-    costs = layer_costs(q, torch.randn(2, 3, 6, 6))
-    assert costs["0"] == LayerCost(8 * 27, 6 * 6 * 8 * 27, ("input", "act"))
-    assert costs["3"] == LayerCost(288 * 5, 288 * 5, ("0", "act"))  # the ReLU's output, governed by the conv
-    widths = {("0", "weight"): 3, ("3", "weight"): 4, ("input", "act"): 8, ("0", "act"): 2}
-    assert packed_weight_bytes(costs, widths) == math.ceil(216 * 3 / 8) + 288 * 5 * 4 // 8
-    assert bit_operations(costs, widths) == 6 * 6 * 8 * 27 * 3 * 8 + 288 * 5 * 4 * 2
-
-
-def test_sqnr() -> None:
-    z = torch.tensor([[3.0, 4.0]])
-    assert sqnr_db(z, z + torch.tensor([[0.3, 0.4]])) == pytest.approx(20.0)  # noise 1/100 of the signal
-    assert sqnr_db(z, z) == mixed.MAX_SQNR_DB
-
-
-def sens(table: dict[int, dict[str, float]]) -> dict:
-    """A sensitivity result from {width: {"name|kind": SQNR dB}}."""
-    return {"widths": {str(b): {"knobs": {k: {"sqnr_db": v, "drop": 0.0} for k, v in knobs.items()}}
-                       for b, knobs in table.items()}}
-
-
-def test_step_order_takes_the_least_noise_per_saved_byte_one_width_at_a_time() -> None:
-    costs = {"a": LayerCost(1000, 1, None), "b": LayerCost(100, 1, None)}
-    knobs = [("a", "weight"), ("b", "weight"), ("a", "act")]
-    s = sens({8: {"a|weight": 50, "b|weight": 50, "a|act": 50},
-              4: {"a|weight": 30, "b|weight": 30, "a|act": 10},
-              2: {"a|weight": 10, "b|weight": 25, "a|act": 5}})
-    order = step_order(s, knobs, [2, 4, 8], costs, "size")
-    # activations save no weight bytes, so the size objective never narrows them
-    assert all(step.knob[1] == "weight" for step in order)
-    # a: 8->4 saves 500 bytes for 1e-3 noise, rate 2e-6; b: 8->4 saves 50 for the same, 2e-5; a: 4->2 saves
-    # 250 for 0.099, 4e-4; b: 4->2 saves 25 for ~2.2e-3, 9e-5
-    assert [(s.knob[0], s.bits) for s in order] == [("a", 4), ("b", 4), ("b", 2), ("a", 2)]
-    assert assignment(knobs, 8, order[:2]) == {("a", "weight"): 4, ("b", "weight"): 4, ("a", "act"): 8}
-    assert isinstance(order[0], Step) and order[0].saving == 500
-
-
 @pytest.mark.parametrize(("accuracies", "kept", "meets"), [
     ([90, 90, 90, 90, 90], 4, True),    # everything narrowed passes
     ([90, 89.8, 89.6, 80, 70], 2, True),  # within 0.5 up to two steps
@@ -107,7 +64,8 @@ def test_search_keeps_the_longest_passing_prefix(monkeypatch: pytest.MonkeyPatch
     names = ["a", "b", "c", "d"]
     costs = {n: LayerCost(100 * (i + 1), 1, None) for i, n in enumerate(names)}
     knobs = [(n, "weight") for n in names]
-    s = sens({8: {f"{n}|weight": 60 for n in names}, 4: {f"{n}|weight": 30 for n in names}})
+    s = Sensitivity(90.0, 100, {8: {Knob(n, "weight"): KnobScore(60, 0.0) for n in names},
+                                4: {Knob(n, "weight"): KnobScore(30, 0.0) for n in names}})
     order = step_order(s, knobs, [4, 8], costs, "size")
 
     def check_plan(_ctx: object, plan: QuantPlan, _subset: object) -> tuple[float, float]:

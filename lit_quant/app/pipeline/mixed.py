@@ -1,25 +1,14 @@
-"""Mixed precision: per-layer sensitivity, and the smallest per-layer assignment of widths within an accuracy
-budget (``quantize.py --sensitivity`` / ``--max-drop``).
+"""Mixed precision in the application (``quantize.py --sensitivity`` / ``--max-drop``): measuring the
+sensitivity on the validation split, and the search, on top of the maths of :mod:`lit_quant.quant.mixed`.
 
-**Knobs.** Every quantizer of a prepared model is governed by one plan name (a layer, an absorbed producer such
-as ``layers.0.add``, or ``input``; :attr:`lit_quant.quant.FakeQuantize.plan_name`); a knob is a plan name and a
-kind, the weights or the output activation of that name, and a plan override sets its width.
+**Sensitivity** at width ``b``: the model is prepared with every tensor at ``b`` bits and calibrated once (the
+statistics are cached per width under ``<run>/sensitivity/``); then, for each knob, only its quantizers
+fake-quantize and one pass over the validation subset gives its :class:`KnobScore`. Under DDP the passes are
+split between the processes and gathered.
 
-**Sensitivity** of knob ``k`` at width ``b``: the model is prepared with every tensor at ``b`` bits and
-calibrated once (the statistics are cached per width under ``<run>/sensitivity/``); then, for each knob, only
-its quantizers fake-quantize (everything else computes in float) and one pass over the validation subset gives
-
-    SQNR_k(b) = 10 log10( sum(z^2) / sum((z - z_k,b)^2) )  dB        (z: fp32 logits, z_k,b: the knob's)
-    drop_k(b) = top1_val(fp32) - top1_val(knob k at b bits)          points
-
-Under DDP the passes are split between the processes and gathered.
-
-**Search** (``--max-drop D``): every knob starts at the widest width. Each step narrows one knob to its next
-width; steps are taken cheapest first, the cost of a step being the logit noise it adds, estimated from the
-sensitivity as ``10^(-SQNR/10)`` (noise powers of independent layers add), per unit of what it saves (packed
-weight bits, or bit-operations MACs x weight bits x input bits). The longest prefix of that order whose PTQ
-model (calibration plus the PTQ recipe) keeps validation top-1 within ``D`` points of fp32 is found by
-bisection, checking on validation; it is written as a plan YAML for ``--plan``.
+**Search** (``--max-drop D``): the longest prefix of :func:`step_order` whose PTQ model (calibration plus the PTQ
+recipe) keeps validation top-1 within ``D`` points of fp32 is found by bisection, checking on validation; it is
+written as a plan YAML for ``--plan``.
 """
 
 from __future__ import annotations
@@ -47,82 +36,26 @@ from lit_quant.app.pipeline.context import RunContext, show_progress
 from lit_quant.app.pipeline.deploy import add_deploy_rows
 from lit_quant.app.pipeline.ptq import PTQPoint, build_plan, calibrate, layerwise_steps, ptq_row, weights_fingerprint
 from lit_quant.app.pipeline.rows import Report, new_figure, save_figure
-from lit_quant.quant import FakeQuantize, LayerOverride, QuantPlan, enable_fake_quant, iter_quantizers, prepare
+from lit_quant.quant import QuantPlan, enable_fake_quant, prepare
 from lit_quant.quant.equalize import equalize
-from lit_quant.quant.layers import QuantWeightLayer
-
-#: SQNR reported when the knob changes no logit at all (a finite number JSON can hold).
-MAX_SQNR_DB = 200.0
-
-Knob = tuple[str, str]  # (plan name, "weight" | "act")
-
-
-def knob_quantizers(model: nn.Module) -> dict[Knob, list[FakeQuantize]]:
-    """Every knob of a prepared model with its quantizers, in execution order."""
-    knobs: dict[Knob, list[FakeQuantize]] = {}
-    for _, fq in iter_quantizers(model):
-        if fq.plan_name is not None:
-            knobs.setdefault((fq.plan_name, fq.kind), []).append(fq)
-    return knobs
-
-
-@dataclass
-class LayerCost:
-    """What a quantized Conv/Linear costs: its weight count, its MACs per image and the knob of its input."""
-
-    weights: int
-    macs: int
-    input_knob: Knob | None
-
-
-def layer_costs(model: nn.Module, example: torch.Tensor) -> dict[str, LayerCost]:
-    """Weight counts, MACs per image (one forward of ``example[:1]``: output elements x weights per output)
-    and input knobs of every quantized Conv/Linear of a prepared model, by plan name."""
-    costs: dict[str, LayerCost] = {}
-    hooks = []
-    for module in model.modules():
-        if isinstance(module, QuantWeightLayer) and module.weight_quant is not None:
-            fq = module.weight_quant
-            source = module.input_quantizer()
-            knob = (source.plan_name, "act") if source is not None and source.plan_name is not None else None
-
-            def hook(m: nn.Module, _args: Any, out: torch.Tensor, name: str = str(fq.plan_name),
-                     knob: Knob | None = knob) -> None:
-                per_output = m.weight[0].numel()  # in_channels / groups x kernel (Conv), in_features (Linear)
-                costs[name] = LayerCost(m.weight.numel(), out[0].numel() * per_output, knob)
-
-            hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return costs
-
-
-def packed_weight_bytes(costs: dict[str, LayerCost], widths: dict[Knob, int]) -> int:
-    """Bytes of the weights packed at their widths: ``sum ceil(n_weights x bits / 8)`` (float weights: 32 bits)."""
-    return sum(math.ceil(c.weights * widths.get((name, "weight"), 32) / 8) for name, c in costs.items())
-
-
-def bit_operations(costs: dict[str, LayerCost], widths: dict[Knob, int]) -> int:
-    """Bit-operations per image: ``sum MACs x weight bits x input bits`` (a float input counts 32 bits)."""
-    return sum(c.macs * widths.get((name, "weight"), 32) * (widths.get(c.input_knob, 32) if c.input_knob else 32)
-               for name, c in costs.items())
-
-
-def objective(costs: dict[str, LayerCost], widths: dict[Knob, int], name: str) -> int:
-    """The search objective of an assignment: packed weight bytes or bit-operations."""
-    return packed_weight_bytes(costs, widths) if name == "size" else bit_operations(costs, widths)
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """``10 log10(sum(reference^2) / sum((reference - test)^2))``, at most :data:`MAX_SQNR_DB`."""
-    noise = float(((reference - test) ** 2).sum())
-    signal = float((reference ** 2).sum())
-    return MAX_SQNR_DB if noise == 0 else min(MAX_SQNR_DB, 10 * math.log10(signal / noise))
-
+from lit_quant.quant.mixed import (
+    Knob,
+    KnobScore,
+    LayerCost,
+    Sensitivity,
+    assignment,
+    bit_operations,
+    knob_quantizers,
+    layer_costs,
+    mixed_plan,
+    objective,
+    packed_weight_bytes,
+    scores_from_dict,
+    scores_to_dict,
+    sqnr_db,
+    step_order,
+    uniform_label,
+)
 
 @dataclass
 class ValSubset:
@@ -169,7 +102,7 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather(local: dict[str, Any]) -> dict[str, Any]:
+def _gather(local: dict[Any, Any]) -> dict[Any, Any]:
     """Merge every process's ``local`` results (a no-op in one process)."""
     _, world = _distributed()
     if world == 1:
@@ -214,14 +147,14 @@ def read_cache(path: Path) -> dict[str, Any]:
     return cache if isinstance(cache, dict) else {}
 
 
-def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> dict[str, Any]:
+def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> Sensitivity:
     """Per-knob SQNR and validation drop at each width (see the module docstring), with the cache of earlier
     runs of the same model, data, plan and images reused; also the seconds and passes it took."""
     cfg = ctx.cfg
     cache_dir = ctx.run_dir / "sensitivity"
     cache_path = cache_dir / "sensitivity.json"
     cache = read_cache(cache_path)
-    result: dict[str, Any] = {"fp32_val_top1": subset.fp32_top1, "images": len(subset.labels), "widths": {}}
+    result = Sensitivity(subset.fp32_top1, len(subset.labels))
     start, passes = time.perf_counter(), 0
     rank, world = _distributed()
     for bits in widths:
@@ -230,99 +163,34 @@ def sensitivity(ctx: RunContext, widths: Sequence[int], subset: ValSubset) -> di
                    cfg.calib_batches, cfg.batch_size)
         entry = cache.get(str(bits))
         if isinstance(entry, dict) and entry.get("key") == key and entry.get("digest") == _digest(entry):
-            result["widths"][str(bits)] = entry
+            result.widths[bits] = scores_from_dict(entry["knobs"])
             continue
         lit = LitClassifier(prepare(ctx.float_model, plan), ctx.num_classes)
         calibrate(ctx.trainer, lit, ctx.dm, str(cache_dir / f"stats-{key}.yaml"), ctx.source)
         knobs = knob_quantizers(lit.model)
         enable_fake_quant(lit.model, False)
-        local: dict[str, Any] = {}
+        local: dict[Knob, KnobScore] = {}
         mine = [(knob, q) for i, (knob, q) in enumerate(knobs.items()) if i % world == rank]
         with progress_bar(ctx, len(mine), f"sensitivity at {bits} bits") as advance:
-            for (name, kind), quantizers in mine:
+            for knob, quantizers in mine:
                 for fq in quantizers:
                     fq.fake_quant_enabled.fill_(True)
                 logits = subset.logits(lit.model)
                 for fq in quantizers:
                     fq.fake_quant_enabled.fill_(False)
-                local[f"{name}|{kind}"] = {"sqnr_db": sqnr_db(subset.fp32_logits, logits),
-                                           "drop": subset.fp32_top1 - top1(logits, subset.labels)}
+                local[knob] = KnobScore(sqnr_db(subset.fp32_logits, logits),
+                                        subset.fp32_top1 - top1(logits, subset.labels))
                 advance()
         passes += 1 + len(knobs)
         merged = _gather(local)
-        entry = {"key": key, "knobs": {f"{n}|{k}": merged[f"{n}|{k}"] for n, k in knobs}}
-        result["widths"][str(bits)] = {**entry, "digest": _digest(entry)}
-        cache[str(bits)] = result["widths"][str(bits)]
+        result.widths[bits] = {knob: merged[knob] for knob in knobs}
+        entry = {"key": key, "knobs": scores_to_dict(result.widths[bits])}
+        cache[str(bits)] = {**entry, "digest": _digest(entry)}
         if ctx.is_global_zero:
             cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache_path, json.dumps(cache, indent=1) + "\n")
-    result["seconds"], result["passes"] = time.perf_counter() - start, passes
+    result.seconds, result.passes = time.perf_counter() - start, passes
     return result
-
-
-@dataclass
-class Step:
-    """Narrowing one knob from one width to the next, with the noise it adds per unit of objective saved."""
-
-    knob: Knob
-    bits: int
-    saving: int
-    noise: float
-
-    @property
-    def rate(self) -> float:
-        return self.noise / self.saving
-
-
-def noise_power(sens: dict[str, Any], knob: Knob, bits: int) -> float:
-    """Relative logit noise power of ``knob`` alone at ``bits``: ``10^(-SQNR/10)``."""
-    return 10 ** (-sens["widths"][str(bits)]["knobs"][f"{knob[0]}|{knob[1]}"]["sqnr_db"] / 10)
-
-
-def step_order(sens: dict[str, Any], knobs: Sequence[Knob], widths: Sequence[int], costs: dict[str, LayerCost],
-               objective_name: str) -> list[Step]:
-    """Greedy order of the narrowing steps: repeatedly the step of least added noise per unit saved among each
-    knob's next step (a knob narrows one width at a time); steps that save nothing are left out."""
-    widths = sorted(widths, reverse=True)
-    assign = {k: widths[0] for k in knobs}
-    level = {k: 0 for k in knobs}
-    order: list[Step] = []
-    while True:
-        candidates = []
-        current = objective(costs, assign, objective_name)
-        for knob in knobs:
-            if level[knob] + 1 >= len(widths):
-                continue
-            narrower = {**assign, knob: widths[level[knob] + 1]}
-            saving = current - objective(costs, narrower, objective_name)
-            if saving <= 0:
-                continue
-            added = max(0.0, noise_power(sens, knob, narrower[knob]) - noise_power(sens, knob, assign[knob]))
-            candidates.append(Step(knob, narrower[knob], saving, added))
-        if not candidates:
-            return order
-        best = min(candidates, key=lambda s: (s.rate, s.knob))
-        order.append(best)
-        assign[best.knob] = best.bits
-        level[best.knob] += 1
-
-
-def assignment(knobs: Sequence[Knob], widest: int, steps: Sequence[Step]) -> dict[Knob, int]:
-    """Every knob's width after ``steps``."""
-    widths = {k: widest for k in knobs}
-    for step in steps:
-        widths[step.knob] = step.bits
-    return widths
-
-
-def mixed_plan(base: QuantPlan, widths: dict[Knob, int], widest: int) -> QuantPlan:
-    """``base`` (every tensor at the widest width) with one override per knob narrowed below it."""
-    narrowed: dict[str, dict[str, dict[str, int]]] = {}
-    for (name, kind), bits in widths.items():
-        if bits != widest:
-            narrowed.setdefault(name, {})[kind] = {"bits": bits}
-    overrides = [LayerOverride(name, **kinds) for name, kinds in narrowed.items()]
-    return dataclasses.replace(base, overrides=(*base.overrides, *overrides))
 
 
 @dataclass
@@ -347,13 +215,6 @@ def check_plan(ctx: RunContext, plan: QuantPlan, subset: ValSubset) -> tuple[flo
     return top, time.perf_counter() - start
 
 
-def uniform_label(widths: dict[Knob, int]) -> str:
-    """'W8A8'-style label of an assignment with one weight width and one activation width, else ''."""
-    w = {b for (_, kind), b in widths.items() if kind == "weight"}
-    a = {b for (_, kind), b in widths.items() if kind == "act"}
-    return f"uniform W{w.pop()}A{a.pop()}" if len(w) == 1 and len(a) == 1 else ""
-
-
 @dataclass
 class SearchResult:
     """The assignment found, whether it meets the budget, the plan and every check made."""
@@ -371,7 +232,7 @@ class SearchResult:
         return next(c for c in self.checks if c.steps == self.kept_steps)
 
 
-def search(ctx: RunContext, sens: dict[str, Any], widths: Sequence[int], subset: ValSubset,
+def search(ctx: RunContext, sens: Sensitivity, widths: Sequence[int], subset: ValSubset,
            costs: dict[str, LayerCost], knobs: Sequence[Knob]) -> SearchResult:
     """Bisection over the greedy order for the longest prefix within ``--max-drop`` (module docstring)."""
     cfg = ctx.cfg
@@ -408,14 +269,13 @@ def search(ctx: RunContext, sens: dict[str, Any], widths: Sequence[int], subset:
                         time.perf_counter() - start, checks[0].seconds, best)
 
 
-def plot_sensitivity(sens: dict[str, Any], path: Path) -> None:
+def plot_sensitivity(sens: Sensitivity, path: Path) -> None:
     """Knobs by widths, coloured by validation drop (weights and activations side by side)."""
-    widths = sorted(sens["widths"], key=int, reverse=True)
-    names = list(dict.fromkeys(k.split("|")[0] for w in widths for k in sens["widths"][w]["knobs"]))
+    widths = sorted(sens.widths, reverse=True)
+    names = list(dict.fromkeys(k.name for w in widths for k in sens.widths[w]))
     fig, axes = new_figure(1, 2, figsize=(8, 1.5 + 0.25 * len(names)), sharey=True)
     for ax, kind in zip(axes, ("weight", "act")):
-        grid = [[sens["widths"][w]["knobs"].get(f"{n}|{kind}", {}).get("drop", math.nan) for w in widths]
-                for n in names]
+        grid = [[getattr(sens.widths[w].get(Knob(n, kind)), "drop", math.nan) for w in widths] for n in names]
         image = ax.imshow(grid, cmap="Reds", aspect="auto", vmin=0)
         ax.set_xticks(range(len(widths)), [f"{w} b" for w in widths])
         ax.set_title(f"{'weights' if kind == 'weight' else 'activations'}: val top-1 drop")
@@ -453,18 +313,17 @@ def plot_pareto(result: SearchResult, fp32: float, max_drop: float, objective_na
     save_figure(fig, path)
 
 
-def sensitivity_rows(sens: dict[str, Any]) -> list[list[str]]:
+def sensitivity_rows(sens: Sensitivity) -> list[list[str]]:
     """The sensitivity table's rows: knob, kind, then 'SQNR dB / drop' at each width (widest first)."""
-    widths = sorted(sens["widths"], key=int, reverse=True)
-    keys = list(dict.fromkeys(k for w in widths for k in sens["widths"][w]["knobs"]))
+    widths = sorted(sens.widths, reverse=True)
+    knobs = list(dict.fromkeys(k for w in widths for k in sens.widths[w]))
     rows = []
-    for key in keys:
-        name, kind = key.split("|")
+    for knob in knobs:
         cells = []
         for w in widths:
-            knob = sens["widths"][w]["knobs"].get(key)
-            cells.append("-" if knob is None else f"{knob['sqnr_db']:.1f} / {knob['drop']:+.2f}")
-        rows.append([name, kind, *cells])
+            score = sens.widths[w].get(knob)
+            cells.append("-" if score is None else f"{score.sqnr_db:.1f} / {score.drop:+.2f}")
+        rows.append([knob.name, knob.kind, *cells])
     return rows
 
 
@@ -482,7 +341,7 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
     out: dict[str, Any] = {"sensitivity": sens, "files": {}}
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_global_zero:
-        atomic_write_text(ctx.out_dir / "sensitivity.json", json.dumps(sens, indent=1) + "\n")
+        atomic_write_text(ctx.out_dir / "sensitivity.json", json.dumps(sens.to_dict(), indent=1) + "\n")
         plot_sensitivity(sens, ctx.out_dir / "sensitivity.png")
         out["files"] = {"json": ctx.out_dir / "sensitivity.json", "png": ctx.out_dir / "sensitivity.png"}
     if cfg.max_drop is None:
@@ -510,7 +369,7 @@ def run_mixed(ctx: RunContext, report: Report, widths: Sequence[int]) -> dict[st
         "seconds": result.seconds, "pass_seconds": result.pass_seconds,
         "passes": result.seconds / result.pass_seconds,
         # what the whole run cost, sensitivity (0 s when cached) included, in the same unit
-        "passes_with_sensitivity": (result.seconds + sens["seconds"]) / result.pass_seconds,
+        "passes_with_sensitivity": (result.seconds + sens.seconds) / result.pass_seconds,
         "checks": [dataclasses.asdict(c) for c in result.checks]}
     out["search"] = search_info
     if ctx.is_global_zero:
