@@ -210,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           markup=False, highlight=False)
     for pair in result.pairs:
         console.print(pair_line(pair), markup=False, highlight=False)
+    for message in result.messages:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
     console.print(f"Report: {result.report_dir / 'report.json'}")
     if result.mixed is not None:
         return print_mixed(result.mixed)

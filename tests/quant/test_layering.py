@@ -75,3 +75,12 @@ def test_every_library_file_is_in_a_layer_and_only_the_app_and_scripts_import_th
     outside = [p for p in package.rglob("*.py") if package / "app" not in p.parents]
     bad = [f"{p.relative_to(ROOT)}: {n}" for p in outside for n in _imports(p) if n.startswith("lit_quant.app")]
     assert not bad, bad
+
+
+def test_the_work_layer_returns_data_and_only_the_cli_prints() -> None:
+    """``lit_quant.app.pipeline`` and ``lit_quant.app.training`` hand back rows, results and messages; the console
+    belongs to the CLI and the scripts."""
+    app = Path(ROOT) / "lit_quant" / "app"
+    files = sorted((app / "pipeline").rglob("*.py")) + [app / "training.py"]
+    bad = [f"{p.relative_to(ROOT)}: {n}" for p in files for n in _imports(p) if n.startswith("lit_quant.app.cli")]
+    assert not bad, bad

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from lit_quant.app.cli import console
 from lit_quant.deploy.graph import agreement, logit_gap
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import IntegerEngine
@@ -18,14 +17,15 @@ from lit_quant.app.pipeline.rows import Report, Row
 
 
 def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, stem: str) -> None:
-    """Add the ``--export`` rows of ``qmodel`` (whose own row is ``base``) to ``report``; print ``--explain``."""
+    """Add the ``--export`` rows of ``qmodel`` (whose own row is ``base``) to ``report``, and ``--explain``'s
+    text and any overflow warning to its messages."""
     cfg = ctx.cfg
     if not (cfg.export or cfg.explain):
         return
     engine = IntegerEngine(qmodel, cfg.accum_bits, cfg.scale_approx_bits) \
         if cfg.explain or "integer" in cfg.export else None
     if cfg.explain and ctx.is_global_zero:
-        console.print(engine.explain(cfg.explain, ctx.example), markup=False, highlight=False, soft_wrap=True)
+        report.messages.append(engine.explain(cfg.explain, ctx.example))
         engine.reset_stats()  # the overflow report covers the evaluation only
     bits = {"weight_bits": base.weight_bits, "act_bits": base.act_bits, "observer": base.observer}
     deployed = ctx.out_dir / f"{stem}-deploy.pt"
@@ -73,9 +73,9 @@ def _integer_row(ctx: RunContext, report: Report, base: Row, engine: IntegerEngi
                 "latency not timed (a reference, float64 integer containers)" + overflow)
     report.add(row, correct)
     if over and ctx.is_global_zero:
-        console.print(f"[yellow]warning:[/] accumulator overflow with --accum-bits "
-                      f"{next(iter(over.values())).accum_bits}: " + ", ".join(
-                          f"{n} (needs {st.bits_needed} bits)" for n, st in over.items()))
+        accum = next(iter(over.values())).accum_bits
+        report.messages.append(f"warning: accumulator overflow with --accum-bits {accum}: "
+                               + ", ".join(f"{n} (needs {st.bits_needed} bits)" for n, st in over.items()))
 
 
 def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:

@@ -100,6 +100,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     outcomes: dict[int, torch.Tensor] = field(default_factory=dict)  # row index -> per-image top-1 (bool)
     layers: list[dict[str, Any]] = field(default_factory=list)  # ops of our first quantized model (summarize)
+    messages: list[str] = field(default_factory=list)  # what the script prints after the table (--explain, warnings)
 
     def describe(self, qmodel: Any) -> None:
         """Record what ``qmodel`` quantizes, op by op, unless a model was recorded already (the first of a run

@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class QuantizeResult:
     is_global_zero: bool  # rank 0, the process that writes files (under DDP every process runs the work)
     layers: list[dict[str, Any]]  # what our quantized model quantizes, op by op (report.json "layers")
     mixed: dict[str, Any] | None = None  # --sensitivity / --max-drop: what run_mixed returned
+    messages: list[str] = field(default_factory=list)  # --explain's text and warnings, printed after the table
 
 
 def find_checkpoint(ckpt: str | None, checkpoint_dir: str | Path) -> Path:
@@ -273,4 +274,5 @@ def run_quantize(cfg: QuantizeConfig, sweep_bits: list[int] | None = None,
         pairs = report.pairs()
         if ctx.is_global_zero:
             write_outputs(ctx, report, pairs, None if mixed is not None else sweep_bits)
-        return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers, mixed)
+        return QuantizeResult(report.dicts(), pairs, ctx.run_dir, ctx.out_dir, ctx.is_global_zero, report.layers, mixed,
+                              report.messages)
