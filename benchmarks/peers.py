@@ -47,7 +47,7 @@ from smoke import add_smoke_arguments, parse_with_smoke
 
 import quantize
 from lit_quant.app.pipeline.run import evaluation_data, run_quantize
-from lit_quant.app.training import load_classifier
+from lit_quant.app.training import Arch, load_classifier
 
 #: The settings: name -> (weight bits, activation bits, bits of the first and last layers or None).
 SETTINGS: dict[str, tuple[int, int, int | None]] = {
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier = load_classifier(Path(args.ckpt))
     model = classifier.model.eval()
-    arch = classifier.hparams.arch
+    arch = Arch.from_dict(classifier.hparams.arch, args.ckpt)
     _, dm = evaluation_data(Path(args.ckpt), arch, args.batch_size, args.calib_batches)
     calib = list(dm.full_calibration_dataloader())
     test = list(dm.test_dataloader())
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting} done", file=sys.stderr, flush=True)
 
     images = sum(len(b[1]) for b in calib)
-    print(f"{arch['model']} on {arch['data']} ({args.ckpt}), fp32 top-1 {fp32:.2f} %; {images} calibration images, "
+    print(f"{arch.model} on {arch.data} ({args.ckpt}), fp32 top-1 {fp32:.2f} %; {images} calibration images, "
           f"{sum(len(b[1]) for b in test)} test images; top-1 % (delta to fp32) [seconds]")
     header = ["setting", "ours (default recipe)", "torch.ao int8", *args.peers]
     print(" | ".join(header))

@@ -10,11 +10,13 @@ renamed into place (:mod:`lit_quant.io`), so a kill during a save never leaves a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
 import os
 import time
+import typing
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +45,41 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-#: Keys of ``hparams.arch`` that must agree between a checkpoint and the run resuming from it.
+@dataclass(frozen=True)
+class Arch:
+    """How to rebuild a checkpoint's model; every checkpoint stores it as ``hparams.arch`` (:meth:`to_dict`),
+    a plain mapping so that loading a checkpoint runs no code.
+
+    Attributes:
+        model: the model name (:func:`lit_quant.app.models.build_model`).
+        data: the data set it was trained on.
+        in_channels: image channels.
+        num_classes: classes.
+        image_size: the image side it was trained at.
+        small_input: the small-image stem of torchvision's ResNets / MobileNets.
+        bn_momentum: BatchNorm running-statistics momentum; None keeps the model's own.
+    """
+
+    model: str
+    data: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    small_input: bool
+    bn_momentum: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, arch: dict[str, Any], where: str) -> Arch:
+        """The record of a checkpoint's ``arch`` mapping, checked by :func:`check_arch` (``where`` names the
+        file in its one-line error)."""
+        check_arch(arch, where)
+        return cls(**arch)
+
+
+#: Fields of :class:`Arch` that must agree between a checkpoint and the run resuming from it.
 ARCH_KEYS = ("model", "data", "in_channels", "num_classes", "image_size", "small_input")
 
 
@@ -206,12 +242,11 @@ def build_datamodule(cfg: TrainConfig) -> ClassificationDataModule:
                                     download=cfg.download, augment=cfg.augment, fake_size=cfg.fake_size)
 
 
-def build_arch(cfg: TrainConfig, num_classes: int | None = None) -> dict[str, Any]:
-    """How to rebuild the model: stored in every checkpoint as ``hparams.arch``."""
+def build_arch(cfg: TrainConfig, num_classes: int | None = None) -> Arch:
+    """How to rebuild the model ``cfg`` trains (``num_classes``: the data's own when None)."""
     info = dataset_info(cfg.data)
-    return {"model": cfg.model, "data": cfg.data, "in_channels": info.in_channels,
-            "num_classes": num_classes or info.num_classes, "image_size": resolve_image_size(cfg),
-            "small_input": cfg.small_input, "bn_momentum": cfg.bn_momentum}
+    return Arch(cfg.model, cfg.data, info.in_channels, num_classes or info.num_classes, resolve_image_size(cfg),
+                cfg.small_input, cfg.bn_momentum)
 
 
 def set_bn_momentum(model: torch.nn.Module, momentum: float | None) -> None:
@@ -223,18 +258,17 @@ def set_bn_momentum(model: torch.nn.Module, momentum: float | None) -> None:
             module.momentum = momentum
 
 
-def model_from_arch(arch: dict[str, Any]) -> torch.nn.Module:
-    """Build the (untrained) model an ``arch`` dict describes."""
-    model = build_model(arch["model"], arch["in_channels"], arch["num_classes"], small_input=arch["small_input"],
-                        image_size=arch["image_size"])
-    # an arch without "bn_momentum" (or None) keeps the model's own
-    set_bn_momentum(model, arch.get("bn_momentum"))
+def model_from_arch(arch: Arch) -> torch.nn.Module:
+    """Build the (untrained) model ``arch`` describes."""
+    model = build_model(arch.model, arch.in_channels, arch.num_classes, small_input=arch.small_input,
+                        image_size=arch.image_size)
+    set_bn_momentum(model, arch.bn_momentum)
     return model
 
 
-def build_classifier(cfg: TrainConfig, arch: dict[str, Any]) -> LitClassifier:
+def build_classifier(cfg: TrainConfig, arch: Arch) -> LitClassifier:
     """A fresh LitClassifier around the model ``arch`` describes, with ``cfg``'s optimisation settings."""
-    return LitClassifier(model_from_arch(arch), arch["num_classes"], arch=arch, optimizer=cfg.optimizer,
+    return LitClassifier(model_from_arch(arch), arch.num_classes, arch=arch.to_dict(), optimizer=cfg.optimizer,
                          lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                          scheduler=cfg.scheduler, label_smoothing=cfg.label_smoothing,
                          warmup_epochs=cfg.warmup_epochs)
@@ -361,11 +395,10 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-#: ``hparams.arch``: each field's type; ``bn_momentum`` may be absent (the model's own momentum).
+#: ``hparams.arch``: each field of :class:`Arch` with its type(s); those with a default may be absent.
 ARCH_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "model": str, "data": str, "in_channels": int, "num_classes": int, "image_size": int, "small_input": bool,
-    "bn_momentum": (float, type(None))}
-_ARCH_OPTIONAL = ("bn_momentum",)
+    name: typing.get_args(hint) or hint for name, hint in typing.get_type_hints(Arch).items()}
+_ARCH_OPTIONAL = tuple(f.name for f in dataclasses.fields(Arch) if f.default is not dataclasses.MISSING)
 
 
 def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
@@ -376,7 +409,7 @@ def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
 
 
-def check_arch(arch: Any, where: str) -> dict[str, Any]:
+def check_arch(arch: Any, where: str) -> None:
     """The architecture record of a checkpoint (``where`` names the file), checked field by field before any
     model is built: the fields of :data:`ARCH_FIELDS` with their types, positive sizes, a known model and data
     set. :class:`UserError` naming the first field that is wrong."""
@@ -398,7 +431,6 @@ def check_arch(arch: Any, where: str) -> dict[str, Any]:
     if arch["data"] not in DATASETS:
         raise UserError(f"{where}: architecture field data names an unknown data set {arch['data']!r}")
     model_info(arch["model"])  # an unknown model name: one line with the close names
-    return arch
 
 
 def check_hparams(hp: Any, where: str) -> None:
@@ -424,7 +456,7 @@ def check_hparams(hp: Any, where: str) -> None:
                         f"{hp['arch']['num_classes']}")
 
 
-def check_weights(state_dict: Any, arch: dict[str, Any], where: str, prefix: str = "model.") -> None:
+def check_weights(state_dict: Any, arch: Arch, where: str, prefix: str = "model.") -> None:
     """The weights of a checkpoint against its architecture, before the model is built: the model is laid
     out on the meta device (no memory), and every tensor must be there with its shape and finite. A small file
     naming a huge architecture, or weights of another model, is refused without allocating it (except for
@@ -446,7 +478,7 @@ def check_weights(state_dict: Any, arch: dict[str, Any], where: str, prefix: str
              if k in mine and tuple(mine[k].shape) != shapes[k]]
     for found, what in ((missing, "lacks"), (unexpected, "has unexpected"), (wrong, "has the wrong shape for")):
         if found:
-            raise UserError(f"{where} does not match its architecture ({arch['model']}): it {what} "
+            raise UserError(f"{where} does not match its architecture ({arch.model}): it {what} "
                             f"{', '.join(found[:3])}{' and more' if len(found) > 3 else ''}")
     for name, tensor in mine.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -475,7 +507,7 @@ def read_checkpoint(path: str | Path, qat: bool = False) -> dict[str, Any]:
                         "or another mode); resume QAT from quantize.py --mode qat's qat-w<W>a<A>/last.ckpt")
     check_hparams(ckpt["hyper_parameters"], str(path))
     if not qat:
-        check_weights(ckpt["state_dict"], ckpt["hyper_parameters"]["arch"], str(path))
+        check_weights(ckpt["state_dict"], Arch.from_dict(ckpt["hyper_parameters"]["arch"], str(path)), str(path))
     return ckpt
 
 
@@ -483,7 +515,7 @@ def load_classifier(path: str | Path) -> LitClassifier:
     """Rebuild the LitClassifier stored in checkpoint ``path`` (architecture and fp32 weights)."""
     ckpt = read_checkpoint(path)
     hp = dict(ckpt["hyper_parameters"])
-    module = LitClassifier(model_from_arch(hp["arch"]), **hp)
+    module = LitClassifier(model_from_arch(Arch.from_dict(hp["arch"], str(path))), **hp)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -531,10 +563,10 @@ def find_resume_checkpoint(resume: str, checkpoint_dir: str | Path, run_name: st
     return candidates[-1]
 
 
-def check_resume_compatible(ckpt: dict[str, Any], arch: dict[str, Any], path: Path) -> None:
+def check_resume_compatible(ckpt: dict[str, Any], arch: Arch, path: Path) -> None:
     """Refuse to resume a checkpoint of another model or data set."""
-    saved = ckpt["hyper_parameters"]["arch"]
-    diffs = [f"{k} {saved.get(k)!r} vs {arch.get(k)!r}" for k in ARCH_KEYS if saved.get(k) != arch.get(k)]
+    saved, mine = ckpt["hyper_parameters"]["arch"], arch.to_dict()
+    diffs = [f"{k} {saved.get(k)!r} vs {mine[k]!r}" for k in ARCH_KEYS if saved.get(k) != mine[k]]
     if diffs:
         raise UserError(f"checkpoint {path} does not match this run (checkpoint vs run: {'; '.join(diffs)})")
     if "rng_state" in ckpt:

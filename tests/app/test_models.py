@@ -66,10 +66,9 @@ def test_checkpoint_weights_are_checked_against_the_architecture(name: str) -> N
     """A torchvision checkpoint's weights pass the shape and finiteness check of its architecture, whether the
     architecture lays out on the meta device (resnet18) or its constructor computes with tensors and is laid
     out on the CPU (RegNet's block widths); a tensor of the wrong shape is named."""
-    from lit_quant.app.training import check_weights, model_from_arch
+    from lit_quant.app.training import Arch, check_weights, model_from_arch
 
-    arch = {"model": name, "data": "digits", "in_channels": 1, "num_classes": 10, "image_size": 32,
-            "small_input": False, "bn_momentum": 0.1}
+    arch = Arch(name, "digits", in_channels=1, num_classes=10, image_size=32, small_input=False, bn_momentum=0.1)
     weights = {f"model.{k}": v for k, v in model_from_arch(arch).state_dict().items()}
     check_weights(weights, arch, "x.ckpt")
     first = next(k for k, v in weights.items() if v.dim() == 4)

@@ -21,7 +21,7 @@ from lit_quant.deploy.pack import load_deployed, pack, save_deployed, unpack
 from lit_quant.app.measure import model_size_bytes
 from lit_quant.quant import QuantPlan, calibrate, prepare
 from lit_quant.quant.layers import QuantOutput, QuantWeightLayer
-from lit_quant.app.training import build_datamodule, load_classifier, model_from_arch
+from lit_quant.app.training import Arch, build_datamodule, load_classifier, model_from_arch
 
 pytestmark = pytest.mark.slow
 
@@ -228,14 +228,14 @@ def test_deploy_file_size_and_roundtrip(setup: dict, tmp_path: Path, weight_bits
     size = save_deployed(path, qmodel, setup["arch"])
     fp32 = model_size_bytes(setup["model"])
     assert size <= limit * fp32, (size, fp32)
-    loaded, _ = load_deployed(path, model_from_arch)
+    loaded, _ = load_deployed(path, lambda arch: model_from_arch(Arch.from_dict(arch, str(path))))
     x = setup["x"][:64]
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
         assert torch.equal(IntegerEngine(loaded)(x), IntegerEngine(qmodel)(x))
     path.write_bytes(b"not a model")
     with pytest.raises(ExportError, match="cannot read"):
-        load_deployed(path, model_from_arch)
+        load_deployed(path, lambda arch: model_from_arch(Arch.from_dict(arch, str(path))))
 
 
 # --- quantize.py ------------------------------------------------------------------------------------------------

@@ -87,7 +87,6 @@ def test_new_op_is_traced_quantized_and_summarized(op: str) -> None:
 def test_new_op_exports_compute_what_fake_quant_computes(op: str, tmp_path: Path) -> None:
     _, qmodel = _quantized(op)
     x = [_inputs(128, 7)]
-    step = float(qmodel.model.fc.act_quant.scale)
     for opset, expected in NEW_OPS[op][2].items():
         path = export_onnx(qmodel, tmp_path / f"{op}-{opset}.onnx", x[0][:2], opset=opset)
         assert expected <= {n.op_type for n in onnx.load(str(path)).graph.node}

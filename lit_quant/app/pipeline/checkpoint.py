@@ -18,10 +18,10 @@ from lit_quant.io import atomic_write
 from lit_quant.app.pipeline.context import build_eval_trainer, evaluate_on_test
 from lit_quant.quant import QuantError, QuantPlan, enable_fake_quant, enable_observer, prepare
 from lit_quant.safe_load import load_checkpoint
-from lit_quant.app.training import build_datamodule, check_arch, model_from_arch, state_dict_mismatch
+from lit_quant.app.training import Arch, build_datamodule, model_from_arch, state_dict_mismatch
 
 
-def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: dict[str, Any],
+def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: Arch,
                    data: dict[str, Any], row: dict[str, Any], kind: str = "ptq",
                    source: dict[str, Any] | None = None) -> None:
     """Write a self-contained quantized checkpoint: architecture, data settings, plan, calibrated state dict,
@@ -30,7 +30,7 @@ def save_quantized(path: Path, model: torch.nn.Module, plan: QuantPlan, arch: di
     The plan and the qparams (buffers of the quantizers) travel in the file, so :func:`evaluate_quantized`
     rebuilds the model without the fp32 checkpoint and without calibrating again.
     """
-    payload = {"lit_quant": kind, "arch": dict(arch), "data": data, "plan": plan.to_dict(),
+    payload = {"lit_quant": kind, "arch": arch.to_dict(), "data": data, "plan": plan.to_dict(),
                "state_dict": model.state_dict(), "row": row, "source": dict(source or {})}
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
@@ -54,7 +54,7 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     missing = [k for k in _PAYLOAD_KEYS if k not in payload]
     if missing:
         raise UserError(f"{path}: quantized checkpoint without {', '.join(missing)}")
-    arch = check_arch(payload["arch"], str(path))
+    arch = Arch.from_dict(payload["arch"], str(path))
     data = payload["data"]
     unknown = sorted(set(data) - set(DATA_SETTINGS)) if isinstance(data, dict) else ["(not a mapping)"]
     if unknown:

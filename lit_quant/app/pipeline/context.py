@@ -22,7 +22,7 @@ from lit_quant.io import publish
 from lit_quant.app.measure import latency_ms, model_size_bytes
 from lit_quant.app.pipeline.config import QuantizeConfig
 from lit_quant.app.pipeline.rows import Row
-from lit_quant.app.training import hardware_settings
+from lit_quant.app.training import Arch, hardware_settings
 
 
 def show_progress(cfg: QuantizeConfig) -> bool:
@@ -73,7 +73,7 @@ class RunContext:
 
     cfg: QuantizeConfig
     classifier: LitClassifier
-    arch: dict[str, Any]
+    arch: Arch
     data_settings: dict[str, Any]  # what rebuilds the test split (saved in quantized checkpoints)
     source: dict[str, Any]  # model, data set and fp32 weights fingerprint
     dm: Any
@@ -94,7 +94,7 @@ class RunContext:
 
     @property
     def num_classes(self) -> int:
-        return int(self.arch["num_classes"])
+        return self.arch.num_classes
 
     @property
     def is_global_zero(self) -> bool:

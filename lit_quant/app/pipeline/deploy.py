@@ -30,7 +30,7 @@ def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn
     bits = {"weight_bits": base.weight_bits, "act_bits": base.act_bits, "observer": base.observer}
     deployed = ctx.out_dir / f"{stem}-deploy.pt"
     if cfg.export and ctx.is_global_zero:
-        save_deployed(deployed, qmodel, ctx.arch, ctx.data_settings)
+        save_deployed(deployed, qmodel, ctx.arch.to_dict(), ctx.data_settings)
         ctx.publish(deployed.name)
     if "int8" in cfg.export:
         _int8_rows(ctx, report, base, qmodel, bits)

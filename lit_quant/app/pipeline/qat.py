@@ -25,7 +25,14 @@ from lit_quant.app.pipeline.context import RunContext, show_progress
 from lit_quant.app.pipeline.ptq import build_plan, layerwise_steps, logits_cost_note, overrides_note
 from lit_quant.app.pipeline.rows import Row
 from lit_quant.quant import QuantPlan, prepare
-from lit_quant.app.training import BestCheckpoint, build_trainer, output_dir_lock, prepare_output_dir, read_checkpoint
+from lit_quant.app.training import (
+    Arch,
+    BestCheckpoint,
+    build_trainer,
+    output_dir_lock,
+    prepare_output_dir,
+    read_checkpoint,
+)
 
 
 @dataclass
@@ -62,9 +69,9 @@ def sync_bn(cfg: QuantizeConfig) -> bool:
     return cfg.accelerator != "cpu" and torch.cuda.is_available()
 
 
-def qat_train_config(cfg: QuantizeConfig, arch: dict[str, Any]) -> TrainConfig:
+def qat_train_config(cfg: QuantizeConfig, arch: Arch) -> TrainConfig:
     """The Trainer settings of a QAT run (hardware, precision, epochs) as a :class:`TrainConfig`."""
-    return TrainConfig(data=arch["data"], model=arch["model"], batch_size=cfg.batch_size, epochs=cfg.epochs,
+    return TrainConfig(data=arch.data, model=arch.model, batch_size=cfg.batch_size, epochs=cfg.epochs,
                        seed=cfg.seed, deterministic=cfg.deterministic, accelerator=cfg.accelerator,
                        devices=cfg.devices, gpus=cfg.gpus, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                        precision=cfg.precision, opt_level=cfg.opt_level, progress=show_progress(cfg),
@@ -103,7 +110,7 @@ def find_qat_resume(cfg: QuantizeConfig, qat_dir: Path) -> Path | None:
 START_FILE = "start.pt"
 
 
-def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: dict[str, Any], dm: Any,
+def run_qat(cfg: QuantizeConfig, classifier: LitClassifier, arch: Arch, dm: Any,
             run_dir: Path) -> QATResult:
     """Quantization-aware fine-tuning of the fp32 model with our quantizers, through the Lightning Trainer,
     keeping the epoch with the best validation top-1.

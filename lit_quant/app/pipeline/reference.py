@@ -33,7 +33,7 @@ from lit_quant.app.torchao_ref import (
     builtin_qat_prepare,
     builtin_qat_switches,
 )
-from lit_quant.app.training import build_trainer
+from lit_quant.app.training import Arch, build_trainer
 
 #: File in a run folder holding torch.ao's QAT row and its per-image outcomes, reused by a resumed QAT run.
 BUILTIN_QAT_RESULT = "builtin-qat-result.json"
@@ -111,7 +111,7 @@ def half_row(ctx: RunContext) -> tuple[Row, torch.Tensor]:
                         note="16-bit weights and activations")
 
 
-def run_builtin_qat(cfg: QuantizeConfig, classifier: Any, arch: dict[str, Any], dm: Any,
+def run_builtin_qat(cfg: QuantizeConfig, classifier: Any, arch: Arch, dm: Any,
                     run_dir: Path, example: torch.Tensor) -> tuple[torch.nn.Module, float]:
     """torch.ao's QAT on the same fp32 model, data, epochs, optimiser and freeze schedule: ``prepare_qat_fx``
     with the backend's default QAT qconfig, trained by the same Lightning Trainer settings, then ``convert_fx``.

@@ -36,7 +36,14 @@ from lit_quant.app.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, ru
 from lit_quant.app.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
 from lit_quant.app.pipeline.rows import Report, plot_sweep, write_report
 from lit_quant.quant import load_stats, prepare
-from lit_quant.app.training import build_datamodule, check_nodes, load_classifier, lock_folder, prepare_output_dir
+from lit_quant.app.training import (
+    Arch,
+    build_datamodule,
+    check_nodes,
+    load_classifier,
+    lock_folder,
+    prepare_output_dir,
+)
 
 #: Keys of the training run's config.yaml that decide which images are the test split.
 DATA_KEYS = ("data_dir", "split_seed", "val_fraction", "fake_size")
@@ -115,18 +122,18 @@ def claimed_report_dir(base: Path, name: str | None) -> Iterator[Path]:
                     base.rmdir()
 
 
-def _data_config(ckpt_path: Path, arch: dict[str, Any], batch_size: int) -> TrainConfig:
+def _data_config(ckpt_path: Path, arch: Arch, batch_size: int) -> TrainConfig:
     """The data settings of the training run: the architecture's data set, with the data location and split
     recorded in the run folder's config.yaml, so that the test split is the training run's."""
-    train_cfg = TrainConfig(data=arch["data"], model=arch["model"], image_size=arch["image_size"],
-                            small_input=arch["small_input"], batch_size=batch_size, progress=False)
+    train_cfg = TrainConfig(data=arch.data, model=arch.model, image_size=arch.image_size,
+                            small_input=arch.small_input, batch_size=batch_size, progress=False)
     saved = ckpt_path.parent / "config.yaml"
     if not saved.is_file():
         return train_cfg
     recorded = load_yaml(saved)
-    differ = [k for k in ("data", "model") if k in recorded and recorded[k] != arch[k]]
+    differ = [k for k in ("data", "model") if k in recorded and recorded[k] != getattr(arch, k)]
     if differ:
-        raise UserError(f"{ckpt_path} holds a {arch['model']} trained on {arch['data']}, but its run folder's "
+        raise UserError(f"{ckpt_path} holds a {arch.model} trained on {arch.data}, but its run folder's "
                         f"config.yaml says {recorded.get('model')} on {recorded.get('data')}: the checkpoint "
                         "was copied from another run; move it to its own folder")
     try:
@@ -135,7 +142,7 @@ def _data_config(ckpt_path: Path, arch: dict[str, Any], batch_size: int) -> Trai
         raise UserError(f"{saved}: {exc}") from None
 
 
-def evaluation_data(ckpt_path: Path, arch: dict[str, Any], batch_size: int,
+def evaluation_data(ckpt_path: Path, arch: Arch, batch_size: int,
                     calib_batches: int) -> tuple[TrainConfig, Any]:
     """The training run's data settings and its set-up data module: the calibration images
     (``calib_batches`` batches of the training split, ``predict_dataloader`` / ``full_calibration_dataloader``)
@@ -186,8 +193,8 @@ def _context(cfg: QuantizeConfig, ckpt_path: Path, stack: contextlib.ExitStack) 
     # One load: prepare() and builtin_ptq() deep-copy the float model, so every variant starts from it intact.
     classifier = load_classifier(ckpt_path)
     classifier.model.eval()
-    arch = classifier.hparams.arch
-    source = {"model": arch["model"], "data": arch["data"], "weights": weights_fingerprint(classifier.model)}
+    arch = Arch.from_dict(classifier.hparams.arch, str(ckpt_path))
+    source = {"model": arch.model, "data": arch.data, "weights": weights_fingerprint(classifier.model)}
     _check_before_work(cfg, ckpt_path, classifier.model, source)
     run_dir = ckpt_path.parent
     prepare_output_dir(run_dir, "the checkpoint's run folder")

@@ -11,13 +11,13 @@ from lit_quant.errors import UserError
 from lit_quant.app.models import build_model
 from lit_quant.app.pipeline.checkpoint import load_quantized, reusable_ptq, save_quantized
 from lit_quant.app.pipeline.rows import Row
+from lit_quant.app.training import Arch
 from lit_quant.quant import QuantPlan, calibrate, prepare
 
 
 def test_save_load_round_trip_and_reuse(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    arch = {"model": "lenet5", "num_classes": 10, "in_channels": 1, "image_size": 32, "small_input": False,
-            "data": "digits"}
+    arch = Arch("lenet5", "digits", in_channels=1, num_classes=10, image_size=32, small_input=False)
     model = build_model("lenet5", in_channels=1, num_classes=10).eval()
     plan = QuantPlan.from_bits(4, 8)
     q = prepare(model, plan)
