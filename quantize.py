@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -27,6 +27,9 @@ from lit_quant.app.config import add_config_arguments
 from lit_quant.app.pipeline.config import LOGITS_COST, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
 from lit_quant.quant.plan import DEFAULTS_TEXT
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
+
+if TYPE_CHECKING:  # the flags and --help import no torch
+    from lit_quant.app.pipeline.rows import RowPair
 
 
 def build_parser() -> ArgumentParser:
@@ -79,11 +82,11 @@ def _versus_fp32(r: dict[str, Any]) -> str:
     return f"+{r['fixed_vs_fp32']}/-{r['broken_vs_fp32']}" + ("*" if r["p_vs_fp32"] < 0.05 else "")
 
 
-def pair_line(pair: dict[str, Any]) -> str:
+def pair_line(pair: RowPair) -> str:
     """One sentence for an ours-against-torch.ao pair of :func:`lit_quant.app.pipeline.rows.paired_rows`."""
-    verdict = "a real difference" if pair["p_value"] < 0.05 else "not distinguishable on this test set"
-    return (f"{pair['ours']} vs {pair['theirs']}, image by image: only ours right on {pair['ours_only']}, only "
-            f"torch.ao's on {pair['theirs_only']} (exact McNemar p = {pair['p_value']:.3g}: {verdict} at 5 %)")
+    verdict = "a real difference" if pair.p_value < 0.05 else "not distinguishable on this test set"
+    return (f"{pair.ours} vs {pair.theirs}, image by image: only ours right on {pair.ours_only}, only "
+            f"torch.ao's on {pair.theirs_only} (exact McNemar p = {pair.p_value:.3g}: {verdict} at 5 %)")
 
 
 def print_mixed(mixed: dict[str, Any]) -> int:

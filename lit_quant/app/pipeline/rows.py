@@ -62,15 +62,29 @@ class Row:
 ROW_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Row))
 
 
-def paired_rows(rows: list[Row], outcomes: dict[int, torch.Tensor]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class RowPair:
+    """Ours against torch.ao on the same test images: ``ours_only`` images only our row gets right,
+    ``theirs_only`` only theirs, and the exact McNemar ``p_value`` of the difference
+    (:func:`lit_quant.app.measure.paired_comparison`)."""
+
+    ours: str
+    theirs: str  # the torch.ao variant and its backend: "builtin-ptq (x86)"
+    ours_only: int
+    theirs_only: int
+    p_value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def paired_rows(rows: list[Row], outcomes: dict[int, torch.Tensor]) -> list[RowPair]:
     """Image-by-image comparisons of the report: every row against fp32 (its ``fixed_vs_fp32`` /
     ``broken_vs_fp32`` / ``p_vs_fp32`` fields, filled in place) and each torch.ao row against ours.
 
     ``outcomes`` maps a row's index to its per-image top-1 outcomes (rows not evaluated have none). Ours
     against torch.ao: ``builtin-qat`` against ``qat``, each ``builtin-ptq`` against the PTQ row when there
-    is exactly one. Returns those pairs as ``{"ours", "theirs", "ours_only", "theirs_only", "p_value"}``,
-    ``ours_only`` counting the images only our model gets right (``p_value``: exact McNemar,
-    :func:`lit_quant.app.measure.paired_comparison`).
+    is exactly one. Returns those pairs.
     """
     fp32 = next((i for i, r in enumerate(rows) if r.variant == "fp32" and i in outcomes), None)
     for i, correct in outcomes.items():
@@ -88,8 +102,7 @@ def paired_rows(rows: list[Row], outcomes: dict[int, torch.Tensor]) -> list[dict
         i = by_variant[ours][0]
         for j in by_variant.get(theirs, []):
             cmp = paired_comparison(outcomes[i], outcomes[j])
-            pairs.append({"ours": ours, "theirs": f"{theirs} ({rows[j].backend})", "ours_only": cmp.only_a,
-                          "theirs_only": cmp.only_b, "p_value": cmp.p_value})
+            pairs.append(RowPair(ours, f"{theirs} ({rows[j].backend})", cmp.only_a, cmp.only_b, cmp.p_value))
     return pairs
 
 
@@ -115,7 +128,7 @@ class Report:
         self.rows.append(row)
         return row
 
-    def pairs(self) -> list[dict[str, Any]]:
+    def pairs(self) -> list[RowPair]:
         """:func:`paired_rows` of the report (fills each row's comparison with fp32)."""
         return paired_rows(self.rows, self.outcomes)
 
@@ -124,12 +137,12 @@ class Report:
         return [r.to_dict() for r in self.rows]
 
 
-def write_report(rows: list[dict[str, Any]], folder: Path, pairs: list[dict[str, Any]] | None = None,
+def write_report(rows: list[dict[str, Any]], folder: Path, pairs: list[RowPair] | None = None,
                  layers: list[dict[str, Any]] | None = None) -> None:
     """``report.json`` (``{"rows": [...], "pairs": [...], "layers": [...]}``, ``layers`` the quantized model's
     ops as :func:`lit_quant.quant.summary.summarize` lists them) and ``report.csv`` (the rows) in ``folder``,
     each written atomically."""
-    data = {"rows": rows, "pairs": pairs or [], "layers": layers or []}
+    data = {"rows": rows, "pairs": [p.to_dict() for p in pairs or []], "layers": layers or []}
     atomic_write_text(folder / "report.json", json.dumps(data, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS)

@@ -34,7 +34,7 @@ from lit_quant.app.pipeline.mixed import run_mixed
 from lit_quant.app.pipeline.ptq import build_plan, ptq_points, ptq_row, weights_fingerprint
 from lit_quant.app.pipeline.qat import find_qat_resume, qat_dir_for, qat_row, run_qat
 from lit_quant.app.pipeline.reference import builtin_ptq_rows, builtin_qat_row, dynamic_row, half_row
-from lit_quant.app.pipeline.rows import Report, plot_sweep, write_report
+from lit_quant.app.pipeline.rows import Report, RowPair, plot_sweep, write_report
 from lit_quant.quant import load_stats, prepare
 from lit_quant.app.training import (
     Arch,
@@ -54,7 +54,7 @@ class QuantizeResult:
     """What :func:`run_quantize` hands back."""
 
     rows: list[dict[str, Any]]  # the report rows as written (:meth:`Row.to_dict`)
-    pairs: list[dict[str, Any]]  # ours against torch.ao, image by image (:func:`paired_rows`)
+    pairs: list[RowPair]  # ours against torch.ao, image by image (:func:`paired_rows`)
     run_dir: Path  # the fp32 checkpoint's run folder (holds copies of the newest report)
     report_dir: Path  # this run's own report folder, <run>/quantize/<name>/
     is_global_zero: bool  # rank 0, the process that writes files (under DDP every process runs the work)
@@ -240,7 +240,7 @@ def add_qat_rows(ctx: RunContext, report: Report) -> None:
         report.add(*builtin_qat_row(ctx))
 
 
-def write_outputs(ctx: RunContext, report: Report, pairs: list[dict[str, Any]], sweep_bits: list[int] | None) -> None:
+def write_outputs(ctx: RunContext, report: Report, pairs: list[RowPair], sweep_bits: list[int] | None) -> None:
     """The report in the run's own folder, copied to ``<run>/report.json`` / ``report.csv`` (the newest),
     and the sweep's plot."""
     rows = report.dicts()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lit_quant.app.pipeline.rows import ROW_KEYS, Report, Row, paired_rows, plot_sweep, write_report
+from lit_quant.app.pipeline.rows import ROW_KEYS, Report, Row, RowPair, paired_rows, plot_sweep, write_report
 
 
 def test_row_to_dict_has_every_key_in_order() -> None:
@@ -34,7 +34,7 @@ def test_pairs_fill_the_fp32_comparison_and_pair_ours_with_torch_ao() -> None:
     ptq = report.rows[1]
     assert (ptq.fixed_vs_fp32, ptq.broken_vs_fp32) == (2, 1)
     assert report.rows[2].fixed_vs_fp32 is None
-    assert [(p["ours"], p["theirs"], p["ours_only"], p["theirs_only"]) for p in pairs] == [
+    assert [(p.ours, p.theirs, p.ours_only, p.theirs_only) for p in pairs] == [
         ("ptq", "builtin-ptq (x86)", 2, 1)]
 
 
@@ -48,9 +48,11 @@ def test_report_files(tmp_path: Path) -> None:
     rows = [Row("fp32", top1=99.0, act_bits=32).to_dict(), Row("ptq", top1=95.0, act_bits=8, observer="mse").to_dict(),
             Row("ptq", top1=80.0, act_bits=4, observer="mse").to_dict()]
     layers = [{"name": "fc", "op": "Linear", "weight_bits": 8, "act_bits": 8, "status": "quantized"}]
-    write_report(rows, tmp_path, [{"ours": "ptq"}], layers)
-    assert json.loads((tmp_path / "report.json").read_text()) == {"rows": rows, "pairs": [{"ours": "ptq"}],
-                                                                   "layers": layers}
+    pair = RowPair("ptq", "builtin-ptq (x86)", 3, 1, 0.625)
+    write_report(rows, tmp_path, [pair], layers)
+    assert json.loads((tmp_path / "report.json").read_text()) == {
+        "rows": rows, "layers": layers, "pairs": [{"ours": "ptq", "theirs": "builtin-ptq (x86)", "ours_only": 3,
+                                                   "theirs_only": 1, "p_value": 0.625}]}
     with (tmp_path / "report.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert list(table[0]) == list(ROW_KEYS) and [r["variant"] for r in table] == ["fp32", "ptq", "ptq"]
