@@ -24,7 +24,8 @@ from rich.table import Table
 
 from lit_quant.app.cli import ArgumentParser, console, run_cli
 from lit_quant.app.config import add_config_arguments
-from lit_quant.app.pipeline.config import LOGITS_COST, SWEEP_BITS, QuantizeConfig, qat_recipe, resolve_request
+from lit_quant.app.pipeline.config import LOGITS_COST, SWEEP_BITS, QuantizeConfig, resolve_request
+from lit_quant.app.recipes import qat_recipe
 from lit_quant.quant.plan import DEFAULTS_TEXT
 from lit_quant.quant.spec import OBSERVER_NAMES, SCHEMES
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from lit_quant.app.cli import ArgumentParser, console, run_cli
-from lit_quant.app.config import OWN_MODELS, TrainConfig, add_config_arguments, load_yaml, resolve_config, train_recipe
+from lit_quant.app.config import TrainConfig, add_config_arguments, load_yaml, resolve_config
+from lit_quant.app.recipes import OWN_MODELS, train_recipe
 
 if TYPE_CHECKING:
     from lit_quant.app.training import TrainResult

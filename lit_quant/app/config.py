@@ -20,6 +20,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lit_quant.app.recipes import TRAIN_RECIPE_FIELDS, TrainRecipe, train_recipe
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write_text
 from lit_quant.quant.errors import QuantConfigError
@@ -70,61 +71,38 @@ def check_choices(config: Any) -> None:
                 raise UserError(f"invalid --{f.name.replace('_', '-')} '{item}'; choose from {', '.join(choices)}")
 
 
-#: lit-quant's own models (:mod:`lit_quant.app.models`); every other name is a torchvision classifier.
-OWN_MODELS = ("lenet5", "resnet20", "resnet32", "resnet56")
-#: torchvision's transformer classifiers, by name prefix.
-TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit_")
+@dataclass
+class HardwareConfig:
+    """Where and how a run computes: one block, the same flags in ``train.py`` and ``quantize.py`` (there, for
+    calibration, evaluation and QAT)."""
 
+    accelerator: str = option("auto", "Lightning accelerator", choices=ACCELERATORS)
+    devices: str = option("auto", "Lightning devices: a count, a list like 0,1, or auto (DDP over several: "
+                          "calibration statistics are merged across processes, evaluation is split)")
+    gpus: int | None = option(None, "run on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
+    num_nodes: int = option(1, "number of nodes for multi-node DDP")
+    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
+    precision: str | None = option(None, "Lightning precision of training and QAT (default: 32-true)",
+                                   choices=PRECISIONS)
+    opt_level: str | None = option(None, "apex-style mixed precision level of training and QAT (see README)",
+                                   choices=("O0", "O1", "O2", "O3"))
+    deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
 
-@dataclass(frozen=True)
-class TrainRecipe:
-    """The optimisation settings a model family gets when their flags are not given (:func:`train_recipe`)."""
+    def check_hardware(self) -> None:
+        """The block's ranges, as one-line errors: ``--gpus`` and ``--num-nodes`` positive."""
+        if self.num_nodes <= 0:
+            raise UserError(f"--num-nodes must be positive, got {self.num_nodes}")
+        if self.gpus is not None and self.gpus <= 0:
+            raise UserError(f"--gpus must be positive, got {self.gpus}")
 
-    name: str
-    optimizer: str
-    lr: float
-    weight_decay: float
-    warmup_epochs: float
-    batch_size: int
-    bn_momentum: float | None  # BatchNorm running-statistics momentum (None: the model's own)
-
-    def warmup_for(self, epochs: int) -> float:
-        """The warm-up of a run of ``epochs``: the recipe's, at most a tenth of the run."""
-        return min(self.warmup_epochs, epochs / 10)
-
-    def describe(self) -> str:
-        """One line for --help and the run's summary."""
-        warm = f", {self.warmup_epochs:g} warm-up epoch (at most a tenth of the run)" if self.warmup_epochs else ""
-        bn = f", BatchNorm momentum {self.bn_momentum:g}" if self.bn_momentum is not None else ""
-        decay = f"weight decay {self.weight_decay:g}"
-        opt = "SGD with Nesterov momentum 0.9" if self.optimizer == "sgd" else "AdamW"
-        return f"{self.name}: {opt}, lr {self.lr:g}, {decay}, batch {self.batch_size}{warm}, cosine{bn}"
-
-
-def train_recipe(model: str) -> TrainRecipe:
-    """The training recipe of ``model``'s family (fp32 results: docs/RESULTS.md, the zoo):
-
-    * lit-quant's own networks (CIFAR-style ResNets, LeNet-5): SGD with Nesterov momentum, lr 0.1, weight
-      decay 5e-4, batch 64 (He et al. 2016's CIFAR recipe, cosine instead of steps);
-    * torchvision's convolutional classifiers: AdamW, lr 0.003, weight decay 0.05, batch 32, one warm-up
-      epoch, BatchNorm momentum 0.1. Why: their ImageNet settings (SGD at lr 0.1, BatchNorm momentum down to
-      0.0003) assume far more steps than a small data set gives, and do not train there;
-    * torchvision's transformers: AdamW at lr 0.0005, the same otherwise.
-    """
-    if model in OWN_MODELS:
-        return TrainRecipe("lit-quant CNN recipe", "sgd", 0.1, 5e-4, 0.0, 64, None)
-    if model.startswith(TRANSFORMER_PREFIXES):
-        return TrainRecipe("torchvision transformer recipe", "adamw", 5e-4, 0.05, 1.0, 32, None)
-    return TrainRecipe("torchvision CNN recipe", "adamw", 3e-3, 0.05, 1.0, 32, 0.1)
-
-
-#: TrainConfig fields filled from :func:`train_recipe` when not given.
-TRAIN_RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "warmup_epochs", "batch_size", "bn_momentum")
+    def hardware(self) -> dict[str, Any]:
+        """This block's fields, to hand to another config (a QAT run's :class:`TrainConfig`)."""
+        return {f.name: getattr(self, f.name) for f in fields(HardwareConfig)}
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``train.py`` needs; see the README for each flag."""
+class TrainConfig(HardwareConfig):
+    """Everything ``train.py`` needs (the hardware block first); see the README for each flag."""
 
     # data
     data: str = option("digits", "data set", choices=DATASETS)
@@ -155,15 +133,6 @@ class TrainConfig:
                                          "epochs (fractions allowed; 0: none), with --scheduler cosine or none "
                                          "(default: the model family's recipe)")
     seed: int = option(42, "random seed of initialisation, shuffling and augmentation")
-    deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
-    # hardware
-    accelerator: str = option("auto", "Lightning accelerator", choices=ACCELERATORS)
-    devices: str = option("auto", "Lightning devices: a count, a list like 0,1, or auto")
-    gpus: int | None = option(None, "train on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
-    num_nodes: int = option(1, "number of nodes for multi-node DDP")
-    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
-    precision: str | None = option(None, "Lightning precision (default: 32-true)", choices=PRECISIONS)
-    opt_level: str | None = option(None, "apex-style mixed precision level (see README)", choices=("O0", "O1", "O2", "O3"))
     # outputs
     checkpoint_dir: str = option("checkpoints", "root folder of runs; a run writes to <checkpoint-dir>/<run-name>/")
     run_name: str | None = option(None, "run folder name (default: <data>-<model>)")
@@ -190,10 +159,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values that argparse cannot; raises :class:`UserError` with the allowed values."""
-        for name in ("epochs", "batch_size", "num_nodes", "fake_size", "log_every_n_steps"):
+        self.check_hardware()
+        for name in ("epochs", "batch_size", "fake_size", "log_every_n_steps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("image_size", "gpus", "limit_train_batches", "limit_val_batches"):
+        for name in ("image_size", "limit_train_batches", "limit_val_batches"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")

@@ -26,7 +26,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lit_quant.app.config import OWN_MODELS
+from lit_quant.app.recipes import OWN_MODELS
 from lit_quant.errors import UserError
 from lit_quant.quant.ops import Add
 

@@ -15,9 +15,10 @@ from conftest import run_script, tiny_args
 import train
 from lit_quant.app.classifier import WARMUP_START_FACTOR, LitClassifier
 from lit_quant.app.cli import run_cli
-from lit_quant.app.config import TrainConfig, train_recipe
+from lit_quant.app.config import TrainConfig
 from lit_quant.app.data import ClassificationDataModule
 from lit_quant.app.models import build_model
+from lit_quant.app.recipes import train_recipe
 from lit_quant.app.training import build_datamodule, load_classifier
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lit_quant.app.config import (
-    ACCELERATORS,
     MAX_BATCH,
-    PRECISIONS,
+    HardwareConfig,
     check_choices,
     check_folder_name,
     check_seed,
@@ -25,6 +24,7 @@ from lit_quant.app.config import (
     option,
     resolve_config,
 )
+from lit_quant.app.recipes import PTQ_RECIPES, RECIPE_FIELDS, QATRecipe, ptq_recipe, qat_recipe
 from lit_quant.deploy.options import BACKENDS, DEFAULT_OPSET, DEFAULT_SCALE_APPROX_BITS
 from lit_quant.errors import UserError
 from lit_quant.quant.errors import QuantConfigError
@@ -55,65 +55,6 @@ QAT_ONLY = ("epochs", "lr", "warmup_epochs", "qat_method", "distill", "distill_w
             "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "resume")
 
 
-@dataclass(frozen=True)
-class QATRecipe:
-    """The QAT settings a width gets when their flags are not given (:func:`qat_recipe`)."""
-
-    qat_method: str
-    act_observer: str
-    weight_observer: str
-    weight_rounding: str  # of the calibrated start, as --weight-rounding
-    bias_correction: bool  # of the calibrated start, as --bias-correction
-    lr_factor: float  # --lr = lr_factor x the fp32 run's peak learning rate
-    warmup_epochs: float
-    epochs: int
-    distill: bool  # knowledge distillation from the fp32 model, as --distill
-    first_last_bits: int | None  # the input, first and last layers (None: at the low width too)
-    bn_trains: bool  # BatchNorm on batch statistics until the last epoch (False: folded from the start)
-
-    def freeze_bn_epoch(self, epochs: int) -> int:
-        """``--freeze-bn-epoch`` of a run of ``epochs``: the last epoch with ``bn_trains``, else 0."""
-        return max(epochs - 1, 0) if self.bn_trains else 0
-
-    def describe(self, bits: int) -> str:
-        """One line for the report notes and --help."""
-        keep = f", input and first/last layers at {self.first_last_bits} bits" if self.first_last_bits else ""
-        warm = f", {self.warmup_epochs:g} warm-up epoch" if self.warmup_epochs else ""
-        steps = [s for s, on in (("GPTQ", self.weight_rounding == "gptq"), ("bias correction", self.bias_correction))
-                 if on]
-        start = f" from PTQ with {' and '.join(steps)}" if steps else ""
-        teacher = ", distilled from fp32" if self.distill else ""
-        bn = ", BatchNorm trained until the last epoch" if self.bn_trains else ", BatchNorm folded"
-        return (f"{bits}-bit QAT recipe: {self.qat_method}, {self.act_observer} activation and {self.weight_observer} "
-                f"weight ranges{start}, lr {self.lr_factor:g} x fp32's{warm}, {self.epochs} epochs{teacher}{bn}{keep}")
-
-
-def qat_recipe(weight_bits: int, act_bits: int) -> QATRecipe:
-    """The QAT recipe for a width (the narrower of the weight and activation widths); the measurements that
-    chose it are in docs/RESULTS.md, "Quantization-aware training".
-
-    * 8 bits and more: fixed ranges (STE) tracked by a moving average (``ema``, as torch.ao's QAT), 1/100 of
-      the fp32 learning rate, 5 epochs. Why: QAT only has to undo small rounding errors.
-    * below 8 bits: learned step sizes (LSQ, Esser et al. 2020) started from the best PTQ model: ``mse``
-      ranges, GPTQ rounding and bias correction (clipping shrinks each channel's output, a shift the bias
-      correction removes); the input image and the first and last layers at 8 bits (the image at 4 bits
-      costs more than any other tensor; LSQ learns weight steps below 8 bits only, see
-      :func:`lit_quant.quant.fake_quant.build_fake_quantize`); one warm-up epoch (the first steps after
-      calibration have gradients several times an fp32 model's); 1/10 of the fp32 learning rate for 5
-      epochs (8 at 3 bits, 30 at 2 bits).
-    * distillation from the fp32 model at 2-3 bits only. Why: there the labels alone can end below PTQ, while
-      at 4-7 bits a student distilled from fp32 does not pass its teacher and the labels do better.
-    * below 8 bits BatchNorm normalises with batch statistics until the last epoch, which then folds the
-      running statistics as deployment does. Why: folding from the first step trains on statistics the
-      network no longer has.
-    """
-    bits = min(weight_bits, act_bits)
-    if bits >= 8:
-        return QATRecipe("ste", "ema", "minmax", "nearest", False, 0.01, 0.0, 5, False, None, False)
-    epochs = 30 if bits <= 2 else 8 if bits == 3 else 5
-    return QATRecipe("lsq", "mse", "mse", "gptq", True, 0.1, 1.0, epochs, bits <= 3, 8, True)
-
-
 def plan_widths(path: str) -> tuple[int, int] | None:
     """The narrowest weight and activation widths a plan YAML quantizes with (globally or in an override);
     None when the file cannot be read as a plan (loading it again later reports why) or keeps either kind
@@ -131,47 +72,9 @@ def plan_widths(path: str) -> tuple[int, int] | None:
     return (found[0], found[1]) if found[0] and found[1] else None
 
 
-@dataclass(frozen=True)
-class PTQRecipe:
-    """What a PTQ row does after calibrating its ranges (``--ptq-recipe``; each flag given overrides it)."""
-
-    name: str
-    weight_rounding: str  # as --weight-rounding
-    bias_correction: bool  # as --bias-correction
-
-    def describe(self) -> str:
-        return f"PTQ recipe {self.name}: {self.weight_rounding} rounding" + \
-            (", bias correction" if self.bias_correction else "")
-
-
-#: The named PTQ recipes; ``auto`` picks one by width (:func:`ptq_recipe`).
-PTQ_RECIPES: dict[str, PTQRecipe] = {r.name: r for r in (
-    PTQRecipe("nearest", "nearest", False),
-    PTQRecipe("gptq", "gptq", True),
-    PTQRecipe("adaround", "adaround", True))}
-
-
-def ptq_recipe(name: str, weight_bits: int, act_bits: int) -> PTQRecipe:
-    """``--ptq-recipe name``; ``auto``: ``nearest`` (calibrated ranges, round-to-nearest) at 8 bits and more,
-    where it is within a few hundredths of fp32, and ``gptq`` below 8 (GPTQ rounding and bias correction),
-    the most accurate combination measured at 4 bits (docs/RESULTS.md). Cross-layer equalization (``--cle``)
-    is in no recipe: with per-channel weight grids, the default, it moved 4-bit accuracy by -0.4 to +0.1
-    points."""
-    if name == "auto":
-        name = "nearest" if min(weight_bits, act_bits) >= 8 else "gptq"
-    return PTQ_RECIPES[name]
-
-
-#: Fields a QAT run takes from :func:`qat_recipe` when not given, and their values outside QAT.
-RECIPE_FIELDS: dict[str, Any] = {"qat_method": "ste", "act_observer": DEFAULT_ACT_SPEC.observer,
-                                 "weight_observer": DEFAULT_WEIGHT_SPEC.observer,
-                                 "weight_rounding": "nearest", "bias_correction": False, "warmup_epochs": 0.0,
-                                 "epochs": 5, "distill": False}
-
-
 @dataclass
-class QuantizeConfig:
-    """Everything ``quantize.py`` needs; see the README for each flag."""
+class QuantizeConfig(HardwareConfig):
+    """Everything ``quantize.py`` needs (the hardware block first); see the README for each flag."""
 
     ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
     eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
@@ -238,12 +141,6 @@ class QuantizeConfig:
     batch_size: int = option(128, "batch size per process of calibration and evaluation (larger than train.py's: "
                              "no gradients to keep)")
     backend: str = option("x86", "torch.ao backend of the built-in row", choices=BACKENDS)
-    accelerator: str = option("auto", "Lightning accelerator", choices=ACCELERATORS)
-    devices: str = option("auto", "Lightning devices: a count, a list like 0,1, or auto; calibration statistics "
-                          "are merged across processes, evaluation is split between them")
-    gpus: int | None = option(None, "calibrate and evaluate on N GPUs (accelerator gpu, devices N, DDP when N > 1)")
-    num_nodes: int = option(1, "number of nodes for multi-node DDP")
-    strategy: str = option("auto", "Lightning strategy: auto, ddp, ddp_spawn, ddp_find_unused_parameters_true, ...")
     # QAT
     epochs: int | None = option(None, "QAT: fine-tuning epochs, ours and torch.ao's (default: the recipe's)")
     lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: the recipe's fraction of the "
@@ -265,12 +162,8 @@ class QuantizeConfig:
                                          "the fp32 running statistics from the start; >= --epochs: BatchNorm trains "
                                          "all run) (default: the recipe's: 0 at 8 bits and more, the last epoch "
                                          "below)")
-    precision: str | None = option(None, "QAT: Lightning precision (default: 32-true)", choices=PRECISIONS)
-    opt_level: str | None = option(None, "QAT: apex-style mixed precision level (see README)",
-                                   choices=("O0", "O1", "O2", "O3"))
     resume: str | None = option(None, "QAT: continue from 'last' (the run's qat-w<W>a<A>/last.ckpt) or a path")
     seed: int = option(42, "QAT: random seed of shuffling and augmentation")
-    deterministic: bool = option(False, "QAT: deterministic algorithms (bit-identical reruns and resumes)")
     builtin_qat: bool = option(True, "QAT: also train torch.ao's prepare_qat_fx model (same epochs and data)")
     # deployment
     export: tuple[str, ...] = option((), "deploy each PTQ / QAT result: int8 (torch.ao kernels with our qparams), "
@@ -343,7 +236,8 @@ class QuantizeConfig:
         if (self.sensitivity or self.max_drop is not None) and (self.mode != "ptq" or self.plan is not None):
             raise UserError("--sensitivity / --max-drop work on --mode ptq without --plan (they write the plan; "
                             "--mode qat --plan <the found plan> trains it)")
-        for name in ("calib_batches", "batch_size", "num_nodes", "adaround_iters", "sensitivity_images"):
+        self.check_hardware()
+        for name in ("calib_batches", "batch_size", "adaround_iters", "sensitivity_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_size > MAX_BATCH:
@@ -377,8 +271,6 @@ class QuantizeConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a non-negative epoch, got {value}")
-        if self.gpus is not None and self.gpus <= 0:
-            raise UserError(f"--gpus must be positive, got {self.gpus}")
         if self.name is not None:
             check_folder_name(self.name, "--name")
         unknown = [e for e in self.export if e not in EXPORTS]

@@ -14,11 +14,12 @@ import pytorch_lightning as pl
 import torch
 
 from lit_quant.app.classifier import LitClassifier
-from lit_quant.io import atomic_write_text
 from lit_quant.app.pipeline.checkpoint import reusable_ptq
-from lit_quant.app.pipeline.config import LOGITS_COST, QuantizeConfig, ptq_recipe
+from lit_quant.app.pipeline.config import LOGITS_COST, QuantizeConfig
 from lit_quant.app.pipeline.context import RunContext, evaluate_on_test
 from lit_quant.app.pipeline.rows import Row
+from lit_quant.app.recipes import ptq_recipe
+from lit_quant.io import atomic_write_text
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq, weight_rounding

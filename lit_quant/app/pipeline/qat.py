@@ -71,11 +71,8 @@ def sync_bn(cfg: QuantizeConfig) -> bool:
 
 def qat_train_config(cfg: QuantizeConfig, arch: Arch) -> TrainConfig:
     """The Trainer settings of a QAT run (hardware, precision, epochs) as a :class:`TrainConfig`."""
-    return TrainConfig(data=arch.data, model=arch.model, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                       seed=cfg.seed, deterministic=cfg.deterministic, accelerator=cfg.accelerator,
-                       devices=cfg.devices, gpus=cfg.gpus, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-                       precision=cfg.precision, opt_level=cfg.opt_level, progress=show_progress(cfg),
-                       log_every_n_steps=1)
+    return TrainConfig(**cfg.hardware(), data=arch.data, model=arch.model, batch_size=cfg.batch_size,
+                       epochs=cfg.epochs, seed=cfg.seed, progress=show_progress(cfg), log_every_n_steps=1)
 
 
 def qat_classifier(cfg: QuantizeConfig, classifier: LitClassifier, model: torch.nn.Module) -> LitClassifier:

@@ -11,8 +11,9 @@ from conftest import ROOT
 
 import quantize
 from lit_quant.app.cli import run_cli
+from lit_quant.app.pipeline.config import QuantizeConfig, resolve_request
+from lit_quant.app.recipes import qat_recipe
 from lit_quant.errors import UserError
-from lit_quant.app.pipeline.config import QuantizeConfig, qat_recipe, resolve_request
 
 
 def _request(*argv: str):
