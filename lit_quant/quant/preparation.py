@@ -49,7 +49,7 @@ from lit_quant.quant.optable import (
     SHAPE_FUNCTIONS,
     SHAPE_METHODS,
 )
-from lit_quant.quant.plan import DEPTHWISE, FIRST, INPUT, LAST, OUTPUT, QuantPlan
+from lit_quant.quant.plan import DEPTHWISE, FIRST, INPUT, LAST, OUTPUT, LayerOverride, QuantPlan
 
 QUANTIZED_TYPES: tuple[type, ...] = (QuantWeightLayer, QuantOutput)
 
@@ -68,13 +68,17 @@ class QuantizedModel(nn.Module):
         model: the float model's copy with quantized modules swapped in.
         input_quant: quantizer of the model input (None with ``QuantStub`` models or ``quantize_input=False``).
         plan: the :class:`QuantPlan` it was prepared with.
+        applied_overrides: the plan's overrides that matched a tensor of this model, in plan order (a role
+            such as ``@depthwise`` matches nothing in a model without such layers).
     """
 
-    def __init__(self, model: nn.Module, input_quant: FakeQuantize | None, plan: QuantPlan) -> None:
+    def __init__(self, model: nn.Module, input_quant: FakeQuantize | None, plan: QuantPlan,
+                 applied_overrides: tuple[LayerOverride, ...] = ()) -> None:
         super().__init__()
         self.input_quant = input_quant
         self.model = model
         self.plan = plan
+        self.applied_overrides = applied_overrides
         self.train(model.training)  # the float model's mode: an eval-mode model prepares into an eval-mode one
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -233,11 +237,14 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     # an absorbed producer (an add before its ReLU) names the quantizer of the tensor it hands on
     plan.check_names([INPUT, *weighted, *outputs, *stubs, *owner.values()])
 
+    resolved: list[tuple[str, list[str]]] = [(INPUT, [])]  # every name resolved, with its roles
+
     def resolve(name: str) -> Any:
         governing = owner.get(name, name)
         aliases = ([FIRST] if weighted and governing == weighted[0] else []) + (
             [LAST] if weighted and governing == weighted[-1] else []) + ([OUTPUT] if name == logits else []) + (
             [DEPTHWISE] if is_depthwise(modules.get(governing)) else [])
+        resolved.append((governing, aliases))
         return plan.resolve(governing, aliases)
 
     for name in weighted:
@@ -268,7 +275,8 @@ def prepare(model: nn.Module, plan: QuantPlan | None = None, qat: bool = False,
     if plan.quantize_input and not stubs:
         spec = plan.resolve(INPUT).act
         input_quant = _tag_quantizers(build_fake_quantize(spec, "act"), INPUT) if spec is not None else None
-    qmodel = QuantizedModel(model, input_quant, plan)
+    applied = tuple(o for o in plan.overrides if any(o.matches(n, a) for n, a in resolved))
+    qmodel = QuantizedModel(model, input_quant, plan, applied)
     link_input_quantizers(qmodel)
     return qmodel
 

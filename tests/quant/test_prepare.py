@@ -365,7 +365,10 @@ def test_depthwise_convolutions_keep_8_bit_weights_below_8_bits() -> None:
     q = prepare(_depthwise_net(), QuantPlan.from_bits(4, 8))
     bits = {name: m.weight_quant.spec.bits for name, m in q.model.named_modules() if hasattr(m, "weight_quant")}
     assert bits == {"0": 4, "3": 8, "6": 4, "10": 4}, bits
-    assert "@depthwise w8" in [o.describe() for o in q.plan.overrides]
+    assert "@depthwise w8" in [o.describe() for o in q.applied_overrides]
+    plain = prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval(), QuantPlan.from_bits(4, 8))
+    assert "@depthwise" in [o.pattern for o in plain.plan.overrides]  # in the plan, but no layer is depthwise:
+    assert [o.pattern for o in plain.applied_overrides] == ["input"]  # not reported as applied
     same = prepare(_depthwise_net(), QuantPlan.from_bits(4, 8, depthwise_bits=0))
     assert {m.weight_quant.spec.bits for m in same.model.modules() if hasattr(m, "weight_quant")} == {4}
     for bits in (5, 7, 8):  # the others' width above 4 bits (7: what x86 int8 without VNNI runs exactly)

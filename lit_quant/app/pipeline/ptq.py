@@ -23,8 +23,7 @@ from lit_quant.io import atomic_write_text
 from lit_quant.quant import QuantPlan, dump_stats, enable_fake_quant, enable_observer, load_stats, prepare
 from lit_quant.quant.equalize import equalize
 from lit_quant.quant.layerwise import LayerwiseResult, layerwise_ptq, weight_rounding
-from lit_quant.quant.plan import DEPTHWISE
-from lit_quant.quant.preparation import QuantizedModel, is_depthwise, logits_quantizer
+from lit_quant.quant.preparation import QuantizedModel, logits_quantizer
 
 
 def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | None = None,
@@ -50,12 +49,11 @@ def build_plan(cfg: QuantizeConfig, bits: int | None = None, observer: str | Non
                                               "nstd": {"n_std": cfg.n_std}})
 
 
-def overrides_note(plan: QuantPlan, model: torch.nn.Module) -> str:
-    """The plan's per-layer overrides for a row's note ('; overrides: input a8, @last a8'); '' without any, so
-    a row whose W/A bits column says 4/4 still tells which tensors were kept wider. ``@depthwise`` is left out
-    of the note of a ``model`` without depthwise convolutions, where it changed nothing."""
-    depthwise = any(is_depthwise(m) for m in model.modules())
-    kept = [o.describe() for o in plan.overrides if o.pattern != DEPTHWISE or depthwise]
+def overrides_note(qmodel: QuantizedModel) -> str:
+    """The overrides that applied to ``qmodel`` for a row's note ('; overrides: input a8, @last a8'); '' without
+    any, so a row whose W/A bits column says 4/4 still tells which tensors were kept wider (and a role that
+    matched nothing, ``@depthwise`` in a model without depthwise convolutions, is not listed)."""
+    kept = [o.describe() for o in qmodel.applied_overrides]
     return "; overrides: " + ", ".join(kept) if kept else ""
 
 
@@ -180,7 +178,7 @@ def ptq_row(ctx: RunContext, point: PTQPoint, stats_file: str | None) -> tuple[R
     row, correct = ctx.evaluate(
         "ptq", lit.model, real=False, backend="fake-quant", weight_bits=plan.weight.bits, act_bits=plan.act.bits,
         observer=plan.act.observer, calib_s=calib_s,
-        note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(plan, lit.model)
+        note="fake-quant simulation in float: no integer size or latency to report" + overrides_note(lit.model)
              + layerwise_done + (f"; calibrated qparams reused from {point.stem}.ckpt" if reused is not None else "")
              + (f"; {ptq_recipe(cfg.ptq_recipe, cfg.weight_bits, cfg.act_bits).describe()} (flags given override it)"
                 if cfg.from_ptq_recipe and layerwise_done else ""))

@@ -195,6 +195,6 @@ def qat_row(ctx: RunContext, qat: QATResult) -> tuple[Row, torch.Tensor]:
              + (f"{cfg.recipe.describe(min(cfg.weight_bits, cfg.act_bits))} (flags given override it"
                 + ("; --plan sets widths and ranges" if cfg.plan else "") + "); "
                 if cfg.recipe is not None and cfg.from_recipe else "")
-             + "fake-quant simulation" + overrides_note(qat.plan, qat.model))
+             + "fake-quant simulation" + overrides_note(qat.model))
     row.note += logits_cost_note(ctx, qat.model, row)
     return row, correct
