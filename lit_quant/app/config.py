@@ -61,9 +61,28 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None, flag
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
 
 
+def block(cls: type) -> Any:
+    """A nested block of settings (:class:`HardwareConfig`): one typed object in the config, while its fields
+    stay flags and YAML keys of their own names (``--devices``, ``devices: 2``; a nested ``hardware:`` mapping is
+    read too), so that grouping them changes nothing a user types."""
+    return field(default_factory=cls, metadata={"block": cls})
+
+
+def leaf_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """Every setting of ``cls`` with its type hint, the fields of its blocks in their place."""
+    hints = get_type_hints(cls)
+    out: list[tuple[dataclasses.Field, Any]] = []
+    for f in fields(cls):
+        out += leaf_fields(f.metadata["block"]) if f.metadata.get("block") else [(f, hints[f.name])]
+    return out
+
+
 def check_choices(config: Any) -> None:
     """Raise :class:`UserError` for a field value outside its ``choices``, listing the allowed ones."""
     for f in fields(config):
+        if f.metadata.get("block"):
+            check_choices(getattr(config, f.name))
+            continue
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:  # a list flag: each of its values
@@ -88,21 +107,17 @@ class HardwareConfig:
                                    choices=("O0", "O1", "O2", "O3"))
     deterministic: bool = option(False, "deterministic algorithms (bit-identical reruns and resumes)")
 
-    def check_hardware(self) -> None:
+    def validate(self) -> None:
         """The block's ranges, as one-line errors: ``--gpus`` and ``--num-nodes`` positive."""
         if self.num_nodes <= 0:
             raise UserError(f"--num-nodes must be positive, got {self.num_nodes}")
         if self.gpus is not None and self.gpus <= 0:
             raise UserError(f"--gpus must be positive, got {self.gpus}")
 
-    def hardware(self) -> dict[str, Any]:
-        """This block's fields, to hand to another config (a QAT run's :class:`TrainConfig`)."""
-        return {f.name: getattr(self, f.name) for f in fields(HardwareConfig)}
-
 
 @dataclass
-class TrainConfig(HardwareConfig):
-    """Everything ``train.py`` needs (the hardware block first); see the README for each flag."""
+class TrainConfig:
+    """Everything ``train.py`` needs; see the README for each flag."""
 
     # data
     data: str = option("digits", "data set", choices=DATASETS)
@@ -133,6 +148,7 @@ class TrainConfig(HardwareConfig):
                                          "epochs (fractions allowed; 0: none), with --scheduler cosine or none "
                                          "(default: the model family's recipe)")
     seed: int = option(42, "random seed of initialisation, shuffling and augmentation")
+    hardware: HardwareConfig = block(HardwareConfig)
     # outputs
     checkpoint_dir: str = option("checkpoints", "root folder of runs; a run writes to <checkpoint-dir>/<run-name>/")
     run_name: str | None = option(None, "run folder name (default: <data>-<model>)")
@@ -159,7 +175,7 @@ class TrainConfig(HardwareConfig):
 
     def validate(self) -> None:
         """Check values that argparse cannot; raises :class:`UserError` with the allowed values."""
-        self.check_hardware()
+        self.hardware.validate()
         for name in ("epochs", "batch_size", "fake_size", "log_every_n_steps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -255,7 +271,7 @@ def _value_fits(value: Any, hint: Any) -> bool:
 def check_types(values: dict[str, Any], cls: type) -> None:
     """Raise :class:`UserError` for a value whose type is not its field's (``epochs: three`` in a YAML file,
     ``batch_size: 2.5``, a ``fold_bn: "no"`` string for a boolean) or a number that is NaN or infinite."""
-    hints = get_type_hints(cls)
+    hints = {f.name: hint for f, hint in leaf_fields(cls)}
     for name, value in values.items():
         hint = hints[name]
         flag = name.replace("_", "-")
@@ -270,12 +286,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
 
     Absent flags let YAML presets supply the value; the help text shows the built-in default.
     """
-    hints = get_type_hints(cls)
-    for f in fields(cls):
+    for f, base in leaf_fields(cls):
         flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
         help_text = f.metadata["help"]  # a help that explains its default itself (one depending on the mode)
         help_text += "" if "default:" in help_text else f" (default: {f.default})"
-        base = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.metadata.get("choices"):  # argparse lists them in the help ({a,b}) and refuses others with one line
             kwargs["choices"] = f.metadata["choices"]
@@ -308,17 +322,41 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _flat(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``values`` with each block's nested mapping (a saved ``hardware:`` section) spread into its settings."""
+    blocks = {f.name for f in fields(cls) if f.metadata.get("block")}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in blocks and isinstance(value, dict):
+            out.update({str(k).replace("-", "_"): v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """``cls`` from flat settings, each block built from its own."""
+    kwargs = {}
+    for f in fields(cls):
+        if f.metadata.get("block"):
+            kwargs[f.name] = _build(f.metadata["block"], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
 def resolve_config(overrides: dict[str, Any], yaml_defaults: dict[str, Any] | None = None,
                    cls: type = TrainConfig) -> Any:
-    """Build ``cls`` from built-in defaults < ``yaml_defaults`` < ``overrides`` and validate it."""
-    known = {f.name for f in fields(cls)}
-    merged = {**(yaml_defaults or {}), **overrides}
+    """Build ``cls`` from built-in defaults < ``yaml_defaults`` < ``overrides`` (flat settings, or a block's
+    nested mapping) and validate it."""
+    known = {f.name for f, _ in leaf_fields(cls)}
+    merged = {**_flat(yaml_defaults or {}, cls), **_flat(overrides, cls)}
     unknown = sorted(set(merged) - known)
     if unknown:
         raise UserError(f"unknown config key(s): {', '.join(unknown)}")
     check_types(merged, cls)
     try:
-        config = cls(**merged)
+        config = _build(cls, merged)
     except TypeError as exc:
         raise UserError(f"invalid configuration: {exc}") from exc
     config.validate()

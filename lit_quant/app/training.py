@@ -32,7 +32,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger
 
 from lit_quant.app.classifier import LitClassifier, check_rng_state
-from lit_quant.app.config import TrainConfig, save_config
+from lit_quant.app.config import HardwareConfig, TrainConfig, save_config
 from lit_quant.app.data import ClassificationDataModule, dataset_info
 from lit_quant.errors import UserError
 from lit_quant.io import atomic_write, atomic_write_text, check_writable, describe_os_error, remove_stale_temp_files
@@ -286,10 +286,8 @@ def _parse_devices(devices: str) -> int | str | list[int]:
         raise UserError(f"invalid --devices '{devices}'; give a count, a list like 0,1, or auto") from None
 
 
-def hardware_settings(cfg: Any) -> dict[str, Any]:
+def hardware_settings(cfg: HardwareConfig) -> dict[str, Any]:
     """``accelerator``, ``devices``, ``strategy``, ``num_nodes`` for the Trainer; ``--gpus`` handled here.
-
-    ``cfg`` is any config with those fields and ``gpus`` (:class:`TrainConfig`, ``QuantizeConfig``).
 
     ``--gpus N`` means ``--accelerator gpu --devices N`` (DDP when ``N > 1``); without CUDA it is an error
     that points at the CPU equivalent.
@@ -369,8 +367,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
 
     ``trainer_kwargs`` go to ``pl.Trainer`` as they are (``sync_batchnorm``, ``enable_checkpointing``).
     """
-    hardware = hardware_settings(cfg)
-    precision = resolve_precision(cfg.precision, cfg.opt_level, _uses_cuda(hardware["accelerator"]))
+    hardware = hardware_settings(cfg.hardware)
+    precision = resolve_precision(cfg.hardware.precision, cfg.hardware.opt_level, _uses_cuda(hardware["accelerator"]))
     plugins: list[Any] = [AtomicCheckpointIO()]
     if not isinstance(precision, str):
         plugins.append(precision)
@@ -383,7 +381,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, max_epochs: int | None = None
                                 ("limit_test_batches", cfg.limit_val_batches)) if v is not None}
     try:
         return pl.Trainer(**hardware, precision=precision, plugins=plugins,
-                          max_epochs=max_epochs or cfg.epochs, deterministic=cfg.deterministic,
+                          max_epochs=max_epochs or cfg.epochs, deterministic=cfg.hardware.deterministic,
                           callbacks=callbacks, logger=build_loggers(run_dir), default_root_dir=str(run_dir),
                           enable_progress_bar=cfg.progress, enable_model_summary=cfg.progress,
                           log_every_n_steps=cfg.log_every_n_steps, use_distributed_sampler=False, **limits,

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 from conftest import run_script, tiny_args
 
-from lit_quant.app.config import TrainConfig
+from lit_quant.app.config import load_yaml, resolve_config
 from lit_quant.app.training import build_datamodule, load_classifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
@@ -25,7 +25,7 @@ def test_cpu_ddp_two_processes(tmp_path: Path) -> None:
     assert metrics["test/top1"] > 30.0  # 10 classes: well above chance after 3 epochs
     assert proc.stdout.count("lit-quant training: ddp") == 1  # one summary, from rank 0 only
     # evaluation over two processes (unpadded sampler) equals a single-process evaluation of the same checkpoint
-    cfg = TrainConfig(**__import__("yaml").safe_load((run / "config.yaml").read_text()))
+    cfg = resolve_config(load_yaml(run / "config.yaml"))
     dm = build_datamodule(cfg)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single = trainer.test(load_classifier(run / "best.ckpt"), datamodule=dm, verbose=False)[0]

@@ -17,6 +17,7 @@ from typing import Any
 from lit_quant.app.config import (
     MAX_BATCH,
     HardwareConfig,
+    block,
     check_choices,
     check_folder_name,
     check_seed,
@@ -73,8 +74,8 @@ def plan_widths(path: str) -> tuple[int, int] | None:
 
 
 @dataclass
-class QuantizeConfig(HardwareConfig):
-    """Everything ``quantize.py`` needs (the hardware block first); see the README for each flag."""
+class QuantizeConfig:
+    """Everything ``quantize.py`` needs; see the README for each flag."""
 
     ckpt: str | None = option(None, "fp32 checkpoint (default: the newest best.ckpt under --checkpoint-dir)")
     eval: str | None = option(None, "re-evaluate a quantized checkpoint written by an earlier run (ptq-w*a*.ckpt)")
@@ -141,6 +142,7 @@ class QuantizeConfig(HardwareConfig):
     batch_size: int = option(128, "batch size per process of calibration and evaluation (larger than train.py's: "
                              "no gradients to keep)")
     backend: str = option("x86", "torch.ao backend of the built-in row", choices=BACKENDS)
+    hardware: HardwareConfig = block(HardwareConfig)
     # QAT
     epochs: int | None = option(None, "QAT: fine-tuning epochs, ours and torch.ao's (default: the recipe's)")
     lr: float | None = option(None, "QAT: peak learning rate, cosine decay (default: the recipe's fraction of the "
@@ -236,7 +238,7 @@ class QuantizeConfig(HardwareConfig):
         if (self.sensitivity or self.max_drop is not None) and (self.mode != "ptq" or self.plan is not None):
             raise UserError("--sensitivity / --max-drop work on --mode ptq without --plan (they write the plan; "
                             "--mode qat --plan <the found plan> trains it)")
-        self.check_hardware()
+        self.hardware.validate()
         for name in ("calib_batches", "batch_size", "adaround_iters", "sensitivity_images"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -295,7 +297,7 @@ class QuantizeConfig(HardwareConfig):
         check_engine_widths(self.accum_bits, self.scale_approx_bits)
         if "onnx" in self.export:
             check_opset(self.onnx_opset)
-        resolve_precision(self.precision, self.opt_level, on_cuda=False)  # both given, or an unknown value
+        resolve_precision(self.hardware.precision, self.hardware.opt_level, on_cuda=False)  # both given, or an unknown value
 
 
 @dataclass

@@ -41,7 +41,7 @@ def build_eval_trainer(cfg: QuantizeConfig | None = None) -> pl.Trainer:
     if progress:
         callbacks.append(RichProgressBar())
     try:
-        return pl.Trainer(**hardware_settings(cfg), logger=False, enable_progress_bar=progress,
+        return pl.Trainer(**hardware_settings(cfg.hardware), logger=False, enable_progress_bar=progress,
                           enable_model_summary=False, use_distributed_sampler=False, callbacks=callbacks)
     except (MisconfigurationException, ValueError) as exc:
         raise UserError(f"invalid trainer settings: {exc}") from exc

@@ -66,12 +66,12 @@ def default_lr(cfg: QuantizeConfig, fp32_lr: float) -> float:
 def sync_bn(cfg: QuantizeConfig) -> bool:
     """SyncBatchNorm on CUDA (torch's SyncBatchNorm has no CPU kernels). On CPU, DDP's buffer broadcast
     gives every rank rank 0's running statistics at each forward; batch statistics stay per rank."""
-    return cfg.accelerator != "cpu" and torch.cuda.is_available()
+    return cfg.hardware.accelerator != "cpu" and torch.cuda.is_available()
 
 
 def qat_train_config(cfg: QuantizeConfig, arch: Arch) -> TrainConfig:
     """The Trainer settings of a QAT run (hardware, precision, epochs) as a :class:`TrainConfig`."""
-    return TrainConfig(**cfg.hardware(), data=arch.data, model=arch.model, batch_size=cfg.batch_size,
+    return TrainConfig(hardware=cfg.hardware, data=arch.data, model=arch.model, batch_size=cfg.batch_size,
                        epochs=cfg.epochs, seed=cfg.seed, progress=show_progress(cfg), log_every_n_steps=1)
 
 

@@ -131,10 +131,10 @@ def builtin_qat_key(cfg: QuantizeConfig, source: dict[str, Any], data: dict[str,
     """Everything that decides torch.ao's QAT model: the fp32 weights, the data, the recipe and the hardware
     layout. A saved result is reused only under an equal key."""
     recipe = ("backend", "epochs", "lr", "warmup_epochs", "distill", "distill_weight", "distill_temperature",
-              "freeze_observers_epoch", "freeze_bn_epoch", "precision", "opt_level", "seed", "deterministic",
-              "batch_size", "accelerator")
+              "freeze_observers_epoch", "freeze_bn_epoch", "seed", "batch_size")
+    hardware = ("precision", "opt_level", "deterministic", "accelerator")
     return {"source": dict(source), "data": dict(data), "world_size": world_size,
-            **{k: getattr(cfg, k) for k in recipe}}
+            **{k: getattr(cfg, k) for k in recipe}, **{k: getattr(cfg.hardware, k) for k in hardware}}
 
 
 def write_builtin_qat_result(run_dir: Path, key: dict[str, Any], row: Row, correct: torch.Tensor) -> None:

@@ -160,7 +160,7 @@ def _check_before_work(cfg: QuantizeConfig, ckpt_path: Path, float_model: Any, s
     on the float model once here, and a stats file to reuse is loaded into that copy."""
     if cfg.mode in ("ptq", "builtin", "compare", "qat"):
         check_backend(cfg.backend)
-    check_nodes(cfg.num_nodes)
+    check_nodes(cfg.hardware.num_nodes)
     build_plan(cfg, qat=cfg.mode == "qat")
     if cfg.mode in ("ptq", "compare", "qat"):
         prepared = prepare(float_model, build_plan(cfg))
