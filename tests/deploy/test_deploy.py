@@ -242,7 +242,8 @@ def test_deploy_file_size_and_roundtrip(setup: dict, tmp_path: Path, weight_bits
 def test_cli_export_rows(trained: Path) -> None:
     ckpt = trained / "tiny" / "best.ckpt"
     result = run_script("quantize.py", "--ckpt", str(ckpt), "--weight-bits", "7", "--act-bits", "8", "--export", "int8",
-                        "integer", "onnx", "--explain", "layers.0.conv1", "--no-latency", "--no-progress", "--calib-batches", "2")
+                        "integer", "onnx", "pt2e", "--explain", "layers.0.conv1", "--no-latency", "--no-progress",
+                        "--calib-batches", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "accumulate" in result.stdout
     rows = {r["variant"]: r for r in report_rows(trained / "tiny")}
@@ -255,6 +256,8 @@ def test_cli_export_rows(trained: Path) -> None:
     assert (trained / "tiny" / "ptq-w7a8.onnx").is_file()
     assert "differ from PyTorch fake-quant on 0 image(s)" in rows["onnx"]["note"]
     assert abs(rows["onnx"]["top1"] - fake) <= 0.1
+    assert (trained / "tiny" / "ptq-w7a8.pt2").is_file() and rows["pt2e"]["size_bytes"] > 0
+    assert abs(rows["pt2e"]["top1"] - fake) <= 0.1 and "Inductor x86 int8 kernels" in rows["pt2e"]["note"]
 
     result = run_script("quantize.py", "--ckpt", str(ckpt), "--bits", "4", "--export", "int8", "integer",
                         "--accum-bits", "8", "--no-latency", "--no-progress", "--calib-batches", "2")

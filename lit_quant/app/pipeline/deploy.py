@@ -11,6 +11,7 @@ from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import IntegerEngine
 from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
 from lit_quant.deploy.pack import save_deployed
+from lit_quant.deploy.pt2e import export_pt2e, lower_x86, pt2e_blockers, save_pt2e
 from lit_quant.app.pipeline.context import RunContext, file_size
 from lit_quant.app.pipeline.reference import ptq_backends
 from lit_quant.app.pipeline.rows import Report, Row
@@ -38,6 +39,8 @@ def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn
         _integer_row(ctx, report, base, engine, qmodel, bits, file_size(deployed))
     if "onnx" in cfg.export:
         _onnx_row(ctx, report, base, qmodel, bits, stem)
+    if "pt2e" in cfg.export:
+        _pt2e_row(ctx, report, base, qmodel, bits, stem)
 
 
 def _int8_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict) -> None:
@@ -92,4 +95,27 @@ def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Modul
     check = agreement(onnx_model, qmodel, ctx.dm.test_dataloader())
     row.note = (f"ONNX QDQ opset {ctx.cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
                 f"PyTorch fake-quant on {check['disagree']} image(s), {logit_gap(check)}")
+    report.add(row, correct)
+
+
+def _pt2e_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:
+    """The PT2E program (saved as ``<stem>.pt2``) compiled to x86 int8 kernels by Inductor, with its agreement
+    with PyTorch fake-quant; a row with the reason where the plan has no PT2E form."""
+    blockers = pt2e_blockers(qmodel)
+    if blockers:
+        report.add(Row("pt2e", source=base.variant, backend="inductor", **bits,
+                       note=f"no PT2E form: {blockers[0]}" + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1
+                                                              else "")))
+        return
+    program = export_pt2e(qmodel, ctx.example)
+    path = ctx.out_dir / f"{stem}.pt2"
+    if ctx.is_global_zero:
+        save_pt2e(program, path)
+        ctx.publish(path.name)
+    compiled = lower_x86(program)
+    row, correct = ctx.evaluate("pt2e", compiled, source=base.variant, backend="inductor", size=file_size(path),
+                                **bits)
+    check = agreement(compiled, qmodel, ctx.dm.test_dataloader())
+    row.note = (f"torch.export program with PT2E quantize / dequantize ops, Inductor x86 int8 kernels; predictions "
+                f"differ from PyTorch fake-quant on {check['disagree']} image(s), {logit_gap(check)}")
     report.add(row, correct)
