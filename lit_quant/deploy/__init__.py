@@ -1,6 +1,7 @@
 """Deployment of a quantized model: real torch.ao int8 modules from our qparams (:mod:`.int8`), the
-integer-only reference engine (:mod:`.integer`) and ONNX QuantizeLinear / DequantizeLinear export
-(:mod:`.onnx_export`). All read the dataflow from :func:`lit_quant.deploy.graph.deploy_graph`.
+integer-only reference engine (:mod:`.integer`), ONNX QuantizeLinear / DequantizeLinear export
+(:mod:`.onnx_export`) and the ``torch.export`` program in PT2E form that Inductor compiles to int8 kernels
+(:mod:`.pt2e`). All read the dataflow from :func:`lit_quant.deploy.graph.deploy_graph`.
 
 Names are resolved on first use (PEP 562), so that the torch-free :mod:`.options` loads no torch.
 """
