@@ -54,7 +54,7 @@ def test_wheel_holds_the_library_and_declares_its_dependencies(tmp_path: Path) -
     base = {r.split(";")[0].split("=")[0].split("~")[0].split(">")[0] for r in requires if "extra ==" not in r}
     assert base == {"torch", "torchvision", "pytorch-lightning", "torchmetrics", "rich", "pyyaml",
                     "typing-extensions"}
-    assert set(meta.get_all("Provides-Extra")) == {"app", "onnx", "pt2e", "all"}
+    assert set(meta.get_all("Provides-Extra")) == {"app", "onnx", "pt2e", "executorch", "all"}
 
 
 def test_editable_build_points_at_the_sources(tmp_path: Path) -> None:

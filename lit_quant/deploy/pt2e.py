@@ -36,7 +36,7 @@ from torch import nn
 
 from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, float_output, layer_weight
 from lit_quant.io import atomic_write
-from lit_quant.quant.functional import QParams
+from lit_quant.quant.functional import QParams, dequantize
 from lit_quant.quant.optable import op_of
 from lit_quant.quant.preparation import QuantizedModel
 
@@ -62,11 +62,18 @@ def _quantized_decomposed() -> Any:
     return torch.ops.quantized_decomposed
 
 
-def _storage(qp: QParams) -> torch.dtype:
-    """The integer type a tensor of ``qp`` is stored in: ``uint8`` / ``int8`` (16 bits: ``uint16`` / ``int16``)."""
+def _storage(qp: QParams, signed: bool = False) -> tuple[torch.dtype, int, int, int]:
+    """How a tensor of ``qp`` is stored: ``(dtype, zero point, q_min, q_max)``, ``uint8`` / ``int8`` (16 bits:
+    ``uint16`` / ``int16``). ``signed``: unsigned grids move to the signed type, the zero point and range
+    shifted by ``2^(bits-1)``: the same real values, for runtimes that take signed activations only."""
+    zero, lo, hi = int(qp.zero_point), int(qp.quant_min), int(qp.quant_max)
+    if signed and not qp.signed:
+        shift = 2 ** (8 if qp.bits <= 8 else 16) // 2
+        zero, lo, hi = zero - shift, lo - shift, hi - shift
+    is_signed = qp.signed or signed
     if qp.bits <= 8:
-        return torch.int8 if qp.signed else torch.uint8
-    return torch.int16 if qp.signed else torch.uint16
+        return (torch.int8 if is_signed else torch.uint8), zero, lo, hi
+    return (torch.int16 if is_signed else torch.uint16), zero, lo, hi
 
 
 def pt2e_blockers(qmodel: QuantizedModel) -> list[str]:
@@ -87,8 +94,9 @@ class _Graph:
     """Builds the program's FX graph: constants as attributes of ``root``, each value with the qparams of the
     grid it is on (None: a float value, an accumulator)."""
 
-    def __init__(self, qd: Any) -> None:
+    def __init__(self, qd: Any, signed: bool) -> None:
         self.qd = qd
+        self.signed = signed
         self.root = nn.Module()
         self.graph = torch.fx.Graph()
         self.grid: dict[torch.fx.Node, QParams | None] = {}
@@ -102,7 +110,8 @@ class _Graph:
 
     def fake_quant(self, x: torch.fx.Node, qp: QParams) -> torch.fx.Node:
         """``dequantize(quantize(x))`` on ``qp``'s grid: the pair ``convert_pt2e`` writes."""
-        args = (float(qp.scale), int(qp.zero_point), int(qp.quant_min), int(qp.quant_max), _storage(qp))
+        dtype, zero, lo, hi = _storage(qp, self.signed)
+        args = (float(qp.scale), zero, lo, hi, dtype)
         q = self.graph.call_function(self.qd.quantize_per_tensor.default, (x, *args))
         out = self.graph.call_function(self.qd.dequantize_per_tensor.default, (q, *args))
         self.grid[out] = qp
@@ -122,9 +131,12 @@ class _Graph:
                                         (ints, scale, zero, qw.axis, lo, hi, torch.int8))
 
 
-def _layer(g: _Graph, step: Step, x: torch.fx.Node) -> torch.fx.Node:
+def _layer(g: _Graph, step: Step, x: torch.fx.Node, float_weight: bool = False) -> torch.fx.Node:
+    """The layer's convolution or product on ``x``; ``float_weight``: its integer weight dequantized ahead of
+    time into a float constant (the same values) instead of read through a dequantize op."""
     mod = step.module
-    w = g.weight(mod, step.name)
+    w = g.const(dequantize(layer_weight(mod)).float(), f"{step.name}_weight") if float_weight else \
+        g.weight(mod, step.name)
     bias = mod.deployed_bias()
     b = None if bias is None else g.const(bias.detach().float(), f"{step.name}_bias")
     if isinstance(mod, nn.Conv2d):
@@ -145,9 +157,14 @@ class _Program(nn.Module):
         return self.graph_module(x)
 
 
-def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor) -> torch.export.ExportedProgram:
+def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor, signed: bool = False
+                ) -> torch.export.ExportedProgram:
     """``qmodel`` as a ``torch.export`` program with ``convert_pt2e``'s quantize / dequantize ops and our
     qparams (module docstring); ``example`` is a batch of inputs (the batch dimension stays dynamic).
+
+    ``signed`` is the form XNNPACK delegates whole (:func:`export_executorch`): every activation stored signed
+    (:func:`_storage`), and the float logits layer (no output quantizer) with its weight dequantized ahead of
+    time, a float product of the dequantized input, as XNNPACK has no int8 product with a float output.
 
     Raises:
         ExportError: torchao missing, :func:`pt2e_blockers`, or an op with no PT2E form (named).
@@ -159,7 +176,7 @@ def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor) -> torch.export.E
                           + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else ""))
     steps = deploy_graph(qmodel)
     readers = {s.name: [r for r in steps if s.name in r.inputs and r.kind != "shape"] for s in steps}
-    g = _Graph(qd)
+    g = _Graph(qd, signed)
     env: dict[str, Any] = {}
     for step in steps:
         args = [env[name] for name in step.inputs]
@@ -173,8 +190,8 @@ def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor) -> torch.export.E
             call_args, call_kwargs = step.call_args(env)
             env[step.name] = g.graph.create_node(step.node.op, step.node.target, call_args, call_kwargs)
         elif step.kind in ("layer", "add"):
-            acc = _layer(g, step, args[0]) if step.kind == "layer" else g.graph.call_function(
-                torch.ops.aten.add.Tensor, tuple(args))
+            acc = _layer(g, step, args[0], signed and float_output(step, steps)) if step.kind == "layer" else \
+                g.graph.call_function(torch.ops.aten.add.Tensor, tuple(args))
             if step.kind == "layer" and step.module.act_quant is not None:
                 env[step.name] = g.fake_quant(acc, act_qparams(step))
             elif step.kind == "layer" and float_output(step, steps):
@@ -190,10 +207,13 @@ def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor) -> torch.export.E
             if step.name in env:  # a ReLU computed with the layer or add before it
                 continue
             op = step.module.module
+            out = act_qparams(step)
+            if op_of(op).arity == "list":  # each input on the output grid first: exact (quantizing is
+                args = [g.fake_quant(a, out) for a in args]  # elementwise), and the form runtimes concatenate
             attr = f"op_{step.name}"
             g.root.add_module(attr, op)
             y = g.graph.call_module(attr, tuple(args))
-            env[step.name] = g.fake_quant(y, act_qparams(step))
+            env[step.name] = g.fake_quant(y, out)
         elif step.kind == "passthrough":
             source = args[0]
             if step.module is not None:

@@ -242,7 +242,7 @@ def test_deploy_file_size_and_roundtrip(setup: dict, tmp_path: Path, weight_bits
 def test_cli_export_rows(trained: Path) -> None:
     ckpt = trained / "tiny" / "best.ckpt"
     result = run_script("quantize.py", "--ckpt", str(ckpt), "--weight-bits", "7", "--act-bits", "8", "--export", "int8",
-                        "integer", "onnx", "pt2e", "--explain", "layers.0.conv1", "--no-latency", "--no-progress",
+                        "integer", "onnx", "pt2e", "executorch", "--explain", "layers.0.conv1", "--no-latency", "--no-progress",
                         "--calib-batches", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "accumulate" in result.stdout
@@ -258,6 +258,8 @@ def test_cli_export_rows(trained: Path) -> None:
     assert abs(rows["onnx"]["top1"] - fake) <= 0.1
     assert (trained / "tiny" / "ptq-w7a8.pt2").is_file() and rows["pt2e"]["size_bytes"] > 0
     assert abs(rows["pt2e"]["top1"] - fake) <= 0.1 and "Inductor x86 int8 kernels" in rows["pt2e"]["note"]
+    assert (trained / "tiny" / "ptq-w7a8.pte").is_file() and "XNNPACK delegate" in rows["executorch"]["note"]
+    assert abs(rows["executorch"]["top1"] - fake) <= 0.1
 
     result = run_script("quantize.py", "--ckpt", str(ckpt), "--bits", "4", "--export", "int8", "integer",
                         "--accum-bits", "8", "--no-latency", "--no-progress", "--calib-batches", "2")

@@ -42,7 +42,7 @@ from lit_quant.quant.spec import (
 )
 
 MODES = ("ptq", "qat", "builtin", "compare", "dynamic", "half")
-EXPORTS = ("int8", "integer", "onnx", "pt2e")
+EXPORTS = ("int8", "integer", "onnx", "pt2e", "executorch")
 QAT_METHODS = ("ste", "lsq")
 #: ``--sweep``: the widths of the accuracy-against-bits figure.
 SWEEP_BITS = (16, 8, 6, 4, 3, 2)
@@ -171,7 +171,9 @@ class QuantizeConfig:
     export: tuple[str, ...] = option((), "deploy each PTQ / QAT result: int8 (torch.ao kernels with our qparams), "
                                      "integer (integer-only reference engine), onnx (QDQ model run by onnxruntime), "
                                      "pt2e (torch.export program with torchao's PT2E quantize / dequantize ops, "
-                                     "compiled to int8 kernels by Inductor; needs torchao)", choices=EXPORTS)
+                                     "compiled to int8 kernels by Inductor; needs torchao), executorch (.pte program "
+                                     "with the XNNPACK delegate, run by executorch.runtime; needs executorch)",
+                                     choices=EXPORTS)
     accum_bits: int | None = option(None, "--export integer: accumulator bits of every layer (default: the plan's; 32 "
                                     "where a layer's weight and input have <= 8 bits, else 64); "
                                     "overflows are counted and reported")
@@ -294,6 +296,7 @@ class QuantizeConfig:
         from lit_quant.deploy.integer import check_engine_widths
         from lit_quant.deploy.onnx_export import check_opset
         from lit_quant.deploy.pt2e import check_pt2e_runtime
+        from lit_quant.deploy.pte import check_executorch_runtime
         from lit_quant.app.precision import resolve_precision
 
         check_engine_widths(self.accum_bits, self.scale_approx_bits)
@@ -301,6 +304,9 @@ class QuantizeConfig:
             check_opset(self.onnx_opset)
         if "pt2e" in self.export:
             check_pt2e_runtime()
+        if "executorch" in self.export:
+            check_pt2e_runtime()
+            check_executorch_runtime()
         resolve_precision(self.hardware.precision, self.hardware.opt_level, on_cuda=False)  # both given, or an unknown value
 
 

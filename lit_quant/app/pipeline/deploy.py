@@ -12,6 +12,7 @@ from lit_quant.deploy.integer import IntegerEngine
 from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
 from lit_quant.deploy.pack import save_deployed
 from lit_quant.deploy.pt2e import export_pt2e, lower_x86, pt2e_blockers, save_pt2e
+from lit_quant.deploy.pte import PteModel, export_executorch, xnnpack_blockers
 from lit_quant.app.pipeline.context import RunContext, file_size
 from lit_quant.app.pipeline.reference import ptq_backends
 from lit_quant.app.pipeline.rows import Report, Row
@@ -41,6 +42,8 @@ def add_deploy_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn
         _onnx_row(ctx, report, base, qmodel, bits, stem)
     if "pt2e" in cfg.export:
         _pt2e_row(ctx, report, base, qmodel, bits, stem)
+    if "executorch" in cfg.export:
+        _executorch_row(ctx, report, base, qmodel, bits, stem)
 
 
 def _int8_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict) -> None:
@@ -118,4 +121,29 @@ def _pt2e_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Modul
     check = agreement(compiled, qmodel, ctx.dm.test_dataloader())
     row.note = (f"torch.export program with PT2E quantize / dequantize ops, Inductor x86 int8 kernels; predictions "
                 f"differ from PyTorch fake-quant on {check['disagree']} image(s), {logit_gap(check)}")
+    report.add(row, correct)
+
+
+def _executorch_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict,
+                    stem: str) -> None:
+    """The ``.pte`` program with the XNNPACK delegate run by ``executorch.runtime``, with its agreement with
+    PyTorch fake-quant; a row with the reason where XNNPACK's int8 scheme cannot express the plan."""
+    blockers = xnnpack_blockers(qmodel)
+    if blockers:
+        report.add(Row("executorch", source=base.variant, backend="xnnpack", **bits,
+                       note=f"not expressible in XNNPACK int8: {blockers[0]}"
+                            + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else "")))
+        return
+    path = ctx.out_dir / f"{stem}.pte"
+    if ctx.is_global_zero:
+        export_executorch(qmodel, ctx.example, path)
+        ctx.publish(path.name)
+    if ctx.trainer.world_size > 1:
+        torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
+    program = PteModel(path)
+    row, correct = ctx.evaluate("executorch", program, source=base.variant, backend="xnnpack",
+                                size=file_size(path), **bits)
+    check = agreement(program, qmodel, ctx.dm.test_dataloader())
+    row.note = (f"ExecuTorch .pte, XNNPACK delegate, batch 1; predictions differ from PyTorch fake-quant on "
+                f"{check['disagree']} image(s), {logit_gap(check)}")
     report.add(row, correct)

@@ -1,0 +1,109 @@
+"""ExecuTorch export: our quantized model as a ``.pte`` program whose int8 ops run in the XNNPACK delegate.
+
+The program is the PT2E form of :func:`lit_quant.deploy.pt2e.export_pt2e` in XNNPACK's int8 scheme: signed
+8-bit activations (an unsigned grid moves to ``int8`` with its zero point shifted by 128, the same values),
+symmetric int8 weights (per channel or per tensor), the inputs of a concatenation on its output grid, and the
+float logits layer as a float product with its weight dequantized ahead of time. ExecuTorch's
+``to_edge_transform_and_lower`` hands every quantize / dequantize pattern to the ``XnnpackPartitioner``; the
+``.pte`` is then run by ``executorch.runtime`` (:class:`PteModel`), one image at a time, as the program is
+exported for a batch of one (the phone and edge-board case).
+
+What XNNPACK's int8 kernels cannot express is refused by :func:`xnnpack_blockers` instead of changed:
+activations of other than 8 bits, asymmetric weights, per-channel activations.
+
+executorch is an optional extra (``pip install lit-quant[executorch]``), imported inside the functions; a
+call without it raises :class:`ExportError` with the pip command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_quant.deploy.graph import ExportError
+from lit_quant.deploy.pt2e import export_pt2e
+from lit_quant.io import atomic_write
+from lit_quant.quant.fake_quant import iter_quantizers
+from lit_quant.quant.preparation import QuantizedModel
+
+#: What ``pip install`` gets the ExecuTorch release that pairs with this torch and torchao.
+EXECUTORCH_PIP = "pip install executorch==1.5.1"
+
+
+def check_executorch_runtime() -> None:
+    """Raise :class:`ExportError` with the pip command when executorch is not installed (found without
+    importing it, so that the check costs nothing before the work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("executorch") is None:
+        raise ExportError(f"--export executorch needs ExecuTorch: {EXECUTORCH_PIP}")
+
+
+def xnnpack_blockers(qmodel: QuantizedModel) -> list[str]:
+    """Why ``qmodel`` has no XNNPACK int8 form (empty: it has one)."""
+    problems = []
+    for name, fq in iter_quantizers(qmodel):
+        spec = fq.spec
+        if fq.kind == "act" and spec.bits != 8:
+            problems.append(f"{name}: {spec.bits}-bit activations (XNNPACK's int8 kernels take 8-bit ones)")
+        elif fq.kind == "act" and spec.per_channel:
+            problems.append(f"{name}: per-channel activations")
+        elif fq.kind == "weight" and (spec.bits > 8 or spec.scheme != "sym"):
+            problems.append(f"{name}: {spec.bits}-bit {spec.scheme} weights (XNNPACK takes symmetric int8 ones)")
+    return problems
+
+
+def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str | Path) -> Path:
+    """Write ``qmodel`` as an ExecuTorch program with the XNNPACK delegate to ``path`` (atomically), for a
+    batch of one image shaped like ``example[0]``.
+
+    Raises:
+        ExportError: executorch missing, :func:`xnnpack_blockers`, or an op the partitioner leaves out of the
+            delegate (named: the portable runtime has no int8 kernel for it).
+    """
+    check_executorch_runtime()
+    blockers = xnnpack_blockers(qmodel)
+    if blockers:
+        raise ExportError("cannot export to ExecuTorch XNNPACK: " + "; ".join(blockers[:3])
+                          + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else ""))
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    one = example[:1]
+    program = torch.export.export(export_pt2e(qmodel, one, signed=True).module(), (one,))
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    left = sorted({str(n.target).split(":")[0] for n in edge.exported_program().graph.nodes
+                   if n.op == "call_function" and "delegate" not in str(n.target) and "getitem" not in str(n.target)
+                   and "quantized_decomposed" in str(n.target)})
+    if left:
+        raise ExportError(f"XNNPACK does not take {left[0]}" + (f" (+{len(left) - 1} more)" if len(left) > 1 else "")
+                          + ": the portable runtime has no int8 kernel for it")
+    buffer = edge.to_executorch().buffer
+    path = Path(path)
+    atomic_write(path, lambda fh: fh.write(buffer))
+    return path
+
+
+class PteModel(nn.Module):
+    """A ``.pte`` program as a module: ``forward(x) -> logits``, run by ``executorch.runtime`` one image at a
+    time (the program's batch of one).
+
+    Raises:
+        ExportError: executorch missing, or no program at ``path``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        check_executorch_runtime()
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"no ExecuTorch program at {path}; export one first")
+        from executorch.runtime import Runtime
+
+        self.method = Runtime.get().load_program(str(path)).load_method("forward")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        return torch.cat([self.method.execute([x[i:i + 1]])[0] for i in range(len(x))])
