@@ -12,7 +12,8 @@ The package is layered so imports only go one way (``tests/quant/test_layering.p
 
 * :mod:`lit_quant.quant` — pure PyTorch quantization core (imports only torch, yaml and itself), with
   :mod:`lit_quant.quant.ops` the ``nn.Module`` operations our models are built from;
-* :mod:`lit_quant.deploy` — the exporters (torch.ao int8 modules, integer engine, ONNX) on the core;
+* :mod:`lit_quant.deploy` — the exporters (torch.ao int8 modules, integer engine, ONNX, PT2E, ExecuTorch)
+  on the core, and :func:`export_quantized`, one call from a quantized model to a deployed one;
 * :mod:`lit_quant.callbacks` and this package's names — Lightning around the core;
 * :mod:`lit_quant.app` — the application behind ``train.py`` / ``quantize.py`` (flags, data, models,
   training, torch.ao's reference rows, the pipeline), which the library never imports; its parsers
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it, imported when the name is first used.
 _EXPORTS: dict[str, str] = {
     **{name: "lit_quant.callbacks" for name in ("PTQCalibration", "QATCallback")},
+    "export_quantized": "lit_quant.deploy.export",
     **{name: "lit_quant.quant" for name in (
         "CalibrationError", "LayerOverride", "QuantConfigError", "QuantError", "QuantPlan", "QuantSpec",
         "QuantizedModel", "calibrate", "dump_stats", "enable_fake_quant", "enable_observer", "finish_calibration",
@@ -55,6 +57,7 @@ __all__ = [
     "dump_stats",
     "enable_fake_quant",
     "enable_observer",
+    "export_quantized",
     "finish_calibration",
     "iter_quantizers",
     "load_stats",
@@ -66,6 +69,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from lit_quant.callbacks import PTQCalibration, QATCallback
+    from lit_quant.deploy.export import export_quantized
     from lit_quant.quant import (
         CalibrationError,
         LayerOverride,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -89,3 +90,14 @@ def test_readme_lightning_example_runs_as_written(tmp_path, monkeypatch) -> None
     quantizers = dict(iter_quantizers(net))
     assert quantizers and all(bool(fq.qparams_valid) for fq in quantizers.values())
     assert {fq.spec.bits for fq in quantizers.values()} == {4}
+    assert (tmp_path / "net.onnx").stat().st_size > 0 and namespace["program"] == Path("net.pt2")
+    import torch
+    import torchao  # noqa: F401  (registers the program's quantize / dequantize ops)
+
+    from lit_quant.deploy.onnx_export import run_onnx
+
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    program, onnx_logits = torch.export.load(tmp_path / "net.pt2").module()(x), run_onnx(tmp_path / "net.onnx", x)
+    # the same PTQ network in two runtimes: one prediction at most moved by a rounding tie
+    assert (program.argmax(1) != onnx_logits.argmax(1)).sum() <= 1
+    assert (program - onnx_logits).abs().max() < 0.05 * (onnx_logits.max() - onnx_logits.min())

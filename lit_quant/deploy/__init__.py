@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from lit_quant.quant.lazy import lazy_exports
 
-_EXPORTS: dict[str, str] = {name: "lit_quant.deploy.graph" for name in ("ExportError", "Step", "agreement",
-                                                                        "deploy_graph")}
+_EXPORTS: dict[str, str] = {
+    **{name: "lit_quant.deploy.graph" for name in ("ExportError", "Step", "agreement", "deploy_graph")},
+    "export_quantized": "lit_quant.deploy.export"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -52,7 +52,7 @@ LIBRARY: dict[str, tuple[str, ...]] = {
     "lit_quant/io.py": (),
     "lit_quant/safe_load.py": ("lit_quant.errors",),
     "lit_quant/errors.py": (),
-    "lit_quant/__init__.py": ("lit_quant.callbacks", "lit_quant.quant"),
+    "lit_quant/__init__.py": ("lit_quant.callbacks", "lit_quant.quant", "lit_quant.deploy"),
 }
 
 
