@@ -95,7 +95,9 @@ def test_export_latency_benchmark(tmp_path: Path) -> None:
     report = run_benchmark("export_latency.py", tmp_path)
     rows = report["timing"]
     assert [row["batch"] for row in rows] == report["args"]["batches"]
-    assert_sane(report, expected=6 * len(rows))
+    runtimes = report["runtimes"]
+    assert [(r["runtime"], r["batch"]) for r in runtimes] == [("onnx", b) for b in report["args"]["batches"]]
+    assert_sane(report, expected=6 * len(rows) + 3 * len(runtimes))
 
 
 def load_calibration_benchmark() -> ModuleType:

@@ -5,8 +5,8 @@ The program is the PT2E form of :func:`lit_quant.deploy.pt2e.export_pt2e` in XNN
 symmetric int8 weights (per channel or per tensor), the inputs of a concatenation on its output grid, and the
 float logits layer as a float product with its weight dequantized ahead of time. ExecuTorch's
 ``to_edge_transform_and_lower`` hands every quantize / dequantize pattern to the ``XnnpackPartitioner``; the
-``.pte`` is then run by ``executorch.runtime`` (:class:`PteModel`), one image at a time, as the program is
-exported for a batch of one (the phone and edge-board case).
+``.pte`` is then run by ``executorch.runtime`` (:class:`PteModel`) in batches of the size it was exported
+for (one by default: the phone and edge-board case).
 
 What XNNPACK's int8 kernels cannot express is refused by :func:`xnnpack_blockers` instead of changed:
 activations of other than 8 bits, asymmetric weights, per-channel activations.
@@ -55,9 +55,9 @@ def xnnpack_blockers(qmodel: QuantizedModel) -> list[str]:
     return problems
 
 
-def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str | Path) -> Path:
-    """Write ``qmodel`` as an ExecuTorch program with the XNNPACK delegate to ``path`` (atomically), for a
-    batch of one image shaped like ``example[0]``.
+def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str | Path, batch: int = 1) -> Path:
+    """Write ``qmodel`` as an ExecuTorch program with the XNNPACK delegate to ``path`` (atomically), for
+    batches of ``batch`` images shaped like ``example[0]`` (default one: the phone and edge-board case).
 
     Raises:
         ExportError: executorch missing, :func:`xnnpack_blockers`, or an op the partitioner leaves out of the
@@ -71,7 +71,7 @@ def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str |
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    one = example[:1]
+    one = example[:1].expand(batch, *example.shape[1:]).contiguous()
     program = torch.export.export(export_pt2e(qmodel, one, signed=True).module(), (one,))
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
     left = sorted({str(n.target).split(":")[0] for n in edge.exported_program().graph.nodes
@@ -87,15 +87,16 @@ def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str |
 
 
 class PteModel(nn.Module):
-    """A ``.pte`` program as a module: ``forward(x) -> logits``, run by ``executorch.runtime`` one image at a
-    time (the program's batch of one).
+    """A ``.pte`` program as a module: ``forward(x) -> logits``, run by ``executorch.runtime`` in chunks of the
+    program's ``batch`` (a last smaller chunk padded with its last image).
 
     Raises:
         ExportError: executorch missing, or no program at ``path``.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, batch: int = 1) -> None:
         super().__init__()
+        self.batch = batch
         check_executorch_runtime()
         path = Path(path)
         if not path.is_file():
@@ -105,5 +106,11 @@ class PteModel(nn.Module):
         self.method = Runtime.get().load_program(str(path)).load_method("forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
-        return torch.cat([self.method.execute([x[i:i + 1]])[0] for i in range(len(x))])
+        x, n, outs = x.float().contiguous(), len(x), []
+        for i in range(0, n, self.batch):
+            chunk = x[i:i + self.batch]
+            short = self.batch - len(chunk)
+            if short:
+                chunk = torch.cat([chunk, chunk[-1:].expand(short, *chunk.shape[1:])])
+            outs.append(self.method.execute([chunk.contiguous()])[0][:self.batch - short])
+        return torch.cat(outs)
