@@ -26,6 +26,7 @@ torchao is imported inside the functions: the package imports without it, and a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +91,26 @@ def pt2e_blockers(qmodel: QuantizedModel) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class _OnGrid:
+    """A quantized value: its ``quantize`` node and qparams. Each reader gets a ``dequantize`` of its own
+    (:meth:`_Graph.read`), as ``convert_pt2e`` duplicates them, so that a runtime can take each consumer's
+    pattern on its own (XNNPACK's partitioner needs it)."""
+
+    q: torch.fx.Node
+    qp: QParams
+    args: tuple[Any, ...]
+
+
 class _Graph:
-    """Builds the program's FX graph: constants as attributes of ``root``, each value with the qparams of the
-    grid it is on (None: a float value, an accumulator)."""
+    """Builds the program's FX graph: constants as attributes of ``root``, values as graph nodes or
+    :class:`_OnGrid`."""
 
     def __init__(self, qd: Any, signed: bool) -> None:
         self.qd = qd
         self.signed = signed
         self.root = nn.Module()
         self.graph = torch.fx.Graph()
-        self.grid: dict[torch.fx.Node, QParams | None] = {}
         self._consts = 0
 
     def const(self, value: torch.Tensor, name: str) -> torch.fx.Node:
@@ -108,14 +119,18 @@ class _Graph:
         self.root.register_buffer(attr, value.detach().clone())
         return self.graph.get_attr(attr)
 
-    def fake_quant(self, x: torch.fx.Node, qp: QParams) -> torch.fx.Node:
-        """``dequantize(quantize(x))`` on ``qp``'s grid: the pair ``convert_pt2e`` writes."""
+    def fake_quant(self, x: Any, qp: QParams) -> _OnGrid:
+        """``quantize(x)`` on ``qp``'s grid (its readers dequantize it: the pair ``convert_pt2e`` writes)."""
         dtype, zero, lo, hi = _storage(qp, self.signed)
         args = (float(qp.scale), zero, lo, hi, dtype)
-        q = self.graph.call_function(self.qd.quantize_per_tensor.default, (x, *args))
-        out = self.graph.call_function(self.qd.dequantize_per_tensor.default, (q, *args))
-        self.grid[out] = qp
-        return out
+        return _OnGrid(self.graph.call_function(self.qd.quantize_per_tensor.default, (self.read(x), *args)), qp,
+                       args)
+
+    def read(self, value: Any) -> Any:
+        """``value`` as its reader takes it: a fresh ``dequantize`` of a quantized value, else itself."""
+        if isinstance(value, _OnGrid):
+            return self.graph.call_function(self.qd.dequantize_per_tensor.default, (value.q, *value.args))
+        return value
 
     def weight(self, layer: nn.Module, name: str) -> torch.fx.Node:
         """The layer's integer weight as an int8 constant, read through its dequantize op."""
@@ -144,6 +159,17 @@ def _layer(g: _Graph, step: Step, x: torch.fx.Node, float_weight: bool = False) 
             raise ExportError(f"{step.target}: padding_mode {mod.padding_mode!r} has no PT2E form; use zeros")
         return g.graph.call_function(F.conv2d, (x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups))
     return g.graph.call_function(F.linear, (x, w, b))
+
+
+class _Reader(dict):
+    """The values of the steps for :meth:`Step.call_args`: each quantized one read through a fresh dequantize."""
+
+    def __init__(self, env: dict[str, Any], g: _Graph) -> None:
+        super().__init__(env)
+        self.g = g
+
+    def __getitem__(self, name: str) -> Any:
+        return self.g.read(super().__getitem__(name))
 
 
 class _Program(nn.Module):
@@ -179,19 +205,25 @@ def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor, signed: bool = Fa
     g = _Graph(qd, signed)
     env: dict[str, Any] = {}
     for step in steps:
-        args = [env[name] for name in step.inputs]
+        if step.name in env:  # a ReLU computed with the layer or add before it
+            continue
+        reader = _Reader(env, g)  # a step's inputs, each quantized one read through its own dequantize
+
+        def inputs() -> list[Any]:
+            return [reader[name] for name in step.inputs]  # noqa: B023 - read at once, in this iteration
+
         if step.kind == "input":
             env[step.name] = g.fake_quant(g.graph.placeholder("x"), act_qparams(step, qmodel.input_quant))
         elif step.kind == "output":
-            g.graph.output(args[0])
+            g.graph.output(inputs()[0])
         elif step.kind == "const":
             env[step.name] = g.const(step.value.float(), step.target)
         elif step.kind == "shape":
-            call_args, call_kwargs = step.call_args(env)
+            call_args, call_kwargs = step.call_args(reader)
             env[step.name] = g.graph.create_node(step.node.op, step.node.target, call_args, call_kwargs)
         elif step.kind in ("layer", "add"):
-            acc = _layer(g, step, args[0], signed and float_output(step, steps)) if step.kind == "layer" else \
-                g.graph.call_function(torch.ops.aten.add.Tensor, tuple(args))
+            acc = _layer(g, step, inputs()[0], signed and float_output(step, steps)) if step.kind == "layer" else \
+                g.graph.call_function(torch.ops.aten.add.Tensor, tuple(inputs()))
             if step.kind == "layer" and step.module.act_quant is not None:
                 env[step.name] = g.fake_quant(acc, act_qparams(step))
             elif step.kind == "layer" and float_output(step, steps):
@@ -204,26 +236,25 @@ def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor, signed: bool = Fa
                 env[relu.name] = g.fake_quant(y, act_qparams(relu))
                 env[step.name] = env[relu.name]
         elif step.kind == "requant":
-            if step.name in env:  # a ReLU computed with the layer or add before it
-                continue
             op = step.module.module
+            args = inputs()
             out = act_qparams(step)
             if op_of(op).arity == "list":  # each input on the output grid first: exact (quantizing is
-                args = [g.fake_quant(a, out) for a in args]  # elementwise), and the form runtimes concatenate
+                args = [g.read(g.fake_quant(a, out)) for a in args]  # elementwise), the form runtimes concatenate
             attr = f"op_{step.name}"
             g.root.add_module(attr, op)
             y = g.graph.call_module(attr, tuple(args))
             env[step.name] = g.fake_quant(y, out)
         elif step.kind == "passthrough":
-            source = args[0]
+            source = env[step.inputs[0]]
             if step.module is not None:
                 attr = f"op_{step.name}"
                 g.root.add_module(attr, step.module)
-                y = g.graph.call_module(attr, (source,))
+                y = g.graph.call_module(attr, (reader[step.inputs[0]],))
             else:
-                call_args, call_kwargs = step.call_args(env)
+                call_args, call_kwargs = step.call_args(reader)
                 y = g.graph.create_node(step.node.op, step.node.target, call_args, call_kwargs)
-            qp = g.grid.get(source) if isinstance(source, torch.fx.Node) else None
+            qp = source.qp if isinstance(source, _OnGrid) else None
             # max pooling keeps the grid: requantizing on it is exact, and lets the lowering fuse an int8 pool
             env[step.name] = g.fake_quant(y, qp) if qp is not None and isinstance(step.module, nn.MaxPool2d) else y
         else:

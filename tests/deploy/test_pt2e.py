@@ -71,8 +71,10 @@ def test_program_holds_our_integers_and_computes_what_fake_quant_computes(tmp_pa
     program = export_pt2e(qmodel, _inputs(8, 3))
     ops = [str(n.target).split(".")[1] for n in program.graph.nodes
            if n.op == "call_function" and str(n.target).startswith("quantized_decomposed.")]
-    assert ops.count("quantize_per_tensor") >= 6 and ops.count("quantize_per_tensor") == ops.count(
-        "dequantize_per_tensor")
+    assert ops.count("quantize_per_tensor") >= 6 and ops.count("dequantize_per_tensor") > ops.count(
+        "quantize_per_tensor")  # a tensor read twice (the residual) is dequantized once per reader
+    dequantized = [n for n in program.graph.nodes if str(n.target).endswith("dequantize_per_tensor.default")]
+    assert all(len(n.users) == 1 for n in dequantized)  # as convert_pt2e leaves them, and XNNPACK needs
     assert ops.count("dequantize_per_channel") == 5  # every layer's int8 weight
     int8 = [v for v in program.state_dict.values() if v.dtype == torch.int8] + [
         v for v in program.constants.values() if isinstance(v, torch.Tensor) and v.dtype == torch.int8]
