@@ -13,6 +13,7 @@ from lit_quant import export_quantized
 from lit_quant.deploy.graph import ExportError, agreement
 
 
+@pytest.mark.slow
 def test_each_target_from_a_module_holding_the_quantized_network(tmp_path: Path) -> None:
     holder = nn.Module()
     holder.net = _quantized().train()

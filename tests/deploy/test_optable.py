@@ -83,6 +83,7 @@ def test_new_op_is_traced_quantized_and_summarized(op: str) -> None:
         assert (quantized - net(x)).abs().max() < 0.1 * net(x).abs().max()  # quantized, and close to float
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", list(NEW_OPS))
 def test_new_op_exports_compute_what_fake_quant_computes(op: str, tmp_path: Path) -> None:
     _, qmodel = _quantized(op)

@@ -66,6 +66,7 @@ def _quantized(plan: QuantPlan | None = None) -> QuantizedModel:
     return qmodel.eval()
 
 
+@pytest.mark.slow
 def test_program_holds_our_integers_and_computes_what_fake_quant_computes(tmp_path: Path) -> None:
     qmodel = _quantized()
     program = export_pt2e(qmodel, _inputs(8, 3))
@@ -112,6 +113,7 @@ def test_inductor_compiles_the_program_into_onednn_int8_kernels() -> None:
     assert check["disagree"] <= 1 and check["max_logit_diff_share"] < 0.02, check
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("plan", "match"), [
     (QuantPlan.from_bits(12, 8), "12-bit weights"),
 ])

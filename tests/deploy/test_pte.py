@@ -16,6 +16,7 @@ from lit_quant.quant import QuantPlan
 pytest.importorskip("executorch", reason="the optional extra lit-quant[executorch]; CI installs it")
 
 
+@pytest.mark.slow
 def test_pte_program_runs_in_xnnpack_and_agrees_with_fake_quant(tmp_path: Path) -> None:
     qmodel = _quantized()  # residual add, ReLU6, max pooling, a cat of two grids, Hardswish, float logits
     path = export_executorch(qmodel, _inputs(8, 3), tmp_path / "model.pte")
@@ -25,6 +26,7 @@ def test_pte_program_runs_in_xnnpack_and_agrees_with_fake_quant(tmp_path: Path) 
     assert check["disagree"] == 0 and check["max_logit_diff_share"] < 0.01, check
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("plan", "match"), [
     (QuantPlan.from_bits(8, 4), "4-bit activations"),
     (QuantPlan.from_bits(8, 8, weight_scheme="asym_u"), "asym_u weights"),
