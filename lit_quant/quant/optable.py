@@ -102,7 +102,9 @@ def _max_pool(kw: dict[str, Any]) -> nn.Module | None:
 
 
 def _mean(kw: dict[str, Any]) -> nn.Module | None:
-    return Mean(kw["dim"], bool(kw.get("keepdim", False))) if kw.get("dim") is not None and kw.get("dtype") is None else None
+    if kw.get("dim") is None or kw.get("dtype") is not None:
+        return None
+    return Mean(kw["dim"], bool(kw.get("keepdim", False)))
 
 
 def _softmax(kw: dict[str, Any]) -> nn.Module | None:
@@ -168,7 +170,8 @@ OPS: tuple[OpDef, ...] = (
     OpDef("gelu", nn.GELU, (F.gelu,), ("approximate",), onnx="Gelu",
           onnx_attrs=lambda m: {"approximate": m.approximate}),
     OpDef("softmax", nn.Softmax, (F.softmax, torch.softmax, "softmax"), ("dim", "_stacklevel", "dtype"),
-          {torch.softmax: ("dim", "dtype"), "softmax": ("dim", "dtype")}, _softmax, onnx="Softmax", onnx_attrs=lambda m: {"axis": int(m.dim)}, int8_kernel="softmax",
+          {torch.softmax: ("dim", "dtype"), "softmax": ("dim", "dtype")}, _softmax, onnx="Softmax",
+          onnx_attrs=lambda m: {"axis": int(m.dim)}, int8_kernel="softmax",
           int8_args=lambda m: (m.dim,)),
     OpDef("layer_norm", nn.LayerNorm, (F.layer_norm,), arity="norm", onnx="LayerNormalization",
           onnx_attrs=lambda m: {"axis": -len(m.normalized_shape), "epsilon": float(m.eps)}, onnx_inputs=_norm_inputs,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from test_pt2e import _inputs, _quantized
 
 from lit_quant.deploy.graph import ExportError, agreement
