@@ -168,7 +168,7 @@ def _torchao_pt2e(model: torch.nn.Module, calib: list[Any]) -> torch.nn.Module:
         get_default_x86_inductor_quantization_config,
     )
 
-    from lit_quant.deploy.pt2e import _FrozenCompiled
+    from lit_quant.deploy.pt2e import compile_x86
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     batch = torch.export.Dim("batch", min=1)
@@ -177,7 +177,7 @@ def _torchao_pt2e(model: torch.nn.Module, calib: list[Any]) -> torch.nn.Module:
     with torch.no_grad():
         for batch in calib:
             prepared(batch)
-    return _FrozenCompiled(convert_pt2e(prepared))
+    return compile_x86(convert_pt2e(prepared))
 
 
 def _onnx_fp32(model: torch.nn.Module, x: torch.Tensor, path: Path) -> torch.nn.Module:

@@ -236,6 +236,31 @@ def _module_kind(name: str, module: nn.Module) -> str:
                       "BatchNorm or an unsupported module)")
 
 
+def scheme_blockers(qmodel: QuantizedModel, runtime: str, eight_bit_activations: bool = True,
+                    symmetric_weights: bool = True) -> list[str]:
+    """What ``qmodel``'s quantizers hold that ``runtime``'s integer scheme cannot (empty: nothing), one reason
+    per quantizer: per-channel activations and weights wider than 8 bits always; activations of other than 8
+    bits with ``eight_bit_activations``, asymmetric weights with ``symmetric_weights``."""
+    problems = []
+    for name, fq in iter_quantizers(qmodel):
+        spec = fq.spec
+        if fq.kind == "act" and spec.per_channel:
+            problems.append(f"{name}: per-channel activations")
+        elif fq.kind == "act" and eight_bit_activations and spec.bits != 8:
+            problems.append(f"{name}: {spec.bits}-bit activations ({runtime} takes 8-bit ones)")
+        elif fq.kind == "weight" and spec.bits > 8:
+            problems.append(f"{name}: {spec.bits}-bit weights ({runtime} stores weights as int8)")
+        elif fq.kind == "weight" and symmetric_weights and spec.scheme != "sym":
+            problems.append(f"{name}: {spec.scheme} weights ({runtime} takes symmetric ones)")
+    return problems
+
+
+def summarize_blockers(blockers: list[str], shown: int = 1) -> str:
+    """The first ``shown`` reasons of :func:`scheme_blockers`, and how many more there are."""
+    more = len(blockers) - shown
+    return "; ".join(blockers[:shown]) + (f" (+{more} more)" if more > 0 else "")
+
+
 def layer_weight(layer: QuantWeightLayer) -> QuantizedTensor:
     """The deployed layer's integer weight: ``clamp(round(w / s) + z)`` of the (BN-folded) float weight with
     the weight quantizer's qparams; ``dequantize`` of it is exactly what the fake-quant layer multiplies by."""

@@ -39,7 +39,16 @@ import torch.fx
 from torch import nn
 
 from lit_quant.deploy.engines import check_backend, quiet_torch_ao, use_engine
-from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, float_output, layer_weight
+from lit_quant.deploy.graph import (
+    ExportError,
+    Step,
+    act_qparams,
+    deploy_graph,
+    float_output,
+    layer_weight,
+    scheme_blockers,
+    summarize_blockers,
+)
 from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.functional import QParams, dequantize
 from lit_quant.quant.optable import op_of
@@ -66,19 +75,9 @@ def cpu_has_vnni() -> bool:
 
 
 def int8_blockers(qmodel: QuantizedModel) -> list[str]:
-    """Why ``qmodel`` cannot be exported to int8 kernels exactly (empty list: it can)."""
-    problems = []
-    for name, fq in iter_quantizers(qmodel):
-        spec = fq.spec
-        if fq.kind == "act" and spec.bits != 8:
-            problems.append(f"{name}: {spec.bits}-bit activations (int8 kernels clamp to 8 bits)")
-        elif fq.kind == "act" and spec.per_channel:
-            problems.append(f"{name}: per-channel activations")
-        elif fq.kind == "weight" and spec.bits > 8:
-            problems.append(f"{name}: {spec.bits}-bit weights")
-        elif fq.kind == "weight" and spec.scheme != "sym":
-            problems.append(f"{name}: {spec.scheme} weights (int8 kernels take symmetric qint8 weights)")
-    return problems
+    """Why ``qmodel`` cannot be exported to int8 kernels exactly (empty list: it can): the kernels clamp to 8-bit
+    activations and take symmetric ``qint8`` weights."""
+    return scheme_blockers(qmodel, "torch.ao's int8 kernels")
 
 
 def reduce_range_note(qmodel: QuantizedModel, backend: str) -> str | None:
@@ -261,9 +260,8 @@ def export_int8(qmodel: QuantizedModel, backend: str = "x86") -> Int8Model:
     check_backend(backend)
     blockers = int8_blockers(qmodel)
     if blockers:
-        raise ExportError("cannot export to int8 kernels: " + "; ".join(blockers[:3])
-                          + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else "")
-                          + ": use 8-bit activations and symmetric weights of at most 8 bits")
+        raise ExportError(f"cannot export to int8 kernels: {summarize_blockers(blockers, 3)}: use 8-bit "
+                          "activations and symmetric weights of at most 8 bits")
     steps = deploy_graph(qmodel)
     consts = [s.target for s in steps if s.kind == "const"]
     if consts:

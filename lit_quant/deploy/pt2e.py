@@ -35,7 +35,16 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from lit_quant.deploy.graph import ExportError, Step, act_qparams, deploy_graph, float_output, layer_weight
+from lit_quant.deploy.graph import (
+    ExportError,
+    Step,
+    act_qparams,
+    deploy_graph,
+    float_output,
+    layer_weight,
+    scheme_blockers,
+    summarize_blockers,
+)
 from lit_quant.io import atomic_write
 from lit_quant.quant.functional import QParams, dequantize
 from lit_quant.quant.optable import op_of
@@ -79,16 +88,8 @@ def _storage(qp: QParams, signed: bool = False) -> tuple[torch.dtype, int, int, 
 
 def pt2e_blockers(qmodel: QuantizedModel) -> list[str]:
     """Why ``qmodel`` has no PT2E form (empty: it has one): per-channel activations, weights wider than 8
-    bits."""
-    from lit_quant.quant.fake_quant import iter_quantizers
-
-    problems = []
-    for name, fq in iter_quantizers(qmodel):
-        if fq.kind == "act" and fq.spec.per_channel:
-            problems.append(f"{name}: per-channel activations")
-        elif fq.kind == "weight" and fq.spec.bits > 8:
-            problems.append(f"{name}: {fq.spec.bits}-bit weights (PT2E stores weights as int8)")
-    return problems
+    bits (any activation width and either weight scheme is a quantize / dequantize pair)."""
+    return scheme_blockers(qmodel, "PT2E", eight_bit_activations=False, symmetric_weights=False)
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,7 @@ def export_pt2e(qmodel: QuantizedModel, example: torch.Tensor, signed: bool = Fa
     qd = _quantized_decomposed()
     blockers = pt2e_blockers(qmodel)
     if blockers:
-        raise ExportError("cannot export to PT2E: " + "; ".join(blockers[:3])
-                          + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else ""))
+        raise ExportError(f"cannot export to PT2E: {summarize_blockers(blockers, 3)}")
     steps = deploy_graph(qmodel)
     readers = {s.name: [r for r in steps if s.name in r.inputs and r.kind != "shape"] for s in steps}
     g = _Graph(qd, signed)
@@ -296,12 +296,17 @@ class _FrozenCompiled(nn.Module):
             return self.compiled(x)
 
 
-def lower_x86(program: torch.export.ExportedProgram) -> nn.Module:
-    """The program compiled by Inductor for x86 CPUs, with freezing: torchao's x86 fusion passes (registered by
-    importing its x86 quantizer module) turn each ``dequantize -> conv / linear -> quantize`` pattern into an
-    oneDNN int8 kernel (``onednn.qconv_pointwise``, ``qlinear_pointwise``). Compiled on the first call of each
-    input shape."""
+def compile_x86(module: nn.Module) -> nn.Module:
+    """A PT2E-form module (ours, or ``convert_pt2e``'s) compiled by Inductor for x86 CPUs, with freezing:
+    torchao's x86 fusion passes (registered by importing its x86 quantizer module) turn each ``dequantize ->
+    conv / linear -> quantize`` pattern into an oneDNN int8 kernel (``onednn.qconv_pointwise``,
+    ``qlinear_pointwise``). Compiled on the first call of each input shape."""
     _quantized_decomposed()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the passes)
 
-    return _FrozenCompiled(program.module())
+    return _FrozenCompiled(module)
+
+
+def lower_x86(program: torch.export.ExportedProgram) -> nn.Module:
+    """``program`` compiled to x86 int8 kernels (:func:`compile_x86`)."""
+    return compile_x86(program.module())

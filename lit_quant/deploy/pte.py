@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_quant.deploy.graph import ExportError
+from lit_quant.deploy.graph import ExportError, scheme_blockers, summarize_blockers
 from lit_quant.deploy.pt2e import export_pt2e
 from lit_quant.io import atomic_write
-from lit_quant.quant.fake_quant import iter_quantizers
 from lit_quant.quant.preparation import QuantizedModel
 
 #: What ``pip install`` gets the ExecuTorch release that pairs with this torch and torchao.
@@ -42,17 +41,8 @@ def check_executorch_runtime() -> None:
 
 
 def xnnpack_blockers(qmodel: QuantizedModel) -> list[str]:
-    """Why ``qmodel`` has no XNNPACK int8 form (empty: it has one)."""
-    problems = []
-    for name, fq in iter_quantizers(qmodel):
-        spec = fq.spec
-        if fq.kind == "act" and spec.bits != 8:
-            problems.append(f"{name}: {spec.bits}-bit activations (XNNPACK's int8 kernels take 8-bit ones)")
-        elif fq.kind == "act" and spec.per_channel:
-            problems.append(f"{name}: per-channel activations")
-        elif fq.kind == "weight" and (spec.bits > 8 or spec.scheme != "sym"):
-            problems.append(f"{name}: {spec.bits}-bit {spec.scheme} weights (XNNPACK takes symmetric int8 ones)")
-    return problems
+    """Why ``qmodel`` has no XNNPACK int8 form (empty: it has one): 8-bit activations and symmetric weights."""
+    return scheme_blockers(qmodel, "XNNPACK")
 
 
 def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str | Path, batch: int = 1) -> Path:
@@ -66,8 +56,7 @@ def export_executorch(qmodel: QuantizedModel, example: torch.Tensor, path: str |
     check_executorch_runtime()
     blockers = xnnpack_blockers(qmodel)
     if blockers:
-        raise ExportError("cannot export to ExecuTorch XNNPACK: " + "; ".join(blockers[:3])
-                          + (f" (+{len(blockers) - 3} more)" if len(blockers) > 3 else ""))
+        raise ExportError(f"cannot export to ExecuTorch XNNPACK: {summarize_blockers(blockers, 3)}")
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 

@@ -1,12 +1,15 @@
-"""Export rows of one fake-quant result (``--export int8 / integer / onnx``) and ``--explain``: each
+"""Export rows of one fake-quant result (``--export int8 / integer / onnx / pt2e / executorch``) and ``--explain``: each
 deployed model is evaluated on the same test split and its note says how far it is from the fake-quant row
 it came from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 
-from lit_quant.deploy.graph import agreement, logit_gap
+from lit_quant.deploy.graph import agreement, logit_gap, summarize_blockers
 from lit_quant.deploy.int8 import export_int8, int8_blockers, reduce_range_note
 from lit_quant.deploy.integer import IntegerEngine
 from lit_quant.deploy.onnx_export import OnnxModel, export_onnx
@@ -52,8 +55,7 @@ def _int8_rows(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Modu
     for backend in ptq_backends(ctx.cfg):
         if blockers:  # said in the table, not silently changed
             report.add(Row("int8-export", source=base.variant, backend=backend, **bits,
-                           note=f"not expressible on {backend} int8 kernels: {blockers[0]}"
-                                + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else "")))
+                           note=f"not expressible on {backend} int8 kernels: {summarize_blockers(blockers)}"))
             continue
         row, correct = ctx.evaluate("int8-export", export_int8(qmodel, backend), source=base.variant,
                                     backend=backend, **bits)
@@ -84,66 +86,55 @@ def _integer_row(ctx: RunContext, report: Report, base: Row, engine: IntegerEngi
                                + ", ".join(f"{n} (needs {st.bits_needed} bits)" for n, st in over.items()))
 
 
-def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:
-    """The QDQ ONNX model run by onnxruntime, with its agreement with PyTorch fake-quant."""
-    path = ctx.out_dir / f"{stem}.onnx"
+def _file_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, variant: str,
+              backend: str, path: Path, write: Callable[[], object], load: Callable[[], torch.nn.Module],
+              describe: str, blocked: tuple[str, list[str]] = ("", [])) -> None:
+    """One exported file's row: rank 0 writes ``path`` (``write``) and publishes it; every rank runs what
+    ``load`` returns on the test split and compares it with the fake-quant ``qmodel``; ``describe`` starts the
+    note. ``blocked``: a prefix and the reasons the target cannot express the plan; any reason gives a row that
+    says why instead."""
+    prefix, blockers = blocked
+    if blockers:
+        report.add(Row(variant, source=base.variant, backend=backend, **bits,
+                       note=f"{prefix}: {summarize_blockers(blockers)}"))
+        return
     if ctx.is_global_zero:
-        export_onnx(qmodel, path, ctx.example, ctx.cfg.onnx_opset)
+        write()
         ctx.publish(path.name)
     if ctx.trainer.world_size > 1:
         torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
-    onnx_model = OnnxModel(path)
-    row, correct = ctx.evaluate("onnx", onnx_model, source=base.variant, backend="onnxruntime",
-                                size=file_size(path), **bits)
-    check = agreement(onnx_model, qmodel, ctx.dm.test_dataloader())
-    row.note = (f"ONNX QDQ opset {ctx.cfg.onnx_opset}, onnxruntime CPU; predictions differ from "
-                f"PyTorch fake-quant on {check['disagree']} image(s), {logit_gap(check)}")
+    model = load()
+    row, correct = ctx.evaluate(variant, model, source=base.variant, backend=backend, size=file_size(path), **bits)
+    check = agreement(model, qmodel, ctx.dm.test_dataloader())
+    row.note = (f"{describe}; predictions differ from PyTorch fake-quant on {check['disagree']} image(s), "
+                f"{logit_gap(check)}")
     report.add(row, correct)
+
+
+def _onnx_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:
+    """The QDQ ONNX model run by onnxruntime."""
+    path = ctx.out_dir / f"{stem}.onnx"
+    _file_row(ctx, report, base, qmodel, bits, "onnx", "onnxruntime", path,
+              lambda: export_onnx(qmodel, path, ctx.example, ctx.cfg.onnx_opset), lambda: OnnxModel(path),
+              f"ONNX QDQ opset {ctx.cfg.onnx_opset}, onnxruntime CPU")
 
 
 def _pt2e_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict, stem: str) -> None:
-    """The PT2E program (saved as ``<stem>.pt2``) compiled to x86 int8 kernels by Inductor, with its agreement
-    with PyTorch fake-quant; a row with the reason where the plan has no PT2E form."""
-    blockers = pt2e_blockers(qmodel)
-    if blockers:
-        report.add(Row("pt2e", source=base.variant, backend="inductor", **bits,
-                       note=f"no PT2E form: {blockers[0]}" + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1
-                                                              else "")))
-        return
-    program = export_pt2e(qmodel, ctx.example)
+    """The PT2E program (saved as ``<stem>.pt2``) compiled to x86 int8 kernels by Inductor."""
     path = ctx.out_dir / f"{stem}.pt2"
-    if ctx.is_global_zero:
-        save_pt2e(program, path)
-        ctx.publish(path.name)
-    compiled = lower_x86(program)
-    row, correct = ctx.evaluate("pt2e", compiled, source=base.variant, backend="inductor", size=file_size(path),
-                                **bits)
-    check = agreement(compiled, qmodel, ctx.dm.test_dataloader())
-    row.note = (f"torch.export program with PT2E quantize / dequantize ops, Inductor x86 int8 kernels; predictions "
-                f"differ from PyTorch fake-quant on {check['disagree']} image(s), {logit_gap(check)}")
-    report.add(row, correct)
+    blockers = pt2e_blockers(qmodel)
+    program = None if blockers else export_pt2e(qmodel, ctx.example)  # every rank compiles its own copy
+    _file_row(ctx, report, base, qmodel, bits, "pt2e", "inductor", path, lambda: save_pt2e(program, path),
+              lambda: lower_x86(program),
+              "torch.export program with PT2E quantize / dequantize ops, Inductor x86 int8 kernels",
+              ("no PT2E form", blockers))
 
 
 def _executorch_row(ctx: RunContext, report: Report, base: Row, qmodel: torch.nn.Module, bits: dict,
                     stem: str) -> None:
-    """The ``.pte`` program with the XNNPACK delegate run by ``executorch.runtime``, with its agreement with
-    PyTorch fake-quant; a row with the reason where XNNPACK's int8 scheme cannot express the plan."""
-    blockers = xnnpack_blockers(qmodel)
-    if blockers:
-        report.add(Row("executorch", source=base.variant, backend="xnnpack", **bits,
-                       note=f"not expressible in XNNPACK int8: {blockers[0]}"
-                            + (f" (+{len(blockers) - 1} more)" if len(blockers) > 1 else "")))
-        return
+    """The ``.pte`` program with the XNNPACK delegate run by ``executorch.runtime``."""
     path = ctx.out_dir / f"{stem}.pte"
-    if ctx.is_global_zero:
-        export_executorch(qmodel, ctx.example, path)
-        ctx.publish(path.name)
-    if ctx.trainer.world_size > 1:
-        torch.distributed.barrier()  # the other ranks read the file rank 0 wrote
-    program = PteModel(path)
-    row, correct = ctx.evaluate("executorch", program, source=base.variant, backend="xnnpack",
-                                size=file_size(path), **bits)
-    check = agreement(program, qmodel, ctx.dm.test_dataloader())
-    row.note = (f"ExecuTorch .pte, XNNPACK delegate, batch 1; predictions differ from PyTorch fake-quant on "
-                f"{check['disagree']} image(s), {logit_gap(check)}")
-    report.add(row, correct)
+    _file_row(ctx, report, base, qmodel, bits, "executorch", "xnnpack", path,
+              lambda: export_executorch(qmodel, ctx.example, path), lambda: PteModel(path),
+              "ExecuTorch .pte, XNNPACK delegate, batch 1",
+              ("not expressible in XNNPACK int8", xnnpack_blockers(qmodel)))
