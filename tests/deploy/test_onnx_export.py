@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -23,21 +22,15 @@ import pytest
 import torch
 from torch import nn
 
+from lit_quant.app.models import build_model
 from lit_quant.deploy.graph import ExportError, act_qparams, agreement, deploy_graph
 from lit_quant.deploy.onnx_export import MIN_OPSET, OnnxModel, export_onnx, run_onnx
-from lit_quant.app.models import build_model
 from lit_quant.quant import QuantizedModel, QuantPlan, calibrate, prepare
 
 N_TEST = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: these models are tiny, and two threads on a busy two-core machine run 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _float_model(name: str, size: int, seed: int = 0) -> nn.Module:

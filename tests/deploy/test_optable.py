@@ -4,7 +4,7 @@ computes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -32,12 +32,7 @@ NEW_OPS: dict[str, tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], dict
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Net(nn.Module):
